@@ -1,0 +1,133 @@
+"""``gpuguard status``: the health of this node's GPUs, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gpuguard.cli._table import render_table
+from gpuguard.errors import ConfigError
+from gpuguard.health.config import HealthConfig
+from gpuguard.health.model import DeviceHealth, HealthSnapshot, HealthState
+from gpuguard.health.monitor import HealthMonitor
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="show the health of this node's GPUs",
+        description="Read every GPU through NVML once and show its health. Without a GPU, use --replay or --scenario.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--replay", metavar="PATH", help="answer from a recorded device ('h200' for the shipped one)")
+    source.add_argument("--scenario", metavar="PATH", help="answer from a fault scenario (JSON or YAML)")
+    p.add_argument("--at", metavar="SECONDS", type=float, help="scenario time to evaluate (with --scenario)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.add_argument("--check", action="store_true", help="exit 0 when every GPU is HEALTHY, 1 otherwise (a probe)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--fail-open",
+        dest="fail_mode",
+        action="store_const",
+        const="open",
+        help="with --check, GPUs whose health is UNKNOWN pass (default)",
+    )
+    mode.add_argument(
+        "--fail-closed",
+        dest="fail_mode",
+        action="store_const",
+        const="closed",
+        help="with --check, GPUs whose health is UNKNOWN fail",
+    )
+    p.set_defaults(handler=run, fail_mode="open")
+
+
+def _nvml(args: argparse.Namespace) -> Any:
+    if args.at is not None and args.scenario is None:
+        raise ConfigError("--at", args.at, "needs --scenario PATH")
+    if args.at is not None and args.at < 0:
+        raise ConfigError("--at", args.at, "must be 0 seconds or later")
+    if args.replay is None and args.scenario is None:
+        return None  # the real NVML
+    from gpuguard.fakenvml import FakeNvml, load_recording
+
+    if args.replay is not None:
+        load_recording(args.replay)  # fail now, with the file's name, rather than inside the monitor
+        return FakeNvml.replay(args.replay)
+    return FakeNvml.from_scenario(args.scenario)
+
+
+def read_snapshot(args: argparse.Namespace) -> HealthSnapshot:
+    nvml = _nvml(args)
+    monitor = HealthMonitor(nvml, HealthConfig(fail_mode=args.fail_mode), devices="all")
+    try:
+        snapshot = monitor.start(threads=False)
+        if args.scenario is not None and snapshot.available:
+            from gpuguard.fakenvml import play
+
+            snapshot = play(monitor, args.at or 0.0)
+    finally:
+        monitor.stop()
+    return snapshot
+
+
+def run(args: argparse.Namespace) -> int:
+    snapshot = read_snapshot(args)
+    if not snapshot.available:
+        print(
+            f"gpuguard: {snapshot.error}. To try gpuguard without a GPU: "
+            "gpuguard status --replay h200, or --scenario PATH --at SECONDS.",
+            file=sys.stderr,
+        )
+        if args.check:
+            return EXIT_OK if args.fail_mode == "open" else EXIT_UNHEALTHY
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(snapshot.to_dict(), indent=2))
+    else:
+        print(format_snapshot(snapshot))
+    if args.check:
+        passing = {HealthState.HEALTHY} | ({HealthState.UNKNOWN} if args.fail_mode == "open" else set())
+        return EXIT_OK if all(d.state in passing for d in snapshot.devices) else EXIT_UNHEALTHY
+    return EXIT_OK
+
+
+def _cell(readings: dict[str, Any], *names: str, sep: str = "/") -> str:
+    values = [readings.get(n) for n in names]
+    if all(v is None for v in values):
+        return "-"
+    return sep.join("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _row(d: DeviceHealth) -> list[str]:
+    r = dict(d.readings)
+    temp = f"{r['temperature']}C" if "temperature" in r else "-"
+    events = ",".join(e for e in r.get("clock_events", []) if e != "gpu_idle") or "-"
+    reasons = "; ".join(f"{x.code}" + (f"({x.evidence['xid']})" if "xid" in x.evidence else "") for x in d.reasons)
+    return [
+        str(d.index),
+        d.uuid,
+        d.state.value,
+        temp,
+        _cell(r, "ecc_sbe_volatile", "ecc_dbe_volatile"),
+        _cell(r, "remapped_correctable", "remapped_uncorrectable", "remap_pending"),
+        events,
+        reasons or "-",
+    ]
+
+
+def format_snapshot(snapshot: HealthSnapshot) -> str:
+    headers = ["GPU", "UUID", "STATE", "TEMP", "ECC SBE/DBE", "REMAP COR/UNC/PEND", "CLOCK EVENTS", "REASONS"]
+    lines = [render_table(headers, [_row(d) for d in snapshot.devices])]
+    details = [(d, reason) for d in snapshot.devices for reason in d.reasons]
+    if details:
+        lines.append("")
+        for d, reason in details:
+            lines.append(
+                f"GPU {d.index} {reason.state.value:<8} {reason.code}: {reason.message} -> {reason.remedy.value}"
+            )
+    return "\n".join(lines)

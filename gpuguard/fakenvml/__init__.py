@@ -1,0 +1,49 @@
+"""A fake NVML that answers like ``pynvml``, for tests, demos and laptops without GPUs.
+
+Public API: test your own pipeline's failure handling without a broken GPU::
+
+    from gpuguard.fakenvml import FakeNvml
+    fake = FakeNvml.from_scenario({"gpus": 2, "events": [
+        {"at": 0.0, "gpu": 1, "field": "ecc_sbe_volatile", "add_per_s": 50},
+        {"at": 4.0, "gpu": 1, "xid": 48},
+        {"at": 9.0, "gpu": 0, "lost": True},
+    ]})
+    monitor = gpuguard.HealthMonitor(fake)
+
+Scenario events (``at`` in scenario seconds, ``gpu`` an index) take exactly one of:
+
+- ``"field": NAME`` with ``"set": V``, ``"add": N`` or ``"add_per_s": R`` (optional ``"until"``):
+  NAME is one of `FIELD_NAMES` or any ``NVML_FI_DEV_*`` name; ``recovery_action`` takes names
+  (``"GPU_RESET"``), ``clock_events`` a list (``["hw_slowdown"]``), ``nvlink_down`` a link index;
+- ``"xid": N``: an XID critical error event;
+- ``"event": KIND``: one of double_bit_ecc, dram_retirement_failure, gpu_unavailable,
+  recovery_action, sbe_storm;
+- ``"lost": true``: every call on that GPU raises ``NVMLError_GpuIsLost`` from then on;
+- ``"timeouts": N``: the next N calls on that GPU raise ``NVMLError_Timeout``;
+- ``"error": NAME`` (optional ``"until"``): calls raise ``pynvml.NVMLError_<NAME>``.
+
+Top level: ``gpus`` (required), ``events``, ``recording`` (``"h200"`` or a recording path),
+``nvlink_links`` (links up per GPU; 0 as on the recorded H200).
+"""
+
+from gpuguard.fakenvml._clock import ScenarioClock
+from gpuguard.fakenvml._fake import FakeEventData, FakeHandle, FakeNvml
+from gpuguard.fakenvml._play import play
+from gpuguard.fakenvml._recording import Recording, load_recording
+from gpuguard.fakenvml._scenario import EVENT_NAMES, Scenario, ScenarioEvent, load_scenario
+from gpuguard.health.signals import SIGNAL_NAMES as FIELD_NAMES
+
+__all__ = [
+    "EVENT_NAMES",
+    "FIELD_NAMES",
+    "FakeEventData",
+    "FakeHandle",
+    "FakeNvml",
+    "Recording",
+    "Scenario",
+    "ScenarioClock",
+    "ScenarioEvent",
+    "load_recording",
+    "load_scenario",
+    "play",
+]

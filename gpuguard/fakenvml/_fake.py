@@ -1,0 +1,374 @@
+"""`FakeNvml`: answers like the ``pynvml`` module, from a recorded GPU and a fault scenario."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynvml
+
+from gpuguard.fakenvml._clock import ScenarioClock
+from gpuguard.fakenvml._recording import Recording, load_recording
+from gpuguard.fakenvml._scenario import Scenario, ScenarioEvent, load_scenario
+from gpuguard.health.signals import FIELD_BY_NAME, NVLINK_ERROR_SIGNALS
+
+_EVENT_BITS = {
+    "double_bit_ecc": pynvml.nvmlEventTypeDoubleBitEccError,
+    "dram_retirement_failure": pynvml.nvmlEventTypeDramRetirementFailure,
+    "gpu_unavailable": pynvml.nvmlEventTypeGpuUnavailableError,
+    "recovery_action": pynvml.nvmlEventTypeGpuRecoveryAction,
+    "sbe_storm": pynvml.nvmlEventTypeSingleBitEccErrorStorm,
+}
+
+# Field id -> the name a scenario uses for it: readable where gpuguard has one, else pynvml's.
+_FIELD_NAMES: dict[int, str] = {
+    **{getattr(pynvml, n): n for n in dir(pynvml) if n.startswith("NVML_FI_DEV_")},
+    **{s.field_id: s.name for s in FIELD_BY_NAME.values()},
+}
+_THRESHOLD_NAMES: dict[int, str] = {
+    getattr(pynvml, n): n.removeprefix("NVML_TEMPERATURE_THRESHOLD_")
+    for n in dir(pynvml)
+    if n.startswith("NVML_TEMPERATURE_THRESHOLD_")
+}
+
+# Call signals the scenario may change, and the recording entries they start from.
+_CALL_BASE = {
+    "temperature": "temp_gpu",
+    "clock_events": "nvmlDeviceGetCurrentClocksEventReasons",
+    "pcie_link_width": "pcie_width",
+    "utilization": "util",
+}
+
+
+@dataclass
+class FakeHandle:
+    """A fake device handle; real handles are opaque pointers, so nothing may look inside."""
+
+    index: int
+
+    def __repr__(self) -> str:
+        return f"<FakeHandle gpu {self.index}>"
+
+
+@dataclass
+class FakeEventData:
+    """Same attributes as ``pynvml.c_nvmlEventData_t``."""
+
+    device: FakeHandle
+    eventType: int
+    eventData: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+class _EventSet:
+    def __init__(self) -> None:
+        self.masks: dict[int, int] = {}
+        self.delivered = 0  # index into the fake's event timeline
+
+
+class FakeNvml:
+    """A stand-in for the ``pynvml`` module, with pynvml's real constants and exception classes.
+
+    Attribute access falls through to ``pynvml`` for everything that is not a function the fake
+    implements, so ``fake.NVML_ERROR_GPU_IS_LOST`` is 15 and ``fake.NVMLError_GpuIsLost`` is the very
+    class that real code catches. Pass it wherever gpuguard takes an ``nvml`` argument.
+
+    Args:
+        scenario: what happens to which GPU when; no faults when None.
+        recording: the recorded device every GPU starts as; the scenario's when None.
+        clock: scenario time; manual (moved by the caller) by default.
+
+    Example:
+        >>> fake = FakeNvml.from_scenario({"gpus": 2, "events": [{"at": 4.0, "gpu": 1, "xid": 48}]})
+        >>> fake.clock.advance(5.0)
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario | None = None,
+        *,
+        recording: Recording | None = None,
+        clock: ScenarioClock | None = None,
+        available: bool = True,
+    ) -> None:
+        self.scenario = scenario or Scenario(gpus=1)
+        self.recording = recording or load_recording(self.scenario.recording)
+        self.clock = clock or ScenarioClock()
+        self.available = available
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._initialised = 0
+        self._handles = [FakeHandle(i) for i in range(self.scenario.gpus)]
+        self._timeouts_used: dict[int, int] = {}
+        # Events that arrive through event sets, in time order: (at, gpu, type bit, data).
+        timeline: list[tuple[float, int, int, int]] = []
+        for e in self.scenario.events:
+            if e.xid is not None:
+                timeline.append((e.at, e.gpu, pynvml.nvmlEventTypeXidCriticalError, e.xid))
+            elif e.event is not None:
+                timeline.append((e.at, e.gpu, _EVENT_BITS[e.event], 0))
+        self._timeline = sorted(timeline, key=lambda t: t[0])
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def replay(cls, recording: str | Path = "h200", *, gpus: int = 1) -> FakeNvml:
+        """GPUs that answer exactly what the recorded device answered, with no faults."""
+        return cls(Scenario(gpus=gpus, recording=str(recording)))
+
+    @classmethod
+    def from_scenario(
+        cls, scenario: str | Path | dict[str, Any] | Scenario, *, realtime: bool = False, speed: float = 1.0
+    ) -> FakeNvml:
+        """GPUs that go through a scenario; time is manual unless ``realtime``."""
+        parsed = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+        return cls(parsed, clock=ScenarioClock(realtime=realtime, speed=speed))
+
+    @classmethod
+    def missing(cls) -> FakeNvml:
+        """A machine without NVML: ``nvmlInit`` raises ``NVMLError_LibraryNotFound``."""
+        return cls(available=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("nvml") and callable(getattr(pynvml, name, None)) and not name.startswith("nvmlClocks"):
+            raise AttributeError(f"FakeNvml does not implement {name}; add it to gpuguard.fakenvml")
+        return getattr(pynvml, name)
+
+    # -- scenario state -------------------------------------------------------------------------
+
+    def _events(self, gpu: int, now: float) -> list[ScenarioEvent]:
+        return [e for e in self.scenario.events if e.gpu == gpu and e.at <= now]
+
+    def _check(self, handle: FakeHandle) -> int:
+        """Raise what NVML would raise for this GPU now; count the call."""
+        self._require_init()
+        gpu = handle.index
+        now = self.clock()
+        for e in self._events(gpu, now):
+            if e.lost:
+                raise pynvml.NVMLError_GpuIsLost()
+            if e.error is not None and (e.until is None or now < e.until):
+                raise getattr(pynvml, f"NVMLError_{e.error}")()
+            if e.timeouts:
+                key = id(e)
+                used = self._timeouts_used.get(key, 0)
+                if used < e.timeouts:
+                    self._timeouts_used[key] = used + 1
+                    raise pynvml.NVMLError_Timeout()
+        return gpu
+
+    def _value(self, gpu: int, name: str, base: float) -> float:
+        """A signal's value now: the recorded value changed by the scenario's steps so far."""
+        now = self.clock()
+        value = base
+        for e in self._events(gpu, now):
+            if e.field != name:
+                continue
+            if e.set is not None:
+                value = e.set
+            elif e.add is not None:
+                value += e.add
+            elif e.add_per_s is not None:
+                end = now if e.until is None else min(now, e.until)
+                value += int(e.add_per_s * max(0.0, end - e.at))
+        return value
+
+    def _scripted(self, gpu: int, name: str) -> bool:
+        return any(e.field == name and e.gpu == gpu for e in self.scenario.events)
+
+    def _require_init(self) -> None:
+        if not self._initialised:
+            raise pynvml.NVMLError_Uninitialized()
+
+    def _recorded(self, name: str) -> Any:
+        ok, value = self.recording.answer(name)
+        if not ok:
+            raise value()
+        return value
+
+    # -- pynvml: library ------------------------------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        if not self.available:
+            raise pynvml.NVMLError_LibraryNotFound()
+        with self._lock:
+            self._initialised += 1
+
+    def nvmlInitWithFlags(self, flags: int) -> None:
+        self.nvmlInit()
+
+    def nvmlShutdown(self) -> None:
+        self._require_init()
+        with self._lock:
+            self._initialised -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._require_init()
+        return str(self._recorded("driver"))
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._require_init()
+        return self.scenario.gpus
+
+    # -- pynvml: identity -----------------------------------------------------------------------
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        self._require_init()
+        if not 0 <= index < self.scenario.gpus:
+            raise pynvml.NVMLError_InvalidArgument()
+        return self._handles[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeHandle:
+        self._require_init()
+        text = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for handle in self._handles:
+            if self.nvmlDeviceGetUUID(handle) == text:
+                return handle
+        raise pynvml.NVMLError_NotFound()
+
+    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+        self._check(handle)
+        base = str(self._recorded("uuid"))
+        if handle.index == 0:
+            return base
+        # Other GPUs get distinct, stable UUIDs derived from the recorded one.
+        tail = (int(base[-4:], 16) + handle.index) % 0x10000
+        return f"{base[:-4]}{tail:04x}"
+
+    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
+        self._check(handle)
+        return str(self._recorded("name"))
+
+    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> Any:
+        self._check(handle)
+        pci = dict(self._recorded("pci"))
+        bus = int(pci.get("bus", 0)) + handle.index
+        pci["bus"] = bus
+        domain, _, rest = str(pci["busId"]).partition(":")
+        _, _, devfn = rest.partition(":")
+        pci["busId"] = f"{domain}:{bus:02x}:{devfn}"
+        return type("FakePciInfo", (), pci)()
+
+    # -- pynvml: readings -----------------------------------------------------------------------
+
+    def nvmlDeviceGetFieldValues(self, handle: FakeHandle, field_ids: list[Any]) -> Any:
+        gpu = self._check(handle)
+        self.calls += 1
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for slot, requested in zip(values, field_ids, strict=False):
+            fid, scope = requested if isinstance(requested, tuple) else (requested, 0)
+            slot.fieldId, slot.scopeId = fid, scope
+            recorded = self.recording.fields.get(fid)
+            name = _FIELD_NAMES.get(fid, "")
+            nvlink = name in NVLINK_ERROR_SIGNALS and self.scenario.nvlink_links > 0
+            scripted = self._scripted(gpu, name) or nvlink
+            if (recorded is None or recorded.ret != pynvml.NVML_SUCCESS) and not scripted:
+                slot.nvmlReturn = recorded.ret if recorded else pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            value_type = recorded.value_type if recorded and recorded.ret == pynvml.NVML_SUCCESS else 3
+            base = float(recorded.value) if recorded and recorded.ret == pynvml.NVML_SUCCESS else 0.0
+            value = self._value(gpu, name, base)
+            slot.nvmlReturn = pynvml.NVML_SUCCESS
+            slot.valueType = value_type
+            slot.timestamp = int(self.clock() * 1e6)
+            if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE:
+                slot.value.dVal = value
+            elif value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+                slot.value.uiVal = int(value)
+            else:
+                slot.value.ullVal = int(value)
+        return values
+
+    def _call_value(self, handle: FakeHandle, name: str, base: Any) -> float:
+        gpu = self._check(handle)
+        return self._value(gpu, name, float(base))
+
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        return int(self._call_value(handle, "temperature", self._recorded(_CALL_BASE["temperature"])))
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle: FakeHandle, threshold: int) -> int:
+        self._check(handle)
+        return int(self._recorded(f"temp_threshold_{_THRESHOLD_NAMES.get(threshold, '?')}"))
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
+        base = self._recorded(_CALL_BASE["clock_events"])
+        return int(self._call_value(handle, "clock_events", base))
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: FakeHandle) -> int:
+        return int(self._call_value(handle, "pcie_link_width", self._recorded(_CALL_BASE["pcie_link_width"])))
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
+        self._check(handle)
+        return int(self._recorded("pcie_maxwidth"))
+
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
+        recorded = self._recorded(_CALL_BASE["utilization"])
+        gpu_util = int(self._call_value(handle, "utilization", recorded["gpu"]))
+        return pynvml.c_nvmlUtilization_t(gpu=gpu_util, memory=int(recorded.get("memory", 0)))
+
+    def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
+        gpu = self._check(handle)
+        if link >= self.scenario.nvlink_links:
+            if self.scenario.nvlink_links == 0:
+                return int(self._recorded(f"nvlink_state_{link}"))  # raises NotSupported, as on the H200
+            raise pynvml.NVMLError_InvalidArgument()
+        down = {int(e.set) for e in self._events(gpu, self.clock()) if e.field == "nvlink_down" and e.set is not None}
+        return int(pynvml.NVML_FEATURE_DISABLED if link in down else pynvml.NVML_FEATURE_ENABLED)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> Any:
+        self._check(handle)
+        return type("FakeMemory", (), dict(self._recorded("memory")))()
+
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
+        self._check(handle)
+        return int(self._recorded("power_mw"))
+
+    # -- pynvml: events -------------------------------------------------------------------------
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
+        self._check(handle)
+        return self.recording.supported_events
+
+    def nvmlEventSetCreate(self) -> _EventSet:
+        self._require_init()
+        return _EventSet()
+
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: _EventSet) -> None:
+        self._check(handle)
+        unsupported = event_types & ~self.recording.supported_events
+        if unsupported:
+            raise pynvml.NVMLError_NotSupported()
+        event_set.masks[handle.index] = event_set.masks.get(handle.index, 0) | event_types
+
+    def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
+        self._require_init()
+        deadline_wall = timeout_ms / 1000.0
+        while True:
+            now = self.clock()
+            with self._lock:
+                while event_set.delivered < len(self._timeline) and self._timeline[event_set.delivered][0] <= now:
+                    _at, gpu, bit, data = self._timeline[event_set.delivered]
+                    event_set.delivered += 1
+                    if event_set.masks.get(gpu, 0) & bit:
+                        return FakeEventData(self._handles[gpu], bit, data)
+                next_at = self._timeline[event_set.delivered][0] if event_set.delivered < len(self._timeline) else None
+            if deadline_wall <= 0:
+                raise pynvml.NVMLError_Timeout()
+            # Sleep until the next event is due or the clock moves, at most the timeout.
+            target = next_at if next_at is not None else float("inf")
+            before = self.clock()
+            self.clock.sleep_until(min(target, before + 1e9), deadline_wall)
+            if self.clock() < target:
+                raise pynvml.NVMLError_Timeout()
+
+    def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
+        return self.nvmlEventSetWait_v2(event_set, timeout_ms)
+
+    def nvmlEventSetFree(self, event_set: _EventSet) -> None:
+        event_set.masks.clear()
+
+
+__all__ = ["FakeEventData", "FakeHandle", "FakeNvml"]

@@ -1,0 +1,216 @@
+"""Fault scenarios: a small JSON (or YAML) file that scripts what a fake GPU goes through."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import pynvml
+import yaml
+
+from gpuguard.errors import ScenarioError
+from gpuguard.health.signals import CLOCK_EVENTS, FIELD_BY_NAME, RECOVERY_ACTIONS, SIGNAL_NAMES
+
+EVENT_NAMES: Final[tuple[str, ...]] = (
+    "double_bit_ecc",
+    "dram_retirement_failure",
+    "gpu_unavailable",
+    "recovery_action",
+    "sbe_storm",
+)
+_CHANGES: Final = ("set", "add", "add_per_s")
+_EVENT_KEYS: Final = frozenset({"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", *_CHANGES})
+_TOP_KEYS: Final = frozenset({"gpus", "events", "recording", "nvlink_links", "name", "description"})
+
+
+def _nvml_field_names() -> dict[str, int]:
+    return {name: getattr(pynvml, name) for name in dir(pynvml) if name.startswith("NVML_FI_DEV_")}
+
+
+@dataclass(frozen=True)
+class ScenarioEvent:
+    """One step of a scenario; exactly one of field, xid, event, lost, timeouts, error is set."""
+
+    at: float
+    gpu: int
+    field: str | None = None
+    set: float | None = None
+    add: float | None = None
+    add_per_s: float | None = None
+    until: float | None = None
+    xid: int | None = None
+    event: str | None = None
+    lost: bool = False
+    timeouts: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A parsed, validated scenario.
+
+    Attributes:
+        gpus: how many GPUs the fake has.
+        events: the steps, in time order.
+        recording: the recorded device every GPU starts as (``"h200"``, the shipped recording, or a path).
+        nvlink_links: NVLink links each GPU has up at start (0: none, as on the recorded H200).
+    """
+
+    gpus: int
+    events: tuple[ScenarioEvent, ...] = ()
+    recording: str = "h200"
+    nvlink_links: int = 0
+    name: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def load_scenario(source: str | Path | Mapping[str, Any]) -> Scenario:
+    """Read and validate a scenario from a path (``.json``, ``.yaml``, ``.yml``) or a mapping.
+
+    Raises:
+        ScenarioError: naming the file, the field, the value and what is allowed.
+    """
+    if isinstance(source, Mapping):
+        return parse_scenario(source)
+    path = Path(source)
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ScenarioError("scenario", str(path), "no such file") from None
+    except OSError as exc:
+        raise ScenarioError("scenario", str(path), f"cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ScenarioError("scenario", str(path), f"is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ScenarioError("scenario", str(path), "must hold an object with 'gpus' and 'events'")
+    return parse_scenario(data)
+
+
+def _number(where: str, value: Any, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ScenarioError(where, value, f"must be a number, {minimum:g} or greater")
+    return float(value)
+
+
+def _whole(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ScenarioError(where, value, f"must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _field_value(where: str, name: str, value: Any) -> float:
+    """Readable values: recovery actions and clock events by name."""
+    if name == "recovery_action" and isinstance(value, str):
+        by_name = {v: k for k, v in RECOVERY_ACTIONS.items()}
+        if value not in by_name:
+            raise ScenarioError(where, value, "allowed: " + ", ".join(by_name))
+        return float(by_name[value])
+    if name == "clock_events" and isinstance(value, list):
+        mask = 0
+        for item in value:
+            if item not in CLOCK_EVENTS:
+                raise ScenarioError(where, item, "allowed clock events: " + ", ".join(CLOCK_EVENTS))
+            mask |= CLOCK_EVENTS[item]
+        return float(mask)
+    return _number(where, value)
+
+
+def parse_scenario(data: Mapping[str, Any]) -> Scenario:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ScenarioError(key, data[key], "unknown key; allowed: " + ", ".join(sorted(_TOP_KEYS)))
+    if "gpus" not in data:
+        raise ScenarioError("gpus", None, "required: how many GPUs the fake has, 1 to 64")
+    gpus = _whole("gpus", data["gpus"], 1, 64)
+    nvlink = _whole("nvlink_links", data.get("nvlink_links", 0), 0, 18)
+    recording = data.get("recording", "h200")
+    if not isinstance(recording, str):
+        raise ScenarioError("recording", recording, "must be 'h200' or a path to a recording")
+    raw_events = data.get("events", [])
+    if not isinstance(raw_events, list):
+        raise ScenarioError("events", raw_events, "must be a list of events")
+    nvml_fields = _nvml_field_names()
+    events = []
+    for i, raw in enumerate(raw_events):
+        where = f"events[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ScenarioError(where, raw, "must be an object with 'at' and 'gpu'")
+        for key in raw:
+            if key not in _EVENT_KEYS:
+                raise ScenarioError(
+                    f"{where}.{key}", raw[key], "unknown key; allowed: " + ", ".join(sorted(_EVENT_KEYS))
+                )
+        if "at" not in raw or "gpu" not in raw:
+            raise ScenarioError(where, dict(raw), "needs 'at' (seconds) and 'gpu' (index)")
+        at = _number(f"{where}.at", raw["at"])
+        gpu = _whole(f"{where}.gpu", raw["gpu"], 0, gpus - 1)
+        kinds = [k for k in ("field", "xid", "event", "lost", "timeouts", "error") if k in raw]
+        if len(kinds) != 1:
+            raise ScenarioError(where, dict(raw), "needs exactly one of: field, xid, event, lost, timeouts, error")
+        until = _number(f"{where}.until", raw["until"], minimum=at) if "until" in raw else None
+        kind = kinds[0]
+        if kind == "field":
+            name = raw["field"]
+            if not isinstance(name, str) or (name not in SIGNAL_NAMES and name not in nvml_fields):
+                allowed = "allowed: " + ", ".join(SIGNAL_NAMES) + ", or any pynvml NVML_FI_DEV_* name"
+                raise ScenarioError(f"{where}.field", name, allowed)
+            changes = [c for c in _CHANGES if c in raw]
+            if len(changes) != 1:
+                raise ScenarioError(where, dict(raw), "a field event needs exactly one of: set, add, add_per_s")
+            change = changes[0]
+            value = _field_value(f"{where}.{change}", name, raw[change])
+            events.append(
+                ScenarioEvent(
+                    at=at,
+                    gpu=gpu,
+                    field=name,
+                    until=until,
+                    set=value if change == "set" else None,
+                    add=value if change == "add" else None,
+                    add_per_s=value if change == "add_per_s" else None,
+                )
+            )
+        elif kind == "xid":
+            events.append(ScenarioEvent(at=at, gpu=gpu, xid=_whole(f"{where}.xid", raw["xid"], 1, 65535)))
+        elif kind == "event":
+            if raw["event"] not in EVENT_NAMES:
+                raise ScenarioError(f"{where}.event", raw["event"], "allowed: " + ", ".join(EVENT_NAMES))
+            events.append(ScenarioEvent(at=at, gpu=gpu, event=raw["event"]))
+        elif kind == "lost":
+            if raw["lost"] is not True:
+                raise ScenarioError(f"{where}.lost", raw["lost"], "must be true")
+            events.append(ScenarioEvent(at=at, gpu=gpu, lost=True))
+        elif kind == "timeouts":
+            events.append(ScenarioEvent(at=at, gpu=gpu, timeouts=_whole(f"{where}.timeouts", raw["timeouts"], 1, 1000)))
+        else:
+            name = raw["error"]
+            if not isinstance(name, str) or not isinstance(getattr(pynvml, f"NVMLError_{name}", None), type):
+                raise ScenarioError(
+                    f"{where}.error",
+                    name,
+                    "must name a pynvml error class without its prefix, e.g. 'Unknown'",
+                )
+            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until))
+    events.sort(key=lambda e: e.at)
+    extra = {k: data[k] for k in ("name", "description") if k in data}
+    return Scenario(
+        gpus=gpus,
+        events=tuple(events),
+        recording=recording,
+        nvlink_links=nvlink,
+        name=str(data.get("name", "")),
+        extra=extra,
+    )
+
+
+def field_id(name: str) -> int:
+    """The NVML field id for a readable signal name or an ``NVML_FI_DEV_*`` name."""
+    if name in FIELD_BY_NAME:
+        return FIELD_BY_NAME[name].field_id
+    return int(getattr(pynvml, name))
