@@ -116,13 +116,15 @@ class _Rate:
             self._points.popleft()
 
     def per_minute(self) -> float:
+        """Increase per minute, averaged over the whole window even before a window has passed.
+
+        Dividing by the window rather than by the time seen so far keeps one burst at start-up from
+        reading as a storm: one event is not a trend.
+        """
         if len(self._points) < 2:
             return 0.0
         (t0, v0), (t1, v1) = self._points[0], self._points[-1]
-        return 0.0 if t1 <= t0 else (v1 - v0) / (t1 - t0) * 60.0
-
-    def increase(self) -> float:
-        return self._points[-1][1] - self._points[0][1] if len(self._points) >= 2 else 0.0
+        return (v1 - v0) / max(t1 - t0, self.window_s) * 60.0
 
 
 class DeviceRules:
@@ -168,7 +170,8 @@ class DeviceRules:
     def observe(self, sample: Sample) -> None:
         now = sample.at
         if sample.lost:
-            self._hard("GPU_LOST", HealthState.LOST, Remedy.REBOOT, "NVML reports the GPU is lost", {}, now)
+            evidence = {"nvml_error": "NVML_ERROR_GPU_IS_LOST", "code": 15}
+            self._hard("GPU_LOST", HealthState.LOST, Remedy.REBOOT, "NVML reports the GPU is lost", evidence, now)
             return
         if sample.error is not None:
             self._failed_polls += 1

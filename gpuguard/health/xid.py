@@ -11,6 +11,7 @@ WORKFLOW_XID_48, RESET_GPU    FAILING     RESET_GPU
 WORKFLOW_NVLINK_ERR           FAILING     RESET_GPU
 WORKFLOW_NVLINK5_ERR          DEGRADED    RESET_GPU
 RESTART_BM (79: off the bus)  LOST        REBOOT
+WORKFLOW_XID_45, XID_154      HEALTHY     OBSERVE (another signal carries the verdict)
 CONTACT_SUPPORT               DEGRADED    CONTACT_SUPPORT
 ============================  ==========  ===============
 
@@ -67,8 +68,9 @@ def _classify_action(action: str) -> tuple[HealthState, Remedy]:
         return HealthState.DEGRADED, Remedy.RESET_GPU
     if head == "RESTART_BM":
         return HealthState.LOST, Remedy.REBOOT
-    if head == "WORKFLOW_XID_45":
-        # 45 is cleanup after another fault (or a killed process): the other fault carries the verdict.
+    if head in ("WORKFLOW_XID_45", "XID_154"):
+        # 45 is cleanup after another fault (or a killed process), 154 announces a recovery action:
+        # the other fault, or the recovery action field read right after the event, carries the verdict.
         return HealthState.HEALTHY, Remedy.OBSERVE
     return HealthState.DEGRADED, Remedy.CONTACT_SUPPORT
 

@@ -1,0 +1,5 @@
+import sys
+
+from gpuguard.cli import main
+
+sys.exit(main())
