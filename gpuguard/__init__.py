@@ -3,14 +3,22 @@
 Everything users need is importable from here; other modules are internal.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from gpuguard._version import __version__
 from gpuguard.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
     ConfigError,
     GpuGuardError,
     HealthError,
     NvmlError,
     NvmlUnavailableError,
     ScenarioError,
+    StorageError,
+    UnsupportedStateError,
 )
 from gpuguard.health import (
     DeviceHealth,
@@ -25,7 +33,47 @@ from gpuguard.health import (
     XidTable,
 )
 
+if _TYPE_CHECKING:
+    from gpuguard.checkpoint import (
+        CheckpointInfo,
+        CheckpointStore,
+        PendingSave,
+        RetryPolicy,
+        SaveTimings,
+        VerifyReport,
+    )
+
+# Names whose modules import torch, loaded on first use so `gpuguard status` starts fast.
+_LAZY = {
+    "CheckpointInfo": "gpuguard.checkpoint",
+    "CheckpointStore": "gpuguard.checkpoint",
+    "PendingSave": "gpuguard.checkpoint",
+    "RetryPolicy": "gpuguard.checkpoint",
+    "SaveTimings": "gpuguard.checkpoint",
+    "VerifyReport": "gpuguard.checkpoint",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpuguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
     "ConfigError",
     "DeviceHealth",
     "GpuGuardError",
@@ -37,9 +85,15 @@ __all__ = [
     "HealthState",
     "NvmlError",
     "NvmlUnavailableError",
+    "PendingSave",
     "Reason",
     "Remedy",
+    "RetryPolicy",
+    "SaveTimings",
     "ScenarioError",
+    "StorageError",
+    "UnsupportedStateError",
+    "VerifyReport",
     "XidClass",
     "XidTable",
     "__version__",

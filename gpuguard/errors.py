@@ -7,9 +7,14 @@ library, and chained with ``raise ... from exc`` so the original stays visible.
     GpuGuardError
     ├── ConfigError                 bad configuration or input: names the field, the value, what is allowed
     │   └── ScenarioError           a malformed fake-NVML scenario or recording
-    └── HealthError                 the health source itself failed (not the GPU)
-        ├── NvmlUnavailableError    no NVML library or driver on this machine
-        └── NvmlError               any other NVML failure; ``.code`` is the nvmlReturn_t value
+    ├── HealthError                 the health source itself failed (not the GPU)
+    │   ├── NvmlUnavailableError    no NVML library or driver on this machine
+    │   └── NvmlError               any other NVML failure; ``.code`` is the nvmlReturn_t value
+    └── CheckpointError             a checkpoint could not be saved, found or loaded
+        ├── UnsupportedStateError   the training state holds something gpuguard cannot store
+        ├── CheckpointNotFoundError no committed checkpoint (or not the one asked for)
+        ├── CheckpointCorruptError  a shard or manifest fails its checksum or format; names which
+        └── StorageError            the storage failed: after retries (transient) or at once (permanent)
 """
 
 from __future__ import annotations
@@ -61,11 +66,56 @@ class NvmlError(HealthError):
         self.call = call
 
 
+class CheckpointError(GpuGuardError):
+    """A checkpoint could not be saved, found or loaded."""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """The training state holds an object gpuguard cannot store without pickling it."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No committed checkpoint exists, or not the one asked for."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint fails its checksums or format.
+
+    Attributes:
+        shard: the file that failed, relative to the checkpoint folder.
+        tensor: the tensor whose checksum failed, when one did.
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.tensor = tensor
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage failed.
+
+    Attributes:
+        transient: True when the error looked temporary and retries ran out.
+        path: the object or file involved.
+    """
+
+    def __init__(self, message: str, *, path: str = "", transient: bool = False) -> None:
+        super().__init__(message)
+        self.path = path
+        self.transient = transient
+
+
 __all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "GpuGuardError",
     "HealthError",
     "NvmlError",
     "NvmlUnavailableError",
     "ScenarioError",
+    "StorageError",
+    "UnsupportedStateError",
 ]

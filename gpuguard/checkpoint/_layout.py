@@ -1,0 +1,156 @@
+"""The safetensors layout, written by hand so staged bytes stream straight to storage.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (dtype, shape and byte
+offsets of every tensor), then the tensors' raw bytes back to back with no holes. gpuguard lays the
+staging buffer out exactly as that byte section, so writing a shard is the header plus slices of the
+buffer, with no serialisation step. Tensors are ordered by element size, largest first, so that with
+the header padded to 8 bytes every tensor starts aligned for zero-copy views.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import torch
+
+from gpuguard.errors import CheckpointCorruptError
+
+DTYPE_CODES: Final[dict[torch.dtype, str]] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+DTYPES_BY_CODE: Final[dict[str, torch.dtype]] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+MAX_HEADER_BYTES: Final = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives in a shard's byte section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A shard's tensors and header; ``data_bytes`` is the size of the staging buffer it needs."""
+
+    slots: tuple[TensorSlot, ...]
+    header: bytes  # the 8-byte length and the padded JSON header
+
+    @property
+    def data_bytes(self) -> int:
+        return self.slots[-1].end if self.slots else 0
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+    @property
+    def signature(self) -> tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]:
+        return tuple((s.name, s.dtype, s.shape) for s in self.slots)
+
+
+def plan(
+    tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> ShardLayout:
+    """Lay out tensors (name, dtype, shape) as one safetensors shard."""
+    ordered = sorted(tensors, key=lambda t: (-_itemsize(t[1]), t[0]))
+    slots, offset = [], 0
+    for name, dtype, shape in ordered:
+        nbytes = _itemsize(dtype) * _numel(shape)
+        slots.append(TensorSlot(name, dtype, tuple(shape), offset, offset + nbytes))
+        offset += nbytes
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for slot in slots:
+        header[slot.name] = {
+            "dtype": DTYPE_CODES[slot.dtype],
+            "shape": list(slot.shape),
+            "data_offsets": [slot.start, slot.end],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the spec allows trailing spaces; they align the byte section
+    return ShardLayout(tuple(slots), struct.pack("<Q", len(raw)) + raw)
+
+
+def parse_header(data: bytes | memoryview, *, where: str) -> tuple[int, dict[str, Any]]:
+    """Read a shard's header; returns (offset of the byte section, header dict).
+
+    Raises:
+        CheckpointCorruptError: when the header is truncated or not a safetensors header.
+    """
+    if len(data) < 8:
+        raise CheckpointCorruptError(f"{where}: shorter than a safetensors header", shard=where)
+    (length,) = struct.unpack("<Q", bytes(data[:8]))
+    if length > MAX_HEADER_BYTES or 8 + length > len(data):
+        raise CheckpointCorruptError(f"{where}: header length {length} does not fit the file", shard=where)
+    try:
+        header = json.loads(bytes(data[8 : 8 + length]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointCorruptError(f"{where}: header is not JSON ({exc})", shard=where) from None
+    if not isinstance(header, dict):
+        raise CheckpointCorruptError(f"{where}: header is not an object", shard=where)
+    return 8 + length, header
+
+
+def view(data: memoryview | bytearray, base: int, header: dict[str, Any], name: str, *, where: str) -> torch.Tensor:
+    """A tensor over the bytes of ``name`` (no copy); checks dtype, shape and bounds."""
+    entry = header.get(name)
+    if not isinstance(entry, dict):
+        raise CheckpointCorruptError(f"{where}: tensor {name!r} is missing", shard=where, tensor=name)
+    try:
+        dtype = DTYPES_BY_CODE[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        start, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointCorruptError(
+            f"{where}: tensor {name!r} has a malformed entry", shard=where, tensor=name
+        ) from None
+    if end - start != _itemsize(dtype) * _numel(shape) or start < 0 or base + end > len(data):
+        raise CheckpointCorruptError(f"{where}: tensor {name!r} lies outside the file", shard=where, tensor=name)
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype, count=_numel(shape), offset=base + start).reshape(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,362 @@
+"""Storage over fsspec: retries, durable writes, and the one place storage errors are translated.
+
+Shards are written by the fastest way each backend offers, chosen by protocol like fsspec's own
+registry: ``file`` writes byte ranges with ``os.pwrite`` from several threads and fsyncs; ``s3``
+uploads multipart parts concurrently; anything else streams through ``fs.open``. Small files that
+must appear whole (manifests) go through `Storage.put_atomic`: a temporary file and ``rename`` on
+local disks, a single PUT on object stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import fsspec
+
+from gpuguard.errors import StorageError
+
+log = logging.getLogger("gpuguard.checkpoint")
+T = TypeVar("T")
+
+_TRANSIENT_ERRNOS: Final = frozenset(
+    {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE}
+)
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeTooSkewed",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+_TRANSIENT_NAMES: Final = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "IncompleteReadError",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: timeouts, dropped connections, 5xx and throttling."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (TimeoutError, ConnectionError)):
+            return True
+        if type(current).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = response.get("Error", {}).get("Code", "")
+            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient storage errors."""
+
+    attempts: int = 5
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delays(self) -> Iterator[float]:
+        for attempt in range(self.attempts - 1):
+            yield min(self.max_delay_s, self.base_delay_s * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class Storage:
+    """A checkpoint root on any fsspec filesystem.
+
+    Args:
+        url: e.g. ``file:///ckpt``, ``s3://bucket/run1``, ``memory://run1``, or a plain path.
+        storage_options: passed to the fsspec filesystem (credentials, endpoint, ...).
+        retry: what to do about transient errors.
+        io_threads: writer threads per shard.
+    """
+
+    part_bytes: int = 64 * 2**20
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        io_threads: int = 8,
+    ) -> None:
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open {url!r}: {exc}", path=url) from exc
+        self.url = url
+        self.root = root.rstrip("/")
+        protocol = self.fs.protocol
+        self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        self.retry = retry or RetryPolicy()
+        self.io_threads = io_threads
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="gpuguard-ckpt-io")
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.protocol in ("s3", "s3a")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- the boundary ---------------------------------------------------------------------------
+
+    def call(self, what: str, path: str, fn: Callable[[], T]) -> T:
+        """Run one storage operation, retrying transient errors, translating the final one."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                transient = is_transient(exc)
+                delay = next(delays, None) if transient else None
+                if delay is None:
+                    kind = "transient error, retries exhausted" if transient else "error"
+                    raise StorageError(f"{what} {path}: {kind}: {exc}", path=path, transient=transient) from exc
+                log.info("%s %s: transient error (%s); retrying in %.2fs", what, path, exc, delay)
+                time.sleep(delay)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read(self, path: str) -> bytearray:
+        """A whole file into a writable buffer (tensors are viewed over it without another copy)."""
+
+        def read() -> bytearray:
+            size = int(self.fs.size(path))
+            buf = bytearray(size)
+            with self.fs.open(path, "rb") as f:
+                view, got = memoryview(buf), 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OSError(errno.EIO, f"short read: {got} of {size} bytes")
+                    got += n
+            return buf
+
+        return self.call("reading", path, read)
+
+    def cat(self, path: str) -> bytes:
+        return self.call("reading", path, lambda: bytes(self.fs.cat_file(path)))
+
+    def exists(self, path: str) -> bool:
+        return self.call("checking", path, lambda: bool(self.fs.exists(path)))
+
+    def size(self, path: str) -> int:
+        return self.call("sizing", path, lambda: int(self.fs.size(path)))
+
+    def list_dirs(self) -> list[str]:
+        """Names of the folders directly under the root; none when the root does not exist yet."""
+
+        def ls() -> list[str]:
+            try:
+                entries = (
+                    self.fs.ls(self.root, detail=True, refresh=True)
+                    if self.is_s3
+                    else self.fs.ls(self.root, detail=True)
+                )
+            except FileNotFoundError:
+                return []
+            return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+        return self.call("listing", self.root, ls)
+
+    def list_files(self, folder: str) -> list[str]:
+        def ls() -> list[str]:
+            try:
+                entries = (
+                    self.fs.ls(folder, detail=True, refresh=True) if self.is_s3 else self.fs.ls(folder, detail=True)
+                )
+            except FileNotFoundError:
+                return []
+            return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+
+        return self.call("listing", folder, ls)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def makedirs(self, path: str) -> None:
+        if self.is_local:
+            self.call("creating", path, lambda: os.makedirs(path, exist_ok=True))
+
+    def write_shard(self, path: str, header: bytes, data: memoryview) -> None:
+        """Write header+data durably; returns when the bytes are on stable storage."""
+        if self.is_local:
+            self.call("writing", path, lambda: self._write_local(path, header, data))
+        elif self.is_s3 and len(header) + len(data) > 2 * self.part_bytes:
+            self._write_s3_multipart(path, header, data)
+        else:
+            self.call("writing", path, lambda: self._write_stream(path, header, data))
+
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """A small file that readers see whole or not at all."""
+        if self.is_local:
+            self.call("writing", path, lambda: self._put_local_atomic(path, data))
+        else:
+            self.call("writing", path, lambda: self.fs.pipe_file(path, data))
+
+    def delete(self, path: str, *, recursive: bool = False) -> None:
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=recursive)
+
+        self.call("deleting", path, rm)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run work beside the writes on the I/O threads (checksums release the GIL too)."""
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- backends -------------------------------------------------------------------------------
+
+    def _write_local(self, path: str, header: bytes, data: memoryview) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, header, 0)
+            base = len(header)
+            chunk = max(self.part_bytes // 4, -(-len(data) // self.io_threads))
+            ranges = [(start, min(len(data), start + chunk)) for start in range(0, len(data), chunk)]
+            # os.pwrite releases the GIL: the ranges go to disk in parallel.
+            futures = [self._pool.submit(_pwrite_all, fd, data[a:b], base + a) for a, b in ranges]
+            for future in futures:
+                future.result()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(os.path.dirname(path))
+
+    def _put_local_atomic(self, path: str, data: bytes) -> None:
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _pwrite_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+
+    def _write_stream(self, path: str, header: bytes, data: memoryview) -> None:
+        with self.fs.open(path, "wb") as f:
+            f.write(header)
+            for start in range(0, len(data), self.part_bytes):
+                f.write(data[start : start + self.part_bytes])
+
+    def _write_s3_multipart(self, path: str, header: bytes, data: memoryview) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        upload = self.call(
+            "starting upload", path, lambda: self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        )
+        upload_id = upload["UploadId"]
+        total = len(header) + len(data)
+        bounds = [(start, min(total, start + self.part_bytes)) for start in range(0, total, self.part_bytes)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 5 * 2**20:
+            bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]  # S3 parts other than the last must be >= 5 MiB
+
+        def part(number: int, start: int, end: int) -> dict[str, Any]:
+            body = _slice(header, data, start, end)
+            response = self.call(
+                f"uploading part {number} of",
+                path,
+                lambda: self.fs.call_s3(
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                ),
+            )
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        try:
+            futures = [self._pool.submit(part, i + 1, a, b) for i, (a, b) in enumerate(bounds)]
+            parts = [f.result() for f in futures]
+            self.call(
+                "completing upload",
+                path,
+                lambda: self.fs.call_s3(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+        except BaseException:
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:  # the upload stays invisible; lifecycle rules reclaim it
+                log.warning("could not abort the multipart upload of %s: %s", path, exc)
+            raise
+        self.fs.invalidate_cache(path)
+
+
+def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
+    """Bytes [start, end) of header+data, copying only that part."""
+    h = len(header)
+    if end <= h:
+        return header[start:end]
+    if start >= h:
+        return bytes(data[start - h : end - h])
+    return header[start:] + bytes(data[: end - h])
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,227 @@
+"""Training state ↔ (tensors, JSON tree), with no pickling in either direction.
+
+A state is a mapping of names to objects with ``state_dict()``/``load_state_dict()`` (modules,
+optimizers, schedulers), tensors, and JSON-able values. Flattening walks it and replaces every tensor
+with a reference to a named entry in the shard; everything else must be representable in JSON, with
+markers for what JSON lacks (int keys, tuples, non-finite floats). Anything else is refused at save
+time with the path to it, rather than pickled.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
+
+RNG_KEY = "__gpuguard_rng__"
+_ALLOWED = "allowed: objects with state_dict()/load_state_dict(), tensors, numpy arrays, dicts, lists, tuples, "
+_ALLOWED += "str, int, float, bool, None"
+
+
+@dataclass
+class FlatState:
+    """A state taken apart: live tensors by name, the JSON tree that refers to them, their devices."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tree: dict[str, Any] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.flat = FlatState()
+
+    def tensor(self, value: torch.Tensor, path: list[str], marker: str = "$tensor") -> dict[str, str]:
+        if value.is_sparse or value.is_quantized or value.layout != torch.strided:
+            raise UnsupportedStateError(f"{_where(path)}: {value.layout} tensors cannot be checkpointed; dense only")
+        name = "/".join(_escape(p) for p in path)
+        if name in self.flat.tensors:
+            raise UnsupportedStateError(f"{_where(path)}: two entries map to the tensor name {name!r}")
+        self.flat.tensors[name] = value.detach()
+        if value.device.type != "cpu":
+            self.flat.devices[name] = str(value.device)
+        return {marker: name}
+
+    def encode(self, value: Any, path: list[str]) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path)
+        if hasattr(value, "state_dict") and hasattr(value, "load_state_dict") and not isinstance(value, type):
+            return {"$stateful": self.encode(value.state_dict(), path)}
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, Mapping):
+            items = list(value.items())
+            if all(isinstance(k, str) and not k.startswith("$") for k, _ in items):
+                return {k: self.encode(v, [*path, k]) for k, v in items}
+            for k, _ in items:
+                if not (k is None or isinstance(k, (str, int, float, bool))):
+                    raise UnsupportedStateError(
+                        f"{_where(path)}: key {k!r} of type {type(k).__name__}; "
+                        "keys must be str, int, float, bool or None"
+                    )
+            return {"$dict": [[k, self.encode(v, [*path, str(k)])] for k, v in items]}
+        if isinstance(value, list):
+            return [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]
+        if isinstance(value, tuple):  # torch.Size included
+            return {"$tuple": [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": str(value).removeprefix("torch.")}
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            if isinstance(value, numpy.ndarray):
+                return self.tensor(torch.from_numpy(value.copy()), path, marker="$ndarray")
+            if isinstance(value, numpy.generic):
+                return self.encode(value.item(), path)
+        raise UnsupportedStateError(
+            f"{_where(path)}: cannot checkpoint a {type(value).__name__} without pickling it; {_ALLOWED}"
+        )
+
+
+def _where(path: list[str]) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the training loop may draw from: torch (CPU and each CUDA device), Python, numpy."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        rng["numpy"] = numpy.random.get_state()
+    return rng
+
+
+def restore_rng(rng: Mapping[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states])
+    numpy = sys.modules.get("numpy")
+    if "numpy" in rng and numpy is not None:
+        numpy.random.set_state(tuple(rng["numpy"]))
+
+
+def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
+    """Take a training state apart. Calls ``state_dict()``; copies no tensor data.
+
+    Raises:
+        UnsupportedStateError: naming the path of the first value that cannot be stored.
+    """
+    if not isinstance(state, Mapping):
+        raise UnsupportedStateError(f"state: a {type(state).__name__}; must be a mapping of names to objects")
+    flattener = _Flattener()
+    for key, value in state.items():
+        if not isinstance(key, str) or key == RNG_KEY:
+            raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
+        flattener.flat.tree[key] = flattener.encode(value, [key])
+    if rng:
+        flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng(), [RNG_KEY])
+    return flattener.flat
+
+
+def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of encoding: tensors come from ``tensors`` (views over the shard's bytes)."""
+    if isinstance(value, list):
+        return [decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        ((marker, inner),) = value.items()
+        if marker in ("$tensor", "$ndarray"):
+            if inner not in tensors:
+                raise CheckpointCorruptError(
+                    f"the state refers to tensor {inner!r}, which the shard lacks", tensor=inner
+                )
+            t = tensors[inner]
+            return t.numpy() if marker == "$ndarray" else t
+        if marker == "$stateful":
+            return decode(inner, tensors)
+        if marker == "$float":
+            return float(inner)
+        if marker == "$tuple":
+            return tuple(decode(v, tensors) for v in inner)
+        if marker == "$dict":
+            return {k: decode(v, tensors) for k, v in inner}
+        if marker == "$dtype":
+            return getattr(torch, inner)
+    return {k: decode(v, tensors) for k, v in value.items()}
+
+
+def restore(
+    state: MutableMapping[str, Any],
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    devices: Mapping[str, str],
+    *,
+    strict: bool = True,
+) -> None:
+    """Load a decoded checkpoint into live objects.
+
+    Objects with ``load_state_dict`` receive theirs (they copy onto their own devices); live tensors
+    are overwritten in place; other entries are replaced, with tensors moved back to the device they
+    were saved from when it exists here.
+
+    Raises:
+        CheckpointError: with ``strict``, when the live state has a key the checkpoint lacks.
+    """
+    missing = [k for k in state if k not in tree]
+    if strict and missing:
+        raise CheckpointError(f"the checkpoint has no entry for state key(s) {', '.join(map(repr, missing))}")
+    for key, encoded in tree.items():
+        if key == RNG_KEY:
+            continue
+        live = state.get(key)
+        value = decode(encoded, tensors)
+        if (
+            live is not None
+            and hasattr(live, "load_state_dict")
+            and isinstance(encoded, dict)
+            and "$stateful" in encoded
+        ):
+            live.load_state_dict(value)
+        elif isinstance(live, torch.Tensor) and isinstance(value, torch.Tensor):
+            if live.shape != value.shape:
+                raise CheckpointError(f"state[{key!r}]: saved shape {tuple(value.shape)}, live {tuple(live.shape)}")
+            with torch.no_grad():
+                live.copy_(value)
+        else:
+            state[key] = _own(value, encoded, devices)
+    if RNG_KEY in tree:
+        restore_rng(decode(tree[RNG_KEY], tensors))
+
+
+def _own(value: Any, encoded: Any, devices: Mapping[str, str]) -> Any:
+    """Detach restored values from the shard's buffer and put tensors back on their devices."""
+    if isinstance(value, torch.Tensor):
+        name = encoded.get("$tensor") if isinstance(encoded, dict) else None
+        device = devices.get(name or "", "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"
+        return value.to(device, copy=True)
+    if isinstance(value, dict) and isinstance(encoded, dict):
+        inner = encoded.get("$dict")
+        if inner is not None:
+            return {k: _own(v, e, devices) for (k, v), (_, e) in zip(value.items(), inner, strict=True)}
+        return {k: _own(v, encoded.get(k), devices) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(encoded, list):
+        return [_own(v, e, devices) for v, e in zip(value, encoded, strict=True)]
+    if isinstance(value, tuple) and isinstance(encoded, dict) and "$tuple" in encoded:
+        return tuple(_own(v, e, devices) for v, e in zip(value, encoded["$tuple"], strict=True))
+    return value

@@ -1,0 +1,92 @@
+"""``gpuguard checkpoints``: list and verify the checkpoints under a URL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gpuguard.cli._table import render_table
+from gpuguard.errors import ConfigError
+
+EXIT_OK, EXIT_CORRUPT = 0, 1
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("checkpoints", help="list and verify checkpoints", description=__doc__)
+    sub = p.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("url", help="where the checkpoints live: s3://bucket/run, file:///path, ...")
+    common.add_argument("--storage-options", metavar="JSON", help="fsspec storage options, as a JSON object")
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    ls = sub.add_parser("list", parents=[common], help="committed checkpoints, oldest first")
+    ls.set_defaults(handler=run_list)
+    verify = sub.add_parser("verify", parents=[common], help="re-read every shard and check every checksum")
+    verify.add_argument("id", nargs="?", help="a checkpoint id (default: the newest committed one)")
+    verify.set_defaults(handler=run_verify)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from gpuguard.checkpoint import CheckpointStore
+
+    options: dict[str, Any] = {}
+    if args.storage_options:
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--storage-options", args.storage_options, f"must be a JSON object ({exc.msg})") from None
+        if not isinstance(options, dict):
+            raise ConfigError("--storage-options", args.storage_options, "must be a JSON object")
+    return CheckpointStore(args.url, options)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        infos = store.list()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"url": args.url, "checkpoints": [i.to_dict() for i in infos]}, indent=2))
+        return EXIT_OK
+    if not infos:
+        print(f"no committed checkpoints under {args.url}")
+        return EXIT_OK
+    rows = [[i.id, str(i.step), i.reason, str(i.world_size), _size(i.total_bytes), i.created_at] for i in infos]
+    print(render_table(["ID", "STEP", "REASON", "RANKS", "SIZE", "CREATED"], rows))
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    live = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        if live:
+            pct = 100 * done / total if total else 100
+            print(f"\rverifying {pct:5.1f}%  {_size(done)} of {_size(total)}", end="", file=sys.stderr, flush=True)
+
+    try:
+        report = store.verify(args.id, progress=progress)
+    finally:
+        store.close()
+        if live:
+            print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        print(f"{report.id}: OK ({_size(report.bytes_read)} read, every checksum matches)")
+    else:
+        for problem in report.problems:
+            where = problem["shard"] + (f" tensor {problem['tensor']!r}" if problem["tensor"] else "")
+            print(f"{report.id}: CORRUPT {where}: {problem['error']}")
+    return EXIT_OK if report.ok else EXIT_CORRUPT
