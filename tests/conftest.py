@@ -56,3 +56,79 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Any:
+    """A real S3 server over HTTP (moto in server mode, its own process) for the whole session."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.1)
+    yield endpoint
+    server.terminate()
+    server.wait(10)
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> Any:
+    """A fresh bucket: (url, storage_options)."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3_options(s3_endpoint))
+    fs.call_s3("create_bucket", Bucket=bucket)
+    return f"s3://{bucket}/run", s3_options(s3_endpoint)
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """(url, storage_options) for each kind of storage users have."""
+    import uuid
+
+    if request.param == "file":
+        return f"file://{tmp_path}/ckpt", {}
+    if request.param == "memory":
+        return f"memory://ckpt-{uuid.uuid4().hex[:12]}", {}
+    return request.getfixturevalue("s3_bucket")  # type: ignore[no-any-return]

@@ -20,6 +20,35 @@ from gpuguard.checkpoint._layout import ShardLayout
 log = logging.getLogger("gpuguard.checkpoint")
 
 
+class Readiness:
+    """How far a snapshot has reached in its buffer: writers start on the first bytes while the rest
+    are still being copied, so time to durable is about max(copy, write) rather than their sum."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._ready = 0
+        self._failed: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, upto: int) -> None:
+        with self._cond:
+            self._ready = max(self._ready, upto)
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._failed = exc
+            self._cond.notify_all()
+
+    def wait(self, upto: int) -> None:
+        """Block until bytes [0, upto) hold the snapshot; raises if the snapshot failed."""
+        with self._cond:
+            while self._ready < upto and self._failed is None:
+                self._cond.wait()
+            if self._failed is not None:
+                raise RuntimeError("the snapshot failed") from self._failed
+
+
 class StagingBuffer:
     """Host memory for one snapshot of one layout (pinned when the state lives on a GPU)."""
 
@@ -27,7 +56,9 @@ class StagingBuffer:
         started = time.perf_counter()
         self.layout = layout
         self.pinned = pin
-        self.data = torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=pin)
+        # zero_() touches every page now: an untouched buffer would fault its pages in during the
+        # first snapshot, on the training thread's time.
+        self.data = torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=pin).zero_()
         self.views: dict[str, torch.Tensor] = {}
         for slot in layout.slots:
             region = self.data[slot.start : slot.end]
@@ -35,24 +66,54 @@ class StagingBuffer:
         self.alloc_s = time.perf_counter() - started
         self.in_use = False
 
-    def snapshot(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy the live tensors in; returns when the copy is complete and training may go on."""
-        on_gpu = [t for t in tensors.values() if t.device.type == "cuda"]
-        if on_gpu:
-            # Copies on a side stream, ordered after the work that produced the tensors.
-            stream = torch.cuda.Stream(device=on_gpu[0].device)  # type: ignore[no-untyped-call]
-            stream.wait_stream(torch.cuda.current_stream(on_gpu[0].device))
-            with torch.cuda.stream(stream):
-                self._copy(tensors, non_blocking=self.pinned)
-            stream.synchronize()
-        else:
-            self._copy(tensors, non_blocking=False)
+    def snapshot(self, tensors: dict[str, torch.Tensor], readiness: Readiness | None = None) -> None:
+        """Copy the live tensors in; returns when the copy is complete and training may go on.
 
-    def _copy(self, tensors: dict[str, torch.Tensor], *, non_blocking: bool) -> None:
+        Copies go in buffer order, in batches of about ``batch_bytes``; ``readiness`` learns of each
+        finished batch so that writing can start before the whole snapshot is in.
+        """
+        batches = self._batches()
+        on_gpu = [t for t in tensors.values() if t.device.type == "cuda"]
         with torch.no_grad():
-            for name, tensor in tensors.items():
-                if tensor.numel():
-                    self.views[name].copy_(tensor, non_blocking=non_blocking)
+            if not on_gpu:
+                # From host memory the copy runs at memory speed; writers running beside it would
+                # take cores and bandwidth from it and lengthen the stall, so they start after it.
+                for names, _ in batches:
+                    for name in names:
+                        self.views[name].copy_(tensors[name])
+                if readiness:
+                    readiness.advance(self.layout.data_bytes)
+                return
+            # Copies on a side stream, ordered after the work that produced the tensors; an event
+            # per batch tells when each part of the buffer is filled.
+            device = on_gpu[0].device
+            stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+            stream.wait_stream(torch.cuda.current_stream(device))
+            events = []
+            with torch.cuda.stream(stream):
+                for names, end in batches:
+                    for name in names:
+                        self.views[name].copy_(tensors[name], non_blocking=self.pinned)
+                    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    event.record(stream)
+                    events.append((event, end))
+            for event, end in events:
+                event.synchronize()
+                if readiness:
+                    readiness.advance(end)
+
+    def _batches(self, batch_bytes: int = 64 * 2**20) -> list[tuple[list[str], int]]:
+        batches: list[tuple[list[str], int]] = []
+        names: list[str] = []
+        start = 0
+        for slot in self.layout.slots:  # in buffer order
+            if slot.nbytes:
+                names.append(slot.name)
+            if slot.end - start >= batch_bytes:
+                batches.append((names, slot.end))
+                names, start = [], slot.end
+        batches.append((names, self.layout.data_bytes))
+        return batches
 
     def memoryview(self) -> memoryview:
         """The buffer's bytes, without a copy, for writers and checksums."""

@@ -28,6 +28,13 @@ from gpuguard.errors import StorageError
 log = logging.getLogger("gpuguard.checkpoint")
 T = TypeVar("T")
 
+Ready = Callable[[int], None]
+
+
+def _always(upto: int) -> None:
+    """For data that is complete before writing starts."""
+
+
 _TRANSIENT_ERRNOS: Final = frozenset(
     {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE}
 )
@@ -221,14 +228,18 @@ class Storage:
         if self.is_local:
             self.call("creating", path, lambda: os.makedirs(path, exist_ok=True))
 
-    def write_shard(self, path: str, header: bytes, data: memoryview) -> None:
-        """Write header+data durably; returns when the bytes are on stable storage."""
+    def write_shard(self, path: str, header: bytes, data: memoryview, ready: Ready = _always) -> None:
+        """Write header+data durably; returns when the bytes are on stable storage.
+
+        ``ready(n)`` blocks until ``data[:n]`` may be read: writing starts while a snapshot is still
+        being copied in.
+        """
         if self.is_local:
-            self.call("writing", path, lambda: self._write_local(path, header, data))
+            self.call("writing", path, lambda: self._write_local(path, header, data, ready))
         elif self.is_s3 and len(header) + len(data) > 2 * self.part_bytes:
-            self._write_s3_multipart(path, header, data)
+            self._write_s3_multipart(path, header, data, ready)
         else:
-            self.call("writing", path, lambda: self._write_stream(path, header, data))
+            self.call("writing", path, lambda: self._write_stream(path, header, data, ready))
 
     def put_atomic(self, path: str, data: bytes) -> None:
         """A small file that readers see whole or not at all."""
@@ -253,16 +264,21 @@ class Storage:
 
     # -- backends -------------------------------------------------------------------------------
 
-    def _write_local(self, path: str, header: bytes, data: memoryview) -> None:
+    def _write_local(self, path: str, header: bytes, data: memoryview, ready: Ready) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _pwrite_all(fd, header, 0)
             base = len(header)
-            chunk = max(self.part_bytes // 4, -(-len(data) // self.io_threads))
+            chunk = self.part_bytes // 2
             ranges = [(start, min(len(data), start + chunk)) for start in range(0, len(data), chunk)]
-            # os.pwrite releases the GIL: the ranges go to disk in parallel.
-            futures = [self._pool.submit(_pwrite_all, fd, data[a:b], base + a) for a, b in ranges]
+
+            def write(a: int, b: int) -> None:
+                ready(b)
+                _pwrite_all(fd, data[a:b], base + a)
+
+            # os.pwrite releases the GIL: ranges go to disk in parallel, in order, as they are snapshotted.
+            futures = [self._pool.submit(write, a, b) for a, b in ranges]
             for future in futures:
                 future.result()
             os.fsync(fd)
@@ -283,13 +299,15 @@ class Storage:
         os.replace(tmp, path)
         _fsync_dir(folder)
 
-    def _write_stream(self, path: str, header: bytes, data: memoryview) -> None:
+    def _write_stream(self, path: str, header: bytes, data: memoryview, ready: Ready) -> None:
         with self.fs.open(path, "wb") as f:
             f.write(header)
             for start in range(0, len(data), self.part_bytes):
-                f.write(data[start : start + self.part_bytes])
+                end = min(len(data), start + self.part_bytes)
+                ready(end)
+                f.write(data[start:end])
 
-    def _write_s3_multipart(self, path: str, header: bytes, data: memoryview) -> None:
+    def _write_s3_multipart(self, path: str, header: bytes, data: memoryview, ready: Ready) -> None:
         bucket, key, _ = self.fs.split_path(path)
         upload = self.call(
             "starting upload", path, lambda: self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
@@ -301,6 +319,7 @@ class Storage:
             bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]  # S3 parts other than the last must be >= 5 MiB
 
         def part(number: int, start: int, end: int) -> dict[str, Any]:
+            ready(max(0, end - len(header)))
             body = _slice(header, data, start, end)
             response = self.call(
                 f"uploading part {number} of",

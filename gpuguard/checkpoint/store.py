@@ -29,7 +29,7 @@ from gpuguard.checkpoint._manifest import (
     shard_record_file,
     state_file,
 )
-from gpuguard.checkpoint._staging import StagingBuffer, StagingPool
+from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import RetryPolicy, Storage
 from gpuguard.checkpoint._tree import FlatState, flatten, restore
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
@@ -220,16 +220,18 @@ class CheckpointStore:
             metadata={"format": "pt", "gpuguard": __version__},
         )
         buffer = self._staging.acquire(layout, pin=_wants_pinned(flat))
-        try:
-            buffer.snapshot(flat.tensors)
-        except BaseException:
-            self._staging.release(buffer)
-            raise
-        stall = time.perf_counter() - started
+        readiness = Readiness(layout.data_bytes)
         with self._lock:
             self._in_flight.add(name)
         meta = {"reason": reason, "evidence": dict(evidence or {}), "extra": dict(extra or {})}
-        future = self._saver.submit(self._write, name, step, rank, world_size, buffer, tree, meta)
+        # The writer starts first and follows the snapshot as it fills the buffer.
+        future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
+        try:
+            buffer.snapshot(flat.tensors, readiness)
+        except BaseException as exc:
+            readiness.fail(exc)
+            raise
+        stall = time.perf_counter() - started
         pending = PendingSave(name, step, future, stall, started)
         future.add_done_callback(lambda _: self._finish(name))
         return pending
@@ -255,10 +257,18 @@ class CheckpointStore:
             self._in_flight.discard(name)
 
     def _write(
-        self, name: str, step: int, rank: int, world_size: int, buffer: StagingBuffer, tree: bytes, meta: dict[str, Any]
+        self,
+        name: str,
+        step: int,
+        rank: int,
+        world_size: int,
+        buffer: StagingBuffer,
+        readiness: Readiness,
+        tree: bytes,
+        meta: dict[str, Any],
     ) -> CheckpointInfo | None:
         try:
-            record = self._write_files(name, rank, world_size, buffer, tree)
+            record = self._write_files(name, rank, world_size, buffer, readiness, tree)
         finally:
             self._staging.release(buffer)
         if world_size == 1:
@@ -277,15 +287,17 @@ class CheckpointStore:
             )
         return None
 
-    def _write_files(self, name: str, rank: int, world_size: int, buffer: StagingBuffer, tree: bytes) -> ShardRecord:
+    def _write_files(
+        self, name: str, rank: int, world_size: int, buffer: StagingBuffer, readiness: Readiness, tree: bytes
+    ) -> ShardRecord:
         folder = self.storage.path(name)
         self.storage.makedirs(folder)
         layout = buffer.layout
         data = buffer.memoryview()
         shard_path = self.storage.path(name, shard_file(rank, world_size))
         # Checksums run on the I/O pool beside the writes: crc32c releases the GIL.
-        checksums = self.storage.submit(_tensor_checksums, layout, data)
-        self.storage.write_shard(shard_path, layout.header, data)
+        checksums = self.storage.submit(_tensor_checksums, layout, data, readiness)
+        self.storage.write_shard(shard_path, layout.header, data, readiness.wait)
         tensor_crcs = checksums.result()
         shard_crc = crc32c(layout.header)
         for slot in layout.slots:
@@ -497,12 +509,12 @@ class CheckpointStore:
             )
         base, header = _layout.parse_header(memoryview(data), where=where)
         view = memoryview(data)
-        tensors = {}
+        tensors, spans = {}, []
         for tensor_name, expected in record.tensors.items():
             tensor = _layout.view(data, base, header, tensor_name, where=where)
-            entry = header[tensor_name]
-            start, end = entry["data_offsets"]
+            start, end = header[tensor_name]["data_offsets"]
             got = crc32c(view[base + start : base + end])
+            spans.append((start, end, got))
             if got != expected:
                 error = CheckpointCorruptError(
                     f"{where}: tensor {tensor_name!r} fails its checksum (crc32c {got:08x}, expected {expected:08x})",
@@ -513,6 +525,20 @@ class CheckpointStore:
                     raise error
                 problems.append(error)
             tensors[tensor_name] = tensor
+        # The whole file's checksum, combined from the parts: catches a changed header, which the
+        # tensors' own checksums cannot see.
+        whole = crc32c(view[:base])
+        for start, end, crc in sorted(spans):
+            whole = crc32c_combine(whole, crc, end - start)
+        if whole != record.crc32c and not (problems and problems[-1].shard == record.file):
+            error = CheckpointCorruptError(
+                f"{where}: the file fails its checksum (crc32c {whole:08x}, expected {record.crc32c:08x}) "
+                "though its tensors pass: the header was changed",
+                shard=record.file,
+            )
+            if problems is None:
+                raise error
+            problems.append(error)
         return data, tensors
 
     def _read_state(self, name: str, record: ShardRecord) -> bytes:
@@ -606,5 +632,9 @@ def _wants_pinned(flat: FlatState) -> bool:
     return torch.cuda.is_available() and any(t.device.type == "cuda" for t in flat.tensors.values())
 
 
-def _tensor_checksums(layout: _layout.ShardLayout, data: memoryview) -> dict[str, int]:
-    return {slot.name: crc32c(data[slot.start : slot.end]) for slot in layout.slots}
+def _tensor_checksums(layout: _layout.ShardLayout, data: memoryview, readiness: Readiness) -> dict[str, int]:
+    crcs = {}
+    for slot in layout.slots:
+        readiness.wait(slot.end)
+        crcs[slot.name] = crc32c(data[slot.start : slot.end])
+    return crcs

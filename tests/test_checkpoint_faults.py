@@ -1,0 +1,130 @@
+"""Storage faults: transient errors are retried, permanent ones fail clearly and lose nothing."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, ClassVar
+
+import fsspec
+import pytest
+import torch
+from botocore.exceptions import ClientError, EndpointConnectionError
+from fsspec.implementations.memory import MemoryFileSystem
+
+from gpuguard import CheckpointStore, RetryPolicy, StorageError
+from gpuguard.checkpoint._storage import is_transient
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """An in-memory filesystem whose next writes fail as scripted: a fake, not a mock."""
+
+    protocol = "flaky"
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    failures: ClassVar[list[BaseException | None]] = []  # None: that write goes through
+    writes: ClassVar[int] = 0
+
+    def _fail(self) -> None:
+        FlakyFileSystem.writes += 1
+        failure = FlakyFileSystem.failures.pop(0) if FlakyFileSystem.failures else None
+        if failure is not None:
+            raise failure
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if "w" in mode:
+            self._fail()
+        return super()._open(path, mode, **kwargs)
+
+    def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        self._fail()
+        super().pipe_file(path, value, *args, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+def s3_error(status: int, code: str) -> OSError:
+    """What s3fs raises for an S3 error response: an OSError caused by botocore's ClientError."""
+    cause = ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+    error = OSError(errno.EIO, code)
+    error.__cause__ = cause
+    return error
+
+
+@pytest.fixture
+def flaky() -> Any:
+    FlakyFileSystem.store.clear()
+    FlakyFileSystem.pseudo_dirs[:] = [""]
+    FlakyFileSystem.failures.clear()
+    FlakyFileSystem.writes = 0
+    with CheckpointStore("flaky://run", retry=RetryPolicy(attempts=4, base_delay_s=0.001)) as store:
+        yield store
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (TimeoutError("read timed out"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (s3_error(503, "SlowDown"), True),
+        (s3_error(500, "InternalError"), True),
+        (s3_error(429, "TooManyRequests"), True),
+        (EndpointConnectionError(endpoint_url="http://s3"), True),
+        (s3_error(403, "AccessDenied"), False),
+        (PermissionError(errno.EACCES, "denied"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (s3_error(404, "NoSuchBucket"), False),
+    ],
+    ids=["timeout", "reset", "503", "500", "429", "unreachable", "403", "eacces", "enospc", "404"],
+)
+def test_transient_errors_are_told_apart(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+@pytest.mark.parametrize(
+    "failure", [TimeoutError("simulated timeout"), s3_error(503, "SlowDown")], ids=["timeout", "503"]
+)
+def test_transient_errors_are_retried(flaky: CheckpointStore, failure: BaseException) -> None:
+    FlakyFileSystem.failures[:] = [failure, failure]
+    info = flaky.save({"w": torch.arange(10.0)}, step=1).wait()
+    assert info is not None and info.step == 1
+    assert FlakyFileSystem.failures == []
+    target = {"w": torch.zeros(10)}
+    assert flaky.load(target) == 1 and torch.equal(target["w"], torch.arange(10.0))
+
+
+def test_retries_run_out(flaky: CheckpointStore) -> None:
+    FlakyFileSystem.failures[:] = [TimeoutError("simulated timeout")] * 10
+    with pytest.raises(StorageError, match="transient error, retries exhausted: simulated timeout") as caught:
+        flaky.save({"w": torch.ones(1)}, step=1).wait()
+    assert caught.value.transient
+
+
+def test_a_permanent_failure_is_clear_and_loses_nothing(flaky: CheckpointStore) -> None:
+    flaky.save({"w": torch.full((4,), 1.0)}, step=1).wait()
+    FlakyFileSystem.failures[:] = [PermissionError(errno.EACCES, "Access Denied")]
+    pending = flaky.save({"w": torch.full((4,), 2.0)}, step=2)  # the training thread is not hit
+    with pytest.raises(StorageError, match=r"writing .*step-000000000002-.*: error: .*Access Denied") as caught:
+        pending.wait()
+    assert not caught.value.transient
+    assert pending.done() and isinstance(pending.exception(), StorageError)
+    # the previous checkpoint is intact and still the latest
+    latest = flaky.latest()
+    assert latest is not None and latest.step == 1
+    target = {"w": torch.zeros(4)}
+    flaky.load(target)
+    assert torch.equal(target["w"], torch.full((4,), 1.0))
+    # and the store still works once the storage does
+    assert flaky.save({"w": torch.full((4,), 3.0)}, step=3).wait() is not None
+
+
+def test_a_failed_manifest_write_commits_nothing(flaky: CheckpointStore) -> None:
+    flaky.save({"w": torch.ones(2)}, step=1).wait()
+    writes_per_save = FlakyFileSystem.writes
+    # shard and state file go through; the manifest (the last write) fails for good
+    FlakyFileSystem.failures[:] = [*[None] * (writes_per_save - 1), PermissionError(errno.EACCES, "denied")]
+    with pytest.raises(StorageError):
+        flaky.save({"w": torch.ones(2)}, step=2).wait()
+    assert [i.step for i in flaky.list()] == [1]

@@ -1,0 +1,67 @@
+"""``gpuguard checkpoints list|verify`` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuguard import CheckpointStore
+
+
+def _saved(tmp_path: Path, steps: tuple[int, ...] = (10, 20)) -> str:
+    url = f"file://{tmp_path}/run"
+    with CheckpointStore(url) as store:
+        for step in steps:
+            store.save({"a": torch.zeros(1000), "b": torch.ones(10)}, step=step, reason="periodic", rng=False).wait()
+    return url
+
+
+def test_list_table_and_json(cli: Any, tmp_path: Path) -> None:
+    url = _saved(tmp_path)
+    table = cli("checkpoints", "list", url)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STEP", "REASON", "RANKS", "SIZE", "CREATED"]
+    assert [line.split()[1] for line in lines[2:]] == ["10", "20"]
+    out = json.loads(cli("checkpoints", "list", url, "--json").stdout)
+    assert [(c["step"], c["reason"], c["world_size"]) for c in out["checkpoints"]] == [
+        (10, "periodic", 1),
+        (20, "periodic", 1),
+    ]
+
+
+def test_verify_passes_then_names_the_corrupt_tensor(cli: Any, tmp_path: Path) -> None:
+    url = _saved(tmp_path)
+    ok = cli("checkpoints", "verify", url)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    latest = sorted((tmp_path / "run").iterdir())[-1]
+    shard = latest / "rank-00000-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    start = json.loads(data[8 : 8 + header])["a"]["data_offsets"][0]
+    data[8 + header + start + 4] ^= 1
+    shard.write_bytes(bytes(data))
+    bad = cli("checkpoints", "verify", url, latest.name)
+    assert bad.returncode == 1
+    assert "CORRUPT rank-00000-of-00001.safetensors tensor 'a'" in bad.stdout
+    report = json.loads(cli("checkpoints", "verify", url, "--json").stdout)
+    assert report["ok"] is False
+    assert [(p["shard"], p["tensor"]) for p in report["problems"]] == [("rank-00000-of-00001.safetensors", "a")]
+    # the older checkpoint is still good
+    older = sorted((tmp_path / "run").iterdir())[0].name
+    assert cli("checkpoints", "verify", url, older).returncode == 0
+
+
+def test_verify_without_checkpoints_exits_2(cli: Any, tmp_path: Path) -> None:
+    result = cli("checkpoints", "verify", f"file://{tmp_path}/empty")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"gpuguard: error: no committed checkpoint under file://{tmp_path}/empty"
+
+
+def test_bad_storage_options_exit_2(cli: Any, tmp_path: Path) -> None:
+    result = cli("checkpoints", "list", str(tmp_path), "--storage-options", "{nope")
+    assert result.returncode == 2
+    assert result.stderr.startswith("gpuguard: error: --storage-options: '{nope' is not valid; must be a JSON object")
