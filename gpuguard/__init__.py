@@ -32,6 +32,7 @@ from gpuguard.health import (
     XidClass,
     XidTable,
 )
+from gpuguard.plugins import hookimpl
 
 if _TYPE_CHECKING:
     from gpuguard.checkpoint import (
@@ -42,9 +43,16 @@ if _TYPE_CHECKING:
         SaveTimings,
         VerifyReport,
     )
+    from gpuguard.guard import Action, Decision, Evacuation, EvacuationReport, Guard, GuardConfig
 
 # Names whose modules import torch, loaded on first use so `gpuguard status` starts fast.
 _LAZY = {
+    "Action": "gpuguard.guard",
+    "Decision": "gpuguard.guard",
+    "Evacuation": "gpuguard.guard",
+    "EvacuationReport": "gpuguard.guard",
+    "Guard": "gpuguard.guard",
+    "GuardConfig": "gpuguard.guard",
     "CheckpointInfo": "gpuguard.checkpoint",
     "CheckpointStore": "gpuguard.checkpoint",
     "PendingSave": "gpuguard.checkpoint",
@@ -69,14 +77,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Action",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "ConfigError",
+    "Decision",
     "DeviceHealth",
+    "Evacuation",
+    "EvacuationReport",
     "GpuGuardError",
+    "Guard",
+    "GuardConfig",
     "HealthChange",
     "HealthConfig",
     "HealthError",
@@ -97,4 +111,5 @@ __all__ = [
     "XidClass",
     "XidTable",
     "__version__",
+    "hookimpl",
 ]

@@ -87,6 +87,7 @@ class Manifest:
     torch_version: str
     shards: tuple[ShardRecord, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: str = "per_rank"  # or "replicated": the shards split one state between them
 
     @property
     def total_bytes(self) -> int:
@@ -106,6 +107,7 @@ class Manifest:
             "torch_version": self.torch_version,
             "shards": [s.to_dict() for s in self.shards],
             "extra": self.extra,
+            "layout": self.layout,
         }
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         # A self-checksum: on storage without atomic puts, a torn manifest must not read as valid.
@@ -141,6 +143,7 @@ class Manifest:
                 torch_version=str(body["torch_version"]),
                 shards=shards,
                 extra=dict(body.get("extra", {})),
+                layout=str(body.get("layout", "per_rank")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointCorruptError(f"{where}: not a valid manifest ({exc})", shard=MANIFEST) from None

@@ -31,7 +31,7 @@ from gpuguard.checkpoint._manifest import (
 )
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import RetryPolicy, Storage
-from gpuguard.checkpoint._tree import FlatState, flatten, restore
+from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten, restore
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 
 log = logging.getLogger("gpuguard.checkpoint")
@@ -108,6 +108,10 @@ class PendingSave:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def add_done_callback(self, callback: Callable[[PendingSave], None]) -> None:
+        """Call ``callback(self)`` when the save ends, on the writer's thread (at once if it has)."""
+        self._future.add_done_callback(lambda _: callback(self))
 
     def exception(self) -> BaseException | None:
         return self._future.exception() if self._future.done() else None
@@ -199,12 +203,20 @@ class CheckpointStore:
         checkpoint_id: str | None = None,
         rng: bool = True,
         extra: Mapping[str, Any] | None = None,
+        replicated: bool = False,
+        commit_timeout_s: float = 600.0,
     ) -> PendingSave:
         """Snapshot ``state`` and write it in the background.
 
         Returns once the snapshot is in the staging buffer: after that, training may step and the
         save is unaffected. With ``world_size`` > 1 every rank calls this with the same
-        ``checkpoint_id``, and rank 0 commits once every rank's files are durable.
+        ``checkpoint_id``, and rank 0 commits once every rank's files are durable (waiting up to
+        ``commit_timeout_s`` for them).
+
+        With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
+        are split between the ranks by size, each rank snapshots and writes only its part, and a
+        load reads every part, so time to durable falls with the number of ranks and a job may
+        resume with a different number of them.
 
         Raises:
             UnsupportedStateError: the state holds something that cannot be stored without pickling.
@@ -215,6 +227,8 @@ class CheckpointStore:
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        if replicated and world_size > 1:
+            flat.tensors = _partition(flat.tensors, rank, world_size)
         layout = _layout.plan(
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
             metadata={"format": "pt", "gpuguard": __version__},
@@ -223,7 +237,13 @@ class CheckpointStore:
         readiness = Readiness(layout.data_bytes)
         with self._lock:
             self._in_flight.add(name)
-        meta = {"reason": reason, "evidence": dict(evidence or {}), "extra": dict(extra or {})}
+        meta = {
+            "reason": reason,
+            "evidence": dict(evidence or {}),
+            "extra": dict(extra or {}),
+            "layout": "replicated" if replicated and world_size > 1 else "per_rank",
+            "commit_timeout_s": commit_timeout_s,
+        }
         # The writer starts first and follows the snapshot as it fills the buffer.
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         try:
@@ -284,6 +304,8 @@ class CheckpointStore:
                 reason=meta["reason"],
                 evidence=meta["evidence"],
                 extra=meta["extra"],
+                layout=meta["layout"],
+                timeout_s=meta["commit_timeout_s"],
             )
         return None
 
@@ -330,6 +352,7 @@ class CheckpointStore:
         reason: str = "manual",
         evidence: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        layout: str = "per_rank",
         timeout_s: float = 600.0,
     ) -> CheckpointInfo:
         """Write the manifest once every rank's files are durable (multi-rank saves call this on rank 0).
@@ -354,7 +377,7 @@ class CheckpointStore:
                 missing = sorted(set(range(world_size)) - set(records))
                 raise TimeoutError(f"{checkpoint_id}: rank(s) {missing} did not finish writing in {timeout_s:g}s")
             time.sleep(0.05)
-        meta = {"reason": reason, "evidence": dict(evidence or {}), "extra": dict(extra or {})}
+        meta = {"reason": reason, "evidence": dict(evidence or {}), "extra": dict(extra or {}), "layout": layout}
         return self._commit(checkpoint_id, step, world_size, records, meta)
 
     def _commit(
@@ -371,6 +394,7 @@ class CheckpointStore:
             torch_version=torch.__version__,
             shards=tuple(records[r] for r in range(world_size)),
             extra=meta["extra"],
+            layout=meta.get("layout", "per_rank"),
         )
         self.storage.put_atomic(self.storage.path(name, MANIFEST), manifest.to_json())
         log.info("checkpoint %s committed (%s, %.1f MiB)", name, meta["reason"], manifest.total_bytes / 2**20)
@@ -479,10 +503,20 @@ class CheckpointStore:
         raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
 
     def _load_one(self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool) -> None:
-        if not 0 <= rank < manifest.world_size:
-            raise CheckpointError(f"{manifest.id} was saved by {manifest.world_size} rank(s); there is no rank {rank}")
-        record = manifest.shards[rank]
-        data, tensors = self._read_shard(manifest.id, record)
+        if manifest.layout == "replicated":
+            # Every shard holds part of the one state; this rank's own shard goes last so that its
+            # per-rank tensors (RNG states) win.
+            record = manifest.shards[rank % manifest.world_size]
+            tensors: dict[str, torch.Tensor] = {}
+            for other in [*(s for s in manifest.shards if s is not record), record]:
+                tensors.update(self._read_shard(manifest.id, other)[1])  # views keep their buffers alive
+        else:
+            if not 0 <= rank < manifest.world_size:
+                raise CheckpointError(
+                    f"{manifest.id} was saved by {manifest.world_size} rank(s); there is no rank {rank}"
+                )
+            record = manifest.shards[rank]
+            tensors = self._read_shard(manifest.id, record)[1]
         tree_raw = self._read_state(manifest.id, record)
         try:
             doc = json.loads(tree_raw)
@@ -492,7 +526,6 @@ class CheckpointStore:
                 f"{manifest.id}/{record.state_file}: unreadable ({exc})", shard=record.state_file
             ) from None
         restore(state, tree, tensors, devices, strict=strict)
-        del data
 
     def _read_shard(
         self, name: str, record: ShardRecord, problems: builtins.list[CheckpointCorruptError] | None = None
@@ -626,6 +659,25 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's share of a replicated state: largest tensors first, each to the least loaded rank.
+
+    Deterministic from names and sizes alone, so every rank computes the same split. RNG states differ
+    between ranks, so each rank keeps its own.
+    """
+    loads = [0] * world_size
+    mine = {}
+    for name in sorted(tensors, key=lambda n: (-tensors[n].numel() * tensors[n].element_size(), n)):
+        if name.startswith(RNG_KEY + "/"):
+            owner = rank
+        else:
+            owner = min(range(world_size), key=lambda r: (loads[r], r))
+            loads[owner] += tensors[name].numel() * tensors[name].element_size()
+        if owner == rank:
+            mine[name] = tensors[name]
+    return mine
 
 
 def _wants_pinned(flat: FlatState) -> bool:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gpuguard._version import __version__
-from gpuguard.cli import checkpoints, status
+from gpuguard.cli import checkpoints, demo, status
 from gpuguard.errors import GpuGuardError
 
 EXIT_USAGE = 2
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     status.add_parser(subparsers)
     checkpoints.add_parser(subparsers)
+    demo.add_parser(subparsers)
     return parser
 
 

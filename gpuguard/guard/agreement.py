@@ -1,0 +1,85 @@
+"""Cross-rank agreement: every rank acts on the same decision at the same step.
+
+Every ``sync_every`` steps each rank puts its local view into a tiny tensor and starts an
+``all_reduce(MAX)`` with ``async_op=True``; the result is read at the next sync point, ``sync_every``
+steps later, when the collective has long finished. Every rank reads the same value at the same
+step, so all of them checkpoint that step and none enters a collective the others skip. The cost is
+one 24-byte collective per ``sync_every`` steps, and a wait that is almost always already satisfied.
+
+The tensor carries: the most severe action with the rank that decided it (``action << 16 | rank``),
+whether a time-based periodic checkpoint is due, and the slowest step time with the rank that took it
+(``microseconds << 16 | rank``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank agreed on at a sync point."""
+
+    action: int
+    decided_by: int
+    periodic_due: bool
+    slowest_rank: int
+    slowest_step_s: float
+
+
+NOTHING = Agreed(0, -1, False, -1, 0.0)
+
+
+class Agreement:
+    """Agreement across the ranks of the default process group; local when there is none."""
+
+    def __init__(self) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self._work: Any = None
+        self._buffer: torch.Tensor | None = None
+        self._pending_local = NOTHING
+        if self.distributed:
+            device = torch.device("cpu")
+            if dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            self._buffer = torch.zeros(3, dtype=torch.int64, device=device)
+
+    def run_token(self) -> str:
+        """A token all ranks share for this launch (one collective, at start-up only)."""
+        token = [secrets.token_hex(4)]
+        if self.distributed:
+            dist.broadcast_object_list(token, src=0)
+        return str(token[0])
+
+    def exchange(self, action: int, periodic_due: bool, step_s: float) -> Agreed:
+        """Read what was agreed at the previous sync point and start agreeing on this one's values.
+
+        Must be called by every rank at the same steps.
+        """
+        if not self.distributed:
+            # One process: the local view is the agreement, available at once.
+            return Agreed(action, 0, periodic_due, 0, step_s)
+        assert self._buffer is not None
+        agreed = NOTHING
+        if self._work is not None:
+            self._work.wait()
+            decided, periodic, slowest = (int(v) for v in self._buffer.tolist())
+            agreed = Agreed(decided >> 16, decided & 0xFFFF, bool(periodic), slowest & 0xFFFF, (slowest >> 16) / 1e6)
+        values = [(action << 16) | self.rank, int(periodic_due), (int(step_s * 1e6) << 16) | self.rank]
+        self._buffer.copy_(torch.tensor(values, dtype=torch.int64))
+        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        if self._work is not None:
+            with contextlib.suppress(Exception):  # a peer is gone: nothing left to agree on
+                self._work.wait()
+            self._work = None

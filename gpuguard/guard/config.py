@@ -1,0 +1,204 @@
+"""The guard's configuration: keyword arguments, ``GPUGUARD_*`` environment variables, or a YAML file.
+
+Precedence, highest first: keyword arguments, environment variables, the YAML file (``config_file=``
+or ``GPUGUARD_CONFIG``), defaults. Everything is validated when the guard is built, with messages that
+name the field, the value and what is allowed — never mid-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from gpuguard.errors import ConfigError
+from gpuguard.health.config import HealthConfig
+
+ENV_PREFIX = "GPUGUARD_"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What the guard does and when.
+
+    Attributes:
+        checkpoint_dir: fsspec URL of the checkpoints (``s3://bucket/run``, ``file:///ckpt``, ...).
+        storage_options: for the fsspec filesystem.
+        keep: committed checkpoints to keep.
+        checkpoint_every_steps: periodic checkpoint every N steps (None: off).
+        checkpoint_every_s: periodic checkpoint every T seconds, agreed across ranks (None: off).
+        sync_every: steps between cross-rank agreements; a decision acts at most this many steps late.
+        reschedule_exit_code: the exit code that asks for a new pod elsewhere (75, EX_TEMPFAIL).
+        restart_exit_code: the exit code that asks for a restart in place (76).
+        degraded_grace_s: a DEGRADED condition held this long escalates to rescheduling.
+        retry_limit: DEGRADED episodes within ``retry_window_s`` that escalate to rescheduling.
+        retry_window_s: the window for ``retry_limit``.
+        step_slowdown: a step this much slower than the run's baseline (0.25: 25%) is DEGRADED.
+        step_warmup_steps: steps ignored before the baseline is taken (compilation, caches).
+        step_baseline_steps: steps whose median is the baseline.
+        step_window_steps: recent steps whose median is compared with the baseline.
+        replicated: every rank holds the same state (plain data parallel): ranks split the writing.
+        commit_timeout_s: how long the committing rank waits for the others' shards.
+        devices: ``job`` (the CUDA devices of this process, or the GPU at ``LOCAL_RANK``) or indices/UUIDs.
+        health: the health rules' thresholds.
+    """
+
+    checkpoint_dir: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    keep: int = 3
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_s: float | None = None
+    sync_every: int = 10
+    reschedule_exit_code: int = 75
+    restart_exit_code: int = 76
+    degraded_grace_s: float = 120.0
+    retry_limit: int = 3
+    retry_window_s: float = 600.0
+    step_slowdown: float = 0.25
+    step_warmup_steps: int = 10
+    step_baseline_steps: int = 50
+    step_window_steps: int = 20
+    replicated: bool = False
+    commit_timeout_s: float = 300.0
+    devices: Literal["job", "all"] | list[int | str] = "job"
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir:
+            raise ConfigError("checkpoint_dir", self.checkpoint_dir, "must be a URL or path, e.g. s3://bucket/run")
+        _whole(self, "keep", 1)
+        _whole(self, "sync_every", 1)
+        _whole(self, "retry_limit", 1)
+        _whole(self, "step_warmup_steps", 0)
+        _whole(self, "step_baseline_steps", 1)
+        _whole(self, "step_window_steps", 1)
+        if self.checkpoint_every_steps is not None:
+            _whole(self, "checkpoint_every_steps", 1)
+        for name in ("degraded_grace_s", "retry_window_s", "commit_timeout_s", "step_slowdown"):
+            _positive(self, name)
+        if self.checkpoint_every_s is not None:
+            _positive(self, "checkpoint_every_s")
+        for name in ("reschedule_exit_code", "restart_exit_code"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= 255
+                or value in (1, 2, 126, 127)
+            ):
+                raise ConfigError(name, value, "must be an exit code from 3 to 255, not 126 or 127")
+        if self.reschedule_exit_code == self.restart_exit_code:
+            raise ConfigError("restart_exit_code", self.restart_exit_code, "must differ from reschedule_exit_code")
+        if not (self.devices in ("job", "all") or isinstance(self.devices, list)):
+            raise ConfigError("devices", self.devices, "allowed: 'job', 'all', or a list of GPU indices and UUIDs")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options", self.storage_options, "must be a mapping")
+        if not isinstance(self.health, HealthConfig):
+            raise ConfigError("health", self.health, "must be a HealthConfig or a mapping of its fields")
+
+    @classmethod
+    def load(
+        cls, config_file: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> GuardConfig:
+        """Merge the YAML file, the environment and keyword arguments, then validate."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
+        if path:
+            values.update(_from_yaml(Path(path)))
+        for layer in (_from_env(env), {k: v for k, v in overrides.items() if v is not None}):
+            for key, value in layer.items():
+                if key == "health" and isinstance(value, Mapping) and isinstance(values.get("health"), Mapping):
+                    values["health"] = {**values["health"], **value}  # health settings merge field by field
+                else:
+                    values[key] = value
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(key, value, "unknown setting; allowed: " + ", ".join(sorted(known)))
+        health = values.get("health")
+        if isinstance(health, Mapping):
+            values["health"] = HealthConfig.from_mapping(health)
+        if "checkpoint_dir" not in values:
+            raise ConfigError(
+                "checkpoint_dir",
+                None,
+                f"required: pass checkpoint_dir=, set {ENV_PREFIX}CHECKPOINT_DIR, or a config file",
+            )
+        return cls(**values)
+
+
+def _whole(config: GuardConfig, name: str, lowest: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ConfigError(name, value, f"must be a whole number, {lowest} or greater")
+
+
+def _positive(config: GuardConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(name, value, "must be a number greater than 0")
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config_file", str(path), "no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config_file", str(path), f"is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config_file", str(path), "must hold a mapping of settings")
+    return data
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    """An environment string as the field's type."""
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(kind) if a is not type(None)]
+        if raw.strip().lower() in ("", "none", "off"):
+            return None
+        return _parse(name, options[0], raw)
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw
+        return yaml.safe_load(raw)  # lists, mappings, literals
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be a {getattr(kind, '__name__', kind)}") from None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    hints = get_type_hints(GuardConfig)
+    health_hints = get_type_hints(HealthConfig)
+    values: dict[str, Any] = {}
+    health: dict[str, Any] = {}
+    for name, kind in hints.items():
+        key = f"{ENV_PREFIX}{name.upper()}"
+        if key in env and name != "health":
+            values[name] = _parse(name, kind, env[key])
+    for name, kind in health_hints.items():
+        key = f"{ENV_PREFIX}HEALTH_{name.upper()}"
+        if key in env:
+            health[name] = _parse(f"health_{name}", kind, env[key])
+    if health:
+        values["health"] = health
+    return values
