@@ -46,8 +46,17 @@ class DemoResult:
 
 def _run_pod(name: str, folder: Path, steps: int, fault_step: int | None, say: Any) -> tuple[int, dict[str, Any]]:
     report = folder / f"{name}.json"
-    cmd = [sys.executable, "-m", "gpuguard.demo.worker", "--dir", str(folder), "--steps", str(steps),
-           "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpuguard.demo.worker",
+        "--dir",
+        str(folder),
+        "--steps",
+        str(steps),
+        "--report",
+        str(report),
+    ]
     if fault_step is not None:
         cmd += ["--fault-step", str(fault_step)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -70,17 +79,23 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
 
     code_a, pod_a = _run_pod("pod-a", job, steps, fault_step, say)
     latency = pod_a.get("detection_latency_s")
-    say(f"  pod A   trained steps 0..{pod_a.get('evacuated_at')}; XID 48 at step {fault_step} detected in "
-        + (f"{latency * 1000:.1f} ms" if latency is not None else "n/a"))
+    say(
+        f"  pod A   trained steps 0..{pod_a.get('evacuated_at')}; XID 48 at step {fault_step} detected in "
+        + (f"{latency * 1000:.1f} ms" if latency is not None else "n/a")
+    )
     say(f"  pod A   decision: {pod_a.get('decision')}")
-    say(f"  pod A   emergency checkpoint at step {pod_a.get('evacuated_at')}: stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, "
-        f"durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}")
+    say(
+        f"  pod A   emergency checkpoint at step {pod_a.get('evacuated_at')}: stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, "
+        f"durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}"
+    )
     if code_a != 75:
         raise RuntimeError(f"pod A exited {code_a}, expected 75: {pod_a}")
 
     code_b, pod_b = _run_pod("pod-b", job, steps, None, say)
-    say(f"  pod B   a new process on a healthy GPU: resumed at step {pod_b.get('resumed_at')}, "
-        f"finished step {pod_b.get('finished_at')} -> exit {code_b}")
+    say(
+        f"  pod B   a new process on a healthy GPU: resumed at step {pod_b.get('resumed_at')}, "
+        f"finished step {pod_b.get('finished_at')} -> exit {code_b}"
+    )
     code_r, ref = _run_pod("reference", reference, steps, None, say)
     say(f"  reference run without the fault finished step {ref.get('finished_at')} -> exit {code_r}")
 
@@ -98,5 +113,7 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
         reference=ref,
         wall_s=time.perf_counter() - started,
     )
-    say(f"  final weights {'IDENTICAL to' if identical else 'DIFFER from'} the uninterrupted run; steps lost: {steps_lost}")
+    say(
+        f"  final weights {'IDENTICAL to' if identical else 'DIFFER from'} the uninterrupted run; steps lost: {steps_lost}"
+    )
     return result

@@ -25,9 +25,7 @@ SECONDS_PER_STEP = 0.05  # scenario time per training step: faults are scripted 
 
 def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
     return model, optimizer, scheduler
@@ -58,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"fault_step": args.fault_step}
     fault_wall = None
     try:
-        with Guard(checkpoint_dir=f"file://{args.dir / 'checkpoints'}", state=state, nvml=fake, devices="all",
-                   checkpoint_every_steps=50) as guard:
+        with Guard(
+            checkpoint_dir=f"file://{args.dir / 'checkpoints'}",
+            state=state,
+            nvml=fake,
+            devices="all",
+            checkpoint_every_steps=50,
+        ) as guard:
             start = guard.resume()
             report["resumed_at"] = start
             for step in range(start, args.steps):

@@ -128,6 +128,34 @@ class FakeNvml:
         return cls(parsed, clock=ScenarioClock(realtime=realtime, speed=speed))
 
     @classmethod
+    def from_env(cls, value: str) -> FakeNvml:
+        """The fake named by ``GPUGUARD_FAKE_NVML``: ``h200``, a recording, or a scenario file.
+
+        Scenarios run on a real-time clock from the moment the fake is made, so a job that knows
+        nothing of fakes can be put through one: ``GPUGUARD_FAKE_NVML=fault.json torchrun train.py``.
+        """
+        if value == "h200":
+            return cls.replay()
+        path = Path(value)
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_scenario(path, realtime=True)
+        import json
+
+        from gpuguard.errors import ScenarioError
+
+        try:
+            data = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise ScenarioError(
+                "GPUGUARD_FAKE_NVML", value, "no such file; give 'h200', a recording or a scenario"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ScenarioError("GPUGUARD_FAKE_NVML", value, f"cannot be read: {exc}") from None
+        if isinstance(data, dict) and "calls" in data:
+            return cls.replay(path)
+        return cls.from_scenario(load_scenario(data), realtime=True)
+
+    @classmethod
     def missing(cls) -> FakeNvml:
         """A machine without NVML: ``nvmlInit`` raises ``NVMLError_LibraryNotFound``."""
         return cls(available=False)

@@ -125,11 +125,13 @@ class Guard:
         self._periodic_due = False
         self._next_check = 0
         self._distributed = False
+        self._prepared = False  # until then, every step takes the slow path (once, in fact)
         self._token = ""
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
+        self._prepared = False
         self._last_periodic_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -149,7 +151,6 @@ class Guard:
         self._schedule_next(-1)
         self._thread = threading.Thread(target=self._watch, name="gpuguard-guard", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
         self._started = True
         self._evaluate()
         return self
@@ -248,6 +249,11 @@ class Guard:
 
     def _slow_path(self, step: int) -> None:
         c = self.config
+        if not self._prepared:
+            # After the first optimizer step the state has its final shapes (optimizers create their
+            # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
+            self._prepared = True
+            threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
         agreed: Agreed = NOTHING
         if self._distributed:
             if step % c.sync_every == 0:
@@ -276,6 +282,8 @@ class Guard:
         if c.checkpoint_every_steps:
             candidates.append((max(step, 0) // c.checkpoint_every_steps + 1) * c.checkpoint_every_steps)
         self._next_check = min(candidates) if candidates else 2**62
+        if not self._prepared:
+            self._next_check = 0
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -33,7 +34,9 @@ class HealthMonitor:
     ``UNKNOWN``.
 
     Args:
-        nvml: a ``pynvml``-compatible module; the real one when None, or a `gpuguard.fakenvml.FakeNvml`.
+        nvml: a ``pynvml``-compatible module, or a `gpuguard.fakenvml.FakeNvml`; when None, the real
+            ``pynvml`` — or the fake that ``GPUGUARD_FAKE_NVML`` names (``h200``, a recording or a
+            scenario file), for putting a whole job through a fault without a broken GPU.
         config: thresholds and timings.
         devices: ``"job"`` (the CUDA devices this process sees, by UUID; every GPU when that cannot be
             told), ``"all"``, or NVML indices and UUIDs.
@@ -54,6 +57,13 @@ class HealthMonitor:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config or HealthConfig()
+        if nvml is None and os.environ.get("GPUGUARD_FAKE_NVML"):
+            from gpuguard.fakenvml import FakeNvml
+
+            nvml = FakeNvml.from_env(os.environ["GPUGUARD_FAKE_NVML"])
+            log.warning(
+                "using the fake NVML (GPUGUARD_FAKE_NVML=%s), not this machine's GPUs", os.environ["GPUGUARD_FAKE_NVML"]
+            )
         self.source = NvmlSource(nvml, self.config)
         self.clock: Callable[[], float] = clock or getattr(nvml, "clock", None) or time.monotonic
         self._selection = devices

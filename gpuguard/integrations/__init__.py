@@ -1,0 +1,1 @@
+"""Thin adapters: the torchrun wrapper (``gpuguard-run``)."""
