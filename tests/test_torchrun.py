@@ -69,8 +69,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 def evacuate_then_resume(

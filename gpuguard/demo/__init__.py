@@ -85,8 +85,8 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
     )
     say(f"  pod A   decision: {pod_a.get('decision')}")
     say(
-        f"  pod A   emergency checkpoint at step {pod_a.get('evacuated_at')}: stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, "
-        f"durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}"
+        f"  pod A   emergency checkpoint at step {pod_a.get('evacuated_at')}: "
+        f"stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}"
     )
     if code_a != 75:
         raise RuntimeError(f"pod A exited {code_a}, expected 75: {pod_a}")
@@ -114,6 +114,7 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
         wall_s=time.perf_counter() - started,
     )
     say(
-        f"  final weights {'IDENTICAL to' if identical else 'DIFFER from'} the uninterrupted run; steps lost: {steps_lost}"
+        f"  final weights {'IDENTICAL to' if identical else 'DIFFER from'} the uninterrupted run; "
+        f"steps lost: {steps_lost}"
     )
     return result

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     fault_wall = time.perf_counter()
                 x, y = batch(args.seed, step)
                 loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    args = parse_args(list(argv) if argv is not None else None)
+    args = parse_args(list(argv) if argv is not None else None)  # type: ignore[no-untyped-call]
     reschedule, restart = 75, 76
     code = preflight(reschedule)
     if code is not None:
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.max_restarts = 0  # the agent would restart on any failure; gpuguard restarts only on 76
     while True:
         try:
-            run(args)
+            run(args)  # type: ignore[no-untyped-call]
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
