@@ -86,7 +86,8 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
     say(f"  pod A   decision: {pod_a.get('decision')}")
     say(
         f"  pod A   emergency checkpoint at step {pod_a.get('evacuated_at')}: "
-        f"stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}"
+        f"stall {pod_a.get('stall_s', 0) * 1000:.1f} ms, "
+        f"durable after {pod_a.get('durable_s', 0) * 1000:.1f} ms -> exit {code_a}"
     )
     if code_a != 75:
         raise RuntimeError(f"pod A exited {code_a}, expected 75: {pod_a}")
