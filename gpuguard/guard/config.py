@@ -99,6 +99,8 @@ class GuardConfig:
             raise ConfigError("devices", self.devices, "allowed: 'job', 'all', or a list of GPU indices and UUIDs")
         if not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options", self.storage_options, "must be a mapping")
+        if isinstance(self.health, Mapping):
+            object.__setattr__(self, "health", HealthConfig.from_mapping(self.health))
         if not isinstance(self.health, HealthConfig):
             raise ConfigError("health", self.health, "must be a HealthConfig or a mapping of its fields")
 

@@ -1,0 +1,175 @@
+"""What the guard costs a training loop, and how fast it decides.
+
+    python benchmarks/guard_overhead.py [--steps 400] [--repeats 5] [--json]
+
+1. Step time of a real (small, CPU) training step with and without the guard, interleaved, as a ratio.
+2. Microseconds per ``guard.step()`` call in a tight loop: one process, and a one-rank gloo process
+   group (the distributed path: an async all_reduce every ``sync_every`` steps).
+3. Detection latency: from the moment a fault becomes visible to the fake NVML to the guard's decision,
+   for an XID event (event thread) and a double-bit ECC counter (poll thread, 1 s interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpuguard import Guard, HealthConfig
+from gpuguard.fakenvml import FakeNvml
+
+
+def make_training(width: int = 512) -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(64, width)
+
+    def step() -> None:
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"model": model, "optimizer": optimizer}, step
+
+
+def time_steps(step: Any, n: int, guard: Guard | None) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        step()
+        if guard is not None:
+            guard.step(i)
+    return (time.perf_counter() - start) / n
+
+
+def step_overhead(steps: int, repeats: int, width: int) -> dict[str, Any]:
+    state, step = make_training(width)
+    time_steps(step, 50, None)  # warm up
+    folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
+    without, with_guard = [], []
+    guard = Guard(checkpoint_dir=f"file://{folder}", state=state, nvml=FakeNvml.replay(), devices="all").start()
+    try:
+        for _ in range(repeats):
+            without.append(time_steps(step, steps, None))
+            with_guard.append(time_steps(step, steps, guard))
+    finally:
+        guard.close()
+    base, guarded = statistics.median(without), statistics.median(with_guard)
+    return {
+        "step_ms_without": round(base * 1000, 4),
+        "step_ms_with": round(guarded * 1000, 4),
+        "ratio": round(guarded / base, 4),
+        "steps": steps,
+        "repeats": repeats,
+    }
+
+
+def per_call(n: int, distributed: bool) -> float:
+    folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
+    if distributed:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    guard = Guard(checkpoint_dir=f"file://{folder}", state={"w": torch.ones(4)}, nvml=FakeNvml.replay(), devices="all")
+    guard.start()
+    try:
+        guard.step(0)  # the one slow path that prepares the staging buffer
+        time.sleep(0.2)
+        start = time.perf_counter()
+        for i in range(1, n + 1):
+            guard.step(i)
+        return (time.perf_counter() - start) / n * 1e6
+    finally:
+        guard.close()
+        if distributed:
+            dist.destroy_process_group()
+
+
+def detection_latency(kind: str, repeats: int) -> dict[str, Any]:
+    latencies = []
+    for _ in range(repeats):
+        event = (
+            {"at": 1.0, "gpu": 0, "xid": 48}
+            if kind == "xid_event"
+            else {"at": 1.0, "gpu": 0, "field": "ecc_dbe_volatile", "set": 1}
+        )
+        nvml = FakeNvml.from_scenario({"gpus": 1, "events": [event]})
+        folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
+        guard = Guard(
+            checkpoint_dir=f"file://{folder}",
+            state={"w": torch.ones(4)},
+            nvml=nvml,
+            devices="all",
+            health=HealthConfig(poll_interval_s=1.0, event_wait_s=1.0),
+        )
+        guard.start()
+        try:
+            time.sleep(0.3 + (len(latencies) % 5) * 0.2)  # a different phase against the poll loop each time
+            injected = time.perf_counter()
+            nvml.clock.set(1.0)
+            deadline = injected + 5
+            while guard.decided_wall is None and time.perf_counter() < deadline:
+                time.sleep(0.0005)
+            if guard.decided_wall is None:
+                raise RuntimeError(f"{kind}: no decision within 5 s")
+            latencies.append((guard.decided_wall - injected) * 1000)
+        finally:
+            guard.close()
+    return {
+        "path": kind,
+        "median_ms": round(statistics.median(latencies), 2),
+        "max_ms": round(max(latencies), 2),
+        "repeats": repeats,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=1536, help="model width; 1536 makes a step of ~15 ms here")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.getLogger("gpuguard").setLevel(logging.ERROR)
+
+    results = {
+        "training_step": step_overhead(args.steps, args.repeats, args.width),
+        "us_per_guard_step": {
+            "single_process": round(per_call(args.calls, distributed=False), 3),
+            "gloo_one_rank": round(per_call(args.calls // 4, distributed=True), 3),
+        },
+        "detection_latency": [
+            detection_latency("xid_event", args.repeats),
+            detection_latency("dbe_counter", args.repeats),
+        ],
+    }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    t = results["training_step"]
+    print(
+        f"training step: {t['step_ms_without']:.3f} ms without the guard, {t['step_ms_with']:.3f} ms with it "
+        f"(ratio {t['ratio']:.4f}; median of {t['repeats']} x {t['steps']} steps, interleaved)"
+    )
+    u = results["us_per_guard_step"]
+    print(
+        f"guard.step(): {u['single_process']:.2f} us in one process, {u['gloo_one_rank']:.2f} us with a gloo "
+        "process group (an async all_reduce every 10 steps)"
+    )
+    for r in results["detection_latency"]:
+        print(f"detection, fault -> decision, {r['path']}: median {r['median_ms']} ms, max {r['max_ms']} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The guard in one process: evacuation, periodic checkpoints, resume, plugins, the training thread."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from helpers import flaky_fs
+from helpers.flaky_fs import FlakyFileSystem
+from helpers.training import assert_same, fresh_like, make_state, train_step
+
+import gpuguard
+from gpuguard import CheckpointStore, ConfigError, Decision, Evacuation, Guard
+from gpuguard.fakenvml import FakeNvml
+
+SECONDS_PER_STEP = 0.1
+
+
+def fake(*events: dict[str, Any], gpus: int = 1) -> FakeNvml:
+    return FakeNvml.from_scenario({"gpus": gpus, "events": list(events)})
+
+
+def train(guard: Guard, state: dict[str, Any], nvml: FakeNvml, steps: int, start: int = 0, pause: float = 0.003) -> int:
+    """Train, moving scenario time with the steps; returns the last step completed."""
+    step = start - 1
+    for step in range(start, steps):
+        nvml.clock.set(step * SECONDS_PER_STEP)
+        train_step(state["model"], state["optimizer"], state["scheduler"])
+        time.sleep(pause)  # lets the monitor's threads see the scenario's step, as GPU time would
+        guard.step(step)
+    return step
+
+
+def guard_for(url: str, state: dict[str, Any], nvml: FakeNvml, **settings: Any) -> Guard:
+    return Guard(checkpoint_dir=url, state=state, nvml=nvml, devices="all", **settings)
+
+
+def test_a_failing_gpu_evacuates_with_75_after_a_durable_checkpoint(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    state, nvml = make_state(), fake({"at": 3.0, "gpu": 0, "xid": 48})
+    cleaned_up = False
+    with pytest.raises(Evacuation) as caught:
+        try:
+            with guard_for(url, state, nvml) as guard:
+                train(guard, state, nvml, steps=200)
+        finally:
+            cleaned_up = True
+    evacuation = caught.value
+    assert isinstance(evacuation, SystemExit) and evacuation.code == 75
+    assert cleaned_up
+    assert 30 <= evacuation.step <= 32  # acted within a step or two of the fault
+    assert evacuation.decision.rung == "reschedule" and "XID 48" in evacuation.decision.message
+    assert evacuation.checkpoint is not None and evacuation.checkpoint.step == evacuation.step
+    with CheckpointStore(url) as store:
+        latest = store.latest()
+        assert latest is not None and latest.reason == "emergency" and latest.step == evacuation.step
+        assert latest.evidence["device"] == "GPU-19a36126-98b4-8ad1-96d3-832414cda6ec"
+        assert latest.evidence["evidence"]["reasons"][0]["evidence"]["xid"] == 48
+        restored = fresh_like()
+        store.load(restored)
+    assert_same(state, restored)
+
+
+def test_a_restart_class_fault_exits_76(tmp_path: Any) -> None:
+    state, nvml = make_state(), fake({"at": 2.0, "gpu": 0, "xid": 94})
+    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml) as guard:
+        train(guard, state, nvml, steps=200)
+    assert caught.value.code == 76 and caught.value.decision.rung == "restart"
+
+
+def test_resume_continues_where_the_evacuation_left(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    reference = make_state()
+    nvml_ref = fake()
+    with guard_for(f"file://{tmp_path}/ref", reference, nvml_ref) as guard:
+        train(guard, reference, nvml_ref, steps=60, pause=0)
+
+    state, nvml = make_state(), fake({"at": 2.0, "gpu": 0, "xid": 48})
+    with pytest.raises(Evacuation) as caught, guard_for(url, state, nvml) as guard:
+        train(guard, state, nvml, steps=60)
+    resumed, healthy = make_state(seed=5), fake()
+    with guard_for(url, resumed, healthy) as guard:
+        start = guard.resume()
+        assert start == caught.value.step + 1
+        train(guard, resumed, healthy, steps=60, start=start, pause=0)
+    assert_same(reference, resumed)
+
+
+def test_resume_without_a_checkpoint_starts_at_0(tmp_path: Any) -> None:
+    with guard_for(f"file://{tmp_path}", make_state(), fake()) as guard:
+        assert guard.resume() == 0
+
+
+def test_periodic_checkpoints_every_n_steps_and_retention(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    state, nvml = make_state(), fake()
+    with guard_for(url, state, nvml, checkpoint_every_steps=10, keep=2) as guard:
+        train(guard, state, nvml, steps=45, pause=0)
+    with CheckpointStore(url) as store:
+        assert [(c.step, c.reason) for c in store.list()] == [(30, "periodic"), (40, "periodic")]
+
+
+def test_periodic_checkpoints_every_t_seconds(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    state, nvml = make_state(), fake()
+    settings: dict[str, Any] = {"checkpoint_every_s": 0.2, "health": {"poll_interval_s": 0.05}}
+    with guard_for(url, state, nvml, **settings) as guard:
+        train(guard, state, nvml, steps=100, pause=0.01)
+    with CheckpointStore(url) as store:
+        assert len(store.list()) >= 2
+
+
+def test_the_training_thread_makes_no_nvml_call_after_start(tmp_path: Any) -> None:
+    nvml = fake({"at": 50.0, "gpu": 0, "xid": 48})
+    callers: set[str] = set()
+    for name in ("nvmlDeviceGetFieldValues", "nvmlDeviceGetTemperature", "nvmlEventSetWait_v2"):
+        original = getattr(nvml, name)
+
+        def spy(*args: Any, _original: Any = original) -> Any:
+            callers.add(threading.current_thread().name)
+            return _original(*args)
+
+        setattr(nvml, name, spy)
+    state = make_state()
+    with guard_for(f"file://{tmp_path}", state, nvml, health={"poll_interval_s": 0.01}) as guard:
+        callers.clear()
+        train(guard, state, nvml, steps=100)
+    assert callers and threading.main_thread().name not in callers
+    assert callers <= {"gpuguard-nvml-poll", "gpuguard-nvml-events"}
+
+
+def test_a_failed_emergency_checkpoint_still_leaves(tmp_path: Any) -> None:
+    flaky_fs.reset()
+    state, nvml = make_state(), fake({"at": 1.0, "gpu": 0, "xid": 48})
+    FlakyFileSystem.failures[:] = [PermissionError(errno.EACCES, "Access Denied")] * 10
+    with pytest.raises(Evacuation) as caught, guard_for("flaky://run", state, nvml) as guard:
+        train(guard, state, nvml, steps=100)
+    assert caught.value.code == 75 and caught.value.checkpoint is None
+    assert guard.last_evacuation is not None and "Access Denied" in (guard.last_evacuation.error or "")
+
+
+def test_without_nvml_fail_closed_leaves_at_once(tmp_path: Any) -> None:
+    state = make_state()
+    with (
+        pytest.raises(Evacuation) as caught,
+        guard_for(f"file://{tmp_path}", state, FakeNvml.missing(), health={"fail_mode": "closed"}) as guard,
+    ):
+        train(guard, state, FakeNvml.replay(), steps=5)
+    assert caught.value.code == 75 and caught.value.step == 0
+
+
+def test_without_nvml_fail_open_trains_on(tmp_path: Any) -> None:
+    state = make_state()
+    with guard_for(f"file://{tmp_path}", state, FakeNvml.missing()) as guard:
+        assert train(guard, state, FakeNvml.replay(), steps=20, pause=0) == 19
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @gpuguard.hookimpl
+    def gpuguard_before_checkpoint(self, step: int, reason: str) -> None:
+        self.calls.append(f"before:{reason}:{step}")
+
+    @gpuguard.hookimpl
+    def gpuguard_after_checkpoint(self, step: int, reason: str, info: Any) -> None:
+        self.calls.append(f"after:{reason}:{info.step}")
+
+    @gpuguard.hookimpl
+    def gpuguard_on_evacuation(self, decision: Decision, exit_code: int) -> None:
+        self.calls.append(f"evacuation:{exit_code}")
+
+
+def test_plugins_see_the_evacuation_in_order(tmp_path: Any) -> None:
+    recorder = Recorder()
+    state, nvml = make_state(), fake({"at": 1.0, "gpu": 0, "xid": 48})
+    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml, plugins=[recorder]) as guard:
+        train(guard, state, nvml, steps=100)
+    step = caught.value.step
+    assert recorder.calls == [f"before:emergency:{step}", f"after:emergency:{step}", "evacuation:75"]
+
+
+class Lenient:
+    @gpuguard.hookimpl
+    def gpuguard_decide(self, decision: Decision) -> Decision | None:
+        return gpuguard.guard.policy.CONTINUE if decision.action else None
+
+
+class ExtraEvidence:
+    @gpuguard.hookimpl
+    def gpuguard_health_reasons(self, snapshot: Any) -> dict[str, list[gpuguard.Reason]]:
+        reason = gpuguard.Reason(
+            "SITE_PROBE", gpuguard.HealthState.FAILING, "the site's probe failed", gpuguard.Remedy.REBOOT
+        )
+        return {d.uuid: [reason] for d in snapshot.devices}
+
+
+def test_a_plugin_may_override_the_decision(tmp_path: Any) -> None:
+    state, nvml = make_state(), fake({"at": 1.0, "gpu": 0, "xid": 48})
+    with guard_for(f"file://{tmp_path}", state, nvml, plugins=[Lenient()]) as guard:
+        assert train(guard, state, nvml, steps=40) == 39
+
+
+def test_a_plugin_may_add_health_evidence(tmp_path: Any) -> None:
+    state, nvml = make_state(), fake()
+    with (
+        pytest.raises(Evacuation) as caught,
+        guard_for(f"file://{tmp_path}", state, nvml, plugins=[ExtraEvidence()]) as guard,
+    ):
+        train(guard, state, nvml, steps=40)
+    assert "the site's probe failed" in caught.value.decision.message
+
+
+def test_a_bad_plugin_is_refused_at_construction() -> None:
+    class Misspelt:
+        @gpuguard.hookimpl
+        def gpuguard_on_evacuaton(self) -> None: ...
+
+    with pytest.raises(ConfigError, match="plugins: .* invalid plugin"):
+        Guard(checkpoint_dir="memory://x", plugins=[Misspelt()])
+
+
+def test_a_sustained_slowdown_escalates(tmp_path: Any) -> None:
+    state, nvml = make_state(), fake()
+    settings: dict[str, Any] = {
+        "step_warmup_steps": 2,
+        "step_baseline_steps": 10,
+        "step_window_steps": 5,
+        "degraded_grace_s": 0.3,
+        "health": {"poll_interval_s": 0.05},
+    }
+    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml, **settings) as guard:
+        train(guard, state, nvml, steps=20, pause=0.002)
+        train(guard, state, nvml, steps=200, start=20, pause=0.04)  # 10x slower steps
+    reasons = caught.value.decision.evidence["reasons"]
+    assert reasons[0]["code"] == "STEP_TIME_SLOWDOWN" and reasons[0]["evidence"]["slowdown"] > 1
+
+
+def test_guard_step_without_a_context_manager_needs_start() -> None:
+    guard = Guard(checkpoint_dir="memory://nostart", state={"w": torch.ones(1)}, nvml=FakeNvml.replay(), devices="all")
+    assert guard.resume() == 0  # resume starts it
+    guard.step(0)
+    guard.close()
