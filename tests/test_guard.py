@@ -221,7 +221,7 @@ def test_a_bad_plugin_is_refused_at_construction() -> None:
         @gpuguard.hookimpl
         def gpuguard_on_evacuaton(self) -> None: ...
 
-    with pytest.raises(ConfigError, match="plugins: .* invalid plugin"):
+    with pytest.raises(ConfigError, match=r"plugins: .* invalid plugin"):
         Guard(checkpoint_dir="memory://x", plugins=[Misspelt()])
 
 
