@@ -10,11 +10,14 @@ library, and chained with ``raise ... from exc`` so the original stays visible.
     ├── HealthError                 the health source itself failed (not the GPU)
     │   ├── NvmlUnavailableError    no NVML library or driver on this machine
     │   └── NvmlError               any other NVML failure; ``.code`` is the nvmlReturn_t value
-    └── CheckpointError             a checkpoint could not be saved, found or loaded
-        ├── UnsupportedStateError   the training state holds something gpuguard cannot store
-        ├── CheckpointNotFoundError no committed checkpoint (or not the one asked for)
-        ├── CheckpointCorruptError  a shard or manifest fails its checksum or format; names which
-        └── StorageError            the storage failed: after retries (transient) or at once (permanent)
+    ├── CheckpointError             a checkpoint could not be saved, found or loaded
+    │   ├── UnsupportedStateError   the training state holds something gpuguard cannot store
+    │   ├── CheckpointNotFoundError no committed checkpoint (or not the one asked for)
+    │   ├── CheckpointCorruptError  a shard or manifest fails its checksum or format; names which
+    │   └── StorageError            the storage failed: after retries (transient) or at once (permanent)
+    └── KubernetesError             an API call failed; ``.status`` is the HTTP status (0: unreachable)
+        ├── KubernetesForbiddenError  403: the message names the RBAC rule to add
+        └── KubernetesUnreachableError  no answer from the API server
 """
 
 from __future__ import annotations
@@ -106,6 +109,30 @@ class StorageError(CheckpointError, OSError):
         self.transient = transient
 
 
+class KubernetesError(GpuGuardError):
+    """A Kubernetes API call failed.
+
+    Attributes:
+        status: the HTTP status; 0 when the server did not answer.
+        verb: e.g. ``patch``.
+        resource: e.g. ``pods/status``.
+    """
+
+    def __init__(self, message: str, *, status: int, verb: str, resource: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.verb = verb
+        self.resource = resource
+
+
+class KubernetesForbiddenError(KubernetesError):
+    """403: the service account lacks a permission; the message names the RBAC rule to add."""
+
+
+class KubernetesUnreachableError(KubernetesError):
+    """The API server did not answer; gpuguard skips the remaining actions and still leaves."""
+
+
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
@@ -113,6 +140,9 @@ __all__ = [
     "ConfigError",
     "GpuGuardError",
     "HealthError",
+    "KubernetesError",
+    "KubernetesForbiddenError",
+    "KubernetesUnreachableError",
     "NvmlError",
     "NvmlUnavailableError",
     "ScenarioError",

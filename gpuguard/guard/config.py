@@ -19,6 +19,7 @@ import yaml
 
 from gpuguard.errors import ConfigError
 from gpuguard.health.config import HealthConfig
+from gpuguard.k8s.config import KubernetesConfig
 
 ENV_PREFIX = "GPUGUARD_"
 
@@ -47,6 +48,7 @@ class GuardConfig:
         commit_timeout_s: how long the committing rank waits for the others' shards.
         devices: ``job`` (the CUDA devices of this process, or the GPU at ``LOCAL_RANK``) or indices/UUIDs.
         health: the health rules' thresholds.
+        kubernetes: what to ask of Kubernetes on an evacuation.
     """
 
     checkpoint_dir: str
@@ -68,6 +70,7 @@ class GuardConfig:
     commit_timeout_s: float = 300.0
     devices: Literal["job", "all"] | list[int | str] = "job"
     health: HealthConfig = field(default_factory=HealthConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir:
@@ -103,6 +106,10 @@ class GuardConfig:
             object.__setattr__(self, "health", HealthConfig.from_mapping(self.health))
         if not isinstance(self.health, HealthConfig):
             raise ConfigError("health", self.health, "must be a HealthConfig or a mapping of its fields")
+        if isinstance(self.kubernetes, Mapping):
+            object.__setattr__(self, "kubernetes", KubernetesConfig.from_mapping(self.kubernetes))
+        if not isinstance(self.kubernetes, KubernetesConfig):
+            raise ConfigError("kubernetes", self.kubernetes, "must be a KubernetesConfig or a mapping of its fields")
 
     @classmethod
     def load(
@@ -116,17 +123,14 @@ class GuardConfig:
             values.update(_from_yaml(Path(path)))
         for layer in (_from_env(env), {k: v for k, v in overrides.items() if v is not None}):
             for key, value in layer.items():
-                if key == "health" and isinstance(value, Mapping) and isinstance(values.get("health"), Mapping):
-                    values["health"] = {**values["health"], **value}  # health settings merge field by field
+                if key in _SECTIONS and isinstance(value, Mapping) and isinstance(values.get(key), Mapping):
+                    values[key] = {**values[key], **value}  # sections merge field by field
                 else:
                     values[key] = value
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(key, value, "unknown setting; allowed: " + ", ".join(sorted(known)))
-        health = values.get("health")
-        if isinstance(health, Mapping):
-            values["health"] = HealthConfig.from_mapping(health)
         if "checkpoint_dir" not in values:
             raise ConfigError(
                 "checkpoint_dir",
@@ -188,19 +192,22 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be a {getattr(kind, '__name__', kind)}") from None
 
 
+_SECTIONS: dict[str, Any] = {"health": HealthConfig, "kubernetes": KubernetesConfig}
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    hints = get_type_hints(GuardConfig)
-    health_hints = get_type_hints(HealthConfig)
+    """``GPUGUARD_<FIELD>`` for top-level settings, ``GPUGUARD_<SECTION>_<FIELD>`` for sections."""
     values: dict[str, Any] = {}
-    health: dict[str, Any] = {}
-    for name, kind in hints.items():
+    for name, kind in get_type_hints(GuardConfig).items():
         key = f"{ENV_PREFIX}{name.upper()}"
-        if key in env and name != "health":
+        if key in env and name not in _SECTIONS:
             values[name] = _parse(name, kind, env[key])
-    for name, kind in health_hints.items():
-        key = f"{ENV_PREFIX}HEALTH_{name.upper()}"
-        if key in env:
-            health[name] = _parse(f"health_{name}", kind, env[key])
-    if health:
-        values["health"] = health
+    for section, cls in _SECTIONS.items():
+        found = {}
+        for name, kind in get_type_hints(cls).items():
+            key = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+            if key in env:
+                found[name] = _parse(f"{section}_{name}", kind, env[key])
+        if found:
+            values[section] = found
     return values

@@ -109,6 +109,7 @@ class Guard:
         self.plugins = plugin_manager(plugins)
         self._nvml = nvml
         self.store: CheckpointStore | None = None
+        self.kubernetes: Any = None  # the KubernetesPlugin, when a cluster is reachable
         self.monitor: HealthMonitor | None = None
         self.agreement: Agreement | None = None
         self.ladder = PolicyLadder(self.config)
@@ -145,6 +146,7 @@ class Guard:
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
         self._token = self.agreement.run_token()
+        self._connect_kubernetes()
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
         self.monitor.subscribe(self._on_health_change)
@@ -173,6 +175,10 @@ class Guard:
             self.agreement.close()
         if self.monitor:
             self.monitor.stop()
+        if self.kubernetes:
+            self.kubernetes.stop()
+            self.plugins.unregister(self.kubernetes)
+            self.kubernetes = None
         if self.store:
             self.store.close()
 
@@ -202,6 +208,24 @@ class Guard:
         if selection is None and "LOCAL_RANK" in os.environ:
             return [int(os.environ["LOCAL_RANK"])]
         return "job"
+
+    def _connect_kubernetes(self) -> None:
+        from gpuguard.errors import KubernetesError
+        from gpuguard.k8s.cluster import connect
+        from gpuguard.k8s.plugin import KubernetesPlugin
+
+        settings = self.config.kubernetes
+        try:
+            cluster = connect(settings)
+        except KubernetesError as exc:
+            if settings.enabled == "on":
+                raise
+            log.warning("Kubernetes actions are off: %s", exc)
+            return
+        if cluster is not None:
+            self.kubernetes = KubernetesPlugin(cluster)
+            self.plugins.register(self.kubernetes)
+            self.kubernetes.start()
 
     def _prepare(self) -> None:
         try:

@@ -1,0 +1,76 @@
+"""What gpuguard asks of Kubernetes, and how long it may wait for it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gpuguard.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """Kubernetes actions on an evacuation, each switchable.
+
+    Attributes:
+        enabled: ``auto`` (on when in a cluster or a kubeconfig exists), ``on``, or ``off``.
+        condition: set a pod condition (``condition_type`` = False) through pods/status.
+        condition_type: the condition's type.
+        event: create an events.k8s.io/v1 Event on the pod.
+        mark: mark the node: ``taint`` (``taint_key`` = the GPU's UUID, ``taint_effect``), ``label``, or ``none``.
+        taint_key: the taint's or label's key.
+        taint_effect: ``NoSchedule`` keeps new pods off; ``NoExecute`` would evict the others too.
+        dra: for DRA-allocated GPUs, create a DeviceTaintRule that taints just that device.
+        dra_driver: the DRA driver whose devices are GPUs.
+        leave: ``exit`` with the code (the Job's podFailurePolicy reads it), or ``evict`` (the pod gets
+            DisruptionTarget), or ``delete`` the pod.
+        deadline_s: all actions together may take this long; evacuation never waits longer.
+        request_timeout_s: one API call may take this long.
+        pod_health: read the pod's own allocatedResourcesStatus (KEP-4680) as health evidence.
+        pod_health_interval_s: how often to read it.
+        kubeconfig: a kubeconfig file to use outside a cluster (else ``KUBECONFIG`` or ``~/.kube/config``).
+    """
+
+    enabled: Literal["auto", "on", "off"] = "auto"
+    condition: bool = True
+    condition_type: str = "gpuguard.io/GPUHealthy"
+    event: bool = True
+    mark: Literal["taint", "label", "none"] = "taint"
+    taint_key: str = "gpuguard.io/unhealthy-gpu"
+    taint_effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+    dra: bool = True
+    dra_driver: str = "gpu.nvidia.com"
+    leave: Literal["exit", "evict", "delete"] = "exit"
+    deadline_s: float = 10.0
+    request_timeout_s: float = 3.0
+    pod_health: bool = True
+    pod_health_interval_s: float = 10.0
+    kubeconfig: str | None = None
+
+    def __post_init__(self) -> None:
+        choices = {
+            "enabled": ("auto", "on", "off"),
+            "mark": ("taint", "label", "none"),
+            "taint_effect": ("NoSchedule", "PreferNoSchedule", "NoExecute"),
+            "leave": ("exit", "evict", "delete"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"kubernetes.{name}", getattr(self, name), "allowed: " + ", ".join(allowed))
+        for name in ("deadline_s", "request_timeout_s", "pod_health_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"kubernetes.{name}", value, "must be a number of seconds greater than 0")
+        for name in ("condition", "event", "dra", "pod_health"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"kubernetes.{name}", getattr(self, name), "must be true or false")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> KubernetesConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"kubernetes.{key}", value, "unknown setting; allowed: " + ", ".join(sorted(known)))
+        return cls(**dict(values))
