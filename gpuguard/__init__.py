@@ -14,6 +14,9 @@ from gpuguard.errors import (
     ConfigError,
     GpuGuardError,
     HealthError,
+    KubernetesError,
+    KubernetesForbiddenError,
+    KubernetesUnreachableError,
     NvmlError,
     NvmlUnavailableError,
     ScenarioError,
@@ -44,9 +47,11 @@ if _TYPE_CHECKING:
         VerifyReport,
     )
     from gpuguard.guard import Action, Decision, Evacuation, EvacuationReport, Guard, GuardConfig
+    from gpuguard.k8s import KubernetesConfig
 
 # Names whose modules import torch, loaded on first use so `gpuguard status` starts fast.
 _LAZY = {
+    "KubernetesConfig": "gpuguard.k8s",
     "Action": "gpuguard.guard",
     "Decision": "gpuguard.guard",
     "Evacuation": "gpuguard.guard",
@@ -97,6 +102,10 @@ __all__ = [
     "HealthMonitor",
     "HealthSnapshot",
     "HealthState",
+    "KubernetesConfig",
+    "KubernetesError",
+    "KubernetesForbiddenError",
+    "KubernetesUnreachableError",
     "NvmlError",
     "NvmlUnavailableError",
     "PendingSave",

@@ -19,6 +19,14 @@ H200_PROBE = TESTS / "data" / "nvml-h200-probe.json"
 H200_UUID = "GPU-19a36126-98b4-8ad1-96d3-832414cda6ec"
 
 
+@pytest.fixture(autouse=True)
+def no_real_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's ~/.kube/config must never be touched by a test; tests that want a cluster opt in."""
+    monkeypatch.setenv("GPUGUARD_KUBERNETES_ENABLED", "off")
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG", "GPUGUARD_FAKE_NVML"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def h200_probe() -> Path:
     return H200_PROBE

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gpuguard._version import __version__
-from gpuguard.cli import checkpoints, demo, status
+from gpuguard.cli import checkpoints, demo, k8s, status
 from gpuguard.errors import GpuGuardError
 
 EXIT_USAGE = 2
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parser(subparsers)
     checkpoints.add_parser(subparsers)
     demo.add_parser(subparsers)
+    k8s.add_parser(subparsers)
     return parser
 
 

@@ -19,8 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 415: "UnsupportedMediaType",
-                  422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
+STATUS_REASONS = {
+    400: "BadRequest",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
 
 
 @dataclass
@@ -58,21 +67,29 @@ class KubeEmulator:
 
     def add_pod(self, namespace: str, name: str, node: str, **status: Any) -> dict[str, Any]:
         pod = {
-            "apiVersion": "v1", "kind": "Pod",
+            "apiVersion": "v1",
+            "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "resourceVersion": self._rv()},
             "spec": {"nodeName": node, "containers": [{"name": "trainer", "image": "trainer:1"}]},
-            "status": {"phase": "Running", "conditions": [
-                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-27T00:00:00Z"},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-27T00:00:00Z"},
-            ], **status},
+            "status": {
+                "phase": "Running",
+                "conditions": [
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-27T00:00:00Z"},
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-27T00:00:00Z"},
+                ],
+                **status,
+            },
         }
         self.pods[(namespace, name)] = pod
         return pod
 
     def add_node(self, name: str, taints: list[dict[str, Any]] | None = None) -> None:
-        self.nodes[name] = {"apiVersion": "v1", "kind": "Node",
-                            "metadata": {"name": name, "labels": {}, "resourceVersion": self._rv()},
-                            "spec": {"taints": list(taints or [])}}
+        self.nodes[name] = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {}, "resourceVersion": self._rv()},
+            "spec": {"taints": list(taints or [])},
+        }
 
     def fail(self, method: str, path_regex: str, status: int, times: int = 1) -> None:
         """The next ``times`` matching requests answer ``status``."""
@@ -98,8 +115,13 @@ class KubeEmulator:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None
                 url = urlparse(self.path)
-                record = Recorded(self.command, url.path, self.headers.get("Content-Type", ""), body,
-                                  self.headers.get("Authorization"))
+                record = Recorded(
+                    self.command,
+                    url.path,
+                    self.headers.get("Content-Type", ""),
+                    body,
+                    self.headers.get("Authorization"),
+                )
                 emulator.requests.append(record)
                 status, payload = emulator.route(self.command, url.path, parse_qs(url.query), record)
                 data = json.dumps(payload).encode()
@@ -142,8 +164,9 @@ class KubeEmulator:
             if method == "POST" and sub == "/eviction":
                 if (body or {}).get("kind") != "Eviction":
                     return _status(400, "body must be an Eviction")
-                pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
-                                                    "reason": "EvictionByEvictionAPI"})
+                pod["status"]["conditions"].append(
+                    {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+                )
                 pod["metadata"]["deletionTimestamp"] = "2026-11-27T00:00:01Z"
                 return 201, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}
             if method == "DELETE" and not sub:
@@ -164,7 +187,8 @@ class KubeEmulator:
                     return _status(422, problem)
                 event = copy.deepcopy(body)
                 event["metadata"]["name"] = event["metadata"].get("name") or (
-                    event["metadata"]["generateName"] + self._rv())
+                    event["metadata"]["generateName"] + self._rv()
+                )
                 self.events.append(event)
                 return 201, event
         if path in ("/apis", "/apis/"):
@@ -175,18 +199,33 @@ class KubeEmulator:
             return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
         if path == "/apis/resource.k8s.io" and self.dra_version:
             version = {"groupVersion": f"resource.k8s.io/{self.dra_version}", "version": self.dra_version}
-            return 200, {"kind": "APIGroup", "name": "resource.k8s.io", "versions": [version], "preferredVersion": version}
+            return 200, {
+                "kind": "APIGroup",
+                "name": "resource.k8s.io",
+                "versions": [version],
+                "preferredVersion": version,
+            }
         if self.dra_version and path == f"/apis/resource.k8s.io/{self.dra_version}":
             names = ["devicetaintrules", "resourceclaims", "resourceslices", "deviceclasses"]
-            return 200, {"kind": "APIResourceList", "groupVersion": f"resource.k8s.io/{self.dra_version}",
-                         "resources": [{"name": n, "namespaced": n == "resourceclaims", "kind": n} for n in names]}
-        if self.dra_version and path == f"/apis/resource.k8s.io/{self.dra_version}/devicetaintrules" and method == "POST":
+            return 200, {
+                "kind": "APIResourceList",
+                "groupVersion": f"resource.k8s.io/{self.dra_version}",
+                "resources": [{"name": n, "namespaced": n == "resourceclaims", "kind": n} for n in names],
+            }
+        if (
+            self.dra_version
+            and path == f"/apis/resource.k8s.io/{self.dra_version}/devicetaintrules"
+            and method == "POST"
+        ):
             if not (body or {}).get("spec", {}).get("deviceSelector"):
                 return _status(422, "spec.deviceSelector is required")
             self.taint_rules.append(body)
             return 201, body
-        if self.dra_version and (m := re.fullmatch(
-                rf"/apis/resource\.k8s\.io/{self.dra_version}/namespaces/([^/]+)/resourceclaims/([^/]+)", path)):
+        if self.dra_version and (
+            m := re.fullmatch(
+                rf"/apis/resource\.k8s\.io/{self.dra_version}/namespaces/([^/]+)/resourceclaims/([^/]+)", path
+            )
+        ):
             claim = self.claims.get((m.group(1), m.group(2)))
             return (200, claim) if claim else _status(404, "resourceclaim not found")
         if self.dra_version and path == f"/apis/resource.k8s.io/{self.dra_version}/resourceslices":
@@ -223,15 +262,30 @@ class KubeEmulator:
 
 def _status(code: int, message: str) -> tuple[int, dict[str, Any]]:
     reason = STATUS_REASONS.get(code, "Unknown")
-    return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason,
-                  "code": code}
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def _invalid_event(event: Any) -> str | None:
     """The checks events.k8s.io/v1 validation makes on a new Event."""
     if not isinstance(event, dict):
         return "body must be an Event"
-    for key in ("regarding", "reason", "note", "type", "action", "reportingController", "reportingInstance", "eventTime"):
+    for key in (
+        "regarding",
+        "reason",
+        "note",
+        "type",
+        "action",
+        "reportingController",
+        "reportingInstance",
+        "eventTime",
+    ):
         if not event.get(key):
             return f"{key}: Required value"
     if event["type"] not in ("Normal", "Warning"):
