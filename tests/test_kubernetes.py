@@ -257,7 +257,7 @@ def test_no_cluster_means_off_unless_required(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-kubeconfig")
     assert connect(KubernetesConfig(kubeconfig=missing), env={}) is None
     assert connect(KubernetesConfig(enabled="off"), env=ENV) is None
-    with pytest.raises(KubernetesError, match="kubernetes.enabled is on, but there is no service account"):
+    with pytest.raises(KubernetesError, match=r"kubernetes\.enabled is on, but there is no service account"):
         connect(KubernetesConfig(enabled="on", kubeconfig=missing), env={})
 
 

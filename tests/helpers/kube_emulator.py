@@ -180,17 +180,16 @@ class KubeEmulator:
                 return 200, node
             if method == "PATCH":
                 return self._patch_node(node, record)
-        if m := re.fullmatch(r"/apis/events\.k8s\.io/v1/namespaces/([^/]+)/events", path):
-            if method == "POST":
-                problem = _invalid_event(body)
-                if problem:
-                    return _status(422, problem)
-                event = copy.deepcopy(body)
-                event["metadata"]["name"] = event["metadata"].get("name") or (
-                    event["metadata"]["generateName"] + self._rv()
-                )
-                self.events.append(event)
-                return 201, event
+        if method == "POST" and re.fullmatch(r"/apis/events\.k8s\.io/v1/namespaces/([^/]+)/events", path):
+            problem = _invalid_event(body)
+            if problem:
+                return _status(422, problem)
+            event = copy.deepcopy(body)
+            event["metadata"]["name"] = event["metadata"].get("name") or (
+                event["metadata"]["generateName"] + self._rv()
+            )
+            self.events.append(event)
+            return 201, event
         if path in ("/apis", "/apis/"):
             groups = [{"name": "events.k8s.io", "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}]}]
             if self.dra_version:
