@@ -73,3 +73,17 @@ def test_bad_settings_name_the_field(settings: dict[str, object], env: dict[str,
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config_file: '.*nope.yaml' is not valid; no such file"):
         GuardConfig.load(tmp_path / "nope.yaml", env={})
+
+
+def test_environment_words_are_not_yaml_booleans() -> None:
+    config = GuardConfig.load(
+        env={
+            "GPUGUARD_CHECKPOINT_DIR": "x",
+            "GPUGUARD_KUBERNETES_ENABLED": "off",
+            "GPUGUARD_KUBERNETES_LEAVE": "evict",
+            "GPUGUARD_DEVICES": "all",
+        }
+    )
+    assert (config.kubernetes.enabled, config.kubernetes.leave, config.devices) == ("off", "evict", "all")
+    with pytest.raises(ConfigError, match=r"GPUGUARD_KUBERNETES_LEAVE: 'quit' is not valid; allowed: exit, evict"):
+        GuardConfig.load(env={"GPUGUARD_CHECKPOINT_DIR": "x", "GPUGUARD_KUBERNETES_LEAVE": "quit"})

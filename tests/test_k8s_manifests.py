@@ -133,3 +133,14 @@ def test_rbac_is_least_privilege(rendered: Any) -> None:
 def test_bad_arguments_exit_2(cli: Any, args: list[str], message: str) -> None:
     result = cli("k8s", "manifests", *args)
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "kind-demo.yaml"])
+@pytest.mark.parametrize("version", ["1.34.0", "1.37.0"])
+def test_the_examples_validate(name: str, version: str) -> None:
+    from conftest import ROOT
+
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "kubernetes" / name).read_text()))
+    assert any(d["kind"] == "Job" for d in docs)
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)

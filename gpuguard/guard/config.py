@@ -169,7 +169,15 @@ def _from_yaml(path: Path) -> dict[str, Any]:
 def _parse(name: str, kind: Any, raw: str) -> Any:
     """An environment string as the field's type."""
     origin = get_origin(kind)
+    if origin is Literal:
+        allowed = get_args(kind)
+        if raw in allowed:
+            return raw
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, "allowed: " + ", ".join(map(str, allowed)))
     if origin in (Union, types.UnionType):
+        literals = [a for a in get_args(kind) if get_origin(a) is Literal]
+        if any(raw in get_args(a) for a in literals):
+            return raw
         options = [a for a in get_args(kind) if a is not type(None)]
         if raw.strip().lower() in ("", "none", "off"):
             return None
