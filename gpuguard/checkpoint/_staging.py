@@ -12,6 +12,7 @@ import ctypes
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -101,6 +102,42 @@ class StagingBuffer:
                 event.synchronize()
                 if readiness:
                     readiness.advance(end)
+
+    def snapshot_deferred(self, tensors: dict[str, torch.Tensor], later: set[str]) -> Callable[[], None]:
+        """Copy every tensor not in ``later`` now; return the function that completes the rest.
+
+        For tensors on a GPU, the copies of ``later`` are issued now, asynchronously, on a side stream
+        (ordered after the work already queued), and the returned function waits for them. On the
+        host, the returned function does the copying. Run it on another thread: until it returns,
+        ``later`` must not change (they are parameters and optimizer state: the caller holds back the
+        next optimizer step).
+        """
+        now = {n: t for n, t in tensors.items() if n not in later}
+        deferred = {n: t for n, t in tensors.items() if n in later}
+        with torch.no_grad():
+            for name, tensor in now.items():
+                if tensor.numel():
+                    self.views[name].copy_(tensor)
+        on_gpu = [t for t in deferred.values() if t.device.type == "cuda"]
+        if not on_gpu:
+
+            def copy_on_host() -> None:
+                with torch.no_grad():
+                    for name, tensor in deferred.items():
+                        if tensor.numel():
+                            self.views[name].copy_(tensor)
+
+            return copy_on_host
+        device = on_gpu[0].device
+        stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for name, tensor in deferred.items():
+                if tensor.numel():
+                    self.views[name].copy_(tensor, non_blocking=self.pinned)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        return event.synchronize
 
     def _batches(self, batch_bytes: int = 64 * 2**20) -> list[tuple[list[str], int]]:
         batches: list[tuple[list[str], int]] = []

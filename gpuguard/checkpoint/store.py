@@ -9,7 +9,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+import weakref
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -179,6 +180,10 @@ class CheckpointStore:
         self._saver = ThreadPoolExecutor(staging_buffers, thread_name_prefix="gpuguard-ckpt")
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._deferred = threading.Condition()
+        self._deferred_in_flight = 0
+        self.last_step_wait_s = 0.0  # how long the last optimizer step waited for a deferred copy
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -205,6 +210,7 @@ class CheckpointStore:
         extra: Mapping[str, Any] | None = None,
         replicated: bool = False,
         commit_timeout_s: float = 600.0,
+        overlap_with: Sequence[torch.optim.Optimizer] = (),
     ) -> PendingSave:
         """Snapshot ``state`` and write it in the background.
 
@@ -212,6 +218,12 @@ class CheckpointStore:
         save is unaffected. With ``world_size`` > 1 every rank calls this with the same
         ``checkpoint_id``, and rank 0 commits once every rank's files are durable (waiting up to
         ``commit_timeout_s`` for them).
+
+        With ``overlap_with``, the tensors those optimizers own (parameters and optimizer state, which
+        change only in ``optimizer.step()``) are copied while training runs its next forward and
+        backward; each of those optimizers' next ``step()`` waits for the copy. Everything else (buffers,
+        RNG states, schedulers) is copied before ``save`` returns. The stall becomes the copy of the
+        rest plus max(0, copy time - forward/backward time).
 
         With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
         are split between the ranks by size, each rank snapshots and writes only its part, and a
@@ -244,10 +256,15 @@ class CheckpointStore:
             "layout": "replicated" if replicated and world_size > 1 else "per_rank",
             "commit_timeout_s": commit_timeout_s,
         }
+        later = _owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # The writer starts first and follows the snapshot as it fills the buffer.
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         try:
-            buffer.snapshot(flat.tensors, readiness)
+            if later:
+                finish = buffer.snapshot_deferred(flat.tensors, later)
+                self._hold_steps(overlap_with, finish, readiness)
+            else:
+                buffer.snapshot(flat.tensors, readiness)
         except BaseException as exc:
             readiness.fail(exc)
             raise
@@ -255,6 +272,39 @@ class CheckpointStore:
         pending = PendingSave(name, step, future, stall, started)
         future.add_done_callback(lambda _: self._finish(name))
         return pending
+
+    def _hold_steps(
+        self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
+    ) -> None:
+        """Finish a deferred copy on a thread; until it is done, the optimizers' ``step()`` waits."""
+        for optimizer in optimizers:
+            if optimizer not in self._hooked:
+                optimizer.register_step_pre_hook(self._wait_for_deferred_copies)
+                self._hooked.add(optimizer)
+        with self._deferred:
+            self._deferred_in_flight += 1
+
+        def run() -> None:
+            try:
+                finish()
+                readiness.advance(readiness.total)
+            except BaseException as exc:
+                readiness.fail(exc)
+            finally:
+                with self._deferred:
+                    self._deferred_in_flight -= 1
+                    self._deferred.notify_all()
+
+        threading.Thread(target=run, name="gpuguard-ckpt-snapshot", daemon=True).start()
+
+    def _wait_for_deferred_copies(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # An optimizer step pre-hook, registered once per optimizer: free unless a copy is in flight.
+        if self._deferred_in_flight:
+            started = time.perf_counter()
+            with self._deferred:
+                while self._deferred_in_flight:
+                    self._deferred.wait()
+            self.last_step_wait_s = time.perf_counter() - started
 
     def _check_args(self, step: int, reason: str, rank: int, world_size: int, checkpoint_id: str | None) -> None:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
@@ -659,6 +709,17 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the tensors that only these optimizers' ``step()`` changes: parameters and their state."""
+    owned: set[int] = set()
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            owned.update(p.data_ptr() for p in group["params"])
+        for per_param in optimizer.state.values():
+            owned.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+    return {name for name, t in tensors.items() if t.numel() and t.data_ptr() in owned}
 
 
 def _partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:

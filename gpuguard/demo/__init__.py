@@ -44,7 +44,7 @@ class DemoResult:
         }
 
 
-def _run_pod(name: str, folder: Path, steps: int, fault_step: int | None, say: Any) -> tuple[int, dict[str, Any]]:
+def _run_pod(name: str, folder: Path, steps: int, fault_step: int | None) -> tuple[int, dict[str, Any]]:
     report = folder / f"{name}.json"
     cmd = [
         sys.executable,
@@ -77,7 +77,7 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
     say(f"gpuguard demo: {steps} training steps on CPU, a fake H200, XID 48 injected at step {fault_step}")
     say(f"  checkpoints under {job / 'checkpoints'}")
 
-    code_a, pod_a = _run_pod("pod-a", job, steps, fault_step, say)
+    code_a, pod_a = _run_pod("pod-a", job, steps, fault_step)
     latency = pod_a.get("detection_latency_s")
     say(
         f"  pod A   trained steps 0..{pod_a.get('evacuated_at')}; XID 48 at step {fault_step} detected in "
@@ -92,12 +92,12 @@ def run_demo(folder: Path | None = None, *, steps: int = 200, fault_step: int = 
     if code_a != 75:
         raise RuntimeError(f"pod A exited {code_a}, expected 75: {pod_a}")
 
-    code_b, pod_b = _run_pod("pod-b", job, steps, None, say)
+    code_b, pod_b = _run_pod("pod-b", job, steps, None)
     say(
         f"  pod B   a new process on a healthy GPU: resumed at step {pod_b.get('resumed_at')}, "
         f"finished step {pod_b.get('finished_at')} -> exit {code_b}"
     )
-    code_r, ref = _run_pod("reference", reference, steps, None, say)
+    code_r, ref = _run_pod("reference", reference, steps, None)
     say(f"  reference run without the fault finished step {ref.get('finished_at')} -> exit {code_r}")
 
     final, expected = load_file(str(job / "final.safetensors")), load_file(str(reference / "final.safetensors"))

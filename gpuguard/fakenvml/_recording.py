@@ -12,6 +12,7 @@ from typing import Any
 import pynvml
 
 from gpuguard.errors import ScenarioError
+from gpuguard.fakenvml._scenario import read_input
 
 Answer = tuple[bool, Any]  # (ok, value) or (False, pynvml error class)
 
@@ -60,12 +61,7 @@ def load_recording(source: str | Path = "h200") -> Recording:
         origin = "h200 (shipped recording)"
     else:
         path = Path(source)
-        try:
-            text = path.read_text("utf-8")
-        except FileNotFoundError:
-            raise ScenarioError("recording", str(path), "no such file") from None
-        except OSError as exc:
-            raise ScenarioError("recording", str(path), f"cannot be read: {exc.strerror}") from None
+        text = read_input("recording", path)
         origin = str(path)
     try:
         data = json.loads(text)

@@ -77,12 +77,7 @@ def load_scenario(source: str | Path | Mapping[str, Any]) -> Scenario:
     if isinstance(source, Mapping):
         return parse_scenario(source)
     path = Path(source)
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError:
-        raise ScenarioError("scenario", str(path), "no such file") from None
-    except OSError as exc:
-        raise ScenarioError("scenario", str(path), f"cannot be read: {exc.strerror}") from None
+    text = read_input("scenario", path)
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -90,6 +85,16 @@ def load_scenario(source: str | Path | Mapping[str, Any]) -> Scenario:
     if not isinstance(data, Mapping):
         raise ScenarioError("scenario", str(path), "must hold an object with 'gpus' and 'events'")
     return parse_scenario(data)
+
+
+def read_input(field: str, path: Path) -> str:
+    """A scenario or recording file's text; a missing or unreadable one is a `ScenarioError` naming it."""
+    try:
+        return path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(field, str(path), "no such file") from None
+    except OSError as exc:
+        raise ScenarioError(field, str(path), f"cannot be read: {exc.strerror}") from None
 
 
 def _number(where: str, value: Any, *, minimum: float = 0.0) -> float:

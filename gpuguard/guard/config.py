@@ -45,6 +45,8 @@ class GuardConfig:
         step_baseline_steps: steps whose median is the baseline.
         step_window_steps: recent steps whose median is compared with the baseline.
         replicated: every rank holds the same state (plain data parallel): ranks split the writing.
+        overlap_snapshot: for periodic checkpoints, copy parameters and optimizer state while the next
+            forward and backward run; only the next optimizer step waits for the copy.
         commit_timeout_s: how long the committing rank waits for the others' shards.
         devices: ``job`` (the CUDA devices of this process, or the GPU at ``LOCAL_RANK``) or indices/UUIDs.
         health: the health rules' thresholds.
@@ -67,6 +69,7 @@ class GuardConfig:
     step_baseline_steps: int = 50
     step_window_steps: int = 20
     replicated: bool = False
+    overlap_snapshot: bool = False
     commit_timeout_s: float = 300.0
     devices: Literal["job", "all"] | list[int | str] = "job"
     health: HealthConfig = field(default_factory=HealthConfig)

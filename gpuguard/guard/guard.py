@@ -327,6 +327,7 @@ class Guard:
                 world_size=self.world_size,
                 checkpoint_id=self._checkpoint_id(step, "periodic"),
                 replicated=self.config.replicated,
+                overlap_with=self._optimizers() if self.config.overlap_snapshot else (),
             )
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
@@ -334,6 +335,11 @@ class Guard:
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
         self.periodic.append(pending)
+
+    def _optimizers(self) -> list[Any]:
+        import torch
+
+        return [v for v in self.state.values() if isinstance(v, torch.optim.Optimizer)]
 
     def _after_periodic(self, pending: PendingSave) -> None:
         error = pending.exception()
