@@ -80,8 +80,8 @@ def main() -> int:
     logging.getLogger("gpuguard").setLevel(logging.ERROR)
     results: dict[str, list[dict[str, float]]] = {"none": [], "snapshot": [], "overlap": []}
     for _ in range(args.repeats):
-        for mode in results:
-            results[mode].append(run(mode, args, args.device))
+        for mode, runs in results.items():
+            runs.append(run(mode, args, args.device))
     summary: dict[str, Any] = {}
     base = statistics.median(r["checkpoint_steps_ms"] for r in results["none"])
     for mode, runs in results.items():
