@@ -146,7 +146,7 @@ def view(data: memoryview | bytearray, base: int, header: dict[str, Any], name: 
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return int(dtype.itemsize)  # no allocation: plan() runs on the training thread at every save
 
 
 def _numel(shape: Sequence[int]) -> int:
