@@ -79,3 +79,22 @@ def test_malformed_scenario_names_the_field(cli: Any, tmp_path: Path) -> None:
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("gpuguard: error: events[0].field: 'ecc_nope' is not valid; allowed:")
+
+
+def test_watch_shows_a_fault_as_it_happens(cli: Any, tmp_path: Path) -> None:
+    scenario = tmp_path / "s.json"
+    scenario.write_text(json.dumps({"gpus": 2, "events": [{"at": 0.3, "gpu": 1, "xid": 48}]}))
+    result = cli("status", "--scenario", str(scenario), "--watch", "0.4", "--count", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 3 and lines[0]["at"] < lines[-1]["at"]
+    assert [d["state"] for d in lines[0]["devices"]] == ["HEALTHY", "HEALTHY"]
+    assert [d["state"] for d in lines[-1]["devices"]] == ["HEALTHY", "FAILING"]
+    table = cli("status", "--replay", "h200", "--watch", "0.1", "--count", "2")
+    assert table.stdout.count("gpuguard status, every 0.1s") == 2
+
+
+def test_watch_refuses_check_and_at(cli: Any) -> None:
+    result = cli("status", "--scenario", str(SCENARIO), "--at", "3", "--watch", "1")
+    assert result.returncode == 2
+    assert "--watch: 1.0 is not valid; cannot be combined with --check or --at" in result.stderr

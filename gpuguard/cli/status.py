@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from gpuguard.cli._table import render_table
@@ -28,6 +29,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--at", metavar="SECONDS", type=float, help="scenario time to evaluate (with --scenario)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.add_argument("--check", action="store_true", help="exit 0 when every GPU is HEALTHY, 1 otherwise (a probe)")
+    p.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        type=float,
+        help="keep watching and show the GPUs every SECONDS (with --json: one JSON line each time)",
+    )
+    p.add_argument("--count", type=int, help="with --watch, stop after this many refreshes")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--fail-open",
@@ -75,7 +83,43 @@ def read_snapshot(args: argparse.Namespace) -> HealthSnapshot:
     return snapshot
 
 
+def watch(args: argparse.Namespace) -> int:
+    """A live status: the monitor's threads watch, the screen (or a JSON line) is refreshed."""
+    if args.check or args.at is not None:
+        raise ConfigError("--watch", args.watch, "cannot be combined with --check or --at")
+    if args.watch <= 0:
+        raise ConfigError("--watch", args.watch, "must be a number of seconds greater than 0")
+    from gpuguard.fakenvml import FakeNvml, load_recording
+
+    nvml: Any = None
+    if args.replay is not None:
+        load_recording(args.replay)
+        nvml = FakeNvml.replay(args.replay)
+    elif args.scenario is not None:
+        nvml = FakeNvml.from_scenario(args.scenario, realtime=True)
+    config = HealthConfig(fail_mode=args.fail_mode, poll_interval_s=min(1.0, args.watch))
+    live = sys.stdout.isatty() and not args.json
+    refreshes = 0
+    with HealthMonitor(nvml, config, devices="all") as monitor:
+        while args.count is None or refreshes < args.count:
+            snapshot = monitor.snapshot()
+            if not snapshot.available:
+                print(f"gpuguard: {snapshot.error}", file=sys.stderr)
+                return EXIT_USAGE
+            if args.json:
+                print(json.dumps({"at": round(snapshot.taken_at, 3), **snapshot.to_dict()}), flush=True)
+            else:
+                header = f"gpuguard status, every {args.watch:g}s (Ctrl-C to stop)"
+                print(("\033[H\033[2J" if live else "\n") + header + "\n\n" + format_snapshot(snapshot), flush=True)
+            refreshes += 1
+            if args.count is None or refreshes < args.count:
+                time.sleep(args.watch)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return watch(args)
     snapshot = read_snapshot(args)
     if not snapshot.available:
         print(
