@@ -210,18 +210,6 @@ class Storage:
 
         return self.call("listing", self.root, ls)
 
-    def list_files(self, folder: str) -> list[str]:
-        def ls() -> list[str]:
-            try:
-                entries = (
-                    self.fs.ls(folder, detail=True, refresh=True) if self.is_s3 else self.fs.ls(folder, detail=True)
-                )
-            except FileNotFoundError:
-                return []
-            return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
-
-        return self.call("listing", folder, ls)
-
     # -- writes ---------------------------------------------------------------------------------
 
     def makedirs(self, path: str) -> None:

@@ -12,15 +12,7 @@ import pynvml
 from gpuguard.fakenvml._clock import ScenarioClock
 from gpuguard.fakenvml._recording import Recording, load_recording
 from gpuguard.fakenvml._scenario import Scenario, ScenarioEvent, load_scenario
-from gpuguard.health.signals import FIELD_BY_NAME, NVLINK_ERROR_SIGNALS
-
-_EVENT_BITS = {
-    "double_bit_ecc": pynvml.nvmlEventTypeDoubleBitEccError,
-    "dram_retirement_failure": pynvml.nvmlEventTypeDramRetirementFailure,
-    "gpu_unavailable": pynvml.nvmlEventTypeGpuUnavailableError,
-    "recovery_action": pynvml.nvmlEventTypeGpuRecoveryAction,
-    "sbe_storm": pynvml.nvmlEventTypeSingleBitEccErrorStorm,
-}
+from gpuguard.health.signals import EVENT_TYPES, FIELD_BY_NAME, NVLINK_ERROR_SIGNALS
 
 # Field id -> the name a scenario uses for it: readable where gpuguard has one, else pynvml's.
 _FIELD_NAMES: dict[int, str] = {
@@ -107,9 +99,9 @@ class FakeNvml:
         timeline: list[tuple[float, int, int, int]] = []
         for e in self.scenario.events:
             if e.xid is not None:
-                timeline.append((e.at, e.gpu, pynvml.nvmlEventTypeXidCriticalError, e.xid))
+                timeline.append((e.at, e.gpu, EVENT_TYPES["xid"], e.xid))
             elif e.event is not None:
-                timeline.append((e.at, e.gpu, _EVENT_BITS[e.event], 0))
+                timeline.append((e.at, e.gpu, EVENT_TYPES[e.event], 0))
         self._timeline = sorted(timeline, key=lambda t: t[0])
 
     # -- constructors ---------------------------------------------------------------------------

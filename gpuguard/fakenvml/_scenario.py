@@ -13,15 +13,10 @@ import pynvml
 import yaml
 
 from gpuguard.errors import ScenarioError
-from gpuguard.health.signals import CLOCK_EVENTS, FIELD_BY_NAME, RECOVERY_ACTIONS, SIGNAL_NAMES
+from gpuguard.health.signals import CLOCK_EVENTS, EVENT_TYPES, FIELD_BY_NAME, RECOVERY_ACTIONS, SIGNAL_NAMES
 
-EVENT_NAMES: Final[tuple[str, ...]] = (
-    "double_bit_ecc",
-    "dram_retirement_failure",
-    "gpu_unavailable",
-    "recovery_action",
-    "sbe_storm",
-)
+# Events a scenario names with "event"; XIDs have a key of their own.
+EVENT_NAMES: Final[tuple[str, ...]] = tuple(kind for kind in EVENT_TYPES if kind != "xid")
 _CHANGES: Final = ("set", "add", "add_per_s")
 _EVENT_KEYS: Final = frozenset({"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", *_CHANGES})
 _TOP_KEYS: Final = frozenset({"gpus", "events", "recording", "nvlink_links", "name", "description"})

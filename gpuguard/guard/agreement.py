@@ -45,7 +45,6 @@ class Agreement:
         self.world_size = dist.get_world_size() if self.distributed else 1
         self._work: Any = None
         self._buffer: torch.Tensor | None = None
-        self._pending_local = NOTHING
         if self.distributed:
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":

@@ -20,7 +20,7 @@ from gpuguard.errors import HealthError, NvmlError, NvmlUnavailableError
 from gpuguard.health import _nvml_errors
 from gpuguard.health.config import HealthConfig
 from gpuguard.health.rules import DeviceEvent, DeviceLimits, Sample
-from gpuguard.health.signals import FIELD_SIGNALS, FieldSignal
+from gpuguard.health.signals import EVENT_TYPES, FIELD_SIGNALS, FieldSignal
 
 log = logging.getLogger("gpuguard.health")
 
@@ -29,18 +29,7 @@ T = TypeVar("T")
 # Per-field return codes that mean "this GPU or driver does not have this signal".
 _OFF_CODES: Final = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT})
 
-_EVENT_KINDS: Final[tuple[tuple[str, int], ...]] = tuple(
-    (kind, getattr(pynvml, name, 0))
-    for kind, name in (
-        ("xid", "nvmlEventTypeXidCriticalError"),
-        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError"),
-        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure"),
-        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError"),
-        ("recovery_action", "nvmlEventTypeGpuRecoveryAction"),
-        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm"),
-    )
-)
-WATCHED_EVENTS: Final[int] = sum(bit for _, bit in _EVENT_KINDS)
+WATCHED_EVENTS: Final[int] = sum(EVENT_TYPES.values())
 
 
 @dataclass
@@ -297,7 +286,7 @@ class NvmlSource:
         if device is None:
             return None
         event_type = int(data.eventType)
-        for kind, bit in _EVENT_KINDS:
+        for kind, bit in EVENT_TYPES.items():
             if bit and event_type & bit:
                 xid = int(data.eventData) if kind == "xid" else None
                 return device, DeviceEvent(at=now(), kind=kind, xid=xid)

@@ -16,7 +16,6 @@ from typing import Any
 from gpuguard.health.config import HealthConfig
 from gpuguard.health.model import HealthState, Reason, Remedy
 from gpuguard.health.signals import (
-    CLOCK_EVENTS,
     HARDWARE_CLOCK_EVENTS,
     NVLINK_ERROR_SIGNALS,
     RECOVERY_ACTIONS,
@@ -44,19 +43,13 @@ class Sample:
     error: str | None = None
 
 
-EVENT_KINDS = (
-    "xid",
-    "double_bit_ecc",
-    "dram_retirement_failure",
-    "gpu_unavailable",
-    "recovery_action",
-    "sbe_storm",
-)
-
 
 @dataclass(frozen=True)
 class DeviceEvent:
-    """An NVML event for one GPU: ``kind`` is one of `EVENT_KINDS`; ``xid`` is set for ``xid``."""
+    """An NVML event for one GPU.
+
+    ``kind`` is a key of `gpuguard.health.signals.EVENT_TYPES`; ``xid`` is set when it is ``"xid"``.
+    """
 
     at: float
     kind: str
@@ -508,4 +501,4 @@ def _evidence(**values: Any) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
 
 
-__all__ = ["CLOCK_EVENTS", "EVENT_KINDS", "DeviceEvent", "DeviceLimits", "DeviceRules", "Sample"]
+__all__ = ["DeviceEvent", "DeviceLimits", "DeviceRules", "Sample"]

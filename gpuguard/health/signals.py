@@ -104,6 +104,21 @@ CLOCK_EVENTS: Final[dict[str, int]] = {
 HARDWARE_CLOCK_EVENTS: Final[tuple[str, ...]] = ("hw_slowdown", "hw_thermal", "hw_power_brake")
 
 
+# The NVML events gpuguard waits for, by the name rules and scenarios use. Bits missing from an older
+# pynvml are 0 and never match.
+EVENT_TYPES: Final[dict[str, int]] = {
+    kind: int(getattr(pynvml, name, 0))
+    for kind, name in (
+        ("xid", "nvmlEventTypeXidCriticalError"),
+        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError"),
+        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure"),
+        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError"),
+        ("recovery_action", "nvmlEventTypeGpuRecoveryAction"),
+        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm"),
+    )
+}
+
+
 def clock_event_names(mask: int) -> list[str]:
     """The readable names of the bits set in a clock event reasons mask."""
     return [name for name, bit in CLOCK_EVENTS.items() if mask & bit]
