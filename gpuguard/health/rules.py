@@ -43,7 +43,6 @@ class Sample:
     error: str | None = None
 
 
-
 @dataclass(frozen=True)
 class DeviceEvent:
     """An NVML event for one GPU.
