@@ -94,6 +94,7 @@ def evacuate_then_resume(
         )
         assert store.verify(latest.id).ok
         assert latest.evidence["decided_by_rank"] == fault["gpu"]
+        assert 0 <= latest.evidence["slowest_rank"] < nproc and latest.evidence["slowest_step_ms"] > 0
     second = launch(job, nproc, None, *extra)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {r["resumed_at"] for r in reports(job, nproc)} == {ended[0]["evacuated_at"] + 1}

@@ -119,6 +119,7 @@ class Guard:
         self.decided_at: float | None = None  # the monitor's clock
         self.decided_wall: float | None = None  # time.perf_counter(), for latency measurements
         self.last_evacuation: EvacuationReport | None = None
+        self.slowest: tuple[int, float] | None = None  # (rank, step seconds) at the last agreement
         self.periodic: list[PendingSave] = []
         # Read by the hot path: plain attributes, written by the guard thread.
         self._local_action = 0
@@ -284,6 +285,8 @@ class Guard:
                 assert self.agreement is not None
                 recent = self.steps.recent(1)
                 agreed = self.agreement.exchange(self._local_action, self._periodic_due, recent[0] if recent else 0.0)
+                if agreed.slowest_rank >= 0:
+                    self.slowest = (agreed.slowest_rank, agreed.slowest_step_s)
         else:
             agreed = Agreed(self._local_action, 0, self._periodic_due, 0, 0.0)
         self._urgent = False
@@ -367,6 +370,8 @@ class Guard:
         )
         code = c.reschedule_exit_code if action is Action.RESCHEDULE else c.restart_exit_code
         evidence = {**decision.to_dict(), "rank": self.rank, "decided_by_rank": agreed.decided_by}
+        if self.slowest is not None:  # across ranks, who was slowest at the last agreement
+            evidence["slowest_rank"], evidence["slowest_step_ms"] = self.slowest[0], round(self.slowest[1] * 1000, 3)
         report = EvacuationReport(step, action.name, self.decided_at, evidence=evidence)
         log.warning("evacuating at step %d (%s, exit %d): %s", step, action.name, code, decision.message)
         self.plugins.hook.gpuguard_before_checkpoint(step=step, reason="emergency", evidence=evidence)
