@@ -79,7 +79,7 @@ def test_the_job_understands_gpuguard_s_exit_codes(rendered: Any) -> None:
     pod = job["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "llm" and pod["subdomain"] == "llm"
     (container,) = pod["containers"]
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
     assert container["startupProbe"]["exec"]["command"] == ["gpuguard", "status", "--check"]
     env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {

@@ -344,7 +344,7 @@ def _job(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
         "image": spec.image,
         "command": [*command, *spec.script],
         "env": env,
-        "resources": {"limits": {"nvidia.com/gpu": spec.gpus}},
+        "resources": {"limits": {"nvidia.com/gpu": str(spec.gpus)}},  # a quantity: a string
         # The pod starts only on GPUs that are healthy now.
         "startupProbe": {
             "exec": {"command": ["gpuguard", "status", "--check"]},
