@@ -219,6 +219,19 @@ def test_the_installed_command_line_prints_the_manifests(cli: Any) -> None:
     assert [d["kind"] for d in yaml.safe_load_all(result.stdout)][-1] == "Job"
 
 
+def test_the_example_job_is_the_generator_s_output() -> None:
+    from conftest import ROOT
+
+    args = [
+        *("--name", "llm-train", "--namespace", "ml", "--image", "registry.example.com/llm-trainer:1.0"),
+        *("--gpus", "8", "--nodes", "2", "--checkpoint-dir", "s3://my-bucket/llm-train", "--restart-in-place"),
+        *("--kubernetes-version", "1.35", "--script", "examples/train_guarded.py --steps 100000"),
+    ]
+    code, out, err = generate(*args)
+    assert code == 0, err
+    assert (ROOT / "examples" / "kubernetes" / "job.yaml").read_text() == out
+
+
 @pytest.mark.parametrize("name", ["job.yaml", "kind-demo.yaml"])
 @pytest.mark.parametrize("version", SCHEMAS)
 def test_the_examples_validate(name: str, version: str) -> None:

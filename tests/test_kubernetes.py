@@ -454,3 +454,23 @@ def test_device_taint_effects_are_checked_at_configuration() -> None:
     assert KubernetesConfig(taint_effect="PreferNoSchedule", dra=False).taint_effect == "PreferNoSchedule"
     with pytest.raises(ConfigError, match=r"kubernetes\.taint_key: 'bad key!'"):
         KubernetesConfig(taint_key="bad key!")
+
+
+def test_pod_reported_health_of_a_dra_gpu_is_mapped_to_its_uuid(kube: KubeEmulator) -> None:
+    add_dra(kube, pre_created=True, generated=False)
+    kube.pods[("ml", "trainer-0")]["status"]["containerStatuses"] = [
+        {
+            "name": "trainer",
+            "allocatedResourcesStatus": [
+                {
+                    "name": "claim:team-gpus/gpus",
+                    "resources": [{"resourceID": "gpu.nvidia.com/node-a/gpu-1", "health": "Unhealthy"}],
+                }
+            ],
+        }
+    ]
+    health = PodDeviceHealth(actions(kube).cluster)
+    health.refresh()
+    assert list(health.reasons) == [UUID]  # the UUID NVML and the guard know, not driver/pool/device
+    (reason,) = health.reasons[UUID]
+    assert reason.evidence["resourceID"] == "gpu.nvidia.com/node-a/gpu-1"

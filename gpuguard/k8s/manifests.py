@@ -227,7 +227,9 @@ def render(spec: JobSpec) -> list[dict[str, Any]]:
 
 def to_yaml(spec: JobSpec) -> str:
     """The notes as comments, then the objects, as ``kubectl apply -f -`` reads them."""
-    comments = "".join(f"# {line}\n" for line in notes(spec))
+    import textwrap
+
+    comments = "".join(f"# {part}\n" for line in notes(spec) for part in textwrap.wrap(line, 100))
     return comments + yaml.dump_all(render(spec), Dumper=_PlainDumper, sort_keys=False)
 
 
