@@ -57,7 +57,8 @@ def kube(server: KubeEmulator, tmp_path: Path) -> KubeEmulator:
 def cluster_as(kube: KubeEmulator, user: str, *, pod: str = "", **settings: Any) -> Any:
     path = write_kubeconfig(kube.tmp / f"kc-{len(kube.tokens)}", kube.url, kube.token_for(user))  # type: ignore[attr-defined]
     env = {"POD_NAME": pod, "POD_NAMESPACE": "ml", "NODE_NAME": "node-a", "POD_UID": f"uid-{pod}"}
-    cluster = connect(KubernetesConfig(kubeconfig=str(path), dra=False, **settings), env=env, need_pod=bool(pod))
+    config = KubernetesConfig(kubeconfig=str(path), **{"dra": False, **settings})
+    cluster = connect(config, env=env, need_pod=bool(pod))
     assert cluster is not None
     return cluster
 
@@ -99,8 +100,9 @@ def test_a_node_whose_gpus_stay_healthy_through_the_quiet_period_is_untainted(ku
     mark(kube, *uuids)
     assert ours(kube) == ["NoSchedule"]
     now = [0.0]
+    dra = kube.release == "1.37"  # where DeviceTaintRules are on by default, the node check removes them too
     check = NodeCheck(
-        cluster_as(kube, "system:serviceaccount:ml:trainer-node-check"),
+        cluster_as(kube, "system:serviceaccount:ml:trainer-node-check", dra=dra),
         lambda: states(gpus),
         quiet_period_s=600,
         clock=lambda: now[0],
@@ -116,10 +118,10 @@ def test_a_node_whose_gpus_stay_healthy_through_the_quiet_period_is_untainted(ku
     assert node["spec"]["taints"] == OTHERS and RECORD_ANNOTATION not in node["metadata"]["annotations"]
     assert node["metadata"]["labels"] == {"team": "ml"}
     assert check.once() == "node node-a: no gpuguard mark"
-    # exactly the node check's ClusterRole was used: nodes get and patch, nothing else
+    # under the node check's own ClusterRole: nodes get and patch (and, where DRA is on, the rules' list)
     assert kube.rbac is not None
     user = "system:serviceaccount:ml:trainer-node-check"
-    assert kube.used(user) == kube.rbac.granted(user, "ml") == {("", "nodes", "get"), ("", "nodes", "patch")}
+    assert {("", "nodes", "get"), ("", "nodes", "patch")} <= kube.used(user) <= kube.rbac.granted(user, "ml")
 
 
 def test_a_gpu_that_is_still_failing_keeps_the_mark_and_restarts_the_quiet_period(
@@ -205,3 +207,41 @@ def test_untaint_removes_a_label_mode_mark(kube: KubeEmulator) -> None:
         assert main(["k8s", "untaint", "node-a", "--kubeconfig", str(path)]) == 0
     assert kube.nodes["node-a"]["metadata"]["labels"] == {"team": "ml"}
     assert kube.nodes["node-a"]["spec"]["taints"] == OTHERS
+
+
+def test_the_node_check_also_removes_gpuguard_s_device_taint_rules(server: KubeEmulator, tmp_path: Path) -> None:
+    server.reset(device_taint_rules=True)
+    server.add_node("node-a")
+    server.add_pod("ml", "trainer-0", "node-a")
+    server.tmp = tmp_path  # type: ignore[attr-defined]
+    gates = {"1.34": {"DRADeviceTaints"}, "1.35": {"DRADeviceTaintRules"}, "1.36": {"DRADeviceTaintRules"}}
+    spec = JobSpec(
+        name="trainer",
+        image="t:1",
+        gpus=1,
+        namespace="ml",
+        kubernetes_version=server.release,
+        feature_gates=frozenset(gates.get(server.release, set())),
+    )
+    server.authorize(render(spec))
+    pod = server.pods[("ml", "trainer-0")]
+    pod["spec"]["resourceClaims"] = [{"name": "g", "resourceClaimName": "team-gpus"}]
+    result = {"request": "g", "driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-0"}
+    server.claims[("ml", "team-gpus")] = {"status": {"allocation": {"devices": {"results": [result]}}}}
+    devices = [{"name": "gpu-0", "attributes": {"uuid": {"string": H200_UUID}}}]
+    server.slices.append(
+        {"spec": {"nodeName": "node-a", "driver": "gpu.nvidia.com", "pool": {"name": "node-a"}, "devices": devices}}
+    )
+    someone_else = {"metadata": {"name": "vendor-maintenance", "labels": {}}, "spec": {}}
+    server.taint_rules.append(someone_else)
+    guard = KubernetesActions(cluster_as(server, "system:serviceaccount:ml:trainer", pod="trainer-0", dra=True))
+    guard.evacuate(device=H200_UUID, state="FAILING", message="m", evidence={}, action="reschedule", exit_code=75)
+    assert len(server.taint_rules) == 2 and ours(server) == ["NoSchedule"]
+
+    user = "system:serviceaccount:ml:trainer-node-check"
+    check = NodeCheck(cluster_as(server, user, dra=True), lambda: {H200_UUID: "HEALTHY"}, quiet_period_s=0)
+    line = check.once()
+    assert "DeviceTaintRule gpuguard-node-a-19a36126" in line, line
+    assert server.taint_rules == [someone_else] and ours(server) == []
+    assert server.rbac is not None
+    assert server.used(user) == server.rbac.granted(user, "ml")  # get/patch nodes, list/delete rules

@@ -65,6 +65,7 @@ def add_parser(subparsers: Any) -> None:
     u.add_argument("node", help="the node's name")
     u.add_argument("--kubeconfig", help="a kubeconfig (default: KUBECONFIG or ~/.kube/config, or in-cluster)")
     u.add_argument("--taint-key", default="gpuguard.io/unhealthy-gpu", help="gpuguard's taint and label key")
+    u.add_argument("--dra", action="store_true", help="also delete gpuguard's DeviceTaintRules for the node's devices")
     u.set_defaults(handler=run_untaint)
 
     n = sub.add_parser(
@@ -78,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
     n.add_argument("--once", action="store_true", help="look once and exit")
     n.add_argument("--kubeconfig", help="a kubeconfig (default: in-cluster)")
     n.add_argument("--taint-key", default="gpuguard.io/unhealthy-gpu")
+    n.add_argument("--dra", action="store_true", help="also delete gpuguard's DeviceTaintRules for the node")
     n.add_argument("--replay", metavar="PATH", help="read a recorded device instead of NVML ('h200')")
     n.set_defaults(handler=run_node_check)
 
@@ -116,7 +118,7 @@ def _cluster(args: argparse.Namespace, node: str) -> Any:
     from gpuguard.k8s.cluster import connect
     from gpuguard.k8s.config import KubernetesConfig
 
-    config = KubernetesConfig(enabled="on", kubeconfig=args.kubeconfig, taint_key=args.taint_key, dra=False)
+    config = KubernetesConfig(enabled="on", kubeconfig=args.kubeconfig, taint_key=args.taint_key, dra=args.dra)
     cluster = connect(config, env={**os.environ, "NODE_NAME": node}, need_pod=False)
     if cluster is None:  # enabled="on" raises instead; kept for the type checker
         raise KubernetesError("no cluster configured", status=0, verb="configure", resource="cluster")
@@ -124,10 +126,13 @@ def _cluster(args: argparse.Namespace, node: str) -> Any:
 
 
 def run_untaint(args: argparse.Namespace) -> int:
+    from gpuguard.k8s.dra import Dra
     from gpuguard.k8s.node_marks import unmark
 
     cluster = _cluster(args, args.node)
     removed = unmark(cluster, args.node)
+    if args.dra:
+        removed += Dra(cluster).remove_rules(args.node)
     print(f"{args.node}: removed " + "; ".join(removed) if removed else f"{args.node}: no gpuguard mark")
     return EXIT_OK
 

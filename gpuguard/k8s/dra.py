@@ -21,6 +21,8 @@ from gpuguard.errors import KubernetesError
 from gpuguard.k8s.cluster import Cluster
 
 GROUP: Final = "resource.k8s.io"
+NODE_ANNOTATION: Final = "gpuguard.io/node"
+MANAGED: Final = "app.kubernetes.io/managed-by=gpuguard"
 # newest first; a resource is used at the first of these that serves it
 CANDIDATES: Final = {
     "devicetaintrules": ("v1", "v1beta2", "v1alpha3"),
@@ -167,7 +169,12 @@ class Dra:
         body = {
             "apiVersion": f"{GROUP}/{version}",
             "kind": "DeviceTaintRule",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "gpuguard"}},
+            "metadata": {
+                "name": name,
+                "labels": {"app.kubernetes.io/managed-by": "gpuguard"},
+                # which node's check may remove it (a node's name can be longer than a label value)
+                "annotations": {NODE_ANNOTATION: cl.node, "gpuguard.io/uuid": uuid},
+            },
             "spec": {
                 "deviceSelector": {"driver": ref.driver, "pool": ref.pool, "device": ref.device},
                 "taint": {"key": c.taint_key, "value": uuid, "effect": c.taint_effect},
@@ -190,3 +197,46 @@ class Dra:
                 raise
             return f"DeviceTaintRule {name} already there"
         return f"DeviceTaintRule {name} ({version}) for {ref.resource_id}"
+
+    def remove_rules(self, node: str, deadline: float | None = None) -> list[str]:
+        """Delete the DeviceTaintRules gpuguard created for devices on ``node``; others' stay."""
+        from kubernetes import client
+
+        version = self.version("devicetaintrules", deadline)
+        if version is None:
+            return []
+        cl = self.cluster
+        custom = client.CustomObjectsApi(cl.api)
+        rules = cl.call_json(
+            "list",
+            "devicetaintrules",
+            custom.list_cluster_custom_object,
+            GROUP,
+            version,
+            "devicetaintrules",
+            group=GROUP,
+            label_selector=MANAGED,
+            deadline=deadline,
+        )
+        removed = []
+        for rule in rules.get("items", []):
+            meta = rule.get("metadata", {})
+            if (meta.get("annotations") or {}).get(NODE_ANNOTATION) != node:
+                continue
+            try:
+                cl.call(
+                    "delete",
+                    "devicetaintrules",
+                    custom.delete_cluster_custom_object,
+                    GROUP,
+                    version,
+                    "devicetaintrules",
+                    meta["name"],
+                    group=GROUP,
+                    deadline=deadline,
+                )
+            except KubernetesError as exc:
+                if exc.status != 404:  # gone already is what was wanted
+                    raise
+            removed.append(f"DeviceTaintRule {meta['name']}")
+        return removed

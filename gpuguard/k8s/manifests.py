@@ -272,6 +272,7 @@ def _node_check(spec: JobSpec, labels: dict[str, str]) -> list[dict[str, Any]]:
             "node-check",
             f"--quiet-period={spec.node_check_quiet_period_s}",
             f"--taint-key={c.taint_key}",
+            *(["--dra"] if spec.actions.dra else []),
         ],
         "env": [
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -298,7 +299,7 @@ def _node_check(spec: JobSpec, labels: dict[str, str]) -> list[dict[str, Any]]:
             },
         },
     }
-    permissions = rbac.rules(rbac.node_check_permissions())
+    permissions = rbac.rules(rbac.node_check_permissions(spec.actions.dra))
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
         *_role_and_binding("ClusterRole", cluster_meta, permissions, subjects),

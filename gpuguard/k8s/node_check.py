@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from gpuguard.k8s import node_marks
 from gpuguard.k8s.cluster import Cluster
+from gpuguard.k8s.dra import Dra
 
 log = logging.getLogger("gpuguard.k8s")
 
@@ -70,6 +71,8 @@ class NodeCheck:
         if healthy_for < self.quiet_period_s:
             return f"node {cl.node}: GPUs healthy for {healthy_for:.0f}s of {self.quiet_period_s:.0f}s"
         removed = node_marks.unmark(cl, cl.node)
+        if cl.config.dra:
+            removed += Dra(cl).remove_rules(cl.node)
         self.healthy_since = None
         line = f"node {cl.node}: GPUs healthy for {healthy_for:.0f}s; removed " + "; ".join(removed)
         log.warning("%s", line)

@@ -61,13 +61,20 @@ def guard_permissions(config: KubernetesConfig) -> set[Permission]:
     return wanted
 
 
-def node_check_permissions() -> set[Permission]:
-    """The node check reads its node and removes gpuguard's taint, label and record from it.
+def node_check_permissions(dra: bool = False) -> set[Permission]:
+    """The node check reads its node and removes gpuguard's taint, label and record from it, and with
+    ``dra`` the DeviceTaintRules gpuguard created for the node's devices.
 
     RBAC cannot narrow this to "the node I run on" (resourceNames are fixed strings), so the node
     check runs under its own service account, apart from the training pods.
     """
-    return {Permission("", "nodes", "get"), Permission("", "nodes", "patch")}
+    wanted = {Permission("", "nodes", "get"), Permission("", "nodes", "patch")}
+    if dra:
+        wanted |= {
+            Permission(DRA_GROUP, "devicetaintrules", "list"),
+            Permission(DRA_GROUP, "devicetaintrules", "delete"),
+        }
+    return wanted
 
 
 def rules(permissions: set[Permission]) -> list[dict[str, Any]]:

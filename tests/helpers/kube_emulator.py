@@ -386,6 +386,20 @@ class KubeEmulator:
             node = selector.removeprefix("spec.nodeName=")
             items = [s for s in self.slices if not node or s["spec"].get("nodeName") == node]
             return 200, {"kind": "ResourceSliceList", "items": items}
+        if rest == "/devicetaintrules" and method == "GET":
+            if "devicetaintrules" not in served:
+                return _status(404, f"devicetaintrules are not served at resource.k8s.io/{version}")
+            wanted = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if "=" in part)
+            items = [r for r in self.taint_rules if _selects(wanted, r["metadata"].get("labels", {})) or not wanted]
+            return 200, {"kind": "DeviceTaintRuleList", "items": items}
+        if (m := re.fullmatch(r"/devicetaintrules/([^/]+)", rest)) and method == "DELETE":
+            if "devicetaintrules" not in served:
+                return _status(404, f"devicetaintrules are not served at resource.k8s.io/{version}")
+            found = [r for r in self.taint_rules if r["metadata"]["name"] == m.group(1)]
+            if not found:
+                return _status(404, f'devicetaintrules "{m.group(1)}" not found')
+            self.taint_rules.remove(found[0])
+            return 200, found[0]
         if rest == "/devicetaintrules" and method == "POST":
             if "devicetaintrules" not in served:
                 return _status(404, f"devicetaintrules are not served at resource.k8s.io/{version}")
