@@ -232,6 +232,20 @@ def test_the_example_job_is_the_generator_s_output() -> None:
     assert (ROOT / "examples" / "kubernetes" / "job.yaml").read_text() == out
 
 
+def test_the_kind_demo_grants_what_the_generator_grants_without_dra() -> None:
+    from gpuguard.k8s import JobSpec, KubernetesConfig, render
+
+    from conftest import ROOT
+
+    demo = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "examples" / "kubernetes" / "kind-demo.yaml").read_text())}
+    spec = JobSpec(name="gpuguard-demo", image="i", gpus=1, kubernetes=KubernetesConfig(dra=False), node_check=False)
+    generated = {d["kind"]: d for d in render(spec)}
+    for kind in ("Role", "ClusterRole"):
+        assert _rules(demo[kind]) == _rules(generated[kind]), kind
+    (container,) = demo["Job"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "GPUGUARD_KUBERNETES_DRA", "value": "false"} in container["env"]
+
+
 @pytest.mark.parametrize("name", ["job.yaml", "kind-demo.yaml"])
 @pytest.mark.parametrize("version", SCHEMAS)
 def test_the_examples_validate(name: str, version: str) -> None:
