@@ -277,12 +277,15 @@ def test_eviction_under_a_disruption_budget_is_refused_and_reported(kube: KubeEm
     assert "deletionTimestamp" not in kube.pods[("ml", "trainer-0")]["metadata"]
 
 
-def test_leave_by_deleting_the_pod_keeps_a_grace_period(kube: KubeEmulator) -> None:
-    assert evacuate(actions(kube, dra=False, leave="delete"))["leave-delete"][0] == "done"
+@pytest.mark.parametrize("grace", [None, 45])
+def test_leave_by_deleting_the_pod_keeps_a_grace_period(kube: KubeEmulator, grace: int | None) -> None:
+    kube.pods[("ml", "trainer-0")]["spec"]["terminationGracePeriodSeconds"] = 120
+    a = actions(kube, dra=False, leave="delete", delete_grace_period_s=grace)
+    assert evacuate(a)["leave-delete"][0] == "done"
     (delete,) = kube.received("DELETE", r"/pods/trainer-0$")
-    assert delete.body["gracePeriodSeconds"] == 30
+    assert delete.body.get("gracePeriodSeconds") == grace  # None: the pod's own applies
     pod = kube.pods[("ml", "trainer-0")]  # terminating, not gone: the process exits with its own code
-    assert pod["metadata"]["deletionGracePeriodSeconds"] == 30
+    assert pod["metadata"]["deletionGracePeriodSeconds"] == (grace or 120)
     assert "DisruptionTarget" not in [c["type"] for c in pod["status"]["conditions"]]
 
 
@@ -449,6 +452,8 @@ def test_no_cluster_means_off_unless_required(tmp_path: Path) -> None:
 
 
 def test_device_taint_effects_are_checked_at_configuration() -> None:
+    with pytest.raises(ConfigError, match=r"kubernetes\.delete_grace_period_s: 0 is not valid"):
+        KubernetesConfig(delete_grace_period_s=0)
     with pytest.raises(ConfigError, match=r"kubernetes\.taint_effect: 'PreferNoSchedule' is not valid; with dra=true"):
         KubernetesConfig(taint_effect="PreferNoSchedule")
     assert KubernetesConfig(taint_effect="PreferNoSchedule", dra=False).taint_effect == "PreferNoSchedule"

@@ -273,6 +273,8 @@ class KubernetesActions:
         # code, which the Job's podFailurePolicy reads (a kill at once would exit 137 and count as a
         # failure). A plain delete sets no DisruptionTarget condition; only eviction does.
         grace = self.config.delete_grace_period_s
-        options = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": grace}
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if grace is not None:  # else the pod's own terminationGracePeriodSeconds applies
+            options["gracePeriodSeconds"] = grace
         cl.call("delete", "pods", core.delete_namespaced_pod, cl.pod, cl.namespace, body=options, deadline=deadline)
-        return f"deleted (grace period {grace}s)"
+        return "deleted (" + (f"grace period {grace}s" if grace else "the pod's grace period") + ")"

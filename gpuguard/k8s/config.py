@@ -36,8 +36,9 @@ class KubernetesConfig:
         dra_driver: the DRA driver whose devices are GPUs.
         leave: ``exit`` with the code (the Job's podFailurePolicy reads it), or ``evict`` (the pod gets
             DisruptionTarget), or ``delete`` the pod.
-        delete_grace_period_s: with ``leave=delete``, the pod's grace period (at least 1: the process must
-            exit with its own code, which the Job's podFailurePolicy reads, before it is killed).
+        delete_grace_period_s: with ``leave=delete``, the grace period to ask for; None (default) keeps the
+            pod's own ``terminationGracePeriodSeconds``. At least 1: the process must exit with its own
+            code, which the Job's podFailurePolicy reads, before it is killed.
         deadline_s: all actions together may take this long; evacuation never waits longer.
         request_timeout_s: one API call may take this long.
         pod_health: read the pod's own allocatedResourcesStatus (KEP-4680) as health evidence.
@@ -55,7 +56,7 @@ class KubernetesConfig:
     dra: bool = True
     dra_driver: str = "gpu.nvidia.com"
     leave: Literal["exit", "evict", "delete"] = "exit"
-    delete_grace_period_s: int = 30
+    delete_grace_period_s: int | None = None
     deadline_s: float = 10.0
     request_timeout_s: float = 3.0
     pod_health: bool = True
@@ -77,7 +78,7 @@ class KubernetesConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"kubernetes.{name}", value, "must be a number of seconds greater than 0")
         grace = self.delete_grace_period_s
-        if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 1):
             raise ConfigError("kubernetes.delete_grace_period_s", grace, "must be a whole number of seconds, 1 or more")
         for name in ("condition", "event", "dra", "pod_health"):
             if not isinstance(getattr(self, name), bool):
