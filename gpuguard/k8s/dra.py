@@ -70,7 +70,7 @@ class Dra:
             listing = cl.call_json("get", GROUP, custom.get_api_resources, GROUP, version, deadline=deadline)
             names = {r.get("name") for r in listing.get("resources", [])}
             for name in names:  # cache every resource this version answers for
-                if name in CANDIDATES and name not in self._served:
+                if name in CANDIDATES and name not in self._served and version in CANDIDATES[name]:
                     self._served[name] = version
             if resource in names:
                 return version
