@@ -243,7 +243,7 @@ class KubeEmulator(Workloads):
                 return _status(422, f"Event is invalid: {problem}")
             event = copy.deepcopy(body)
             event["metadata"]["name"] = event["metadata"].get("name") or (
-                event["metadata"]["generateName"] + self._rv()
+                rules.generated_name(event["metadata"]["generateName"], self._rv().zfill(5))
             )
             self.events.append(event)
             return 201, event

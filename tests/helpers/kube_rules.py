@@ -103,6 +103,11 @@ NAME_RULES: Final = {
 }
 
 
+def generated_name(base: str, suffix: str = "x7k2p") -> str:
+    """apiserver/pkg/storage/names/generate.go: the base is cut to 58 characters, 5 random appended."""
+    return base[:58] + suffix
+
+
 # -- events: pkg/apis/core/validation/events.go ---------------------------------------------------
 
 MICRO_TIME: Final = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
@@ -130,7 +135,7 @@ def invalid_event(event: Any) -> str | None:
     if not MICRO_TIME.match(str(event["eventTime"])):
         return f"eventTime: {event['eventTime']!r} is not a MicroTime (RFC 3339 with six fractional digits)"
     meta = event.get("metadata", {})
-    name = meta.get("name") or (meta.get("generateName", "") + "abcde")
+    name = meta.get("name") or generated_name(meta.get("generateName", ""))
     return dns_subdomain(name) and f"metadata.name: Invalid value: {dns_subdomain(name)}"
 
 
