@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(snapshot.to_dict(), indent=2))
     else:
         print(format_snapshot(snapshot))
+        for note in snapshot.skipped:
+            print(f"gpuguard: {note}", file=sys.stderr)
     if args.check:
         passing = {HealthState.HEALTHY} | ({HealthState.UNKNOWN} if args.fail_mode == "open" else set())
         return EXIT_OK if all(d.state in passing for d in snapshot.devices) else EXIT_UNHEALTHY
