@@ -346,3 +346,12 @@ def test_health_never_imports_the_fake() -> None:
     code = "import sys, gpuguard.health, gpuguard.cli.status; print('gpuguard.fakenvml' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "False"
+
+
+def test_ci_tests_the_lowest_admitted_nvidia_ml_py() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = re.search(r'"nvidia-ml-py>=([0-9.]+)"', pyproject)
+    tested = re.search(r"^NVML_FLOOR=([0-9.]+)$", (ROOT / "scripts" / "test.sh").read_text(), re.MULTILINE)
+    assert floor and tested
+    # the first release of the admitted series (12.535.77 is the first 12.535 on PyPI)
+    assert tested.group(1).startswith(floor.group(1) + ".")

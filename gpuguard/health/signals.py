@@ -138,17 +138,18 @@ HARDWARE_CLOCK_EVENTS: Final[tuple[str, ...]] = ("hw_slowdown", "hw_thermal", "h
 SLOWDOWN_CLOCK_EVENTS: Final[tuple[str, ...]] = (*HARDWARE_CLOCK_EVENTS, "sw_thermal")
 
 
-# The NVML events gpuguard waits for, by the name rules and scenarios use. Bits missing from an older
-# pynvml are 0 and never match.
+# The NVML events gpuguard waits for, by the name rules and scenarios use. The driver's supported
+# mask (nvmlDeviceGetSupportedEventTypes) decides which of them a GPU registers.
 EVENT_TYPES: Final[dict[str, int]] = {
-    kind: int(getattr(pynvml, name, 0))
-    for kind, name in (
-        ("xid", "nvmlEventTypeXidCriticalError"),
-        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError"),
-        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure"),
-        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError"),
-        ("recovery_action", "nvmlEventTypeGpuRecoveryAction"),
-        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm"),
+    kind: nvml_constant(name, bit)
+    for kind, name, bit in (
+        # (readable kind, pynvml name, nvml.h value: resolved by name, so older bindings still register them)
+        ("xid", "nvmlEventTypeXidCriticalError", 0x0008),
+        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError", 0x0002),
+        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure", 0x0800),
+        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError", 0x4000),
+        ("recovery_action", "nvmlEventTypeGpuRecoveryAction", 0x8000),
+        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm", 0x0200),
     )
 }
 
