@@ -355,3 +355,48 @@ def test_ci_tests_the_lowest_admitted_nvidia_ml_py() -> None:
     assert floor and tested
     # the first release of the admitted series (12.535.77 is the first 12.535 on PyPI)
     assert tested.group(1).startswith(floor.group(1) + ".")
+
+
+def test_fabric_registration_failure_is_failing_and_in_progress_is_degraded(make_monitor: Any) -> None:
+    failed = [field_event("fabric_status", at=0, set=999)]
+    device = play(make_monitor({"gpus": 1, "nvlink_links": 18, "events": failed}), 5).devices[0]
+    assert (device.state, device.reasons[0].code) == (F, "FABRIC_REGISTRATION_FAILED")
+    assert device.readings["fabric_state"] == 3
+    waiting = [field_event("fabric_state", at=0, set=2)]
+    device = play(make_monitor({"gpus": 1, "nvlink_links": 18, "events": waiting}), 12).devices[0]
+    assert (device.state, device.reasons[0].code) == (D, "FABRIC_NOT_READY")
+    healthy = play(make_monitor({"gpus": 1, "nvlink_links": 18, "events": []}), 12).devices[0]
+    assert healthy.state is H and healthy.readings["fabric_state"] == 3
+    # no NVSwitch (the recorded H200): the signal is off, said once
+    assert "fabric" in play(make_monitor({"gpus": 1, "events": []}), 5).devices[0].signals_off
+
+
+class CountingNvml:
+    """Counts the nvml* calls made through it (the benchmark counts the same way)."""
+
+    def __init__(self, nvml: Any) -> None:
+        self.nvml, self.calls = nvml, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.nvml, name)
+        if not name.startswith("nvml") or isinstance(attr, type) or not callable(attr):
+            return attr
+
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return attr(*args)
+
+        return counted
+
+
+def test_a_poll_cycle_costs_at_most_three_nvml_calls_per_gpu_with_18_nvlinks() -> None:
+    counting = CountingNvml(FakeNvml.from_scenario({"gpus": 8, "nvlink_links": 18, "events": []}))
+    monitor = HealthMonitor(counting, devices="all")
+    snapshot = monitor.start(threads=False)
+    assert all(d.readings["nvlink_down"] == 0 for d in snapshot.devices)
+    before = counting.calls
+    for _ in range(12):
+        monitor.poll()
+    per_gpu_per_cycle = (counting.calls - before) / 12 / 8
+    monitor.stop()
+    assert per_gpu_per_cycle == 3.0  # one batched field read (with 18 link states), clock events, one in turn

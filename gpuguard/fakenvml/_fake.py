@@ -350,6 +350,21 @@ class FakeNvml:
         self._check(handle, "nvmlDeviceGetCurrPcieLinkGeneration")
         return int(self._recorded("pcie_gen"))
 
+    def nvmlDeviceGetGpuFabricInfo(self, handle: FakeHandle, info: Any) -> int:
+        """Fabric registration: NOT_SUPPORTED without NVLink (no NVSwitch, as on the recorded H200), else
+        COMPLETED with success unless the scenario sets ``fabric_state`` / ``fabric_status``.
+
+        pynvml passes the caller's ``c_nvmlGpuFabricInfo_t`` by reference and returns NVML's return code.
+        """
+        gpu = self._check(handle, "nvmlDeviceGetGpuFabricInfo")
+        self.calls += 1
+        target = getattr(info, "_obj", info)
+        if self.scenario.nvlink_links == 0 and not self._scripted(gpu, "fabric_state"):
+            raise pynvml.NVMLError_NotSupported()
+        target.state = int(self._value(gpu, "fabric_state", 3.0))
+        target.status = int(self._value(gpu, "fabric_status", 0.0))
+        return int(pynvml.NVML_SUCCESS)
+
     def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
         self._check(handle, "nvmlDeviceGetMaxPcieLinkWidth")
         return int(self._recorded("pcie_maxwidth"))

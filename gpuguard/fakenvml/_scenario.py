@@ -49,6 +49,7 @@ FAKE_CALLS: Final[tuple[str, ...]] = (
     "nvmlDeviceGetCurrPcieLinkGeneration",
     "nvmlDeviceGetUtilizationRates",
     "nvmlDeviceGetNvLinkState",
+    "nvmlDeviceGetGpuFabricInfo",
     "nvmlDeviceGetMemoryInfo",
     "nvmlDeviceGetPowerUsage",
     "nvmlDeviceGetSupportedEventTypes",

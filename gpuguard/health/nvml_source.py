@@ -292,9 +292,10 @@ class NvmlSource:
                 *(FieldSignal(f"nvlink_state_{i}", NVLINK_STATE_FIELD, "", i) for i in links),
             ]
         else:
-            # No NVLink here: its counters answer NotSupported, so leave them out of the batch.
+            # No NVLink here: its counters answer NotSupported, so leave them out of the batch; without
+            # NVLink there is no NVSwitch fabric either.
             names = [s.name for s in FIELD_SIGNALS if s.name.startswith("nvlink_")]
-            self._switch_off(device, *names, "nvlink_down")
+            self._switch_off(device, *names, "nvlink_down", "fabric")
 
     def _nvlink_links(self, device: DeviceInfo) -> list[int]:
         """The NVLinks this GPU has: those whose state answers, in one batched field read at start.
@@ -324,9 +325,10 @@ class NvmlSource:
     def read(self, device: DeviceInfo, now: float) -> Sample:
         """One poll of one GPU: one batched field read plus two single calls.
 
-        The clock event reasons are read every cycle; temperature, PCIe link width and utilization take
-        turns in the third call (all of them in the first cycle), which keeps a cycle at three NVML
-        calls per GPU however many NVLinks it has.
+        The batch carries the counters and one state entry per NVLink; the clock event reasons are read
+        every cycle; temperature, PCIe link width, utilization and the NVSwitch fabric state take turns
+        in the third call (all of them in the first cycle; signals a GPU lacks drop out of the turns).
+        A cycle is three NVML calls per GPU however many NVLinks it has.
 
         Never raises for the GPU's sake: a lost GPU, a GPU that needs a reset and failed calls come
         back in the sample; a call the GPU does not answer switches that signal off for it.
@@ -345,9 +347,8 @@ class NvmlSource:
         try:
             reset = self._read_fields(device, readings, errors)
             if not reset:
-                calls = (
-                    [*ROTATING_CALLS] if device.cycles == 0 else [ROTATING_CALLS[device.cycles % len(ROTATING_CALLS)]]
-                )
+                turns = [c for c in ROTATING_CALLS if c not in device.signals_off]
+                calls = turns if device.cycles == 0 or not turns else [turns[device.cycles % len(turns)]]
                 for name in ("clock_events", *calls):
                     reset = self._read_call(device, readings, errors, name)
                     if reset:
@@ -415,6 +416,8 @@ class NvmlSource:
             "pcie_link_width": ("nvmlDeviceGetCurrPcieLinkWidth", lambda: nv.nvmlDeviceGetCurrPcieLinkWidth(h)),
             "utilization": ("nvmlDeviceGetUtilizationRates", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
         }
+        if name == "fabric":
+            return self._read_fabric(device, readings, errors)
         call, fn = calls[name]
         if getattr(nv, call, None) is None:  # this nvidia-ml-py release lacks the binding
             self._switch_off(device, name)
@@ -424,6 +427,30 @@ class NvmlSource:
             return True
         if value is not None:
             readings[name] = value
+        return False
+
+    def _read_fabric(self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str]) -> bool:
+        """The GPU's NVSwitch fabric registration (nvmlDeviceGetGpuFabricInfo); off where there is no fabric."""
+        nv = self.nvml
+        info_type = getattr(nv, "c_nvmlGpuFabricInfo_t", None)
+        fn = getattr(nv, "nvmlDeviceGetGpuFabricInfo", None)
+        if info_type is None or fn is None:
+            self._switch_off(device, "fabric")
+            return False
+        info = info_type()
+        got = self._device_call(
+            device, errors, "nvmlDeviceGetGpuFabricInfo", "fabric", fn, device.handle, ctypes.byref(info)
+        )
+        if got is _RESET:
+            return True
+        if got is None and "fabric" in device.signals_off:
+            return False
+        state = int(info.state)
+        if state == 0:  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED: no NVSwitch fabric on this system
+            self._switch_off(device, "fabric", why="no NVSwitch fabric")
+            return False
+        readings["fabric_state"] = state
+        readings["fabric_status"] = int(info.status)
         return False
 
     def _device_call(

@@ -16,6 +16,7 @@ from typing import Any
 from gpuguard.health.config import HealthConfig
 from gpuguard.health.model import HealthState, Reason, Remedy
 from gpuguard.health.signals import (
+    FABRIC_STATES,
     RECOVERY_ACTIONS,
     SLOWDOWN_CLOCK_EVENTS,
     clock_event_names,
@@ -173,6 +174,7 @@ class DeviceRules:
             "NVLINK_REPLAY_RECOVERY": _Persistence(0.0, c.quiet_s),
             "THERMAL_VIOLATION": _Persistence(c.clock_event_onset_s, c.quiet_s),
             "POWER_VIOLATION": _Persistence(c.clock_event_onset_s, c.quiet_s),
+            "FABRIC_NOT_READY": _Persistence(c.onset_s, c.quiet_s),
         }
         self._xid_seen: dict[int, tuple[float, int]] = {}  # xid -> (last seen, count)
         self._failed_polls = 0
@@ -410,6 +412,38 @@ class DeviceRules:
             )
         self._check_nvlink_errors(r, now)
         self._check_violations(r, now)
+        self._check_fabric(r, now)
+
+    def _check_fabric(self, r: Mapping[str, Reading], now: float) -> None:
+        """NVSwitch systems: a GPU whose fabric registration failed cannot use NVLink (CUDA reports the
+        system not ready); one still registering is not ready yet. NVIDIA Fabric Manager user guide;
+        DCGM_FR_CUDA_FM_NOT_INITIALIZED_NEXT: "Ensure that the FabricManager is running without errors."
+        """
+        if "fabric_state" not in r:
+            return
+        state, status = int(r["fabric_state"]), int(r.get("fabric_status", 0))
+        name = FABRIC_STATES.get(state, str(state))
+        if state == 3 and status != 0:
+            self._hard(
+                "FABRIC_REGISTRATION_FAILED",
+                HealthState.FAILING,
+                Remedy.CONTACT_SUPPORT,
+                f"NVSwitch fabric registration failed (NVML error {status}); check the fabric manager",
+                {"fabric_state": name, "fabric_status": status},
+                now,
+            )
+        self._soft(
+            "FABRIC_NOT_READY",
+            state in (1, 2),
+            now,
+            Reason(
+                "FABRIC_NOT_READY",
+                HealthState.DEGRADED,
+                f"NVSwitch fabric registration {name}; NVLink is not usable until it completes",
+                Remedy.OBSERVE,
+                {"fabric_state": name},
+            ),
+        )
 
     def _check_nvlink_errors(self, r: Mapping[str, Reading], now: float) -> None:
         """DCGM's NVLink rules (DcgmHealthWatch::MonitorNVLink, dcgm GpuHardwareLimits.h), over the last minute.

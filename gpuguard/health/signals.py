@@ -84,7 +84,10 @@ FIELD_SIGNALS: Final[tuple[FieldSignal, ...]] = (
 NVLINK_STATE_FIELD: Final[int] = int(pynvml.NVML_FI_DEV_NVLINK_GET_STATE)
 
 # The single calls that take turns as a cycle's third call (all of them in a monitor's first cycle).
-ROTATING_CALLS: Final[tuple[str, ...]] = ("temperature", "pcie_link_width", "utilization")
+ROTATING_CALLS: Final[tuple[str, ...]] = ("temperature", "pcie_link_width", "utilization", "fabric")
+
+# nvmlGpuFabricState_t (nvml.h): the GPU's registration with the NVSwitch fabric (fabric manager).
+FABRIC_STATES: Final[dict[int, str]] = {0: "NOT_SUPPORTED", 1: "NOT_STARTED", 2: "IN_PROGRESS", 3: "COMPLETED"}
 
 CALL_SIGNALS: Final[tuple[CallSignal, ...]] = (
     CallSignal("temperature", "GPU temperature, °C (nvmlDeviceGetTemperature)"),
@@ -92,6 +95,8 @@ CALL_SIGNALS: Final[tuple[CallSignal, ...]] = (
     CallSignal("pcie_link_width", "current PCIe link width (nvmlDeviceGetCurrPcieLinkWidth)"),
     CallSignal("utilization", "GPU utilization, % (nvmlDeviceGetUtilizationRates)"),
     CallSignal("nvlink_down", "NVLink links down (NVML_FI_DEV_NVLINK_GET_STATE, one field per link)"),
+    CallSignal("fabric_state", "NVSwitch fabric registration: 1 NOT_STARTED, 2 IN_PROGRESS, 3 COMPLETED"),
+    CallSignal("fabric_status", "NVSwitch fabric registration result, an nvmlReturn_t (0: success)"),
 )
 
 NVLINK_ERROR_SIGNALS: Final[tuple[str, ...]] = (
