@@ -400,3 +400,32 @@ def test_a_poll_cycle_costs_at_most_three_nvml_calls_per_gpu_with_18_nvlinks() -
     per_gpu_per_cycle = (counting.calls - before) / 12 / 8
     monitor.stop()
     assert per_gpu_per_cycle == 3.0  # one batched field read (with 18 link states), clock events, one in turn
+
+
+def test_a_link_whose_state_read_fails_is_skipped_alone(make_monitor: Any) -> None:
+    events = [
+        {"at": 0, "gpu": 0, "error": "Unknown", "call": "nvmlDeviceGetNvLinkState", "link": 2},
+        {"at": 3, "gpu": 0, "field": "nvlink_down", "set": 9},
+    ]
+    monitor = make_monitor({"gpus": 1, "nvlink_links": 18, "events": events})
+    assert monitor.snapshot().devices[0].state is H
+    device = play(monitor, 4).devices[0]
+    # the links after the failing one are still read: link 9 going down is seen and named
+    assert (device.state, device.reasons[0].evidence["links_down"]) == (F, [9])
+    assert device.reasons[0].evidence["nvlink_links"] == 17
+
+
+def test_pcie_replay_threshold_follows_the_link_generation(make_monitor: Any, tmp_path: Path, h200_probe: Path) -> None:
+    # 0.4 replays/s = 24/min over x16: under Gen5's 16 x 1.92 = 30.72/min, over Gen4's 15.36/min
+    # (half the transfer rate, so half the replays at the same bit error rate).
+    data = json.loads(h200_probe.read_text())
+    data["calls"]["pcie_gen"]["value"] = 4
+    gen4 = tmp_path / "gen4.json"
+    gen4.write_text(json.dumps(data))
+    events = [field_event("pcie_replay", at=0, add_per_s=0.4)]
+    on_gen5 = play(make_monitor({"gpus": 1, "events": events, "recording": str(h200_probe)}), 40).devices[0]
+    assert on_gen5.state is H
+    device = play(make_monitor({"gpus": 1, "events": events, "recording": str(gen4)}), 40).devices[0]
+    reason = device.reasons[0]
+    assert (device.state, reason.code, reason.remedy) == (D, "PCIE_REPLAY_RATE", Remedy.CONTACT_SUPPORT)
+    assert (reason.evidence["pcie_generation"], reason.evidence["threshold_per_min"]) == (4, 15.36)

@@ -181,7 +181,7 @@ class FakeNvml:
             if e.lost:
                 raise pynvml.NVMLError_GpuIsLost()
             targeted = e.call == call if e.call is not None else generic
-            if not targeted:
+            if not targeted or e.link is not None:  # a per-link step fails that link alone
                 continue
             if e.error is not None and (e.until is None or now < e.until):
                 raise getattr(pynvml, f"NVMLError_{e.error}")()
@@ -382,6 +382,12 @@ class FakeNvml:
         if link >= self.scenario.nvlink_links:
             slot.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
             return
+        now = self.clock()
+        for e in self._events(gpu, now):
+            # A step with "link" fails that link's state alone (in the batch, its own nvmlReturn).
+            if e.link == link and e.error is not None and (e.until is None or now < e.until):
+                slot.nvmlReturn = int(getattr(pynvml, f"NVMLError_{e.error}")().value)
+                return
         down = self._links_down(gpu)
         slot.nvmlReturn = pynvml.NVML_SUCCESS
         slot.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
@@ -394,6 +400,10 @@ class FakeNvml:
     def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
         gpu = self._check(handle, "nvmlDeviceGetNvLinkState")
         self.calls += 1
+        now = self.clock()
+        for e in self._events(gpu, now):
+            if e.link == link and e.error is not None and (e.until is None or now < e.until):
+                raise getattr(pynvml, f"NVMLError_{e.error}")()
         if link >= self.scenario.nvlink_links:
             if self.scenario.nvlink_links == 0:
                 return int(self._recorded(f"nvlink_state_{link}"))  # raises NotSupported, as on the H200

@@ -19,7 +19,7 @@ from gpuguard.health.signals import CLOCK_EVENTS, EVENT_TYPES, FIELD_BY_NAME, RE
 EVENT_NAMES: Final[tuple[str, ...]] = tuple(kind for kind in EVENT_TYPES if kind != "xid")
 _CHANGES: Final = ("set", "add", "add_per_s")
 _EVENT_KEYS: Final = frozenset(
-    {"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", "call", *_CHANGES}
+    {"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", "call", "link", *_CHANGES}
 )
 
 # The pynvml functions gpuguard calls, which an "error" or "timeouts" step may target with "call".
@@ -80,6 +80,7 @@ class ScenarioEvent:
     timeouts: int = 0
     error: str | None = None
     call: str | None = None
+    link: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,13 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
         if "call" in raw and (kind not in ("error", "timeouts") or call not in FAKE_CALLS):
             allowed = "allowed with 'error' or 'timeouts' only: " + ", ".join(FAKE_CALLS)
             raise ScenarioError(f"{where}.call", call, allowed)
+        link = None
+        if "link" in raw:
+            if call != "nvmlDeviceGetNvLinkState" or kind != "error":
+                raise ScenarioError(
+                    f"{where}.link", raw["link"], "goes with 'error' and call 'nvmlDeviceGetNvLinkState'"
+                )
+            link = _whole(f"{where}.link", raw["link"], 0, 17)
         if kind == "field":
             name = raw["field"]
             if not isinstance(name, str) or (name not in SIGNAL_NAMES and name not in nvml_fields):
@@ -239,7 +247,7 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     name,
                     "must name a pynvml error class without its prefix, e.g. 'Unknown'",
                 )
-            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call))
+            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link))
     events.sort(key=lambda e: e.at)
     extra = {k: data[k] for k in ("name", "description") if k in data}
     return Scenario(
