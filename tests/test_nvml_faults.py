@@ -429,3 +429,16 @@ def test_pcie_replay_threshold_follows_the_link_generation(make_monitor: Any, tm
     reason = device.reasons[0]
     assert (device.state, reason.code, reason.remedy) == (D, "PCIE_REPLAY_RATE", Remedy.CONTACT_SUPPORT)
     assert (reason.evidence["pcie_generation"], reason.evidence["threshold_per_min"]) == (4, 15.36)
+
+
+def test_rebuilding_the_event_set_does_not_replay_past_events(make_monitor: Any) -> None:
+    events = [
+        {"at": 1, "gpu": 0, "xid": 94},
+        {"at": 2, "gpu": 1, "error": "GpuIsLost", "call": "nvmlEventSetWait_v2"},
+        {"at": 4, "gpu": 0, "xid": 94},
+    ]
+    monitor = make_monitor({"gpus": 2, "events": events})
+    snapshot = play(monitor, 5)
+    assert [d.state for d in snapshot.devices] == [D, L]
+    (xid,) = [r for r in snapshot.devices[0].reasons if r.code == "XID"]
+    assert xid.evidence["count"] == 2  # the two XIDs, each once

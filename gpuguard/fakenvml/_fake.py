@@ -427,7 +427,11 @@ class FakeNvml:
 
     def nvmlEventSetCreate(self) -> _EventSet:
         self._require_init()
-        return _EventSet()
+        event_set = _EventSet()
+        # A new set sees only events from its creation on, as NVML's do: past ones are not replayed.
+        now = self.clock()
+        event_set.delivered = sum(1 for at, *_ in self._timeline if at < now)
+        return event_set
 
     def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: _EventSet) -> None:
         self._check(handle, "nvmlDeviceRegisterEvents")
