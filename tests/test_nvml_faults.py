@@ -442,3 +442,27 @@ def test_rebuilding_the_event_set_does_not_replay_past_events(make_monitor: Any)
     assert [d.state for d in snapshot.devices] == [D, L]
     (xid,) = [r for r in snapshot.devices[0].reasons if r.code == "XID"]
     assert xid.evidence["count"] == 2  # the two XIDs, each once
+
+
+def test_the_threaded_monitor_watches_a_node_with_every_open_and_call_failure_at_once() -> None:
+    scenario = {
+        "gpus": 6,
+        "nvlink_links": 18,
+        "events": [
+            {"at": 0, "gpu": 0, "lost": True},
+            {"at": 0, "gpu": 1, "error": "NoPermission", "call": "nvmlDeviceGetHandleByIndex"},
+            {"at": 0, "gpu": 2, "error": "FunctionNotFound", "call": "nvmlDeviceGetCurrentClocksEventReasons"},
+            {"at": 0, "gpu": 3, "field": "nvlink_down", "set": 5},
+            {"at": 0.3, "gpu": 4, "error": "ResetRequired"},
+            {"at": 0.3, "gpu": 2, "field": "ecc_dbe_volatile", "set": 1},
+        ],
+    }
+    fake = FakeNvml.from_scenario(scenario, realtime=True)
+    with HealthMonitor(fake, HealthConfig(poll_interval_s=0.2, event_wait_s=0.2), devices="all") as monitor:
+        snapshot = wait_for(monitor, lambda s: [d.state for d in s.devices] == [L, F, F, F, H])
+    assert [d.index for d in snapshot.devices] == [0, 2, 3, 4, 5]
+    assert snapshot.skipped and snapshot.skipped[0].startswith("GPU 1: skipped")
+    by_index = {d.index: d for d in snapshot.devices}
+    assert "clock_events" in by_index[2].signals_off and by_index[2].reasons[0].code == "ECC_DBE_VOLATILE"
+    assert by_index[3].reasons[0].evidence["links_down"] == [5]
+    assert by_index[4].reasons[0].code == "GPU_RESET_REQUIRED"

@@ -156,7 +156,7 @@ def _row(d: DeviceHealth) -> list[str]:
     reasons = "; ".join(f"{x.code}" + (f"({x.evidence['xid']})" if "xid" in x.evidence else "") for x in d.reasons)
     return [
         str(d.index),
-        d.uuid,
+        d.uuid or d.pci_bus_id or "-",  # a GPU lost at start may have no readable UUID
         d.state.value,
         temp,
         _cell(r, "ecc_sbe_volatile", "ecc_dbe_volatile"),
