@@ -466,3 +466,20 @@ def test_the_threaded_monitor_watches_a_node_with_every_open_and_call_failure_at
     assert "clock_events" in by_index[2].signals_off and by_index[2].reasons[0].code == "ECC_DBE_VOLATILE"
     assert by_index[3].reasons[0].evidence["links_down"] == [5]
     assert by_index[4].reasons[0].code == "GPU_RESET_REQUIRED"
+
+
+def test_a_job_gpu_that_nvml_does_not_know_is_unknown_and_the_others_watched() -> None:
+    fake = FakeNvml.replay(gpus=2)
+    known = "GPU-19a36126-98b4-8ad1-96d3-832414cda6ed"  # the fake's GPU 1
+    monitor = HealthMonitor(fake, devices=["GPU-00000000-0000-0000-0000-000000000000", known])
+    snapshot = monitor.start(threads=False)
+    monitor.stop()
+    assert snapshot.available
+    missing, present = snapshot.devices
+    assert (missing.uuid, missing.state, missing.reasons[0].code) == (
+        "GPU-00000000-0000-0000-0000-000000000000",
+        U,
+        "NVML_UNRESPONSIVE",
+    )
+    assert "Not Found" in missing.reasons[0].message
+    assert (present.index, present.uuid, present.state) == (1, known, H)

@@ -167,7 +167,8 @@ class NvmlSource:
 
         Raises:
             NvmlUnavailableError: NVML itself cannot be used.
-            NvmlError: an index or UUID in ``selection`` that NVML does not know.
+            NvmlError: an index in ``selection`` past the GPUs NVML counts. (A UUID NVML does not know is
+                an UNKNOWN entry: the job's GPU is missing, which must show, and the others are watched.)
         """
         nv = self.nvml
         self._call("nvmlInit", nv.nvmlInit)
@@ -180,7 +181,7 @@ class NvmlSource:
         for target in targets:
             if isinstance(target, int) and not 0 <= target < count:
                 continue
-            device = self._open_one(target, len(devices), missing)
+            device = self._open_one(target, len(devices))
             if device is not None:
                 devices.append(device)
         if missing:
@@ -191,7 +192,7 @@ class NvmlSource:
         self._by_handle = {_handle_key(d.handle): d for d in devices if d.handle is not None}
         return devices
 
-    def _open_one(self, target: int | str, key: int, missing: list[str]) -> DeviceInfo | None:
+    def _open_one(self, target: int | str, key: int) -> DeviceInfo | None:
         nv = self.nvml
         index, uuid, pci = (target, "", "") if isinstance(target, int) else (-1, target, "")
         call = "nvmlDeviceGetHandleByIndex" if isinstance(target, int) else "nvmlDeviceGetHandleByUUID"
@@ -205,10 +206,6 @@ class NvmlSource:
                 call = "nvmlDeviceGetUUID"
                 uuid = _text(self._retry(nv.nvmlDeviceGetUUID, handle))
         except pynvml.NVMLError as exc:
-            code = _code(exc)
-            if code == pynvml.NVML_ERROR_NOT_FOUND and not isinstance(target, int):
-                missing.append(target)
-                return None
             if call == "nvmlDeviceGetUUID":
                 pci = self._pci_bus_id(handle)
             return self._open_failed(key, index, uuid, pci, call, exc)
