@@ -3,7 +3,10 @@ and leaves with an exit code the cluster understands."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
+import statistics
 import threading
 import time
 from collections.abc import Iterable, MutableMapping
@@ -16,11 +19,14 @@ from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint.store import CheckpointInfo
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
+from gpuguard.guard._exit import close_at_exit
+from gpuguard.guard._signals import PreemptionSignals, signal_name
+from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
 from gpuguard.guard.steptime import SlowdownDetector, StepClock
-from gpuguard.health.model import HealthChange, Reason
+from gpuguard.health.model import HealthChange, HealthState, Reason
 from gpuguard.health.monitor import HealthMonitor
 from gpuguard.plugins import plugin_manager
 
@@ -59,6 +65,9 @@ class EvacuationReport:
     checkpoint_id: str | None = None
     error: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    signal: str | None = None
+    signal_to_durable_s: float | None = None
+    resume_from: dict[str, Any] | None = None
 
 
 class Guard:
@@ -71,13 +80,16 @@ class Guard:
                 train_step()
                 guard.step(step)          # after the optimizer step: reads a flag, records the time
 
-    Obligations: call `step` once per training step, on every rank, with the same step numbers,
-    after the optimizer step (the checkpoint holds the state *after* ``step``). With
-    ``torch.distributed``, initialise the process group before the guard starts.
+    Obligations: call `step` once per training step, on every rank, with the same increasing step
+    numbers, after the optimizer step (the checkpoint holds the state *after* ``step``). With
+    ``torch.distributed``, initialise the process group before the guard starts. Start the guard on
+    the main thread, so it can catch SIGTERM (``preemption_signals``).
 
     Args:
         checkpoint_dir: fsspec URL of the checkpoints (or ``GPUGUARD_CHECKPOINT_DIR``, or the config file).
-        state: what to checkpoint: modules, optimizers, schedulers, tensors, JSON-able values.
+        state: what to checkpoint: modules, optimizers, schedulers, data loaders and anything with
+            ``state_dict``/``load_state_dict``, ``torch.Generator``, tensors, dicts (restored in
+            place), JSON-able values. Checked when the guard starts.
         config_file: a YAML file of settings (or ``GPUGUARD_CONFIG``).
         nvml: a ``pynvml``-compatible module; `gpuguard.fakenvml.FakeNvml` in tests and demos.
         plugins: objects with ``@gpuguard.hookimpl`` methods.
@@ -85,6 +97,7 @@ class Guard:
 
     Raises:
         ConfigError: at construction, naming the setting, the value and what is allowed.
+        UnsupportedStateError: at `start`, naming the path of a value a checkpoint cannot hold.
 
     Example:
         >>> import torch, gpuguard
@@ -96,7 +109,7 @@ class Guard:
 
     def __init__(
         self,
-        checkpoint_dir: str | None = None,
+        checkpoint_dir: str | Path | None = None,
         state: MutableMapping[str, Any] | None = None,
         *,
         config_file: str | Path | None = None,
@@ -133,8 +146,17 @@ class Guard:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
-        self._prepared = False
         self._last_periodic_at = time.monotonic()
+        # Decisions from outside the ladder (a preemption signal, `request_evacuation`): sticky, and
+        # a separate int so the guard thread's ladder verdicts never overwrite them.
+        self._forced: Decision | None = None
+        self._forced_action = 0
+        self._preempted: tuple[int, float] | None = None  # (signal, time.monotonic())
+        self._signals: PreemptionSignals | None = None
+        self._last_step = -1
+        self._resumed_step: int | None = None
+        self._reported: set[str] = set()
+        self._evacuating = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,6 +165,7 @@ class Guard:
         if self._started:
             return self
         c = self.config
+        check_state(self.state)  # before anything starts: a state that cannot be saved fails now, not in an emergency
         self.store = CheckpointStore(c.checkpoint_dir, c.storage_options, keep=c.keep)
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
@@ -151,27 +174,67 @@ class Guard:
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
         self.monitor.subscribe(self._on_health_change)
+        self._say_what_is_watched()
+        self._signals = PreemptionSignals(c.preemption_signals, self._on_preemption_signal)
+        self._signals.install()
+        if c.termination_grace_s is not None and c.preemption_deadline_s >= c.termination_grace_s:
+            log.warning(
+                "gpuguard: preemption_deadline_s=%gs does not fit in the pod's grace period of %gs: the kubelet "
+                "may kill the job before its emergency checkpoint commits; lower the deadline or raise "
+                "terminationGracePeriodSeconds",
+                c.preemption_deadline_s,
+                c.termination_grace_s,
+            )
         self._schedule_next(-1)
         self._thread = threading.Thread(target=self._watch, name="gpuguard-guard", daemon=True)
         self._thread.start()
         self._started = True
+        close_at_exit(self)
         self._evaluate()
         return self
 
-    def close(self) -> None:
-        """Stop watching; wait for periodic checkpoints in flight so a normal end loses none."""
+    def _say_what_is_watched(self) -> None:
+        """Loudly, once: a job that trains unmonitored must know it."""
+        assert self.monitor is not None
+        snapshot = self.monitor.snapshot()
+        if not snapshot.available:
+            if self.config.health.fail_mode == "closed":
+                log.error("gpuguard: GPU health cannot be read (%s); fail_mode=closed: leaving", snapshot.error)
+            else:
+                log.error(
+                    "gpuguard: GPU health is NOT monitored (%s): training continues unwatched (fail_mode=open); "
+                    "periodic and preemption checkpoints still run. Set health.fail_mode=closed to refuse.",
+                    snapshot.error,
+                )
+            return
+        for device in snapshot.devices:
+            if device.state.severity >= HealthState.FAILING.severity:
+                reason = device.reasons[0].message if device.reasons else ""
+                log.error(
+                    "gpuguard: GPU %s is %s at start (%s): the job leaves at its first step",
+                    device.index,
+                    device.state.value,
+                    reason,
+                )
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop watching; wait for periodic checkpoints in flight so a normal end loses none.
+
+        Args:
+            timeout_s: the longest to wait for them (``commit_timeout_s`` by default); one not
+                committed by then is named in the log, with the checkpoint a resume would use.
+        """
         if not self._started:
             return
         self._started = False
+        self._next_check = 0  # a step() after close() takes the slow path, which refuses it
         self._stop.set()
         self._wake.set()
+        if self._signals is not None:
+            self._signals.restore()
         if self._thread:
             self._thread.join(5)
-        for pending in self.periodic:
-            try:
-                pending.wait()
-            except Exception as exc:
-                log.error("periodic checkpoint %s failed: %s", pending.id, exc)
+        settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
         if self.agreement:
             self.agreement.close()
         if self.monitor:
@@ -181,13 +244,100 @@ class Guard:
             self.plugins.unregister(self.kubernetes)
             self.kubernetes = None
         if self.store:
-            self.store.close()
+            store = self.store
+            closer = threading.Thread(target=store.close, name="gpuguard-store-close", daemon=True)
+            closer.start()
+            # A stuck upload must not hold the exit: the store's close waits for it, so only so long.
+            closer.join(None if settled else 1.0)
+
+    def _wait_for_periodic(self, timeout_s: float) -> bool:
+        """Wait for the periodic saves in flight, within ``timeout_s``; True when none is left running."""
+        settled = True
+        deadline = time.monotonic() + timeout_s
+        for pending in self.periodic:
+            try:
+                info = pending.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                settled = False
+                log.error(
+                    "gpuguard: periodic checkpoint %s (step %d) not committed within %.0fs; %s",
+                    pending.id,
+                    pending.step,
+                    timeout_s,
+                    self.resume_point_text(),
+                )
+            except Exception as exc:
+                log.error("gpuguard: periodic checkpoint %s (step %d) failed: %s", pending.id, pending.step, exc)
+            else:
+                if info is not None or self.rank != 0:
+                    log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
+        self.periodic = []
+        return settled
+
+    def _resume_point(self) -> dict[str, Any] | None:
+        """The checkpoint the next pod will resume from (a storage read: only on the way out)."""
+        try:
+            assert self.store is not None
+            latest = self.store.latest()
+        except Exception as exc:
+            return {"error": f"cannot list checkpoints: {exc}"}
+        return None if latest is None else {"id": latest.id, "step": latest.step, "reason": latest.reason}
+
+    def resume_point_text(self) -> str:
+        """Which checkpoint the next run will resume from, in words (reads the storage)."""
+        return self._describe(self._resume_point())
 
     def __enter__(self) -> Guard:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # Leaving on an evacuation (or any error): the GPU may be bad and the pod may be going away,
+        # so periodic saves still in flight get a short bound; the emergency one is already durable.
+        self.close(None if exc is None else min(10.0, self.config.commit_timeout_s))
+
+    # -- acting from outside the training loop -------------------------------------------------
+
+    def checkpoint_now(self) -> None:
+        """Take a periodic-style checkpoint soon: at the next step in one process, at the next
+        agreement (within ``sync_every`` steps) with several ranks. Safe from any thread."""
+        self._periodic_due = True
+        if not self._distributed:
+            self._urgent = True
+
+    def request_evacuation(self, reason: str) -> None:
+        """Leave through the ladder's reschedule path: every rank checkpoints one agreed step, then
+        `step` raises `Evacuation` with ``reschedule_exit_code``. Safe from any thread.
+
+        Args:
+            reason: one sentence for the log, the checkpoint's evidence and the Kubernetes Event.
+        """
+        self._force(Decision(Action.RESCHEDULE, "reschedule", str(reason), evidence={"requested": True}))
+
+    def _force(self, decision: Decision) -> None:
+        if self._forced is None or decision.action > self._forced.action:
+            self._forced = decision
+        self._forced_action = max(self._forced_action, int(decision.action))
+        if not self._distributed:
+            self._urgent = True
+
+    def _on_preemption_signal(self, signum: int) -> None:
+        # In a signal handler: record and return; the training thread acts at its next step().
+        if self._preempted is None:
+            self._preempted = (signum, time.monotonic())
+        name = signal_name(signum)
+        self._force(
+            Decision(
+                Action.RESCHEDULE,
+                "reschedule",
+                f"{name} received: the pod is being stopped (preemption, eviction or node drain)",
+                evidence={"signal": name, "preemption_deadline_s": self.config.preemption_deadline_s},
+            )
+        )
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet closed."""
+        return self._started
 
     @property
     def rank(self) -> int:
@@ -231,7 +381,7 @@ class Guard:
     def _prepare(self) -> None:
         try:
             assert self.store is not None
-            seconds = self.store.prepare(self.state)
+            seconds = self.store.prepare(checkpointable(self.state))
             log.info("staging buffer ready in %.2fs", seconds)
         except Exception as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
@@ -246,12 +396,17 @@ class Guard:
         if not self._started:
             self.start()
         assert self.store is not None
+        view = checkpointable(self.state)
+        before = dict(view)
         try:
-            step = self.store.load(self.state, rank=self.rank, fallback=True)
+            step = self.store.load(view, rank=self.rank, fallback=True)
         except CheckpointNotFoundError:
-            log.info("no checkpoint under %s: starting from step 0", self.config.checkpoint_dir)
+            log.warning("gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir)
             return 0
-        log.info("resumed from step %d", step)
+        write_back(self.state, before, view)
+        log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
+        self._resumed_step = step
+        self._last_step = step
         self._schedule_next(step)
         return step + 1
 
@@ -264,31 +419,81 @@ class Guard:
         once, in a single process, when something is wrong) it takes the slow path: agree, and if the
         agreement says so, checkpoint and raise `Evacuation`.
 
+        A step that is not an int, is negative, repeats, goes backwards or lies below the resumed
+        step is reported once (checkpoints are named by step, and `resume` returns the one after).
+
         Raises:
-            Evacuation: after the emergency checkpoint is durable.
+            Evacuation: after the emergency checkpoint is committed (or failed: the job leaves anyway).
+            GpuGuardError: before `start` (or ``with``) or after `close`: the job would train unwatched.
         """
         self.steps.tick(time.perf_counter())
+        if step.__class__ is not int or step <= self._last_step:
+            step = self._odd_step(step)
+        self._last_step = step
         if step < self._next_check and not self._urgent:
             return
         self._slow_path(step)
 
+    def _odd_step(self, step: Any) -> int:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            self._report_once(
+                "type",
+                f"guard.step({step!r}): the step must be an int (a {type(step).__name__} was passed); "
+                "counting steps from the previous one instead",
+            )
+            return self._last_step + 1
+        step = int(step)  # numpy integers are fine
+        if step > self._last_step:
+            return int(step)
+        if step < 0:
+            self._report_once("negative", f"guard.step({step}): step numbers start at 0")
+        elif self._resumed_step is not None and step <= self._resumed_step:
+            self._report_once(
+                "resumed",
+                f"guard.step({step}) lies at or below the resumed step {self._resumed_step} "
+                f"(resume() returned {self._resumed_step + 1}): start the loop at resume()'s value",
+            )
+        else:
+            self._report_once(
+                "order",
+                f"guard.step({step}) after guard.step({self._last_step}): steps must increase; a checkpoint is "
+                "named by its step and resume() returns the one after it, so repeated or decreasing numbers "
+                "(a per-epoch batch index, say) resume at the wrong place",
+            )
+        return int(step)
+
+    def _report_once(self, kind: str, message: str) -> None:
+        if kind not in self._reported:
+            self._reported.add(kind)
+            log.warning("gpuguard: %s (reported once)", message)
+
     def _slow_path(self, step: int) -> None:
         c = self.config
+        if not self._started:
+            raise GpuGuardError(
+                "guard.step() called on a guard that is not running: the job would train unwatched and "
+                "unprotected. Use `with gpuguard.Guard(...) as guard:`, or call guard.start() (or "
+                "guard.resume(), which starts it) before the loop, and do not call step() after close()"
+            )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
             # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
             self._prepared = True
             threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
         agreed: Agreed = NOTHING
+        action = max(self._local_action, self._forced_action)
         if self._distributed:
-            if step % c.sync_every == 0:
-                assert self.agreement is not None
-                recent = self.steps.recent(1)
-                agreed = self.agreement.exchange(self._local_action, self._periodic_due, recent[0] if recent else 0.0)
+            assert self.agreement is not None
+            if self.agreement.pending:  # started at the previous call: read it one step later
+                agreed = self.agreement.finish()
                 if agreed.slowest_rank >= 0:
                     self.slowest = (agreed.slowest_rank, agreed.slowest_step_s)
+            if step % c.sync_every == 0 and not agreed.action:
+                recent = self.steps.recent(1)
+                self.agreement.begin(action, self._periodic_due, recent[0] if recent else 0.0)
+                self._check_preemption_bound()
         else:
-            agreed = Agreed(self._local_action, 0, self._periodic_due, 0, 0.0)
+            agreed = Agreed(action, 0, self._periodic_due, 0, 0.0)
         self._urgent = False
         if agreed.action:
             self._evacuate(step, agreed)
@@ -301,9 +506,29 @@ class Guard:
             self._save_periodic(step)
         self._schedule_next(step)
 
+    def _check_preemption_bound(self) -> None:
+        """Once, after warm-up: can ``sync_every`` steps plus the save fit in the preemption deadline?"""
+        c = self.config
+        if "bound" in self._reported or self.steps.count < c.step_warmup_steps + 20 or not c.preemption_signals:
+            return
+        self._reported.add("bound")
+        to_agree = c.sync_every * statistics.median(self.steps.recent(20))
+        if to_agree >= c.preemption_deadline_s / 2:
+            log.warning(
+                "gpuguard: after a SIGTERM the ranks may need up to sync_every x step time = %d x %.2fs = %.1fs "
+                "to reach the agreed step, over half of preemption_deadline_s=%gs: lower sync_every, or raise "
+                "the deadline and the pod's terminationGracePeriodSeconds",
+                c.sync_every,
+                to_agree / c.sync_every,
+                to_agree,
+                c.preemption_deadline_s,
+            )
+
     def _schedule_next(self, step: int) -> None:
         c = self.config
         candidates = []
+        if self.agreement is not None and self.agreement.pending:
+            candidates.append(step + 1)
         if self._distributed:
             candidates.append((step // c.sync_every + 1) * c.sync_every)
         if c.checkpoint_every_steps:
@@ -323,7 +548,7 @@ class Guard:
         self.periodic = [p for p in self.periodic if not p.done()]
         try:
             pending = self.store.save(
-                self.state,
+                checkpointable(self.state),
                 step,
                 reason="periodic",
                 rank=self.rank,
@@ -357,22 +582,33 @@ class Guard:
 
     def _evacuate(self, step: int, agreed: Agreed) -> None:
         c = self.config
+        self._evacuating = True
         action = Action(agreed.action)
-        decision = (
-            self.decision
-            if self.decision.action == action
-            else Decision(
+        forced = self._forced
+        if forced is not None and forced.action == action:
+            decision = forced
+        elif self.decision.action == action:
+            decision = self.decision
+        else:
+            decision = Decision(
                 action,
                 action.name.lower(),
                 f"rank {agreed.decided_by} decided to {action.name.lower()}",
                 evidence={"decided_by_rank": agreed.decided_by},
             )
-        )
         code = c.reschedule_exit_code if action is Action.RESCHEDULE else c.restart_exit_code
         evidence = {**decision.to_dict(), "rank": self.rank, "decided_by_rank": agreed.decided_by}
         if self.slowest is not None:  # across ranks, who was slowest at the last agreement
             evidence["slowest_rank"], evidence["slowest_step_ms"] = self.slowest[0], round(self.slowest[1] * 1000, 3)
         report = EvacuationReport(step, action.name, self.decided_at, evidence=evidence)
+        # A preemption has a deadline (the pod's grace period): the save gets what is left of it.
+        budget = c.commit_timeout_s
+        if self._preempted is not None:
+            signum, since = self._preempted
+            report.signal = signal_name(signum)
+            evidence["signal"] = report.signal
+            evidence["signal_to_step_s"] = round(time.monotonic() - since, 4)
+            budget = min(budget, max(1.0, c.preemption_deadline_s - (time.monotonic() - since)))
         log.warning("evacuating at step %d (%s, exit %d): %s", step, action.name, code, decision.message)
         self.plugins.hook.gpuguard_before_checkpoint(step=step, reason="emergency", evidence=evidence)
         info: CheckpointInfo | None = None
@@ -380,7 +616,7 @@ class Guard:
             assert self.store is not None
             started = time.perf_counter()
             pending = self.store.save(
-                self.state,
+                checkpointable(self.state),
                 step,
                 reason="emergency",
                 evidence=evidence,
@@ -388,19 +624,56 @@ class Guard:
                 world_size=self.world_size,
                 checkpoint_id=self._checkpoint_id(step, "emergency"),
                 replicated=self.config.replicated,
-                commit_timeout_s=c.commit_timeout_s,
+                commit_timeout_s=budget,
             )
             report.stall_s = pending.timings.stall_s
             report.checkpoint_id = pending.id
-            info = pending.wait(timeout=c.commit_timeout_s + 60)
+            try:
+                info = pending.wait(timeout=budget + (5.0 if self._preempted is None else 0.0))
+            except TimeoutError:
+                raise GpuGuardError(f"emergency checkpoint {pending.id} not committed within {budget:.1f}s") from None
             report.durable_s = time.perf_counter() - started
+            if self._preempted is not None:
+                report.signal_to_durable_s = time.monotonic() - self._preempted[1]
+                log.warning(
+                    "gpuguard: %s -> checkpoint at step %d committed in %.2fs",
+                    report.signal,
+                    step,
+                    report.signal_to_durable_s,
+                )
         except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
             report.error = str(exc)
-            log.error("emergency checkpoint at step %d failed: %s; leaving anyway", step, exc)
+            report.resume_from = self._resume_point()
+            evidence["emergency_checkpoint_error"] = report.error
+            evidence["resume_from"] = report.resume_from
+            where = self._describe(report.resume_from)
+            decision = dataclasses.replace(
+                decision,
+                message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
+                evidence={
+                    **decision.evidence,
+                    "resume_from": report.resume_from,
+                    "emergency_checkpoint_error": report.error,
+                },
+            )
+            log.error(
+                "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
+                step,
+                exc,
+                self._describe(report.resume_from),
+            )
         self.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
         self.last_evacuation = report
         self.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
         raise Evacuation(code, decision, step, info)
+
+    @staticmethod
+    def _describe(point: dict[str, Any] | None) -> str:
+        if point is None:
+            return "no committed checkpoint: the next run starts from step 0"
+        if "error" in point:
+            return str(point["error"])
+        return f"the next run resumes from {point['id']} (step {point['step']}, {point['reason']})"
 
     # -- the guard's thread ---------------------------------------------------------------------
 
@@ -416,8 +689,22 @@ class Guard:
                 break
             try:
                 self._evaluate()
+                self._watch_preemption()
             except Exception as exc:  # never into the training thread
                 log.error("gpuguard: deciding failed: %s", exc, exc_info=exc)
+
+    def _watch_preemption(self) -> None:
+        """Say so when a preemption finds the training loop not calling step() (stuck, or a long step)."""
+        if self._preempted is None or self._evacuating or "stuck" in self._reported:
+            return
+        signum, since = self._preempted
+        waited = time.monotonic() - since
+        if waited > self.config.preemption_deadline_s:
+            self._report_once(
+                "stuck",
+                f"{signal_name(signum)} arrived {waited:.0f}s ago and the training loop has not reached the agreed "
+                f"step (preemption_deadline_s={self.config.preemption_deadline_s:g}); {self.resume_point_text()}",
+            )
 
     def _evaluate(self) -> None:
         assert self.monitor is not None
@@ -434,7 +721,10 @@ class Guard:
         override = self.plugins.hook.gpuguard_decide(decision=decision, snapshot=snapshot)
         if isinstance(override, Decision):
             decision = override
-        if decision.action and not self._local_action:
+        forced = self._forced
+        if forced is not None and forced.action >= decision.action:
+            decision = forced
+        if decision.action and not self._local_action and decision is not forced:
             self.decided_at = self.monitor.clock()
             self.decided_wall = time.perf_counter()
             log.warning("gpuguard decided to %s: %s", decision.action.name.lower(), decision.message)
@@ -443,7 +733,7 @@ class Guard:
         every_s = self.config.checkpoint_every_s
         if every_s and time.monotonic() - self._last_periodic_at >= every_s:
             self._periodic_due = True
-        if not self._distributed and (self._local_action or self._periodic_due):
+        if not self._distributed and (self._local_action or self._forced_action or self._periodic_due):
             self._urgent = True  # one process needs no agreement: act at the next step
 
 
