@@ -138,7 +138,7 @@ class GuardConfig:
                 raise ConfigError(name, value, "must be an exit code from 3 to 255, not 126 or 127")
         if self.reschedule_exit_code == self.restart_exit_code:
             raise ConfigError("restart_exit_code", self.restart_exit_code, "must differ from reschedule_exit_code")
-        object.__setattr__(self, "preemption_signals", _signal_names(self.preemption_signals))
+        object.__setattr__(self, "preemption_signals", parse_signal_names(self.preemption_signals))
         if not (self.devices in ("job", "all") or isinstance(self.devices, list)):
             raise ConfigError("devices", self.devices, "allowed: 'job', 'all', or a list of GPU indices and UUIDs")
         if not isinstance(self.storage_options, dict):
@@ -193,7 +193,7 @@ def _positive(config: GuardConfig, name: str) -> None:
         raise ConfigError(name, value, "must be a finite number greater than 0")
 
 
-def _signal_names(value: Any) -> list[str]:
+def parse_signal_names(value: Any) -> list[str]:
     """``["SIGTERM", "SIGUSR1"]``, ``"SIGTERM,SIGUSR1"`` or ``"USR1"`` → checked canonical names."""
     if value is None:
         return []
