@@ -261,6 +261,8 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
         if kind is str:
             return raw
         return yaml.safe_load(raw)  # lists, mappings, literals
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be a {getattr(kind, '__name__', kind)}") from None
 
