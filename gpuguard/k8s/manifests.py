@@ -3,6 +3,7 @@ a ServiceAccount, and least-privilege RBAC."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Any
 
 from gpuguard.errors import ConfigError
 
+# Beyond the guard's preemption deadline: the Kubernetes actions' own 10 s deadline and the exit.
+GRACE_MARGIN_S = 15.0
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 
 
@@ -29,6 +32,8 @@ class JobSpec:
         script: the training script and its arguments, run by ``gpuguard-run``.
         reschedule_exit_code: exits that the Job ignores (the pod is replaced elsewhere).
         restart_exit_code: exits that restart the container in place.
+        preemption_deadline_s: the guard's time from SIGTERM to a committed checkpoint; the pod's
+            ``terminationGracePeriodSeconds`` covers it plus ``GRACE_MARGIN_S``.
     """
 
     name: str
@@ -42,6 +47,7 @@ class JobSpec:
     script: Sequence[str] = field(default_factory=lambda: ["train.py"])
     reschedule_exit_code: int = 75
     restart_exit_code: int = 76
+    preemption_deadline_s: float = 25.0
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -136,6 +142,11 @@ def _job(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     env: list[dict[str, Any]] = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": p}}} for n, p in field_env]
     if spec.checkpoint_dir:
         env.append({"name": "GPUGUARD_CHECKPOINT_DIR", "value": spec.checkpoint_dir})
+    # SIGTERM → agreed step → committed checkpoint within the deadline; then the Kubernetes actions
+    # (their own 10 s deadline) and the exit, before the kubelet's SIGKILL at the grace period's end.
+    grace = math.ceil(spec.preemption_deadline_s + GRACE_MARGIN_S)
+    env.append({"name": "GPUGUARD_PREEMPTION_DEADLINE_S", "value": f"{spec.preemption_deadline_s:g}"})
+    env.append({"name": "GPUGUARD_TERMINATION_GRACE_S", "value": str(grace)})
     command = ["gpuguard-run", f"--nproc-per-node={spec.gpus}", f"--nnodes={spec.nodes}"]
     if spec.nodes > 1:
         command += [
@@ -168,6 +179,7 @@ def _job(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
             {"action": "Restart", "exitCodes": {"operator": "In", "values": [spec.restart_exit_code]}}
         ]
     pod_spec: dict[str, Any] = {"serviceAccountName": spec.name, "restartPolicy": "Never", "containers": [container]}
+    pod_spec["terminationGracePeriodSeconds"] = grace
     if spec.nodes > 1:
         pod_spec["subdomain"] = spec.name
     ignore = sorted({spec.reschedule_exit_code})
