@@ -147,9 +147,8 @@ def _latency_worker(rank: int, world: int, sync_every: int, port: int, out: str)
         for trial in range(2 * sync_every):  # every phase of the decision against the sync points, twice
             decider = world - 1 - trial % world  # mostly not rank 0: the decision must travel
             decided_at = 3 * sync_every + trial % sync_every
-            folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
             guard = Guard(
-                checkpoint_dir=f"file://{folder}",
+                checkpoint_dir=f"file://{out}-trial-{trial}",  # shared by the ranks: rank 0 commits their shards
                 state={"w": torch.ones(4)},
                 nvml=FakeNvml.replay(),
                 devices="all",
@@ -174,9 +173,18 @@ def _latency_worker(rank: int, world: int, sync_every: int, port: int, out: str)
         json.dump(rows, f)
 
 
-def agreement_latency(world: int, sync_every: int, port: int) -> dict[str, Any]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # other jobs share this machine: ask the kernel for a free port
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def agreement_latency(world: int, sync_every: int, port: int | None = None) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
+    port = port or _free_port()
     out = os.path.join(tempfile.mkdtemp(prefix="gpuguard-bench-"), "latency")
     mp.spawn(_latency_worker, args=(world, sync_every, port, out), nprocs=world, join=True)  # type: ignore[no-untyped-call]
     per_rank = []
@@ -221,7 +229,7 @@ def main() -> int:
             detection_latency("xid_event", args.repeats),
             detection_latency("dbe_counter", args.repeats),
         ],
-        "agreement_latency": [agreement_latency(w, args.sync_every, 29540 + w) for w in (2, 4)],
+        "agreement_latency": [agreement_latency(w, args.sync_every) for w in (2, 4)],
     }
     if args.json:
         print(json.dumps(results, indent=2))

@@ -3,22 +3,20 @@ and leaves with an exit code the cluster understands."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import numbers
 import statistics
 import threading
 import time
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
-from gpuguard.checkpoint.store import CheckpointInfo
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
+from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
+from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
@@ -26,48 +24,11 @@ from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
 from gpuguard.guard.steptime import SlowdownDetector, StepClock
-from gpuguard.health.model import HealthChange, HealthState, Reason
+from gpuguard.health.model import HealthChange, Reason
 from gpuguard.health.monitor import HealthMonitor
 from gpuguard.plugins import plugin_manager
 
 log = logging.getLogger("gpuguard")
-
-
-class Evacuation(SystemExit):
-    """Raised from `Guard.step` once the emergency checkpoint is durable: the job must leave.
-
-    A ``SystemExit``, so ``finally`` blocks run and, uncaught, it ends the process with ``code``:
-    75 (reschedule elsewhere) or 76 (restart in place) by default.
-
-    Attributes:
-        code: the exit code.
-        decision: why.
-        step: the step every rank checkpointed.
-        checkpoint: the committed checkpoint (on the committing rank), or None.
-    """
-
-    def __init__(self, code: int, decision: Decision, step: int, checkpoint: CheckpointInfo | None) -> None:
-        super().__init__(code)
-        self.decision = decision
-        self.step = step
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class EvacuationReport:
-    """Timings of an evacuation, for logs, demos and benchmarks (seconds)."""
-
-    step: int
-    action: str
-    decided_at: float | None = None
-    stall_s: float = 0.0
-    durable_s: float = 0.0
-    checkpoint_id: str | None = None
-    error: str | None = None
-    evidence: dict[str, Any] = field(default_factory=dict)
-    signal: str | None = None
-    signal_to_durable_s: float | None = None
-    resume_from: dict[str, Any] | None = None
 
 
 class Guard:
@@ -174,7 +135,7 @@ class Guard:
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
         self.monitor.subscribe(self._on_health_change)
-        self._say_what_is_watched()
+        say_what_is_watched(self.monitor.snapshot(), c.health.fail_mode)
         self._signals = PreemptionSignals(c.preemption_signals, self._on_preemption_signal)
         self._signals.install()
         if c.termination_grace_s is not None and c.preemption_deadline_s >= c.termination_grace_s:
@@ -192,30 +153,6 @@ class Guard:
         close_at_exit(self)
         self._evaluate()
         return self
-
-    def _say_what_is_watched(self) -> None:
-        """Loudly, once: a job that trains unmonitored must know it."""
-        assert self.monitor is not None
-        snapshot = self.monitor.snapshot()
-        if not snapshot.available:
-            if self.config.health.fail_mode == "closed":
-                log.error("gpuguard: GPU health cannot be read (%s); fail_mode=closed: leaving", snapshot.error)
-            else:
-                log.error(
-                    "gpuguard: GPU health is NOT monitored (%s): training continues unwatched (fail_mode=open); "
-                    "periodic and preemption checkpoints still run. Set health.fail_mode=closed to refuse.",
-                    snapshot.error,
-                )
-            return
-        for device in snapshot.devices:
-            if device.state.severity >= HealthState.FAILING.severity:
-                reason = device.reasons[0].message if device.reasons else ""
-                log.error(
-                    "gpuguard: GPU %s is %s at start (%s): the job leaves at its first step",
-                    device.index,
-                    device.state.value,
-                    reason,
-                )
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop watching; wait for periodic checkpoints in flight so a normal end loses none.
@@ -285,7 +222,7 @@ class Guard:
 
     def resume_point_text(self) -> str:
         """Which checkpoint the next run will resume from, in words (reads the storage)."""
-        return self._describe(self._resume_point())
+        return describe(self._resume_point())
 
     def __enter__(self) -> Guard:
         return self.start()
@@ -428,39 +365,11 @@ class Guard:
         """
         self.steps.tick(time.perf_counter())
         if step.__class__ is not int or step <= self._last_step:
-            step = self._odd_step(step)
+            step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
         self._last_step = step
         if step < self._next_check and not self._urgent:
             return
         self._slow_path(step)
-
-    def _odd_step(self, step: Any) -> int:
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            self._report_once(
-                "type",
-                f"guard.step({step!r}): the step must be an int (a {type(step).__name__} was passed); "
-                "counting steps from the previous one instead",
-            )
-            return self._last_step + 1
-        step = int(step)  # numpy integers are fine
-        if step > self._last_step:
-            return int(step)
-        if step < 0:
-            self._report_once("negative", f"guard.step({step}): step numbers start at 0")
-        elif self._resumed_step is not None and step <= self._resumed_step:
-            self._report_once(
-                "resumed",
-                f"guard.step({step}) lies at or below the resumed step {self._resumed_step} "
-                f"(resume() returned {self._resumed_step + 1}): start the loop at resume()'s value",
-            )
-        else:
-            self._report_once(
-                "order",
-                f"guard.step({step}) after guard.step({self._last_step}): steps must increase; a checkpoint is "
-                "named by its step and resume() returns the one after it, so repeated or decreasing numbers "
-                "(a per-epoch batch index, say) resume at the wrong place",
-            )
-        return int(step)
 
     def _report_once(self, kind: str, message: str) -> None:
         if kind not in self._reported:
@@ -491,7 +400,9 @@ class Guard:
             if step % c.sync_every == 0 and not agreed.action:
                 recent = self.steps.recent(1)
                 self.agreement.begin(action, self._periodic_due, recent[0] if recent else 0.0)
-                self._check_preemption_bound()
+                if "bound" not in self._reported and self.steps.count >= c.step_warmup_steps + 20:
+                    self._reported.add("bound")
+                    check_preemption_bound(c, statistics.median(self.steps.recent(20)))
         else:
             agreed = Agreed(action, 0, self._periodic_due, 0, 0.0)
         self._urgent = False
@@ -505,24 +416,6 @@ class Guard:
             self._last_periodic_at = time.monotonic()
             self._save_periodic(step)
         self._schedule_next(step)
-
-    def _check_preemption_bound(self) -> None:
-        """Once, after warm-up: can ``sync_every`` steps plus the save fit in the preemption deadline?"""
-        c = self.config
-        if "bound" in self._reported or self.steps.count < c.step_warmup_steps + 20 or not c.preemption_signals:
-            return
-        self._reported.add("bound")
-        to_agree = c.sync_every * statistics.median(self.steps.recent(20))
-        if to_agree >= c.preemption_deadline_s / 2:
-            log.warning(
-                "gpuguard: after a SIGTERM the ranks may need up to sync_every x step time = %d x %.2fs = %.1fs "
-                "to reach the agreed step, over half of preemption_deadline_s=%gs: lower sync_every, or raise "
-                "the deadline and the pod's terminationGracePeriodSeconds",
-                c.sync_every,
-                to_agree / c.sync_every,
-                to_agree,
-                c.preemption_deadline_s,
-            )
 
     def _schedule_next(self, step: int) -> None:
         c = self.config
@@ -580,100 +473,8 @@ class Guard:
         except Exception as exc:
             log.warning("pruning old checkpoints failed: %s", exc)
 
-    def _evacuate(self, step: int, agreed: Agreed) -> None:
-        c = self.config
-        self._evacuating = True
-        action = Action(agreed.action)
-        forced = self._forced
-        if forced is not None and forced.action == action:
-            decision = forced
-        elif self.decision.action == action:
-            decision = self.decision
-        else:
-            decision = Decision(
-                action,
-                action.name.lower(),
-                f"rank {agreed.decided_by} decided to {action.name.lower()}",
-                evidence={"decided_by_rank": agreed.decided_by},
-            )
-        code = c.reschedule_exit_code if action is Action.RESCHEDULE else c.restart_exit_code
-        evidence = {**decision.to_dict(), "rank": self.rank, "decided_by_rank": agreed.decided_by}
-        if self.slowest is not None:  # across ranks, who was slowest at the last agreement
-            evidence["slowest_rank"], evidence["slowest_step_ms"] = self.slowest[0], round(self.slowest[1] * 1000, 3)
-        report = EvacuationReport(step, action.name, self.decided_at, evidence=evidence)
-        # A preemption has a deadline (the pod's grace period): the save gets what is left of it.
-        budget = c.commit_timeout_s
-        if self._preempted is not None:
-            signum, since = self._preempted
-            report.signal = signal_name(signum)
-            evidence["signal"] = report.signal
-            evidence["signal_to_step_s"] = round(time.monotonic() - since, 4)
-            budget = min(budget, max(1.0, c.preemption_deadline_s - (time.monotonic() - since)))
-        log.warning("evacuating at step %d (%s, exit %d): %s", step, action.name, code, decision.message)
-        self.plugins.hook.gpuguard_before_checkpoint(step=step, reason="emergency", evidence=evidence)
-        info: CheckpointInfo | None = None
-        try:
-            assert self.store is not None
-            started = time.perf_counter()
-            pending = self.store.save(
-                checkpointable(self.state),
-                step,
-                reason="emergency",
-                evidence=evidence,
-                rank=self.rank,
-                world_size=self.world_size,
-                checkpoint_id=self._checkpoint_id(step, "emergency"),
-                replicated=self.config.replicated,
-                commit_timeout_s=budget,
-            )
-            report.stall_s = pending.timings.stall_s
-            report.checkpoint_id = pending.id
-            try:
-                info = pending.wait(timeout=budget + (5.0 if self._preempted is None else 0.0))
-            except TimeoutError:
-                raise GpuGuardError(f"emergency checkpoint {pending.id} not committed within {budget:.1f}s") from None
-            report.durable_s = time.perf_counter() - started
-            if self._preempted is not None:
-                report.signal_to_durable_s = time.monotonic() - self._preempted[1]
-                log.warning(
-                    "gpuguard: %s -> checkpoint at step %d committed in %.2fs",
-                    report.signal,
-                    step,
-                    report.signal_to_durable_s,
-                )
-        except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
-            report.error = str(exc)
-            report.resume_from = self._resume_point()
-            evidence["emergency_checkpoint_error"] = report.error
-            evidence["resume_from"] = report.resume_from
-            where = self._describe(report.resume_from)
-            decision = dataclasses.replace(
-                decision,
-                message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
-                evidence={
-                    **decision.evidence,
-                    "resume_from": report.resume_from,
-                    "emergency_checkpoint_error": report.error,
-                },
-            )
-            log.error(
-                "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
-                step,
-                exc,
-                self._describe(report.resume_from),
-            )
-        self.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
-        self.last_evacuation = report
-        self.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
-        raise Evacuation(code, decision, step, info)
-
-    @staticmethod
-    def _describe(point: dict[str, Any] | None) -> str:
-        if point is None:
-            return "no committed checkpoint: the next run starts from step 0"
-        if "error" in point:
-            return str(point["error"])
-        return f"the next run resumes from {point['id']} (step {point['step']}, {point['reason']})"
+    def _evacuate(self, step: int, agreed: Agreed) -> NoReturn:
+        evacuate(self, step, agreed)
 
     # -- the guard's thread ---------------------------------------------------------------------
 
