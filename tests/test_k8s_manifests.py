@@ -95,7 +95,11 @@ def test_the_job_understands_gpuguard_s_exit_codes(rendered: Any) -> None:
         "GPUGUARD_KUBERNETES_DRA": "false",
         "GPUGUARD_KUBERNETES_LEAVE": "exit",
         "GPUGUARD_CHECKPOINT_DIR": "s3://bucket/run1",
+        "GPUGUARD_PREEMPTION_DEADLINE_S": "25",
+        "GPUGUARD_TERMINATION_GRACE_S": "40",
     }
+    # the grace period covers the guard's SIGTERM-to-checkpoint deadline, the Kubernetes actions and the exit
+    assert pod["terminationGracePeriodSeconds"] == 40
     assert container["command"][:3] == ["gpuguard-run", "--nproc-per-node=8", "--nnodes=4"]
     assert "--rdzv-endpoint=llm-0.llm:29400" in container["command"]
     service = rendered["multi-node"]["Service"]["spec"]

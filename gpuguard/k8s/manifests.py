@@ -10,6 +10,7 @@ silently by the API server.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ def _at_least(version: str, other: str) -> bool:
     return tuple(map(int, version.split("."))) >= tuple(map(int, other.split(".")))
 
 
+# Beyond the guard's preemption deadline: the Kubernetes actions' own 10 s deadline and the exit.
+GRACE_MARGIN_S = 15.0
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What to generate.
@@ -82,6 +87,8 @@ class JobSpec:
         feature_gates: gates the operator has turned on (and the API versions they need).
         node_check: with a node mark, a DaemonSet that removes it once the GPUs stay healthy.
         node_check_quiet_period_s: how long the GPUs must stay healthy before that.
+        preemption_deadline_s: the guard's time from SIGTERM to a committed checkpoint; the pod's
+            ``terminationGracePeriodSeconds`` covers it plus ``GRACE_MARGIN_S``.
     """
 
     name: str
@@ -99,6 +106,7 @@ class JobSpec:
     feature_gates: frozenset[str] = frozenset()
     node_check: bool = True
     node_check_quiet_period_s: int = 600
+    preemption_deadline_s: float = 25.0
 
     def __post_init__(self) -> None:
         if self.kubernetes_version not in SUPPORTED_VERSIONS:
@@ -332,6 +340,11 @@ def _job(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     env += _settings_env(spec.actions)
     if spec.checkpoint_dir:
         env.append({"name": "GPUGUARD_CHECKPOINT_DIR", "value": spec.checkpoint_dir})
+    # SIGTERM → agreed step → committed checkpoint within the deadline; then the Kubernetes actions
+    # (their own 10 s deadline) and the exit, before the kubelet's SIGKILL at the grace period's end.
+    grace = math.ceil(spec.preemption_deadline_s + GRACE_MARGIN_S)
+    env.append({"name": "GPUGUARD_PREEMPTION_DEADLINE_S", "value": f"{spec.preemption_deadline_s:g}"})
+    env.append({"name": "GPUGUARD_TERMINATION_GRACE_S", "value": str(grace)})
     command = ["gpuguard-run", f"--nproc-per-node={spec.gpus}", f"--nnodes={spec.nodes}"]
     if spec.nodes > 1:
         command += [
@@ -364,6 +377,7 @@ def _job(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
             {"action": "Restart", "exitCodes": {"operator": "In", "values": [spec.restart_exit_code]}}
         ]
     pod_spec: dict[str, Any] = {"serviceAccountName": spec.name, "restartPolicy": "Never", "containers": [container]}
+    pod_spec["terminationGracePeriodSeconds"] = grace
     if spec.nodes > 1:
         pod_spec["subdomain"] = spec.name
     if spec.kubernetes.mark == "label":
