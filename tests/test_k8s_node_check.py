@@ -245,3 +245,18 @@ def test_the_node_check_also_removes_gpuguard_s_device_taint_rules(server: KubeE
     assert server.taint_rules == [someone_else] and ours(server) == []
     assert server.rbac is not None
     assert server.used(user) == server.rbac.granted(user, "ml")  # get/patch nodes, list/delete rules
+
+
+def test_bad_input_and_missing_permissions_are_said_in_one_line(kube: KubeEmulator) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["k8s", "node-check", "--once", "--replay", "h200", "--node", ""]) == 2
+    assert "--node: '' is not valid; give the node's name, or NODE_NAME from the Downward API" in err.getvalue()
+    nobody = write_kubeconfig(kube.tmp / "kc-nobody", kube.url, kube.token_for("system:serviceaccount:ml:nobody"))  # type: ignore[attr-defined]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["k8s", "untaint", "node-a", "--kubeconfig", str(nobody)]) == 2
+    said = err.getvalue()
+    assert said.startswith("gpuguard: error: get nodes: forbidden")
+    assert 'add to the ClusterRole: {apiGroups: [""], resources: ["nodes"], verbs: ["get"]}' in said
+    assert kube.nodes["node-a"]["spec"]["taints"] == OTHERS
