@@ -462,8 +462,11 @@ class NvmlSource:
                 raise _Lost(call) from None
             if code == _RESET_REQUIRED:
                 return _RESET
-            if code in _OFF_CODES and signal is not None:
-                self._switch_off(device, signal, why=f"{call}: {_describe_error(exc)}")
+            if code in _OFF_CODES:
+                # The batched read refused as a whole (a driver without field values, a denied query):
+                # every field signal is off for this GPU, said once, and its single calls go on.
+                names = [signal] if signal is not None else [f.name for f in device.fields]
+                self._switch_off(device, *names, why=f"{call}: {_describe_error(exc)}")
                 return None
             text = f"{call}: {_describe_error(exc)} (NVML error {code})"
             errors.append(text)
