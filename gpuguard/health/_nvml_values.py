@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import pynvml
 
-from gpuguard.health.rules import DeviceLimits
+from gpuguard.health._samples import DeviceLimits
 from gpuguard.health.signals import FIELD_SIGNALS, FieldSignal, nvml_constant
 
 # Return codes that mean "this GPU or driver does not offer this signal (to us)": the signal is
@@ -26,7 +26,7 @@ OFF_CODES: Final = frozenset(
 LOST: Final = pynvml.NVML_ERROR_GPU_IS_LOST
 RESET_REQUIRED: Final = pynvml.NVML_ERROR_RESET_REQUIRED
 
-# nvmlValueType_t in nvml.h; absent from nvidia-ml-py 12.535.161.
+# nvmlValueType_t in nvml.h; absent from the nvidia-ml-py 12.535 releases.
 VALUE_TYPE_UNSIGNED_SHORT: Final[int] = nvml_constant("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6)
 # NVML_FEATURE_ENABLED: what NVML_FI_DEV_NVLINK_GET_STATE answers for an active link (nvml.h).
 LINK_ACTIVE: Final[int] = int(pynvml.NVML_FEATURE_ENABLED)
