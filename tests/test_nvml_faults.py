@@ -483,3 +483,23 @@ def test_a_job_gpu_that_nvml_does_not_know_is_unknown_and_the_others_watched() -
     )
     assert "Not Found" in missing.reasons[0].message
     assert (present.index, present.uuid, present.state) == (1, known, H)
+
+
+def test_a_refused_field_batch_switches_the_fields_off_once_and_the_calls_go_on(
+    make_monitor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gpuguard.health")
+    events = [{"at": 0, "gpu": 0, "error": "NoPermission", "call": "nvmlDeviceGetFieldValues"}]
+    device = play(make_monitor({"gpus": 1, "events": events}), 5).devices[0]
+    assert {"ecc_dbe_volatile", "remap_pending", "pcie_replay"} <= set(device.signals_off)
+    assert device.readings["temperature"] == 35 and "ecc_dbe_volatile" not in device.readings
+    assert device.state is H
+    assert sum("nvmlDeviceGetFieldValues" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_failed_fabric_read_is_not_taken_for_no_fabric(make_monitor: Any) -> None:
+    events = [{"at": 1, "gpu": 0, "error": "Unknown", "call": "nvmlDeviceGetGpuFabricInfo", "until": 6}]
+    monitor = make_monitor({"gpus": 1, "nvlink_links": 18, "events": events})
+    device = play(monitor, 5).devices[0]
+    assert "fabric" not in device.signals_off and device.state is H
+    assert play(monitor, 10).devices[0].readings["fabric_state"] == 3

@@ -16,13 +16,26 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pynvml
 
 from gpuguard.errors import HealthError, NvmlError, NvmlUnavailableError
 from gpuguard.health import _nvml_errors
+from gpuguard.health._nvml_values import (
+    LINK_ACTIVE,
+    LOST,
+    OFF_CODES,
+    RESET,
+    RESET_REQUIRED,
+    DeviceInfo,
+    GpuLost,
+    code_of,
+    decode,
+    describe_error,
+    handle_key,
+    text,
+)
 from gpuguard.health.config import HealthConfig
 from gpuguard.health.rules import DeviceEvent, DeviceLimits, Sample
 from gpuguard.health.signals import (
@@ -31,104 +44,11 @@ from gpuguard.health.signals import (
     NVLINK_STATE_FIELD,
     ROTATING_CALLS,
     FieldSignal,
-    nvml_constant,
 )
 
 log = logging.getLogger("gpuguard.health")
 
-# Return codes that mean "this GPU or driver does not offer this signal (to us)": the signal is
-# switched off for that GPU only. NOT_SUPPORTED and INVALID_ARGUMENT per nvml.h; NO_PERMISSION for
-# queries a container may not make; FUNCTION_NOT_FOUND when the driver's library predates the call
-# (pynvml raises it from _nvmlGetFunctionPointer, e.g. nvmlDeviceGetCurrentClocksEventReasons before R535).
-_OFF_CODES: Final = frozenset(
-    {
-        pynvml.NVML_ERROR_NOT_SUPPORTED,
-        pynvml.NVML_ERROR_INVALID_ARGUMENT,
-        pynvml.NVML_ERROR_NO_PERMISSION,
-        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-    }
-)
-_LOST: Final = pynvml.NVML_ERROR_GPU_IS_LOST
-_RESET_REQUIRED: Final = pynvml.NVML_ERROR_RESET_REQUIRED
-
 WATCHED_EVENTS: Final[int] = sum(EVENT_TYPES.values())
-
-# nvmlValueType_t in nvml.h; absent from nvidia-ml-py 12.535.161.
-_VALUE_TYPE_UNSIGNED_SHORT: Final[int] = nvml_constant("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6)
-# NVML_FEATURE_ENABLED: what NVML_FI_DEV_NVLINK_GET_STATE answers for an active link (nvml.h).
-_LINK_ACTIVE: Final[int] = int(pynvml.NVML_FEATURE_ENABLED)
-
-
-@dataclass
-class DeviceInfo:
-    """A watched GPU: identity, limits, and which signals it answers.
-
-    ``handle`` is None when NVML could not open the GPU; ``open_code`` and ``open_error`` then say why,
-    and every poll reports that instead of reading.
-    """
-
-    key: int
-    index: int
-    uuid: str
-    pci_bus_id: str
-    name: str
-    handle: Any
-    limits: DeviceLimits
-    fields: list[FieldSignal] = field(default_factory=lambda: list(FIELD_SIGNALS))
-    signals_off: set[str] = field(default_factory=set)
-    nvlink_links: list[int] = field(default_factory=list)
-    events: bool = False
-    open_code: int | None = None
-    open_error: str | None = None
-    cycles: int = 0
-
-
-class _Lost(Exception):
-    def __init__(self, call: str) -> None:
-        super().__init__(call)
-        self.call = call
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _code(exc: BaseException) -> int:
-    return int(getattr(exc, "value", pynvml.NVML_ERROR_UNKNOWN))
-
-
-def _describe_error(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # pynvml's __str__ calls into the library, which may be the thing that is missing
-        return f"NVML error {_code(exc)}"
-
-
-def _handle_key(handle: Any) -> int:
-    """A stable key for a device handle: real handles are ctypes pointers, fakes are objects."""
-    try:
-        return int(ctypes.cast(handle, ctypes.c_void_p).value or 0)
-    except (TypeError, ctypes.ArgumentError):
-        return id(handle)
-
-
-def _decode(value: Any) -> float | int:
-    """The number in a ``c_nvmlFieldValue_t``, by its value type."""
-    kind = value.valueType
-    v = value.value
-    if kind == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return float(v.dVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return int(v.uiVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return int(v.ulVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return int(v.sllVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
-        return int(v.siVal)
-    if kind == _VALUE_TYPE_UNSIGNED_SHORT:
-        return int(v.usVal)
-    return int(v.ullVal)
 
 
 class NvmlSource:
@@ -189,7 +109,7 @@ class NvmlSource:
                 f"GPUs not found by NVML: {', '.join(sorted(missing))} (NVML sees {count})", code=-1, call="open"
             )
         self.devices = devices
-        self._by_handle = {_handle_key(d.handle): d for d in devices if d.handle is not None}
+        self._by_handle = {handle_key(d.handle): d for d in devices if d.handle is not None}
         return devices
 
     def _open_one(self, target: int | str, key: int) -> DeviceInfo | None:
@@ -204,7 +124,7 @@ class NvmlSource:
                 index = self._index_of(handle)
             if not uuid:
                 call = "nvmlDeviceGetUUID"
-                uuid = _text(self._retry(nv.nvmlDeviceGetUUID, handle))
+                uuid = text(self._retry(nv.nvmlDeviceGetUUID, handle))
         except pynvml.NVMLError as exc:
             if call == "nvmlDeviceGetUUID":
                 pci = self._pci_bus_id(handle)
@@ -218,9 +138,9 @@ class NvmlSource:
     def _open_failed(
         self, key: int, index: int, uuid: str, pci: str, call: str, exc: BaseException
     ) -> DeviceInfo | None:
-        code = _code(exc)
+        code = code_of(exc)
         who = f"GPU {index}" if index >= 0 else f"GPU {uuid}"
-        message = f"{call} failed: {_describe_error(exc)} (NVML error {code})"
+        message = f"{call} failed: {describe_error(exc)} (NVML error {code})"
         if code == pynvml.NVML_ERROR_NO_PERMISSION:
             # A GPU this container may not use (cgroup), though nvmlDeviceGetCount counts it: not ours to watch.
             note = f"{who}: skipped, NVML denies access ({message})"
@@ -252,13 +172,13 @@ class NvmlSource:
 
     def _pci_bus_id(self, handle: Any) -> str:
         pci = self._optional("nvmlDeviceGetPciInfo", self.nvml.nvmlDeviceGetPciInfo, handle)
-        return _text(pci.busId) if pci is not None else ""
+        return text(pci.busId) if pci is not None else ""
 
     def _describe(self, device: DeviceInfo) -> None:
         nv, handle = self.nvml, device.handle
         device.pci_bus_id = self._pci_bus_id(handle)
         name = self._optional("nvmlDeviceGetName", nv.nvmlDeviceGetName, handle)
-        device.name = _text(name) if name is not None else ""
+        device.name = text(name) if name is not None else ""
         links = self._nvlink_links(device)
         device.nvlink_links = links
         device.limits = DeviceLimits(
@@ -333,8 +253,8 @@ class NvmlSource:
         if device.handle is None:
             return Sample(
                 at=now,
-                lost=device.open_code == _LOST,
-                reset_required=device.open_code == _RESET_REQUIRED,
+                lost=device.open_code == LOST,
+                reset_required=device.open_code == RESET_REQUIRED,
                 error=device.open_error,
                 call="open",
             )
@@ -350,7 +270,7 @@ class NvmlSource:
                     reset = self._read_call(device, readings, errors, name)
                     if reset:
                         break
-        except _Lost as lost:
+        except GpuLost as lost:
             return Sample(at=now, lost=True, call=lost.call)
         finally:
             device.cycles += 1
@@ -368,7 +288,7 @@ class NvmlSource:
         ids = [(s.field_id, s.scope) if s.scope else s.field_id for s in fields]
         fn = self.nvml.nvmlDeviceGetFieldValues
         values = self._device_call(device, errors, "nvmlDeviceGetFieldValues", None, fn, device.handle, ids)
-        if values is _RESET:
+        if values is RESET:
             return True
         if values is None:
             return False
@@ -376,17 +296,17 @@ class NvmlSource:
         for signal, value in zip(fields, values, strict=False):
             ret = int(value.nvmlReturn)
             if ret == pynvml.NVML_SUCCESS:
-                number = _decode(value)
+                number = decode(value)
                 if signal.name.startswith("nvlink_state_"):
-                    if int(number) != _LINK_ACTIVE:
+                    if int(number) != LINK_ACTIVE:
                         down.append(signal.scope)
                     continue
                 readings[signal.name] = number
-            elif ret == _LOST:
-                raise _Lost("nvmlDeviceGetFieldValues")
-            elif ret == _RESET_REQUIRED:
+            elif ret == LOST:
+                raise GpuLost("nvmlDeviceGetFieldValues")
+            elif ret == RESET_REQUIRED:
                 return True
-            elif ret in _OFF_CODES:
+            elif ret in OFF_CODES:
                 self._switch_off(device, signal.name)
             else:
                 errors.append(f"{signal.name}: NVML error {ret}")
@@ -420,7 +340,7 @@ class NvmlSource:
             self._switch_off(device, name)
             return False
         value = self._device_call(device, errors, call, name, fn)
-        if value is _RESET:
+        if value is RESET:
             return True
         if value is not None:
             readings[name] = value
@@ -438,9 +358,9 @@ class NvmlSource:
         got = self._device_call(
             device, errors, "nvmlDeviceGetGpuFabricInfo", "fabric", fn, device.handle, ctypes.byref(info)
         )
-        if got is _RESET:
+        if got is RESET:
             return True
-        if got is None and "fabric" in device.signals_off:
+        if got is None:  # switched off, or failed this cycle (said in the sample's errors)
             return False
         state = int(info.state)
         if state == 0:  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED: no NVSwitch fabric on this system
@@ -453,19 +373,22 @@ class NvmlSource:
     def _device_call(
         self, device: DeviceInfo, errors: list[str], call: str, signal: str | None, fn: Callable[..., Any], *args: Any
     ) -> Any:
-        """One NVML call for one GPU, isolated: the value, or None (said), `_RESET`, or `_Lost` raised."""
+        """One NVML call for one GPU, isolated: the value, or None (said), `RESET`, or `GpuLost` raised."""
         try:
             return self._retry(fn, *args)
         except pynvml.NVMLError as exc:
-            code = _code(exc)
-            if code == _LOST:
-                raise _Lost(call) from None
-            if code == _RESET_REQUIRED:
-                return _RESET
-            if code in _OFF_CODES and signal is not None:
-                self._switch_off(device, signal, why=f"{call}: {_describe_error(exc)}")
+            code = code_of(exc)
+            if code == LOST:
+                raise GpuLost(call) from None
+            if code == RESET_REQUIRED:
+                return RESET
+            if code in OFF_CODES:
+                # The batched read refused as a whole (a driver without field values, a denied query):
+                # every field signal is off for this GPU, said once, and its single calls go on.
+                names = [signal] if signal is not None else [f.name for f in device.fields]
+                self._switch_off(device, *names, why=f"{call}: {describe_error(exc)}")
                 return None
-            text = f"{call}: {_describe_error(exc)} (NVML error {code})"
+            text = f"{call}: {describe_error(exc)} (NVML error {code})"
             errors.append(text)
             self._say_once(device, call, code, text)
             return None
@@ -517,7 +440,7 @@ class NvmlSource:
                     continue
                 self._retry(nv.nvmlDeviceRegisterEvents, device.handle, mask, self._event_set)
             except pynvml.NVMLError as exc:
-                why = f"registering NVML events failed: {_describe_error(exc)} (NVML error {_code(exc)})"
+                why = f"registering NVML events failed: {describe_error(exc)} (NVML error {code_of(exc)})"
                 self._switch_off(device, "events", why=why + "; polling alone watches it")
                 continue
             device.events = True
@@ -551,7 +474,7 @@ class NvmlSource:
                 )
                 self._retry(nv.nvmlEventSetWait_v2, probe, 0)
             except pynvml.NVMLError as exc:
-                if _code(exc) == _LOST:
+                if code_of(exc) == LOST:
                     lost.append(device)
             finally:
                 if probe is not None:
@@ -577,7 +500,7 @@ class NvmlSource:
             if _nvml_errors.is_code(exc, pynvml.NVML_ERROR_TIMEOUT):
                 return None
             raise _nvml_errors.translate(exc, "nvmlEventSetWait_v2") from exc
-        device = self._by_handle.get(_handle_key(data.device))
+        device = self._by_handle.get(handle_key(data.device))
         if device is None:
             return None
         event_type = int(data.eventType)
@@ -621,9 +544,4 @@ class NvmlSource:
             return None
 
 
-class _ResetMarker:
-    def __repr__(self) -> str:
-        return "<RESET_REQUIRED>"
-
-
-_RESET: Final = _ResetMarker()
+__all__ = ["WATCHED_EVENTS", "DeviceInfo", "NvmlSource"]

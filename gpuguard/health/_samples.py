@@ -1,0 +1,116 @@
+"""The inputs of the health rules (samples, events, limits) and their two time tools: hysteresis and rates."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+Reading = float | int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One poll of one GPU.
+
+    Attributes:
+        at: monitor clock, seconds.
+        readings: signal name → value, for the signals that answered this cycle.
+        lost: NVML answered ``GPU_IS_LOST``.
+        error: no reading came back this cycle, and why (the GPU may be fine).
+        reset_required: NVML answered ``RESET_REQUIRED``: the GPU must be reset before it is used again.
+        errors: calls that failed this cycle while others answered.
+        call: the NVML call that answered ``lost`` or ``error``.
+    """
+
+    at: float
+    readings: Mapping[str, Reading] = field(default_factory=dict)
+    lost: bool = False
+    error: str | None = None
+    reset_required: bool = False
+    errors: tuple[str, ...] = ()
+    call: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """An NVML event for one GPU.
+
+    ``kind`` is a key of `gpuguard.health.signals.EVENT_TYPES`; ``xid`` is set when it is ``"xid"``.
+    """
+
+    at: float
+    kind: str
+    xid: int | None = None
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a GPU is built for, read once at start-up; None where NVML does not say."""
+
+    pcie_max_link_width: int | None = None
+    pcie_generation: int | None = None
+    temperature_slowdown_c: float | None = None
+    memory_temperature_max_c: float | None = None
+    nvlink_links: int = 0
+
+
+class Persistence:
+    """A condition with hysteresis: on after holding ``onset_s``, off after ``quiet_s`` absent."""
+
+    def __init__(self, onset_s: float, quiet_s: float) -> None:
+        self.onset_s = onset_s
+        self.quiet_s = quiet_s
+        self.active = False
+        self.active_since = 0.0
+        self._true_since: float | None = None
+        self._false_since: float | None = None
+
+    def update(self, condition: bool, now: float) -> bool:
+        if condition:
+            self._false_since = None
+            if self._true_since is None:
+                self._true_since = now
+            if not self.active and now - self._true_since >= self.onset_s:
+                self.active, self.active_since = True, now
+        else:
+            self._true_since = None
+            if self._false_since is None:
+                self._false_since = now
+            if self.active and now - self._false_since >= self.quiet_s:
+                self.active = False
+        return self.active
+
+
+class Rate:
+    """Rate of a monotonic counter over a sliding window, robust to counter resets."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._points: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, value: float) -> None:
+        if self._points and value < self._points[-1][1]:
+            self._points.clear()  # driver reload or counter wrap: start over rather than report a negative rate
+        self._points.append((at, value))
+        # Keep one point at or beyond the window's edge so the rate spans the whole window.
+        while len(self._points) > 2 and self._points[1][0] <= at - self.window_s:
+            self._points.popleft()
+
+    def increase(self) -> tuple[float, float]:
+        """How much the counter grew over the points kept, and over how many seconds."""
+        if len(self._points) < 2:
+            return 0.0, 0.0
+        (t0, v0), (t1, v1) = self._points[0], self._points[-1]
+        return v1 - v0, t1 - t0
+
+    def per_minute(self) -> float:
+        """Increase per minute, averaged over the whole window even before a window has passed.
+
+        Dividing by the window rather than by the time seen so far keeps one burst at start-up from
+        reading as a storm: one event is not a trend.
+        """
+        if len(self._points) < 2:
+            return 0.0
+        (t0, v0), (t1, v1) = self._points[0], self._points[-1]
+        return (v1 - v0) / max(t1 - t0, self.window_s) * 60.0
