@@ -101,12 +101,27 @@ class StorageError(CheckpointError, OSError):
     Attributes:
         transient: True when the error looked temporary and retries ran out.
         path: the object or file involved.
+        operation: what was being done, e.g. ``listing`` or ``writing``.
+        elapsed_s: how long gpuguard tried, retries included.
+        timed_out: True when the operation's deadline passed.
     """
 
-    def __init__(self, message: str, *, path: str = "", transient: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        transient: bool = False,
+        operation: str = "",
+        elapsed_s: float = 0.0,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.transient = transient
+        self.operation = operation
+        self.elapsed_s = elapsed_s
+        self.timed_out = timed_out
 
 
 class KubernetesError(GpuGuardError):

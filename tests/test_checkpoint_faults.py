@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from helpers.flaky_fs import FlakyFileSystem
 
 from gpuguard import CheckpointStore, RetryPolicy, StorageError
-from gpuguard.checkpoint._storage import is_transient
+from gpuguard.checkpoint._retry import is_transient
 
 
 def s3_error(status: int, code: str) -> OSError:

@@ -104,7 +104,7 @@ class Loader:
         """Read and check a shard. Raises at the first bad tensor, or collects them all into ``problems``."""
         where = f"{name}/{record.file}"
         try:
-            data = self.storage.read(self.storage.path(name, record.file))
+            data = self.storage.read(self.storage.path(name, record.file), record.bytes)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{where}: missing", shard=record.file) from None
         if len(data) != record.bytes:

@@ -16,8 +16,9 @@ from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pruning import prune
+from gpuguard.checkpoint._retry import RetryPolicy
 from gpuguard.checkpoint._saving import REASONS, PendingSave, Reason, Saver, SaveTimings
-from gpuguard.checkpoint._storage import RetryPolicy, Storage
+from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
 from gpuguard.errors import ConfigError
 
