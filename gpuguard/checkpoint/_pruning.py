@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST
 
@@ -14,8 +15,9 @@ log = logging.getLogger("gpuguard.checkpoint")
 def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> list[str]:
     """Delete committed checkpoints beyond the newest ``keep``, and uncommitted leftovers.
 
-    Never deletes the newest committed checkpoint, nor a folder still being written.
-    A checkpoint's manifest is deleted first, so a pruned folder is never mistaken for valid.
+    Never deletes the newest committed checkpoint, nor a folder any writer holds an unexpired lease
+    on (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
+    first, so a pruned folder is never mistaken for valid.
 
     Returns:
         The ids deleted.
@@ -23,15 +25,21 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> lis
     storage = catalog.storage
     manifests = catalog.manifests()
     committed = {m.id for m in manifests}
-    newest_step = manifests[-1].step if manifests else -1
     doomed = [m.id for m in manifests[: max(0, len(manifests) - keep)]]
-    busy = in_flight()
-    for folder in storage.list_dirs():
-        match = CHECKPOINT_DIR.match(folder)
-        if match and folder not in committed and folder not in busy and int(match.group(1)) <= newest_step:
-            doomed.append(folder)  # an interrupted save, older than what is committed
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))
         storage.delete(storage.path(name), recursive=True)
         log.info("pruned %s", name)
+    folders = storage.list_dirs()
+    # Listed after the folders: a save whose folder is listed has written its lease by now.
+    busy = in_flight() | leases.leased(storage)
+    for folder in folders:
+        if not CHECKPOINT_DIR.match(folder) or folder in committed or folder in busy:
+            continue  # committed, or a save in flight in this process or another
+        # Read after the leases: a save that committed since the listing has its manifest by now.
+        if catalog.manifest(folder, missing_ok=True) is not None:
+            continue
+        storage.delete(storage.path(folder), recursive=True)
+        log.info("collected %s, an uncommitted leftover", folder)
+        doomed.append(folder)
     return doomed

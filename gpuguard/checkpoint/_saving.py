@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -17,6 +19,7 @@ import torch
 
 from gpuguard._version import __version__
 from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
@@ -31,7 +34,7 @@ from gpuguard.checkpoint._manifest import (
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten
-from gpuguard.errors import CheckpointCorruptError, ConfigError
+from gpuguard.errors import CheckpointCorruptError, ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -97,8 +100,9 @@ class PendingSave:
 class Saver:
     """Takes snapshots and writes them on its own threads; ``staging_buffers`` saves may be in flight."""
 
-    def __init__(self, storage: Storage, committer: Committer, staging_buffers: int) -> None:
+    def __init__(self, storage: Storage, committer: Committer, staging_buffers: int, lease_s: float) -> None:
         self.storage = storage
+        self.lease_s = lease_s
         self.committer = committer
         self._staging = StagingPool(staging_buffers)
         self._saver = ThreadPoolExecutor(staging_buffers, thread_name_prefix="gpuguard-ckpt")
@@ -140,6 +144,7 @@ class Saver:
         replicated: bool = False,
         commit_timeout_s: float = 600.0,
         overlap_with: Sequence[torch.optim.Optimizer] = (),
+        attempt: str | None = None,
     ) -> PendingSave:
         """Snapshot ``state`` and write it in the background.
 
@@ -184,10 +189,12 @@ class Saver:
             "extra": dict(extra or {}),
             "layout": "replicated" if replicated and world_size > 1 else "per_rank",
             "commit_timeout_s": commit_timeout_s,
+            "attempt": default_attempt() if attempt is None else attempt,
         }
         later = _owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # The writer starts first and follows the snapshot as it fills the buffer.
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
+        future.add_done_callback(lambda _: self._finish(name))
         try:
             if later:
                 finish = buffer.snapshot_deferred(flat.tensors, later)
@@ -198,9 +205,7 @@ class Saver:
             readiness.fail(exc)
             raise
         stall = time.perf_counter() - started
-        pending = PendingSave(name, step, future, stall, started)
-        future.add_done_callback(lambda _: self._finish(name))
-        return pending
+        return PendingSave(name, step, future, stall, started)
 
     def _hold_steps(
         self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
@@ -250,33 +255,76 @@ class Saver:
         tree: bytes,
         meta: dict[str, Any],
     ) -> CheckpointInfo | None:
+        lease: leases.Lease | None = None
         try:
-            record = self._write_files(name, rank, world_size, buffer, readiness, tree)
-        finally:
-            self._staging.release(buffer)
-        if world_size == 1:
-            return self.committer.commit(name, step, 1, {0: record}, meta)
-        self.storage.put_atomic(
-            self.storage.path(name, shard_record_file(rank, world_size)), json.dumps(record.to_dict()).encode()
-        )
-        if rank == 0:
-            return self.committer.gather(
-                name,
-                step=step,
-                world_size=world_size,
-                reason=meta["reason"],
-                evidence=meta["evidence"],
-                extra=meta["extra"],
-                layout=meta["layout"],
-                timeout_s=meta["commit_timeout_s"],
+            try:
+                # The lease is the first write: from here on, no pruner anywhere collects this folder.
+                lease = leases.take(
+                    self.storage,
+                    name,
+                    rank=rank,
+                    attempt=meta["attempt"],
+                    lease_s=self.lease_s + meta["commit_timeout_s"],
+                )
+                record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+            finally:
+                with contextlib.suppress(Exception):  # the buffer is not reused while a snapshot fills it
+                    readiness.wait(readiness.total)
+                self._staging.release(buffer)
+            if world_size == 1:
+                return self.committer.commit(name, step, 1, {0: record}, meta, lease=lease)
+            done = {"attempt": meta["attempt"], "record": record.to_dict()}
+            self.storage.put_atomic(
+                self.storage.path(name, shard_record_file(rank, world_size)),
+                json.dumps(done).encode(),
+                create_folder=False,
             )
-        return None
+            if rank == 0:
+                return self.committer.gather(
+                    name,
+                    step=step,
+                    world_size=world_size,
+                    reason=meta["reason"],
+                    evidence=meta["evidence"],
+                    extra=meta["extra"],
+                    layout=meta["layout"],
+                    timeout_s=meta["commit_timeout_s"],
+                    attempt=meta["attempt"],
+                    lease=lease,
+                )
+            return None
+        except BaseException as exc:
+            self._abort(name, rank, world_size, lease, exc)
+            raise
+
+    def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
+        """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.
+
+        Skipped when the storage did not answer (cleaning would wait out another deadline); the
+        leftover's lease then expires and any prune collects it.
+        """
+        if isinstance(exc, StorageError) and exc.timed_out:
+            log.warning("save %s failed (%s); its files stay until a prune collects them", name, exc)
+            return
+        quick = min(5.0, self.storage.retry.deadline_s)
+        try:
+            if world_size == 1:
+                self.storage.delete(self.storage.path(name), recursive=True, deadline_s=quick)
+            else:  # other ranks write into the same folder: remove this rank's files only
+                for file in (
+                    shard_record_file(rank, world_size),
+                    shard_file(rank, world_size),
+                    state_file(rank, world_size),
+                ):
+                    self.storage.delete(self.storage.path(name, file), deadline_s=quick)
+            if lease is not None:
+                leases.release(self.storage, name, lease, deadline_s=quick)
+        except Exception as cleanup:  # the save's own error is the one to report
+            log.warning("could not clean up after the failed save %s (%s); a prune collects it later", name, cleanup)
 
     def _write_files(
         self, name: str, rank: int, world_size: int, buffer: StagingBuffer, readiness: Readiness, tree: bytes
     ) -> ShardRecord:
-        folder = self.storage.path(name)
-        self.storage.makedirs(folder)
         layout = buffer.layout
         data = buffer.memoryview()
         shard_path = self.storage.path(name, shard_file(rank, world_size))
@@ -293,7 +341,7 @@ class Saver:
                 f"{shard_path}: wrote {written} bytes, expected {layout.file_bytes}", shard=shard_file(rank, world_size)
             )
         state_path = self.storage.path(name, state_file(rank, world_size))
-        self.storage.put_atomic(state_path, tree)
+        self.storage.put_atomic(state_path, tree, create_folder=False)
         return ShardRecord(
             rank=rank,
             file=shard_file(rank, world_size),
@@ -364,3 +412,13 @@ def _check_args(step: int, reason: str, rank: int, world_size: int, checkpoint_i
             raise ConfigError("checkpoint_id", checkpoint_id, f"must look like {checkpoint_name(step, '0123abcd')}")
     elif world_size > 1:
         raise ConfigError("checkpoint_id", None, "required when world_size > 1: every rank must name the same one")
+
+
+def default_attempt() -> str:
+    """The attempt token every rank of one launch shares without a collective.
+
+    torchrun (torch.distributed.elastic) sets the same ``TORCHELASTIC_RUN_ID`` and
+    ``TORCHELASTIC_RESTART_COUNT`` on every worker of one attempt, and a new count on each restart.
+    A job that reuses checkpoint ids across restarts some other way passes ``attempt`` itself.
+    """
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}"

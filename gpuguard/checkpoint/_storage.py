@@ -230,8 +230,8 @@ class Storage:
 
     def _check_container(self) -> None:
         """On object stores, an absent prefix is an empty run, but an absent bucket is a mistake."""
-        if self.is_local or self.protocol == "memory":
-            return
+        if not self.is_s3 and self.protocol not in ("gs", "gcs", "abfs", "abfss", "az"):
+            return  # no buckets: an absent root is simply empty
         container = self.root.split("/", 1)[0]
         if self.is_s3:
             # s3fs maps NoSuchBucket (404) to FileNotFoundError and AccessDenied to PermissionError.
@@ -277,12 +277,12 @@ class Storage:
         else:
             self.call("writing", path, lambda: self.fs.pipe_file(path, data))
 
-    def delete(self, path: str, *, recursive: bool = False) -> None:
+    def delete(self, path: str, *, recursive: bool = False, deadline_s: float | None = None) -> None:
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(path, recursive=recursive)
 
-        self.call("deleting", path, rm)
+        self.call("deleting", path, rm, deadline_s=deadline_s)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run work beside the writes on the I/O threads (checksums release the GIL too)."""

@@ -17,7 +17,7 @@ from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
-from gpuguard.checkpoint._saving import REASONS, PendingSave, Reason, Saver, SaveTimings
+from gpuguard.checkpoint._saving import REASONS, PendingSave, Reason, Saver, SaveTimings, default_attempt
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
 from gpuguard.errors import ConfigError
@@ -34,7 +34,9 @@ class CheckpointStore:
         keep: committed checkpoints to keep when pruning; the newest valid one is never deleted.
         io_threads: concurrent writers per shard (threads for local disks, parts for S3).
         staging_buffers: snapshots that may be in flight at once.
-        retry: backoff for transient storage errors.
+        retry: backoff for transient storage errors, and the deadline of every storage operation.
+        lease_s: how long a save's lease keeps pruners (in any process) off its folder, on top of
+            its ``commit_timeout_s``; a crashed writer's leftovers are collected once it expires.
 
     Example:
         >>> store = CheckpointStore("memory://example", keep=2)
@@ -54,17 +56,22 @@ class CheckpointStore:
         io_threads: int = 8,
         staging_buffers: int = 2,
         retry: RetryPolicy | None = None,
+        lease_s: float = 900.0,
     ) -> None:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ConfigError("keep", keep, "must be a whole number, 1 or greater")
         if not isinstance(io_threads, int) or io_threads < 1:
             raise ConfigError("io_threads", io_threads, "must be a whole number, 1 or greater")
+        if not isinstance(staging_buffers, int) or isinstance(staging_buffers, bool) or staging_buffers < 1:
+            raise ConfigError("staging_buffers", staging_buffers, "must be a whole number, 1 or greater")
+        if not isinstance(lease_s, (int, float)) or isinstance(lease_s, bool) or not 0 < lease_s < float("inf"):
+            raise ConfigError("lease_s", lease_s, "must be a finite number of seconds greater than 0")
         self.url = url
         self.keep = keep
         self.storage = Storage(url, storage_options, retry=retry, io_threads=io_threads)
         self._catalog = Catalog(self.storage, url)
         self._committer = Committer(self.storage, self._catalog)
-        self._saver = Saver(self.storage, self._committer, staging_buffers)
+        self._saver = Saver(self.storage, self._committer, staging_buffers, float(lease_s))
         self._loader = Loader(self.storage, self._catalog)
 
     @property
@@ -100,6 +107,7 @@ class CheckpointStore:
         replicated: bool = False,
         commit_timeout_s: float = 600.0,
         overlap_with: Sequence[torch.optim.Optimizer] = (),
+        attempt: str | None = None,
     ) -> PendingSave:
         """Snapshot ``state`` and write it in the background.
 
@@ -119,9 +127,17 @@ class CheckpointStore:
         load reads every part, so time to durable falls with the number of ranks and a job may
         resume with a different number of them.
 
+        ``attempt`` binds a multi-rank save to one attempt: rank 0 commits only records written under
+        the same token, never a crashed attempt's leftovers under a reused ``checkpoint_id``. By
+        default it comes from torchrun's ``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RESTART_COUNT``.
+
         Raises:
             UnsupportedStateError: the state holds something that cannot be stored without pickling.
             ConfigError: a bad step, reason, rank or checkpoint id.
+
+        The returned save's ``wait()`` raises `StorageError` when the storage fails (each operation
+        ends within the retry policy's deadline); what the save wrote is removed at once (best effort)
+        and the previous checkpoint is intact.
         """
         return self._saver.save(
             state,
@@ -136,6 +152,7 @@ class CheckpointStore:
             replicated=replicated,
             commit_timeout_s=commit_timeout_s,
             overlap_with=overlap_with,
+            attempt=attempt,
         )
 
     def commit(
@@ -149,11 +166,13 @@ class CheckpointStore:
         extra: Mapping[str, Any] | None = None,
         layout: str = "per_rank",
         timeout_s: float = 600.0,
+        attempt: str | None = None,
     ) -> CheckpointInfo:
         """Write the manifest once every rank's files are durable (multi-rank saves call this on rank 0).
 
         Raises:
-            TimeoutError: some rank's record did not appear within ``timeout_s``.
+            TimeoutError: some rank's record of this ``attempt`` did not appear within ``timeout_s``.
+            StorageError: a rank's files are gone; nothing is committed.
         """
         return self._committer.gather(
             checkpoint_id,
@@ -164,6 +183,7 @@ class CheckpointStore:
             extra=extra,
             layout=layout,
             timeout_s=timeout_s,
+            attempt=default_attempt() if attempt is None else attempt,
         )
 
     # -- finding --------------------------------------------------------------------------------
@@ -173,7 +193,12 @@ class CheckpointStore:
         return [self._catalog.info(m) for m in self._catalog.manifests()]
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None."""
+        """The newest committed checkpoint, or None when the location exists and holds none.
+
+        Raises:
+            StorageError: the storage failed or did not answer within the deadline, the bucket is
+                missing, or listing is not allowed: never read as "no checkpoint".
+        """
         manifests = self._catalog.manifests()
         return self._catalog.info(manifests[-1]) if manifests else None
 
