@@ -117,7 +117,7 @@ def test_a_stale_rank_record_from_another_attempt_is_refused() -> None:
         assert info is not None and info.id == name
         assert rank0.verify(name).ok
         target = {"w": torch.zeros(4)}
-        rank1.load(target, rank=1)
+        rank1.load(target, rank=1, world_size=2)
         assert torch.equal(target["w"], torch.full((4,), 3.0))
 
 

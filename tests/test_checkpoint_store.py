@@ -15,6 +15,7 @@ from helpers.training import assert_same, fresh_like, make_state, train_step
 
 from gpuguard import (
     CheckpointCorruptError,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointStore,
     ConfigError,
@@ -122,7 +123,7 @@ def test_multi_rank_commit_waits_for_every_shard(store: CheckpointStore) -> None
     assert info is not None and info.world_size == 2
     for r in range(2):
         target: dict[str, Any] = {"w": torch.zeros(8), "rank": None}
-        store.load(target, rank=r)
+        store.load(target, rank=r, world_size=2)
         assert torch.equal(target["w"], torch.full((8,), float(r))) and target["rank"] == r
 
 
@@ -163,7 +164,7 @@ def test_load_with_nothing_committed(store: CheckpointStore) -> None:
 
 def test_strict_load_names_missing_keys(store: CheckpointStore) -> None:
     store.save({"w": torch.ones(1)}, step=1).wait()
-    with pytest.raises(Exception, match="no entry for state key"):
+    with pytest.raises(CheckpointMismatchError, match=r"state\[.other.\]: the checkpoint has no entry for it"):
         store.load({"w": torch.zeros(1), "other": torch.zeros(1)})
 
 

@@ -12,10 +12,11 @@ import torch
 from gpuguard.checkpoint import _layout
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
+from gpuguard.checkpoint._fit import misfits
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import restore
-from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -36,20 +37,27 @@ class Loader:
         rank: int = 0,
         fallback: bool = False,
         strict: bool = True,
+        world_size: int | None = None,
     ) -> int:
         """Load a checkpoint into the live objects in ``state``; returns its step.
 
-        Tensors are checked against their CRC-32C before anything is restored, so a corrupt shard
-        changes nothing. Module and optimizer tensors go back to their own devices (their
-        ``load_state_dict`` copies); other tensors to the device they were saved from.
+        Transactional: every file is read and checked against its CRC-32C, and every entry against
+        the live state (names, shapes, dtypes, types), before anything is written; a corrupt shard
+        or a mismatch changes nothing. Module and optimizer tensors go back to their own devices
+        (their ``load_state_dict`` copies); other tensors to the device they were saved from.
 
         Args:
             checkpoint_id: a specific checkpoint; the newest committed one when None.
             rank: whose shard to load.
             fallback: when the newest one is corrupt, try older ones instead of raising.
             strict: raise when ``state`` has a key the checkpoint lacks.
+            world_size: this job's number of ranks (default: torch.distributed's, else 1). A
+                per-rank checkpoint saved by another number of ranks is refused: loading it would
+                silently drop or invent ranks' state (resharding is not done here).
 
         Raises:
+            CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
+                names every entry that does not fit; ``state`` is unchanged.
             CheckpointNotFoundError: nothing committed (or not that id).
             CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
                 every checkpoint is corrupt.
@@ -64,7 +72,7 @@ class Loader:
         for manifest in candidates:
             assert manifest is not None
             try:
-                self.load_one(manifest, state, rank, strict)
+                self.load_one(manifest, state, rank, strict, _world_size() if world_size is None else world_size)
                 return manifest.step
             except CheckpointCorruptError as exc:
                 if not fallback:
@@ -73,7 +81,9 @@ class Loader:
                 log.warning("checkpoint %s is corrupt (%s); falling back to an older one", manifest.id, exc)
         raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
 
-    def load_one(self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool) -> None:
+    def load_one(
+        self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
+    ) -> None:
         if manifest.layout == "replicated":
             # Every shard holds part of the one state; this rank's own shard goes last so that its
             # per-rank tensors (RNG states) win.
@@ -82,6 +92,13 @@ class Loader:
             for other in [*(s for s in manifest.shards if s is not record), record]:
                 tensors.update(self.read_shard(manifest.id, other)[1])  # views keep their buffers alive
         else:
+            if manifest.world_size != world_size:
+                raise CheckpointMismatchError(
+                    f"{manifest.id} holds per-rank state of {manifest.world_size} rank(s); this job has "
+                    f"{world_size}: loading it would drop or invent ranks' state (resume with "
+                    f"{manifest.world_size} ranks, or save with replicated=True)",
+                    entries=[f"world_size: {manifest.world_size} in the checkpoint, {world_size} live"],
+                )
             if not 0 <= rank < manifest.world_size:
                 raise CheckpointError(
                     f"{manifest.id} was saved by {manifest.world_size} rank(s); there is no rank {rank}"
@@ -96,6 +113,12 @@ class Loader:
             raise CheckpointCorruptError(
                 f"{manifest.id}/{record.state_file}: unreadable ({exc})", shard=record.state_file
             ) from None
+        problems = misfits(state, tree, tensors, strict=strict)
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise CheckpointMismatchError(
+                f"{manifest.id} does not fit the live state, which is left unchanged: {shown}", entries=problems
+            )
         restore(state, tree, tensors, devices, strict=strict)
 
     def read_shard(
@@ -153,3 +176,9 @@ class Loader:
         if crc32c(raw) != record.state_crc32c or len(raw) != record.state_bytes:
             raise CheckpointCorruptError(f"{name}/{record.state_file}: fails its checksum", shard=record.state_file)
         return raw
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1
