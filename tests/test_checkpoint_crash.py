@@ -86,5 +86,5 @@ def test_sigkill_soak_local(tmp_path: Path) -> None:
 def test_sigkill_soak_s3(s3_bucket: tuple[str, dict[str, Any]]) -> None:
     url, options = s3_bucket
     options = {k: v for k, v in options.items() if k != "skip_instance_cache"}
-    seen = kill_at_random(url, options, kills=40, seed=3, max_delay_s=1.5)
+    seen = kill_at_random(url, options, kills=40, seed=3, max_delay_s=1.0)
     assert seen["committed"] >= 10

@@ -47,13 +47,25 @@ class Catalog:
         self.storage = storage
         self.url = url
 
-    def manifests(self) -> list[Manifest]:
-        """Every valid manifest, oldest first (by step, then commit time)."""
+    def manifests(self, invalid: list[tuple[str, str]] | None = None) -> list[Manifest]:
+        """Every valid manifest, oldest first (by step, then commit time).
+
+        Args:
+            invalid: receives (folder, why) for each folder whose manifest exists but is not valid.
+        """
         found = []
         for folder in self.storage.list_dirs():
             if not CHECKPOINT_DIR.match(folder):
                 continue
-            manifest = self.manifest(folder, missing_ok=True)
+            try:
+                manifest = self.manifest(folder)
+            except CheckpointNotFoundError:
+                continue  # no manifest: in flight, or a leftover
+            except CheckpointCorruptError as exc:
+                log.warning("ignoring %s: %s", folder, exc)
+                if invalid is not None:
+                    invalid.append((folder, str(exc)))
+                continue
             if manifest is not None:
                 found.append(manifest)
         found.sort(key=lambda m: (m.step, m.created_at))

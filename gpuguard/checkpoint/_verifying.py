@@ -8,6 +8,7 @@ from typing import Any
 
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._loading import Loader
+from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST
 from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError
 
 Progress = Callable[[int, int], None]
@@ -20,13 +21,20 @@ class VerifyReport:
     id: str
     bytes_read: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # newer checkpoints whose manifest is invalid
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.skipped
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "ok": self.ok, "bytes_read": self.bytes_read, "problems": self.problems}
+        return {
+            "id": self.id,
+            "ok": self.ok,
+            "bytes_read": self.bytes_read,
+            "problems": self.problems,
+            "skipped": self.skipped,
+        }
 
 
 def verify(
@@ -38,18 +46,39 @@ def verify(
         checkpoint_id: the newest committed one when None.
         progress: called with (bytes read, bytes in all) after each file.
 
+    An invalid manifest is reported as a problem of its checkpoint; with no id, newer checkpoints
+    whose manifest is invalid are listed in ``skipped`` (and make the report not ok).
+
     Raises:
         CheckpointNotFoundError: nothing committed, or not that id.
-        CheckpointCorruptError: the manifest itself is invalid.
     """
+    skipped: list[dict[str, Any]] = []
     if checkpoint_id is None:
-        manifests = catalog.manifests()
+        invalid: list[tuple[str, str]] = []
+        manifests = catalog.manifests(invalid)
+        newest = manifests[-1].step if manifests else -1
+        # A newer folder with an invalid manifest is what a resume would have wanted: say so.
+        skipped = [
+            {"id": name, "shard": MANIFEST, "error": why}
+            for name, why in invalid
+            if int(CHECKPOINT_DIR.match(name).group(1)) >= newest  # type: ignore[union-attr]
+        ]
         if not manifests:
+            if skipped:
+                report = VerifyReport(skipped[-1]["id"])
+                report.problems = [{"shard": MANIFEST, "tensor": None, "error": s["error"]} for s in skipped[-1:]]
+                report.skipped = skipped[:-1]
+                return report
             raise CheckpointNotFoundError(f"no committed checkpoint under {catalog.url}")
         checkpoint_id = manifests[-1].id
-    manifest = catalog.manifest(checkpoint_id)
+    try:
+        manifest = catalog.manifest(checkpoint_id)
+    except CheckpointCorruptError as exc:  # the manifest itself: a report, like any other corruption
+        report = VerifyReport(checkpoint_id)
+        report.problems.append({"shard": MANIFEST, "tensor": None, "error": str(exc)})
+        return report
     assert manifest is not None
-    report = VerifyReport(manifest.id)
+    report = VerifyReport(manifest.id, skipped=skipped)
     total = manifest.total_bytes
     for record in manifest.shards:
         found: list[CheckpointCorruptError] = []

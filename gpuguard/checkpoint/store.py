@@ -248,9 +248,12 @@ class CheckpointStore:
             checkpoint_id: the newest committed one when None.
             progress: called with (bytes read, bytes in all) after each file.
 
+        An invalid manifest is reported as a problem of its checkpoint; with no id, newer checkpoints
+        whose manifest is invalid are listed in the report's ``skipped`` (and make it not ok).
+
         Raises:
             CheckpointNotFoundError: nothing committed, or not that id.
-            CheckpointCorruptError: the manifest itself is invalid.
+            StorageError: the storage failed.
         """
         return verify(self._catalog, self._loader, checkpoint_id, progress=progress)
 
