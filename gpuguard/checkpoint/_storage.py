@@ -129,7 +129,10 @@ class Storage:
                 transient = is_transient(exc)
                 delay = next(delays, None) if transient else None
                 remaining = budget - (time.monotonic() - started)
-                if delay is None or delay >= remaining:
+                if delay is not None and delay >= remaining:  # the next try would start past the deadline
+                    why = f"no success within the {budget:.1f}s deadline: {exc}"
+                    raise self._error(what, path, why, exc, started, attempts, timed_out=True) from exc
+                if delay is None:
                     kind = "transient error, retries exhausted" if transient else "error"
                     raise self._error(
                         what, path, f"{kind}: {exc}", exc, started, attempts, transient=transient
