@@ -140,3 +140,11 @@ def test_retry_policy_is_validated() -> None:
         RetryPolicy(deadline_s=0)
     with pytest.raises(ValueError, match=r"RetryPolicy.attempts: 0 is not valid"):
         RetryPolicy(attempts=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("staging_buffers", 0), ("lease_s", 0), ("lease_s", float("inf"))], ids=str
+)
+def test_store_settings_are_validated(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{setting}: {value!r} is not valid"):
+        CheckpointStore("memory://settings", **{setting: value})  # type: ignore[arg-type]
