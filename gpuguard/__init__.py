@@ -10,6 +10,7 @@ from gpuguard._version import __version__
 from gpuguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     ConfigError,
     GpuGuardError,
@@ -86,6 +87,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "ConfigError",

@@ -14,6 +14,7 @@ library, and chained with ``raise ... from exc`` so the original stays visible.
     │   ├── UnsupportedStateError   the training state holds something gpuguard cannot store
     │   ├── CheckpointNotFoundError no committed checkpoint (or not the one asked for)
     │   ├── CheckpointCorruptError  a shard or manifest fails its checksum or format; names which
+    │   ├── CheckpointMismatchError the checkpoint does not fit the live state; nothing was changed
     │   └── StorageError            the storage failed: after retries (transient) or at once (permanent)
     └── KubernetesError             an API call failed; ``.status`` is the HTTP status (0: unreachable)
         ├── KubernetesForbiddenError  403: the message names the RBAC rule to add
@@ -95,18 +96,47 @@ class CheckpointCorruptError(CheckpointError):
         self.tensor = tensor
 
 
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint does not fit the live state: names, shapes, dtypes, types or world size differ.
+
+    Raised before anything is written into the live state, which is left as it was.
+
+    Attributes:
+        entries: one line per entry that does not fit.
+    """
+
+    def __init__(self, message: str, *, entries: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.entries = list(entries or [])
+
+
 class StorageError(CheckpointError, OSError):
     """The storage failed.
 
     Attributes:
         transient: True when the error looked temporary and retries ran out.
         path: the object or file involved.
+        operation: what was being done, e.g. ``listing`` or ``writing``.
+        elapsed_s: how long gpuguard tried, retries included.
+        timed_out: True when the operation's deadline passed.
     """
 
-    def __init__(self, message: str, *, path: str = "", transient: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        transient: bool = False,
+        operation: str = "",
+        elapsed_s: float = 0.0,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.transient = transient
+        self.operation = operation
+        self.elapsed_s = elapsed_s
+        self.timed_out = timed_out
 
 
 class KubernetesError(GpuGuardError):
@@ -136,6 +166,7 @@ class KubernetesUnreachableError(KubernetesError):
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ConfigError",
     "GpuGuardError",

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from helpers.flaky_fs import FlakyFileSystem
 
 from gpuguard import CheckpointStore, RetryPolicy, StorageError
-from gpuguard.checkpoint._storage import is_transient
+from gpuguard.checkpoint._retry import is_transient
 
 
 def s3_error(status: int, code: str) -> OSError:
@@ -99,3 +99,27 @@ def test_a_failed_manifest_write_commits_nothing(flaky: CheckpointStore) -> None
     with pytest.raises(StorageError):
         flaky.save({"w": torch.ones(2)}, step=2).wait()
     assert [i.step for i in flaky.list()] == [1]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        PermissionError(errno.EACCES, "denied"),
+        FileNotFoundError(errno.ENOENT, "NoSuchBucket"),
+        IsADirectoryError(errno.EISDIR, "is a directory"),
+        NotADirectoryError(errno.ENOTDIR, "not a directory"),
+        OSError(errno.EROFS, "Read-only file system"),
+        OSError(errno.EIO, "I/O error"),
+        s3_error(404, "NoSuchBucket"),
+        ValueError("a backend's own validation"),
+        RuntimeError("a backend bug"),
+    ],
+    ids=["eacces", "enoent", "eisdir", "enotdir", "erofs", "eio", "s3-404", "value", "runtime"],
+)
+def test_every_storage_error_leaves_as_a_storage_error(flaky: CheckpointStore, failure: BaseException) -> None:
+    FlakyFileSystem.failures[:] = [failure]
+    with pytest.raises(StorageError, match=r"under flaky://run; tried for") as caught:
+        flaky.save({"w": torch.ones(1)}, step=1).wait()
+    assert caught.value.__cause__ is failure
+    assert caught.value.operation == "writing" and not caught.value.timed_out
+    assert flaky.list() == [] and flaky.prune() == []

@@ -19,6 +19,10 @@ def _saved(tmp_path: Path, steps: tuple[int, ...] = (10, 20)) -> str:
     return url
 
 
+def _folders(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "run").iterdir() if p.name.startswith("step-"))
+
+
 def test_list_table_and_json(cli: Any, tmp_path: Path) -> None:
     url = _saved(tmp_path)
     table = cli("checkpoints", "list", url)
@@ -37,7 +41,7 @@ def test_verify_passes_then_names_the_corrupt_tensor(cli: Any, tmp_path: Path) -
     url = _saved(tmp_path)
     ok = cli("checkpoints", "verify", url)
     assert ok.returncode == 0 and "OK" in ok.stdout
-    latest = sorted((tmp_path / "run").iterdir())[-1]
+    latest = _folders(tmp_path)[-1]
     shard = latest / "rank-00000-of-00001.safetensors"
     data = bytearray(shard.read_bytes())
     header = int.from_bytes(data[:8], "little")
@@ -51,7 +55,7 @@ def test_verify_passes_then_names_the_corrupt_tensor(cli: Any, tmp_path: Path) -
     assert report["ok"] is False
     assert [(p["shard"], p["tensor"]) for p in report["problems"]] == [("rank-00000-of-00001.safetensors", "a")]
     # the older checkpoint is still good
-    older = sorted((tmp_path / "run").iterdir())[0].name
+    older = _folders(tmp_path)[0].name
     assert cli("checkpoints", "verify", url, older).returncode == 0
 
 
@@ -65,3 +69,35 @@ def test_bad_storage_options_exit_2(cli: Any, tmp_path: Path) -> None:
     result = cli("checkpoints", "list", str(tmp_path), "--storage-options", "{nope")
     assert result.returncode == 2
     assert result.stderr.startswith("gpuguard: error: --storage-options: '{nope' is not valid; must be a JSON object")
+
+
+def test_verify_reports_a_garbage_manifest_with_exit_1_and_json(cli: Any, tmp_path: Path) -> None:
+    url = _saved(tmp_path)
+    older, newest = _folders(tmp_path)
+    (newest / "MANIFEST.json").write_bytes(b"{garbage")
+    named = cli("checkpoints", "verify", url, newest.name, "--json")
+    assert named.returncode == 1, named.stderr
+    report = json.loads(named.stdout)
+    assert report["ok"] is False and report["id"] == newest.name
+    assert [p["shard"] for p in report["problems"]] == ["MANIFEST.json"]
+    assert "not a valid manifest" in report["problems"][0]["error"]
+    # without an id: the older checkpoint verifies, and the newest one it skipped is reported
+    newest_skipped = cli("checkpoints", "verify", url, "--json")
+    assert newest_skipped.returncode == 1
+    report = json.loads(newest_skipped.stdout)
+    assert report["id"] == older.name and report["problems"] == []
+    assert [s["id"] for s in report["skipped"]] == [newest.name]
+    text = cli("checkpoints", "verify", url)
+    assert text.returncode == 1
+    assert f"{newest.name}: CORRUPT MANIFEST.json" in text.stdout and f"{older.name}: OK" in text.stdout
+
+
+def test_storage_failures_exit_3_with_json(cli: Any, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the checkpoint folder should be")
+    result = cli("checkpoints", "list", f"file://{blocked}/run", "--json")
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["kind"] == "StorageError" and "listing" in doc["error"]
+    nothing = cli("checkpoints", "verify", f"file://{tmp_path}/empty", "--json")
+    assert nothing.returncode == 2 and json.loads(nothing.stdout)["kind"] == "CheckpointNotFoundError"

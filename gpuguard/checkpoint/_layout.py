@@ -32,12 +32,21 @@ DTYPE_CODES: Final[dict[torch.dtype, str]] = {
     torch.bool: "BOOL",
     torch.complex64: "C64",
 }
+# Codes from the safetensors format (safetensors/src/tensor.rs, enum Dtype), then gpuguard's own for the
+# dtypes that format lacks (complex128, complex32, the float8 "fnuz" variants, packed float4): readers
+# other than gpuguard refuse those shards by name instead of misreading them.
 for _name, _code in (
     ("float8_e4m3fn", "F8_E4M3"),
     ("float8_e5m2", "F8_E5M2"),
+    ("float8_e8m0fnu", "F8_E8M0"),
     ("uint16", "U16"),
     ("uint32", "U32"),
     ("uint64", "U64"),
+    ("complex128", "GPUGUARD_C128"),
+    ("complex32", "GPUGUARD_C32"),
+    ("float8_e4m3fnuz", "GPUGUARD_F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "GPUGUARD_F8_E5M2FNUZ"),
+    ("float4_e2m1fn_x2", "GPUGUARD_F4_E2M1FN_X2"),
 ):
     if hasattr(torch, _name):
         DTYPE_CODES[getattr(torch, _name)] = _code

@@ -13,16 +13,15 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
+from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, is_transient, run_bounded
 from gpuguard.errors import StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
@@ -33,73 +32,6 @@ Ready = Callable[[int], None]
 
 def _always(upto: int) -> None:
     """For data that is complete before writing starts."""
-
-
-_TRANSIENT_ERRNOS: Final = frozenset(
-    {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE}
-)
-_TRANSIENT_CODES: Final = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeTooSkewed",
-        "503",
-        "500",
-        "502",
-        "504",
-    }
-)
-_TRANSIENT_NAMES: Final = frozenset(
-    {
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ReadTimeoutError",
-        "ConnectionClosedError",
-        "ServerDisconnectedError",
-        "ClientConnectionError",
-        "ClientOSError",
-        "IncompleteReadError",
-    }
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying: timeouts, dropped connections, 5xx and throttling."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (TimeoutError, ConnectionError)):
-            return True
-        if type(current).__name__ in _TRANSIENT_NAMES:
-            return True
-        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
-            return True
-        response = getattr(current, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = response.get("Error", {}).get("Code", "")
-            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
-                return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter for transient storage errors."""
-
-    attempts: int = 5
-    base_delay_s: float = 0.2
-    max_delay_s: float = 5.0
-
-    def delays(self) -> Iterator[float]:
-        for attempt in range(self.attempts - 1):
-            yield min(self.max_delay_s, self.base_delay_s * 2**attempt) * (0.5 + random.random() / 2)
 
 
 class Storage:
@@ -122,15 +54,19 @@ class Storage:
         retry: RetryPolicy | None = None,
         io_threads: int = 8,
     ) -> None:
+        self.retry = retry or RetryPolicy()
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        options = self.retry.backend_options(protocol, storage_options or {})
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise StorageError(f"cannot open {url!r}: {exc}", path=url) from exc
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise StorageError(f"cannot open {url!r}: {exc}", path=url, operation="opening") from exc
         self.url = url
         self.root = root.rstrip("/")
         protocol = self.fs.protocol
         self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
-        self.retry = retry or RetryPolicy()
+        if self.is_s3:
+            self.fs.retries = 1  # s3fs's own retry loop (S3FileSystem.retries, 5 by default): ours owns the policy
         self.io_threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="gpuguard-ckpt-io")
 
@@ -147,29 +83,93 @@ class Storage:
 
     # -- the boundary ---------------------------------------------------------------------------
 
-    def call(self, what: str, path: str, fn: Callable[[], T]) -> T:
-        """Run one storage operation, retrying transient errors, translating the final one."""
+    def call(
+        self,
+        what: str,
+        path: str,
+        fn: Callable[[], T],
+        *,
+        nbytes: int = 0,
+        missing_ok: bool = False,
+        deadline_s: float | None = None,
+    ) -> T:
+        """Run one storage operation under its deadline, retrying transient errors, translating the last.
+
+        Args:
+            nbytes: the bytes it moves (they extend the deadline at ``min_bytes_per_s``).
+            missing_ok: let ``FileNotFoundError`` through (the caller treats "absent" as an answer);
+                otherwise it becomes a `StorageError` too.
+            deadline_s: instead of the policy's.
+
+        Raises:
+            StorageError: naming the URL, the operation, the path and how long it tried.
+        """
+        budget = deadline_s if deadline_s is not None else self.retry.deadline_for(nbytes)
+        started = time.monotonic()
         delays = self.retry.delays()
+        attempts = 0
         while True:
+            attempts += 1
+            remaining = budget - (time.monotonic() - started)
             try:
-                return fn()
+                if remaining <= 0:
+                    raise DeadlineExceeded(budget)
+                return run_bounded(fn, remaining, f"gpuguard-storage-{what.split(maxsplit=1)[0]}")
             except StorageError:
                 raise
-            except FileNotFoundError:
-                raise
+            except FileNotFoundError as exc:
+                if missing_ok:
+                    raise
+                raise self._error(what, path, "does not exist", exc, started, attempts) from exc
+            except DeadlineExceeded as exc:
+                raise self._error(
+                    what, path, f"no answer within the {budget:.1f}s deadline", exc, started, attempts, timed_out=True
+                ) from None
             except Exception as exc:
                 transient = is_transient(exc)
                 delay = next(delays, None) if transient else None
+                remaining = budget - (time.monotonic() - started)
+                if delay is not None and delay >= remaining:  # the next try would start past the deadline
+                    why = f"no success within the {budget:.1f}s deadline: {exc}"
+                    raise self._error(what, path, why, exc, started, attempts, timed_out=True) from exc
                 if delay is None:
                     kind = "transient error, retries exhausted" if transient else "error"
-                    raise StorageError(f"{what} {path}: {kind}: {exc}", path=path, transient=transient) from exc
+                    raise self._error(
+                        what, path, f"{kind}: {exc}", exc, started, attempts, transient=transient
+                    ) from exc
                 log.info("%s %s: transient error (%s); retrying in %.2fs", what, path, exc, delay)
                 time.sleep(delay)
 
+    def _error(
+        self,
+        what: str,
+        path: str,
+        why: str,
+        exc: BaseException,
+        started: float,
+        attempts: int,
+        *,
+        transient: bool = False,
+        timed_out: bool = False,
+    ) -> StorageError:
+        elapsed = time.monotonic() - started
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+        return StorageError(
+            f"{what} {path}: {why} (under {self.url}; tried for {elapsed:.1f}s, {tries})",
+            path=path,
+            transient=transient or timed_out,
+            operation=what,
+            elapsed_s=elapsed,
+            timed_out=timed_out,
+        )
+
     # -- reads ----------------------------------------------------------------------------------
 
-    def read(self, path: str) -> bytearray:
-        """A whole file into a writable buffer (tensors are viewed over it without another copy)."""
+    def read(self, path: str, nbytes: int = 0) -> bytearray:
+        """A whole file into a writable buffer (tensors are viewed over it without another copy).
+
+        ``nbytes``, the size expected, extends the deadline; ``FileNotFoundError`` when it is absent.
+        """
 
         def read() -> bytearray:
             size = int(self.fs.size(path))
@@ -183,19 +183,39 @@ class Storage:
                     got += n
             return buf
 
-        return self.call("reading", path, read)
+        return self.call("reading", path, read, nbytes=nbytes, missing_ok=True)
 
     def cat(self, path: str) -> bytes:
-        return self.call("reading", path, lambda: bytes(self.fs.cat_file(path)))
+        """A small file's bytes; ``FileNotFoundError`` when it is absent."""
+        return self.call("reading", path, lambda: bytes(self.fs.cat_file(path)), missing_ok=True)
 
     def exists(self, path: str) -> bool:
         return self.call("checking", path, lambda: bool(self.fs.exists(path)))
 
     def size(self, path: str) -> int:
-        return self.call("sizing", path, lambda: int(self.fs.size(path)))
+        """``FileNotFoundError`` when it is absent."""
+        return self.call("sizing", path, lambda: int(self.fs.size(path)), missing_ok=True)
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names of the files directly in ``folder`` (a name under the root); none when it is absent."""
+        where = self.path(folder)
+
+        def ls() -> list[str]:
+            try:
+                entries = self.fs.ls(where, detail=True, refresh=True) if self.is_s3 else self.fs.ls(where, detail=True)
+            except FileNotFoundError:
+                return []
+            return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+
+        return self.call("listing", where, ls)
 
     def list_dirs(self) -> list[str]:
-        """Names of the folders directly under the root; none when the root does not exist yet."""
+        """Names of the folders directly under the root; none when the root does not exist yet.
+
+        Raises:
+            StorageError: the bucket (or container) itself is missing, or listing is not allowed: a
+                resume must never take that for "no checkpoint" and start from step 0.
+        """
 
         def ls() -> list[str]:
             try:
@@ -205,10 +225,29 @@ class Storage:
                     else self.fs.ls(self.root, detail=True)
                 )
             except FileNotFoundError:
+                self._check_container()
                 return []
             return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
         return self.call("listing", self.root, ls)
+
+    def _check_container(self) -> None:
+        """On object stores, an absent prefix is an empty run, but an absent bucket is a mistake."""
+        if not self.is_s3 and self.protocol not in ("gs", "gcs", "abfs", "abfss", "az"):
+            return  # no buckets: an absent root is simply empty
+        container = self.root.split("/", 1)[0]
+        if self.is_s3:
+            # s3fs maps NoSuchBucket (404) to FileNotFoundError and AccessDenied to PermissionError.
+            try:
+                self.fs.call_s3("head_bucket", Bucket=container)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"listing {self.url}: the bucket {container!r} does not exist", path=container, operation="listing"
+                ) from None
+        elif not self.fs.exists(container):
+            raise StorageError(
+                f"listing {self.url}: the container {container!r} does not exist", path=container, operation="listing"
+            )
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -223,25 +262,30 @@ class Storage:
         being copied in.
         """
         if self.is_local:
-            self.call("writing", path, lambda: self._write_local(path, header, data, ready))
+            self.call("writing", path, lambda: self._write_local(path, header, data, ready), nbytes=len(data))
         elif self.is_s3 and len(header) + len(data) > 2 * self.part_bytes:
             self._write_s3_multipart(path, header, data, ready)
         else:
-            self.call("writing", path, lambda: self._write_stream(path, header, data, ready))
+            self.call("writing", path, lambda: self._write_stream(path, header, data, ready), nbytes=len(data))
 
-    def put_atomic(self, path: str, data: bytes) -> None:
-        """A small file that readers see whole or not at all."""
+    def put_atomic(self, path: str, data: bytes, *, create_folder: bool = True) -> None:
+        """A small file that readers see whole or not at all.
+
+        With ``create_folder`` False, a missing folder (on a local disk: removed by someone) fails
+        with `StorageError` rather than being created again: a commit must not resurrect a folder
+        whose shards are gone.
+        """
         if self.is_local:
-            self.call("writing", path, lambda: self._put_local_atomic(path, data))
+            self.call("writing", path, lambda: self._put_local_atomic(path, data, create_folder))
         else:
             self.call("writing", path, lambda: self.fs.pipe_file(path, data))
 
-    def delete(self, path: str, *, recursive: bool = False) -> None:
+    def delete(self, path: str, *, recursive: bool = False, deadline_s: float | None = None) -> None:
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(path, recursive=recursive)
 
-        self.call("deleting", path, rm)
+        self.call("deleting", path, rm, deadline_s=deadline_s)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run work beside the writes on the I/O threads (checksums release the GIL too)."""
@@ -274,17 +318,23 @@ class Storage:
             os.close(fd)
         _fsync_dir(os.path.dirname(path))
 
-    def _put_local_atomic(self, path: str, data: bytes) -> None:
+    def _put_local_atomic(self, path: str, data: bytes, create_folder: bool) -> None:
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
+        if create_folder:
+            os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _pwrite_all(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                _pwrite_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk must not keep the partial file
+                os.unlink(tmp)
+            raise
         _fsync_dir(folder)
 
     def _write_stream(self, path: str, header: bytes, data: memoryview, ready: Ready) -> None:
@@ -315,6 +365,7 @@ class Storage:
                 lambda: self.fs.call_s3(
                     "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
                 ),
+                nbytes=len(body),
             )
             return {"PartNumber": number, "ETag": response["ETag"]}
 
@@ -334,7 +385,11 @@ class Storage:
             )
         except BaseException:
             try:
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+                run_bounded(
+                    lambda: self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+                    self.retry.attempt_timeout_s,
+                    "gpuguard-storage-abort",
+                )
             except Exception as exc:  # the upload stays invisible; lifecycle rules reclaim it
                 log.warning("could not abort the multipart upload of %s: %s", path, exc)
             raise

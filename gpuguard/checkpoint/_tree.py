@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gpuguard.checkpoint._layout import DTYPE_CODES
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
 
 RNG_KEY = "__gpuguard_rng__"
@@ -41,13 +42,33 @@ def _escape(key: str) -> str:
 class _Flattener:
     def __init__(self) -> None:
         self.flat = FlatState()
+        self.aliases: dict[tuple[Any, ...], str] = {}
 
     def tensor(self, value: torch.Tensor, path: list[str], marker: str = "$tensor") -> dict[str, str]:
         if value.is_sparse or value.is_quantized or value.layout != torch.strided:
             raise UnsupportedStateError(f"{_where(path)}: {value.layout} tensors cannot be checkpointed; dense only")
+        if value.device.type == "meta":
+            raise UnsupportedStateError(f"{_where(path)}: a meta tensor holds no data to checkpoint; materialize it")
+        if value.dtype not in DTYPE_CODES:
+            allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in DTYPE_CODES))
+            raise UnsupportedStateError(f"{_where(path)}: dtype {value.dtype} cannot be stored; allowed: {allowed}")
+        if marker == "$tensor":
+            # The same tensor under two names in a plain container (aliasing) comes back as one tensor.
+            key = (
+                value.device,
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
+            if key in self.aliases and value.numel():
+                return {marker: self.aliases[key]}
         name = "/".join(_escape(p) for p in path)
         if name in self.flat.tensors:
             raise UnsupportedStateError(f"{_where(path)}: two entries map to the tensor name {name!r}")
+        if marker == "$tensor":
+            self.aliases[key] = name
         self.flat.tensors[name] = value.detach()
         if value.device.type != "cpu":
             self.flat.devices[name] = str(value.device)
@@ -75,7 +96,9 @@ class _Flattener:
             return {"$dict": [[k, self.encode(v, [*path, str(k)])] for k, v in items]}
         if isinstance(value, list):
             return [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]
-        if isinstance(value, tuple):  # torch.Size included
+        if isinstance(value, torch.Size):
+            return {"$size": list(value)}
+        if isinstance(value, tuple):
             return {"$tuple": [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]}
         if isinstance(value, torch.dtype):
             return {"$dtype": str(value).removeprefix("torch.")}
@@ -161,6 +184,8 @@ def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return {k: decode(v, tensors) for k, v in inner}
         if marker == "$dtype":
             return getattr(torch, inner)
+        if marker == "$size":
+            return torch.Size(inner)
     return {k: decode(v, tensors) for k, v in value.items()}
 
 
@@ -184,11 +209,14 @@ def restore(
     missing = [k for k in state if k not in tree]
     if strict and missing:
         raise CheckpointError(f"the checkpoint has no entry for state key(s) {', '.join(map(repr, missing))}")
+    # Decode everything first: a reference to a tensor the shard lacks fails before any write.
+    decoded = {key: decode(encoded, tensors) for key, encoded in tree.items()}
+    memo: dict[str, torch.Tensor] = {}
     for key, encoded in tree.items():
         if key == RNG_KEY:
             continue
         live = state.get(key)
-        value = decode(encoded, tensors)
+        value = decoded[key]
         if (
             live is not None
             and hasattr(live, "load_state_dict")
@@ -202,26 +230,35 @@ def restore(
             with torch.no_grad():
                 live.copy_(value)
         else:
-            state[key] = _own(value, encoded, devices)
+            state[key] = _own(value, encoded, devices, memo)
     if RNG_KEY in tree:
-        restore_rng(decode(tree[RNG_KEY], tensors))
+        restore_rng(decoded[RNG_KEY])
 
 
-def _own(value: Any, encoded: Any, devices: Mapping[str, str]) -> Any:
-    """Detach restored values from the shard's buffer and put tensors back on their devices."""
+def _own(value: Any, encoded: Any, devices: Mapping[str, str], memo: dict[str, torch.Tensor] | None = None) -> Any:
+    """Detach restored values from the shard's buffer and put tensors back on their devices.
+
+    ``memo`` keeps aliases aliased: entries that referred to one tensor when saved get one copy.
+    """
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
         name = encoded.get("$tensor") if isinstance(encoded, dict) else None
+        if name is not None and name in memo:
+            return memo[name]
         device = devices.get(name or "", "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
-        return value.to(device, copy=True)
+        owned = value.to(device, copy=True)
+        if name is not None:
+            memo[name] = owned
+        return owned
     if isinstance(value, dict) and isinstance(encoded, dict):
         inner = encoded.get("$dict")
         if inner is not None:
-            return {k: _own(v, e, devices) for (k, v), (_, e) in zip(value.items(), inner, strict=True)}
-        return {k: _own(v, encoded.get(k), devices) for k, v in value.items()}
+            return {k: _own(v, e, devices, memo) for (k, v), (_, e) in zip(value.items(), inner, strict=True)}
+        return {k: _own(v, encoded.get(k), devices, memo) for k, v in value.items()}
     if isinstance(value, list) and isinstance(encoded, list):
-        return [_own(v, e, devices) for v, e in zip(value, encoded, strict=True)]
+        return [_own(v, e, devices, memo) for v, e in zip(value, encoded, strict=True)]
     if isinstance(value, tuple) and isinstance(encoded, dict) and "$tuple" in encoded:
-        return tuple(_own(v, e, devices) for v, e in zip(value, encoded["$tuple"], strict=True))
+        return tuple(_own(v, e, devices, memo) for v, e in zip(value, encoded["$tuple"], strict=True))
     return value

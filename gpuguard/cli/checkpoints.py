@@ -1,4 +1,9 @@
-"""``gpuguard checkpoints``: list and verify the checkpoints under a URL."""
+"""``gpuguard checkpoints``: list and verify the checkpoints under a URL.
+
+Exit codes: 0 all good; 1 corruption found (a shard, a tensor, or a manifest); 2 bad usage or nothing
+to verify; 3 the storage failed (unreachable, missing bucket, no permission). With ``--json`` every
+outcome, errors included, is one JSON object on stdout.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import sys
 from typing import Any
 
 from gpuguard.cli._table import render_table
-from gpuguard.errors import ConfigError
+from gpuguard.errors import ConfigError, GpuGuardError, StorageError
 
-EXIT_OK, EXIT_CORRUPT = 0, 1
+EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 
 
 def add_parser(subparsers: Any) -> None:
@@ -21,10 +26,28 @@ def add_parser(subparsers: Any) -> None:
     common.add_argument("--storage-options", metavar="JSON", help="fsspec storage options, as a JSON object")
     common.add_argument("--json", action="store_true", help="print JSON for machines")
     ls = sub.add_parser("list", parents=[common], help="committed checkpoints, oldest first")
-    ls.set_defaults(handler=run_list)
+    ls.set_defaults(handler=_reporting(run_list))
     verify = sub.add_parser("verify", parents=[common], help="re-read every shard and check every checksum")
     verify.add_argument("id", nargs="?", help="a checkpoint id (default: the newest committed one)")
-    verify.set_defaults(handler=run_verify)
+    verify.set_defaults(handler=_reporting(run_verify))
+
+
+def _reporting(handler: Any) -> Any:
+    """Errors as exit codes, and as JSON on stdout under ``--json`` (a script reads one stream)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(handler(args))
+        except GpuGuardError as exc:
+            code = EXIT_STORAGE if isinstance(exc, StorageError) else EXIT_USAGE
+            if args.json:
+                doc = {"ok": False, "error": str(exc), "kind": type(exc).__name__, "url": args.url}
+                print(json.dumps(doc, indent=2))
+            else:
+                print(f"gpuguard: error: {exc}", file=sys.stderr)
+            return code
+
+    return run
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -83,7 +106,10 @@ def run_verify(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    elif report.ok:
+        return EXIT_OK if report.ok else EXIT_CORRUPT
+    for skipped in report.skipped:
+        print(f"{skipped['id']}: CORRUPT {skipped['shard']}: {skipped['error']} (skipped; a resume loads an older one)")
+    if not report.problems:
         print(f"{report.id}: OK ({_size(report.bytes_read)} read, every checksum matches)")
     else:
         for problem in report.problems:

@@ -1,0 +1,184 @@
+"""Loading: read a checkpoint's shards, check every checksum, restore the live state."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+
+from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint._catalog import Catalog
+from gpuguard.checkpoint._crc import crc32c, crc32c_combine
+from gpuguard.checkpoint._fit import misfits
+from gpuguard.checkpoint._manifest import Manifest, ShardRecord
+from gpuguard.checkpoint._storage import Storage
+from gpuguard.checkpoint._tree import restore
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+
+log = logging.getLogger("gpuguard.checkpoint")
+
+
+class Loader:
+    """Reads checkpoints back; nothing read is unpickled."""
+
+    def __init__(self, storage: Storage, catalog: Catalog) -> None:
+        self.storage = storage
+        self.catalog = catalog
+        self.url = catalog.url
+
+    def load(
+        self,
+        state: MutableMapping[str, Any],
+        checkpoint_id: str | None = None,
+        *,
+        rank: int = 0,
+        fallback: bool = False,
+        strict: bool = True,
+        world_size: int | None = None,
+    ) -> int:
+        """Load a checkpoint into the live objects in ``state``; returns its step.
+
+        Transactional: every file is read and checked against its CRC-32C, and every entry against
+        the live state (names, shapes, dtypes, types), before anything is written; a corrupt shard
+        or a mismatch changes nothing. Module and optimizer tensors go back to their own devices
+        (their ``load_state_dict`` copies); other tensors to the device they were saved from.
+
+        Args:
+            checkpoint_id: a specific checkpoint; the newest committed one when None.
+            rank: whose shard to load.
+            fallback: when the newest one is corrupt, try older ones instead of raising.
+            strict: raise when ``state`` has a key the checkpoint lacks.
+            world_size: this job's number of ranks (default: torch.distributed's, else 1). A
+                per-rank checkpoint saved by another number of ranks is refused: loading it would
+                silently drop or invent ranks' state (resharding is not done here).
+
+        Raises:
+            CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
+                names every entry that does not fit; ``state`` is unchanged.
+            CheckpointNotFoundError: nothing committed (or not that id).
+            CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
+                every checkpoint is corrupt.
+        """
+        if checkpoint_id is not None:
+            candidates = [self.catalog.manifest(checkpoint_id)]
+        else:
+            candidates = list(reversed(self.catalog.manifests()))
+            if not candidates:
+                raise CheckpointNotFoundError(f"no committed checkpoint under {self.url}")
+        errors = []
+        for manifest in candidates:
+            assert manifest is not None
+            try:
+                self.load_one(manifest, state, rank, strict, _world_size() if world_size is None else world_size)
+                return manifest.step
+            except CheckpointCorruptError as exc:
+                if not fallback:
+                    raise
+                errors.append(f"{manifest.id}: {exc}")
+                log.warning("checkpoint %s is corrupt (%s); falling back to an older one", manifest.id, exc)
+        raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
+
+    def load_one(
+        self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
+    ) -> None:
+        if manifest.layout == "replicated":
+            # Every shard holds part of the one state; this rank's own shard goes last so that its
+            # per-rank tensors (RNG states) win.
+            record = manifest.shards[rank % manifest.world_size]
+            tensors: dict[str, torch.Tensor] = {}
+            for other in [*(s for s in manifest.shards if s is not record), record]:
+                tensors.update(self.read_shard(manifest.id, other)[1])  # views keep their buffers alive
+        else:
+            if manifest.world_size != world_size:
+                raise CheckpointMismatchError(
+                    f"{manifest.id} holds per-rank state of {manifest.world_size} rank(s); this job has "
+                    f"{world_size}: loading it would drop or invent ranks' state (resume with "
+                    f"{manifest.world_size} ranks, or save with replicated=True)",
+                    entries=[f"world_size: {manifest.world_size} in the checkpoint, {world_size} live"],
+                )
+            if not 0 <= rank < manifest.world_size:
+                raise CheckpointError(
+                    f"{manifest.id} was saved by {manifest.world_size} rank(s); there is no rank {rank}"
+                )
+            record = manifest.shards[rank]
+            tensors = self.read_shard(manifest.id, record)[1]
+        tree_raw = self.read_state(manifest.id, record)
+        try:
+            doc = json.loads(tree_raw)
+            tree, devices = doc["tree"], doc["devices"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorruptError(
+                f"{manifest.id}/{record.state_file}: unreadable ({exc})", shard=record.state_file
+            ) from None
+        problems = misfits(state, tree, tensors, strict=strict)
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise CheckpointMismatchError(
+                f"{manifest.id} does not fit the live state, which is left unchanged: {shown}", entries=problems
+            )
+        restore(state, tree, tensors, devices, strict=strict)
+
+    def read_shard(
+        self, name: str, record: ShardRecord, problems: list[CheckpointCorruptError] | None = None
+    ) -> tuple[bytearray, dict[str, torch.Tensor]]:
+        """Read and check a shard. Raises at the first bad tensor, or collects them all into ``problems``."""
+        where = f"{name}/{record.file}"
+        try:
+            data = self.storage.read(self.storage.path(name, record.file), record.bytes)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{where}: missing", shard=record.file) from None
+        if len(data) != record.bytes:
+            raise CheckpointCorruptError(
+                f"{where}: {len(data)} bytes, the manifest says {record.bytes}", shard=record.file
+            )
+        base, header = _layout.parse_header(memoryview(data), where=where)
+        view = memoryview(data)
+        tensors, spans = {}, []
+        for tensor_name, expected in record.tensors.items():
+            tensor = _layout.view(data, base, header, tensor_name, where=where)
+            start, end = header[tensor_name]["data_offsets"]
+            got = crc32c(view[base + start : base + end])
+            spans.append((start, end, got))
+            if got != expected:
+                error = CheckpointCorruptError(
+                    f"{where}: tensor {tensor_name!r} fails its checksum (crc32c {got:08x}, expected {expected:08x})",
+                    shard=record.file,
+                    tensor=tensor_name,
+                )
+                if problems is None:
+                    raise error
+                problems.append(error)
+            tensors[tensor_name] = tensor
+        # The whole file's checksum, combined from the parts: catches a changed header, which the
+        # tensors' own checksums cannot see.
+        whole = crc32c(view[:base])
+        for start, end, crc in sorted(spans):
+            whole = crc32c_combine(whole, crc, end - start)
+        if whole != record.crc32c and not (problems and problems[-1].shard == record.file):
+            error = CheckpointCorruptError(
+                f"{where}: the file fails its checksum (crc32c {whole:08x}, expected {record.crc32c:08x}) "
+                "though its tensors pass: the header was changed",
+                shard=record.file,
+            )
+            if problems is None:
+                raise error
+            problems.append(error)
+        return data, tensors
+
+    def read_state(self, name: str, record: ShardRecord) -> bytes:
+        try:
+            raw = self.storage.cat(self.storage.path(name, record.state_file))
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{name}/{record.state_file}: missing", shard=record.state_file) from None
+        if crc32c(raw) != record.state_crc32c or len(raw) != record.state_bytes:
+            raise CheckpointCorruptError(f"{name}/{record.state_file}: fails its checksum", shard=record.state_file)
+        return raw
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1

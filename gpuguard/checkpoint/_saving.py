@@ -1,0 +1,424 @@
+"""Saving: snapshot a state into a staging buffer on the training thread, write it in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from gpuguard._version import __version__
+from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint import _leases as leases
+from gpuguard.checkpoint._catalog import CheckpointInfo
+from gpuguard.checkpoint._committing import Committer
+from gpuguard.checkpoint._crc import crc32c, crc32c_combine
+from gpuguard.checkpoint._manifest import (
+    CHECKPOINT_DIR,
+    ShardRecord,
+    checkpoint_name,
+    shard_file,
+    shard_record_file,
+    state_file,
+)
+from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
+from gpuguard.checkpoint._storage import Storage
+from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten
+from gpuguard.errors import CheckpointCorruptError, ConfigError, StorageError
+
+log = logging.getLogger("gpuguard.checkpoint")
+
+Reason = Literal["emergency", "periodic", "manual"]
+REASONS = ("emergency", "periodic", "manual")
+
+
+@dataclass(frozen=True)
+class SaveTimings:
+    """Where a save's time went, in seconds: ``stall_s`` is what the training thread waited."""
+
+    stall_s: float = 0.0
+    durable_s: float = 0.0
+
+
+class PendingSave:
+    """A save in flight. `wait` returns once it is durable and committed.
+
+    The snapshot is already taken when you hold this: training may change its tensors freely.
+    """
+
+    def __init__(
+        self, checkpoint_id: str, step: int, future: Future[CheckpointInfo | None], stall_s: float, started: float
+    ) -> None:
+        self.id = checkpoint_id
+        self.step = step
+        self._future = future
+        self._stall_s = stall_s
+        self._started = started
+        self._durable_at: float | None = None
+        future.add_done_callback(lambda _: self._mark())
+
+    def _mark(self) -> None:
+        self._durable_at = time.perf_counter()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until durable (and committed, unless another rank commits); re-raises the save's error.
+
+        Returns:
+            The committed checkpoint, or None for a rank whose shard another rank commits.
+        Raises:
+            StorageError: the storage failed; the previous checkpoint is intact.
+            TimeoutError: not done within ``timeout`` seconds.
+        """
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, callback: Callable[[PendingSave], None]) -> None:
+        """Call ``callback(self)`` when the save ends, on the writer's thread (at once if it has)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception() if self._future.done() else None
+
+    @property
+    def timings(self) -> SaveTimings:
+        durable = (self._durable_at - self._started) if self._durable_at else 0.0
+        return SaveTimings(stall_s=self._stall_s, durable_s=durable)
+
+
+class Saver:
+    """Takes snapshots and writes them on its own threads; ``staging_buffers`` saves may be in flight."""
+
+    def __init__(self, storage: Storage, committer: Committer, staging_buffers: int, lease_s: float) -> None:
+        self.storage = storage
+        self.lease_s = lease_s
+        self.committer = committer
+        self._staging = StagingPool(staging_buffers)
+        self._saver = ThreadPoolExecutor(staging_buffers, thread_name_prefix="gpuguard-ckpt")
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._deferred = threading.Condition()
+        self._deferred_in_flight = 0
+        self.last_step_wait_s = 0.0
+
+    def in_flight(self) -> set[str]:
+        with self._lock:
+            return set(self._in_flight)
+
+    def close(self) -> None:
+        self._saver.shutdown(wait=True)
+
+    def prepare(self, state: Mapping[str, Any], *, rng: bool = True) -> float:
+        """Allocate the staging buffer for this state now, so that a save later does not.
+
+        Run it when training starts (a guard does, in the background). Returns the seconds it took.
+        """
+        flat = flatten(state, rng=rng)
+        layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
+        return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        *,
+        reason: Reason = "manual",
+        evidence: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        checkpoint_id: str | None = None,
+        rng: bool = True,
+        extra: Mapping[str, Any] | None = None,
+        replicated: bool = False,
+        commit_timeout_s: float = 600.0,
+        overlap_with: Sequence[torch.optim.Optimizer] = (),
+        attempt: str | None = None,
+    ) -> PendingSave:
+        """Snapshot ``state`` and write it in the background.
+
+        Returns once the snapshot is in the staging buffer: after that, training may step and the
+        save is unaffected. With ``world_size`` > 1 every rank calls this with the same
+        ``checkpoint_id``, and rank 0 commits once every rank's files are durable (waiting up to
+        ``commit_timeout_s`` for them).
+
+        With ``overlap_with``, the tensors those optimizers own (parameters and optimizer state, which
+        change only in ``optimizer.step()``) are copied while training runs its next forward and
+        backward; each of those optimizers' next ``step()`` waits for the copy. Everything else (buffers,
+        RNG states, schedulers) is copied before ``save`` returns. The stall becomes the copy of the
+        rest plus max(0, copy time - forward/backward time).
+
+        With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
+        are split between the ranks by size, each rank snapshots and writes only its part, and a
+        load reads every part, so time to durable falls with the number of ranks and a job may
+        resume with a different number of them.
+
+        Raises:
+            UnsupportedStateError: the state holds something that cannot be stored without pickling.
+            ConfigError: a bad step, reason, rank or checkpoint id.
+        """
+        started = time.perf_counter()
+        _check_args(step, reason, rank, world_size, checkpoint_id)
+        name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
+        flat = flatten(state, rng=rng)
+        tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        if replicated and world_size > 1:
+            flat.tensors = _partition(flat.tensors, rank, world_size)
+        layout = _layout.plan(
+            [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
+            metadata={"format": "pt", "gpuguard": __version__},
+        )
+        buffer = self._staging.acquire(layout, pin=_wants_pinned(flat))
+        readiness = Readiness(layout.data_bytes)
+        with self._lock:
+            self._in_flight.add(name)
+        meta = {
+            "reason": reason,
+            "evidence": dict(evidence or {}),
+            "extra": dict(extra or {}),
+            "layout": "replicated" if replicated and world_size > 1 else "per_rank",
+            "commit_timeout_s": commit_timeout_s,
+            "attempt": default_attempt() if attempt is None else attempt,
+        }
+        later = _owned_by(overlap_with, flat.tensors) if overlap_with else set()
+        # The writer starts first and follows the snapshot as it fills the buffer.
+        future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
+        future.add_done_callback(lambda _: self._finish(name))
+        try:
+            if later:
+                finish = buffer.snapshot_deferred(flat.tensors, later)
+                self._hold_steps(overlap_with, finish, readiness)
+            else:
+                buffer.snapshot(flat.tensors, readiness)
+        except BaseException as exc:
+            readiness.fail(exc)
+            raise
+        stall = time.perf_counter() - started
+        return PendingSave(name, step, future, stall, started)
+
+    def _hold_steps(
+        self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
+    ) -> None:
+        """Finish a deferred copy on a thread; until it is done, the optimizers' ``step()`` waits."""
+        for optimizer in optimizers:
+            if optimizer not in self._hooked:
+                optimizer.register_step_pre_hook(self._wait_for_deferred_copies)
+                self._hooked.add(optimizer)
+        with self._deferred:
+            self._deferred_in_flight += 1
+
+        def run() -> None:
+            try:
+                finish()
+                readiness.advance(readiness.total)
+            except BaseException as exc:
+                readiness.fail(exc)
+            finally:
+                with self._deferred:
+                    self._deferred_in_flight -= 1
+                    self._deferred.notify_all()
+
+        threading.Thread(target=run, name="gpuguard-ckpt-snapshot", daemon=True).start()
+
+    def _wait_for_deferred_copies(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # An optimizer step pre-hook, registered once per optimizer: free unless a copy is in flight.
+        if self._deferred_in_flight:
+            started = time.perf_counter()
+            with self._deferred:
+                while self._deferred_in_flight:
+                    self._deferred.wait()
+            self.last_step_wait_s = time.perf_counter() - started
+
+    def _finish(self, name: str) -> None:
+        with self._lock:
+            self._in_flight.discard(name)
+
+    def _write(
+        self,
+        name: str,
+        step: int,
+        rank: int,
+        world_size: int,
+        buffer: StagingBuffer,
+        readiness: Readiness,
+        tree: bytes,
+        meta: dict[str, Any],
+    ) -> CheckpointInfo | None:
+        lease: leases.Lease | None = None
+        try:
+            try:
+                # The lease is the first write: from here on, no pruner anywhere collects this folder.
+                lease = leases.take(
+                    self.storage,
+                    name,
+                    rank=rank,
+                    attempt=meta["attempt"],
+                    lease_s=self.lease_s + meta["commit_timeout_s"],
+                )
+                record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+            finally:
+                with contextlib.suppress(Exception):  # the buffer is not reused while a snapshot fills it
+                    readiness.wait(readiness.total)
+                self._staging.release(buffer)
+            if world_size == 1:
+                return self.committer.commit(name, step, 1, {0: record}, meta, lease=lease)
+            done = {"attempt": meta["attempt"], "record": record.to_dict()}
+            self.storage.put_atomic(
+                self.storage.path(name, shard_record_file(rank, world_size)),
+                json.dumps(done).encode(),
+                create_folder=False,
+            )
+            if rank == 0:
+                return self.committer.gather(
+                    name,
+                    step=step,
+                    world_size=world_size,
+                    reason=meta["reason"],
+                    evidence=meta["evidence"],
+                    extra=meta["extra"],
+                    layout=meta["layout"],
+                    timeout_s=meta["commit_timeout_s"],
+                    attempt=meta["attempt"],
+                    lease=lease,
+                )
+            return None
+        except BaseException as exc:
+            self._abort(name, rank, world_size, lease, exc)
+            raise
+
+    def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
+        """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.
+
+        Skipped when the storage did not answer (cleaning would wait out another deadline); the
+        leftover's lease then expires and any prune collects it.
+        """
+        if isinstance(exc, StorageError) and exc.timed_out:
+            log.warning("save %s failed (%s); its files stay until a prune collects them", name, exc)
+            return
+        quick = min(5.0, self.storage.retry.deadline_s)
+        try:
+            if world_size == 1:
+                self.storage.delete(self.storage.path(name), recursive=True, deadline_s=quick)
+            else:  # other ranks write into the same folder: remove this rank's files only
+                for file in (
+                    shard_record_file(rank, world_size),
+                    shard_file(rank, world_size),
+                    state_file(rank, world_size),
+                ):
+                    self.storage.delete(self.storage.path(name, file), deadline_s=quick)
+            if lease is not None:
+                leases.release(self.storage, name, lease, deadline_s=quick)
+        except Exception as cleanup:  # the save's own error is the one to report
+            log.warning("could not clean up after the failed save %s (%s); a prune collects it later", name, cleanup)
+
+    def _write_files(
+        self, name: str, rank: int, world_size: int, buffer: StagingBuffer, readiness: Readiness, tree: bytes
+    ) -> ShardRecord:
+        layout = buffer.layout
+        data = buffer.memoryview()
+        shard_path = self.storage.path(name, shard_file(rank, world_size))
+        # Checksums run on the I/O pool beside the writes: crc32c releases the GIL.
+        checksums = self.storage.submit(_tensor_checksums, layout, data, readiness)
+        self.storage.write_shard(shard_path, layout.header, data, readiness.wait)
+        tensor_crcs = checksums.result()
+        shard_crc = crc32c(layout.header)
+        for slot in layout.slots:
+            shard_crc = crc32c_combine(shard_crc, tensor_crcs[slot.name], slot.nbytes)
+        written = self.storage.size(shard_path)
+        if written != layout.file_bytes:
+            raise CheckpointCorruptError(
+                f"{shard_path}: wrote {written} bytes, expected {layout.file_bytes}", shard=shard_file(rank, world_size)
+            )
+        state_path = self.storage.path(name, state_file(rank, world_size))
+        self.storage.put_atomic(state_path, tree, create_folder=False)
+        return ShardRecord(
+            rank=rank,
+            file=shard_file(rank, world_size),
+            bytes=layout.file_bytes,
+            crc32c=shard_crc,
+            header_bytes=len(layout.header),
+            tensors=tensor_crcs,
+            state_file=state_file(rank, world_size),
+            state_bytes=len(tree),
+            state_crc32c=crc32c(tree),
+        )
+
+
+def _owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the tensors that only these optimizers' ``step()`` changes: parameters and their state."""
+    owned: set[int] = set()
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            owned.update(p.data_ptr() for p in group["params"])
+        for per_param in optimizer.state.values():
+            owned.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+    return {name for name, t in tensors.items() if t.numel() and t.data_ptr() in owned}
+
+
+def _partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's share of a replicated state: largest tensors first, each to the least loaded rank.
+
+    Deterministic from names and sizes alone, so every rank computes the same split. RNG states differ
+    between ranks, so each rank keeps its own.
+    """
+    loads = [0] * world_size
+    mine = {}
+    for name in sorted(tensors, key=lambda n: (-tensors[n].numel() * tensors[n].element_size(), n)):
+        if name.startswith(RNG_KEY + "/"):
+            owner = rank
+        else:
+            owner = min(range(world_size), key=lambda r: (loads[r], r))
+            loads[owner] += tensors[name].numel() * tensors[name].element_size()
+        if owner == rank:
+            mine[name] = tensors[name]
+    return mine
+
+
+def _wants_pinned(flat: FlatState) -> bool:
+    return torch.cuda.is_available() and any(t.device.type == "cuda" for t in flat.tensors.values())
+
+
+def _tensor_checksums(layout: _layout.ShardLayout, data: memoryview, readiness: Readiness) -> dict[str, int]:
+    crcs = {}
+    for slot in layout.slots:
+        readiness.wait(slot.end)
+        crcs[slot.name] = crc32c(data[slot.start : slot.end])
+    return crcs
+
+
+def _check_args(step: int, reason: str, rank: int, world_size: int, checkpoint_id: str | None) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
+        raise ConfigError("step", step, "must be a whole number from 0 to 10**12 - 1")
+    if reason not in REASONS:
+        raise ConfigError("reason", reason, "allowed: " + ", ".join(REASONS))
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError("world_size", world_size, "must be a whole number, 1 or greater")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError("rank", rank, f"must be from 0 to world_size - 1 = {world_size - 1}")
+    if checkpoint_id is not None:
+        match = CHECKPOINT_DIR.match(checkpoint_id)
+        if not match or int(match.group(1)) != step:
+            raise ConfigError("checkpoint_id", checkpoint_id, f"must look like {checkpoint_name(step, '0123abcd')}")
+    elif world_size > 1:
+        raise ConfigError("checkpoint_id", None, "required when world_size > 1: every rank must name the same one")
+
+
+def default_attempt() -> str:
+    """The attempt token every rank of one launch shares without a collective.
+
+    torchrun (torch.distributed.elastic) sets the same ``TORCHELASTIC_RUN_ID`` and
+    ``TORCHELASTIC_RESTART_COUNT`` on every worker of one attempt, and a new count on each restart.
+    A job that reuses checkpoint ids across restarts some other way passes ``attempt`` itself.
+    """
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}"

@@ -1,0 +1,150 @@
+"""Storage that does not answer: every operation ends with `StorageError` within its deadline.
+
+The endpoints are real sockets on 127.0.0.1: a listener that accepts connections (the kernel completes
+the handshake) and never answers, and a port where nothing listens (connection refused).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from gpuguard import CheckpointStore, Guard, RetryPolicy, StorageError
+from gpuguard.fakenvml import FakeNvml
+
+from conftest import s3_options
+
+SHORT = RetryPolicy(deadline_s=2.0, attempt_timeout_s=1.0, base_delay_s=0.05)
+SLACK_S = 1.0  # thread hand-off and the last backoff's rounding; a hang would overrun it by far
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """An endpoint that accepts TCP connections and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def refused() -> str:
+    """An endpoint where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _operations(store: CheckpointStore) -> dict[str, Callable[[], Any]]:
+    return {
+        "latest": store.latest,
+        "save": lambda: store.save({"w": torch.ones(4)}, step=1).wait(),
+        "load": lambda: store.load({"w": torch.zeros(4)}),
+    }
+
+
+def _fails_in_time(operation: Callable[[], Any], deadline_s: float) -> StorageError:
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        operation()
+    took = time.monotonic() - started
+    assert took <= deadline_s + SLACK_S, f"took {took:.1f}s, the deadline is {deadline_s}s"
+    assert caught.value.elapsed_s <= deadline_s + SLACK_S
+    return caught.value
+
+
+@pytest.mark.parametrize("endpoint", ["black_hole", "refused"])
+@pytest.mark.parametrize("operation", ["latest", "save", "load"])
+def test_an_unanswering_s3_endpoint_fails_within_a_short_deadline(
+    request: pytest.FixtureRequest, endpoint: str, operation: str
+) -> None:
+    url = request.getfixturevalue(endpoint)
+    with CheckpointStore("s3://bucket/run", s3_options(url), retry=SHORT) as store:
+        error = _fails_in_time(_operations(store)[operation], SHORT.deadline_s)
+    assert error.transient
+    assert "s3://bucket/run" in str(error) and error.operation in str(error)
+    if endpoint == "black_hole":
+        assert error.timed_out and "within the 2.0s deadline" in str(error)
+
+
+@pytest.mark.parametrize("endpoint", ["black_hole", "refused"])
+def test_the_default_deadline_bounds_every_operation(request: pytest.FixtureRequest, endpoint: str) -> None:
+    """With the defaults, the three operations run at once (so the test takes one deadline, not three)."""
+    url = request.getfixturevalue(endpoint)
+    default = RetryPolicy()
+    errors: dict[str, BaseException] = {}
+    took: dict[str, float] = {}
+    with CheckpointStore("s3://bucket/run", s3_options(url)) as store:
+
+        def run(name: str, operation: Callable[[], Any]) -> None:
+            started = time.monotonic()
+            try:
+                operation()
+            except BaseException as exc:
+                errors[name] = exc
+            took[name] = time.monotonic() - started
+
+        threads = [threading.Thread(target=run, args=item) for item in _operations(store).items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(default.deadline_s * 3)  # a guard against a hang, not a timing
+    assert sorted(errors) == ["latest", "load", "save"]
+    for name, error in errors.items():
+        assert isinstance(error, StorageError), (name, error)
+        assert took[name] <= default.deadline_s + SLACK_S, (name, took[name])
+
+
+def test_a_missing_bucket_is_an_error_not_an_empty_run(s3_endpoint: str, s3_bucket: tuple[str, Any]) -> None:
+    options = s3_options(s3_endpoint)
+    with CheckpointStore("s3://no-such-bucket-7f3a/run", options, retry=SHORT) as store:
+        with pytest.raises(StorageError, match="the bucket 'no-such-bucket-7f3a' does not exist"):
+            store.latest()
+        with pytest.raises(StorageError, match="no-such-bucket-7f3a"):
+            store.load({"w": torch.zeros(1)})
+        with pytest.raises(StorageError, match="no-such-bucket-7f3a"):
+            store.save({"w": torch.zeros(1)}, step=1).wait()
+    # an existing bucket with nothing under the prefix is a new run: no checkpoint, no error
+    url, _ = s3_bucket
+    with CheckpointStore(url, options) as store:
+        assert store.latest() is None
+
+
+def test_a_resume_from_a_missing_bucket_raises_rather_than_starting_at_step_0(s3_endpoint: str) -> None:
+    guard = Guard(
+        checkpoint_dir="s3://no-such-bucket-7f3a/run",
+        storage_options=s3_options(s3_endpoint),
+        state={"w": torch.ones(1)},
+        nvml=FakeNvml.replay(),
+        devices="all",
+    )
+    try:
+        with pytest.raises(StorageError, match="does not exist"):
+            guard.resume()
+    finally:
+        guard.close()
+
+
+def test_retry_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"RetryPolicy.deadline_s: 0 is not valid"):
+        RetryPolicy(deadline_s=0)
+    with pytest.raises(ValueError, match=r"RetryPolicy.attempts: 0 is not valid"):
+        RetryPolicy(attempts=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("staging_buffers", 0), ("lease_s", 0), ("lease_s", float("inf"))], ids=str
+)
+def test_store_settings_are_validated(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{setting}: {value!r} is not valid"):
+        CheckpointStore("memory://settings", **{setting: value})  # type: ignore[arg-type]
