@@ -141,6 +141,41 @@ def test_a_failed_emergency_checkpoint_still_leaves(tmp_path: Any) -> None:
         train(guard, state, nvml, steps=100)
     assert caught.value.code == 75 and caught.value.checkpoint is None
     assert guard.last_evacuation is not None and "Access Denied" in (guard.last_evacuation.error or "")
+    # nothing was ever committed: the log, the evidence and the Event's message say the next run starts at 0
+    assert guard.last_evacuation.resume_from is None
+    assert "no committed checkpoint: the next run starts from step 0" in caught.value.decision.message
+    assert caught.value.decision.evidence["resume_from"] is None
+
+
+def test_a_failed_emergency_checkpoint_names_the_checkpoint_to_resume_from(tmp_path: Any) -> None:
+    flaky_fs.reset()
+    state, nvml = make_state(), fake({"at": 3.0, "gpu": 0, "xid": 48})
+    settings: dict[str, Any] = {"checkpoint_every_steps": 10, "checkpoint_every_s": 0}
+    with pytest.raises(Evacuation) as caught, guard_for("flaky://run2", state, nvml, **settings) as guard:
+        train(guard, state, nvml, steps=25)
+        FlakyFileSystem.failures[:] = [PermissionError(errno.EACCES, "Access Denied")] * 10
+        train(guard, state, nvml, steps=100, start=25)
+    assert guard.last_evacuation is not None and guard.last_evacuation.resume_from is not None
+    point = guard.last_evacuation.resume_from
+    assert (point["step"], point["reason"]) == (20, "periodic")
+    assert f"the next run resumes from {point['id']} (step 20, periodic)" in caught.value.decision.message
+
+
+def test_a_gpu_that_falls_off_the_bus_is_left_at_once(tmp_path: Any) -> None:
+    # (A GPU already lost when NVML is opened makes the monitor unavailable, not LOST: the health
+    # package's to classify; the guard then says loudly that it is unwatched, as tested below.)
+    state, nvml = make_state(), fake({"at": 0.5, "gpu": 0, "lost": True})
+    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml) as guard:
+        train(guard, state, nvml, steps=100)
+    assert caught.value.code == 75 and 5 <= caught.value.step < 99  # after the fault, long before the end
+    assert caught.value.decision.evidence["state"] == "LOST"
+
+
+def test_without_nvml_the_guard_says_loudly_it_is_unwatched(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with guard_for(f"file://{tmp_path}", make_state(), FakeNvml.missing()):
+        pass
+    said = [r for r in caplog.records if "GPU health is NOT monitored" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
 
 
 def test_without_nvml_fail_closed_leaves_at_once(tmp_path: Any) -> None:

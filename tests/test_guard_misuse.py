@@ -285,3 +285,22 @@ def test_a_script_without_with_still_commits_its_last_periodic_save(tmp_path: Pa
         latest = store.latest()
         assert latest is not None and latest.step == 10 and store.verify(latest.id).ok
     assert "the next run resumes from " + latest.id in result.stderr
+
+
+def test_a_sigterm_after_the_last_step_is_not_swallowed(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch, gpuguard
+        from gpuguard.fakenvml import FakeNvml
+        with gpuguard.Guard(checkpoint_dir={str(tmp_path)!r}, state={{"w": torch.ones(1)}},
+                            nvml=FakeNvml.replay(), devices="all") as guard:
+            for step in range(3):
+                guard.step(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop is over: no step() will act on it
+        print("still running after close")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
+    assert "still running" not in result.stdout
+    assert "SIGTERM came after the last step(); delivering it again" in result.stderr

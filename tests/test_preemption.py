@@ -61,6 +61,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"weights": weights(folder), "report": json.loads((folder / "report.json").read_text())}
 
 
+@pytest.fixture(scope="module")
+def plain_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("plain-reference")
+    result = run_job(folder, "--pause", "0", "--plain-loader")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"weights": weights(folder)}
+
+
 def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_identically(
     tmp_path: Path, reference: dict[str, Any]
 ) -> None:
@@ -89,18 +97,23 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_identically(
     assert_identical(weights(job), reference["weights"])
 
 
-def test_an_xid_fault_mid_epoch_resumes_identically(tmp_path: Path, reference: dict[str, Any]) -> None:
+@pytest.mark.parametrize("loader", ["stateful", "plain"], ids=["StatefulDataLoader", "DataLoader-recipe"])
+def test_an_xid_fault_mid_epoch_resumes_identically(
+    tmp_path: Path, reference: dict[str, Any], plain_reference: dict[str, Any], loader: str
+) -> None:
+    extra = ["--plain-loader"] if loader == "plain" else []
+    expected = plain_reference if loader == "plain" else reference
     job = tmp_path / "job"
     scenario = tmp_path / "xid.json"
     scenario.write_text(json.dumps({"gpus": 1, "events": [{"at": 1.5, "gpu": 0, "xid": 48}]}))
-    cmd = [sys.executable, str(JOB), "--dir", str(job)]
+    cmd = [sys.executable, str(JOB), "--dir", str(job), *extra]
     first = subprocess.run(
         cmd, capture_output=True, text=True, env=env(GPUGUARD_FAKE_NVML=str(scenario)), timeout=300, check=False
     )
     assert first.returncode == 75, first.stderr[-3000:]
     ended = json.loads((job / "report.json").read_text())
     assert ended["signal"] is None and 0 < ended["evacuated_at"] < 99
-    resumed = run_job(job, "--pause", "0")
+    resumed = run_job(job, "--pause", "0", *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((job / "report.json").read_text())["resumed_at"] == ended["evacuated_at"] + 1
-    assert_identical(weights(job), reference["weights"])
+    assert_identical(weights(job), expected["weights"])

@@ -4,6 +4,8 @@ and leaves with an exit code the cluster understands."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import statistics
 import threading
 import time
@@ -186,6 +188,20 @@ class Guard:
             closer.start()
             # A stuck upload must not hold the exit: the store's close waits for it, so only so long.
             closer.join(None if settled else 1.0)
+        self._redeliver_preemption()
+
+    def _redeliver_preemption(self) -> None:
+        """A SIGTERM that came after the last step() was caught and never acted on: the pod is still
+        going away, so deliver it again now that the default action is back (never swallow it)."""
+        if self._preempted is None or self._evacuating:
+            return
+        signum = self._preempted[0]
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signum) == signal.SIG_DFL:
+            log.warning(
+                "gpuguard: %s came after the last step(); delivering it again now that the guard is closed",
+                signal_name(signum),
+            )
+            os.kill(os.getpid(), signum)
 
     def _wait_for_periodic(self, timeout_s: float) -> bool:
         """Wait for the periodic saves in flight, within ``timeout_s``; True when none is left running."""
@@ -285,8 +301,6 @@ class Guard:
         return self.agreement.world_size if self.agreement else 1
 
     def _devices(self) -> Any:
-        import os
-
         if self.config.devices != "job":
             return self.config.devices
         # One GPU per rank is the torchrun convention: without CUDA to ask, LOCAL_RANK names it.

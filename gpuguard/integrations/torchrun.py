@@ -39,7 +39,14 @@ def preflight(reschedule_code: int) -> int | None:
     snapshot = monitor.start(threads=False)
     monitor.stop()
     if not snapshot.available:
-        log.warning("gpuguard-run: %s; launching without a preflight check", snapshot.error)
+        # Said on stderr, not only logged: the job is about to train with nothing watching its GPUs.
+        if os.environ.get("GPUGUARD_HEALTH_FAIL_MODE", "open").strip().lower() == "closed":
+            print(f"gpuguard-run: GPU health cannot be read ({snapshot.error}); fail_mode=closed", file=sys.stderr)
+            return reschedule_code
+        print(
+            f"gpuguard-run: GPU health cannot be read ({snapshot.error}); launching UNMONITORED (fail_mode=open)",
+            file=sys.stderr,
+        )
         return None
     bad = [d for d in snapshot.devices if d.state in (HealthState.FAILING, HealthState.LOST)]
     for device in bad:

@@ -27,22 +27,30 @@ def main() -> int:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--pause", type=float, default=0.02)
+    p.add_argument("--plain-loader", action="store_true", help="a plain DataLoader, with the README's recipe")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
     features = torch.randn(512, 16)
     dataset = torch.utils.data.TensorDataset(features, features[:, :1].sin())
-    loader = StatefulDataLoader(
-        dataset, batch_size=16, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(7)
-    )  # 32 batches an epoch
+    generator = torch.Generator()
+    loader: Any
+    if args.plain_loader:  # the README's recipe: its own generator, seeded by epoch; consumed batches skipped
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2, generator=generator)
+    else:
+        generator.manual_seed(7)
+        loader = StatefulDataLoader(dataset, batch_size=16, shuffle=True, num_workers=2, generator=generator)
+    # 32 batches an epoch
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[10])
-    progress: dict[str, Any] = {"epoch": 0, "samples": 0}
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": loader, "progress": progress}
+    progress: dict[str, Any] = {"epoch": 0, "samples": 0, "batch": 0}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    if not args.plain_loader:
+        state["data"] = loader
     report: dict[str, Any] = {}
     try:
         with gpuguard.Guard(
@@ -53,7 +61,11 @@ def main() -> int:
         ) as guard:
             step = report["resumed_at"] = guard.resume()
             while step < args.steps:
-                for x, y in loader:  # a restored StatefulDataLoader continues mid-epoch
+                if args.plain_loader:
+                    generator.manual_seed(1234 + progress["epoch"])  # the epoch's order, whatever ran before
+                for i, (x, y) in enumerate(loader):  # a restored StatefulDataLoader continues mid-epoch
+                    if args.plain_loader and i < progress["batch"]:
+                        continue  # consumed before the checkpoint
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = torch.nn.functional.mse_loss(model(x).float(), y)
                     loss.backward()
@@ -61,6 +73,7 @@ def main() -> int:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     progress["samples"] += len(x)
+                    progress["batch"] = i + 1
                     time.sleep(args.pause)
                     guard.step(step)
                     (args.dir / "progress").write_text(str(step))
@@ -69,6 +82,7 @@ def main() -> int:
                         break
                 else:
                     progress["epoch"] += 1
+                    progress["batch"] = 0
         report["exit_code"] = 0
     except gpuguard.Evacuation as evacuation:
         last = guard.last_evacuation
