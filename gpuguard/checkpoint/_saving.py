@@ -246,10 +246,11 @@ class Saver:
     def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
         """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.
 
-        Skipped when the storage did not answer (cleaning would wait out another deadline); the
-        leftover's lease then expires and any prune collects it.
+        Skipped when the storage did not answer or kept failing transiently (cleaning would wait out
+        another deadline, so ``wait()`` would end past one); the leftover's lease then expires and
+        any prune collects it.
         """
-        if isinstance(exc, StorageError) and exc.timed_out:
+        if isinstance(exc, StorageError) and (exc.timed_out or exc.transient):
             log.warning("save %s failed (%s); its files stay until a prune collects them", name, exc)
             return
         quick = min(5.0, self.storage.retry.deadline_s)
