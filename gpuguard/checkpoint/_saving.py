@@ -11,8 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
@@ -31,70 +30,17 @@ from gpuguard.checkpoint._manifest import (
     shard_record_file,
     state_file,
 )
+from gpuguard.checkpoint._owners import owned_by, partition
+from gpuguard.checkpoint._pending import PendingSave
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
-from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten
+from gpuguard.checkpoint._tree import FlatState, flatten
 from gpuguard.errors import CheckpointCorruptError, ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
 Reason = Literal["emergency", "periodic", "manual"]
 REASONS = ("emergency", "periodic", "manual")
-
-
-@dataclass(frozen=True)
-class SaveTimings:
-    """Where a save's time went, in seconds: ``stall_s`` is what the training thread waited."""
-
-    stall_s: float = 0.0
-    durable_s: float = 0.0
-
-
-class PendingSave:
-    """A save in flight. `wait` returns once it is durable and committed.
-
-    The snapshot is already taken when you hold this: training may change its tensors freely.
-    """
-
-    def __init__(
-        self, checkpoint_id: str, step: int, future: Future[CheckpointInfo | None], stall_s: float, started: float
-    ) -> None:
-        self.id = checkpoint_id
-        self.step = step
-        self._future = future
-        self._stall_s = stall_s
-        self._started = started
-        self._durable_at: float | None = None
-        future.add_done_callback(lambda _: self._mark())
-
-    def _mark(self) -> None:
-        self._durable_at = time.perf_counter()
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until durable (and committed, unless another rank commits); re-raises the save's error.
-
-        Returns:
-            The committed checkpoint, or None for a rank whose shard another rank commits.
-        Raises:
-            StorageError: the storage failed; the previous checkpoint is intact.
-            TimeoutError: not done within ``timeout`` seconds.
-        """
-        return self._future.result(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def add_done_callback(self, callback: Callable[[PendingSave], None]) -> None:
-        """Call ``callback(self)`` when the save ends, on the writer's thread (at once if it has)."""
-        self._future.add_done_callback(lambda _: callback(self))
-
-    def exception(self) -> BaseException | None:
-        return self._future.exception() if self._future.done() else None
-
-    @property
-    def timings(self) -> SaveTimings:
-        durable = (self._durable_at - self._started) if self._durable_at else 0.0
-        return SaveTimings(stall_s=self._stall_s, durable_s=durable)
 
 
 class Saver:
@@ -174,7 +120,7 @@ class Saver:
         flat = flatten(state, rng=rng)
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
         if replicated and world_size > 1:
-            flat.tensors = _partition(flat.tensors, rank, world_size)
+            flat.tensors = partition(flat.tensors, rank, world_size)
         layout = _layout.plan(
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
             metadata={"format": "pt", "gpuguard": __version__},
@@ -191,7 +137,7 @@ class Saver:
             "commit_timeout_s": commit_timeout_s,
             "attempt": default_attempt() if attempt is None else attempt,
         }
-        later = _owned_by(overlap_with, flat.tensors) if overlap_with else set()
+        later = owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # The writer starts first and follows the snapshot as it fills the buffer.
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         future.add_done_callback(lambda _: self._finish(name))
@@ -300,10 +246,11 @@ class Saver:
     def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
         """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.
 
-        Skipped when the storage did not answer (cleaning would wait out another deadline); the
-        leftover's lease then expires and any prune collects it.
+        Skipped when the storage did not answer or kept failing transiently (cleaning would wait out
+        another deadline, so ``wait()`` would end past one); the leftover's lease then expires and
+        any prune collects it.
         """
-        if isinstance(exc, StorageError) and exc.timed_out:
+        if isinstance(exc, StorageError) and (exc.timed_out or exc.transient):
             log.warning("save %s failed (%s); its files stay until a prune collects them", name, exc)
             return
         quick = min(5.0, self.storage.retry.deadline_s)
@@ -353,36 +300,6 @@ class Saver:
             state_bytes=len(tree),
             state_crc32c=crc32c(tree),
         )
-
-
-def _owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> set[str]:
-    """Names of the tensors that only these optimizers' ``step()`` changes: parameters and their state."""
-    owned: set[int] = set()
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            owned.update(p.data_ptr() for p in group["params"])
-        for per_param in optimizer.state.values():
-            owned.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
-    return {name for name, t in tensors.items() if t.numel() and t.data_ptr() in owned}
-
-
-def _partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """This rank's share of a replicated state: largest tensors first, each to the least loaded rank.
-
-    Deterministic from names and sizes alone, so every rank computes the same split. RNG states differ
-    between ranks, so each rank keeps its own.
-    """
-    loads = [0] * world_size
-    mine = {}
-    for name in sorted(tensors, key=lambda n: (-tensors[n].numel() * tensors[n].element_size(), n)):
-        if name.startswith(RNG_KEY + "/"):
-            owner = rank
-        else:
-            owner = min(range(world_size), key=lambda r: (loads[r], r))
-            loads[owner] += tensors[name].numel() * tensors[name].element_size()
-        if owner == rank:
-            mine[name] = tensors[name]
-    return mine
 
 
 def _wants_pinned(flat: FlatState) -> bool:

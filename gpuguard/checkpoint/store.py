@@ -15,9 +15,10 @@ import torch
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._loading import Loader
+from gpuguard.checkpoint._pending import PendingSave, SaveTimings
 from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
-from gpuguard.checkpoint._saving import REASONS, PendingSave, Reason, Saver, SaveTimings, default_attempt
+from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
 from gpuguard.errors import ConfigError
