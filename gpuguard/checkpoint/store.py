@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from gpuguard._version import __version__
-from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint import _layout, _reshard, _sharding
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
 from gpuguard.checkpoint._manifest import (
     CHECKPOINT_DIR,
@@ -184,6 +185,7 @@ class CheckpointStore:
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0  # how long the last optimizer step waited for a deferred copy
+        self.last_load_bytes_read = 0  # tensor bytes the last sharded load read (issue 13)
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class CheckpointStore:
         Run it when training starts (a guard does, in the background). Returns the seconds it took.
         """
         flat = flatten(state, rng=rng)
+        _sharding.localize(flat, _process_rank())  # issue 13 hook: DTensors → local chunks, refused early
         layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
         return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
 
@@ -239,6 +242,13 @@ class CheckpointStore:
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        chunks = _sharding.localize(flat, rank)  # issue 13 hook: each DTensor → the chunk this rank writes
+        if chunks and (replicated or overlap_with):
+            raise ConfigError(
+                "replicated" if replicated else "overlap_with",
+                replicated if replicated else overlap_with,
+                "not with DTensor state: sharded tensors are split by their own placements",
+            )
         if replicated and world_size > 1:
             flat.tensors = _partition(flat.tensors, rank, world_size)
         layout = _layout.plan(
@@ -255,6 +265,7 @@ class CheckpointStore:
             "extra": dict(extra or {}),
             "layout": "replicated" if replicated and world_size > 1 else "per_rank",
             "commit_timeout_s": commit_timeout_s,
+            "chunks": chunks,
         }
         later = _owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # The writer starts first and follows the snapshot as it fills the buffer.
@@ -337,8 +348,17 @@ class CheckpointStore:
         tree: bytes,
         meta: dict[str, Any],
     ) -> CheckpointInfo | None:
+        chunks = meta["chunks"]
+        blocks = None
+        if chunks:  # issue 13 hook: per-block checksums of DTensor chunks, computed beside the writes
+            block = _sharding.BLOCK_BYTES
+            args = (buffer.layout, buffer.memoryview(), readiness, list(chunks), block)
+            blocks = self.storage.submit(_sharding.block_checksums, *args)
         try:
             record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+            if blocks is not None:
+                described = _sharding.chunk_records(buffer.layout, chunks, blocks.result(), _sharding.BLOCK_BYTES)
+                record = dataclasses.replace(record, chunks=described)
         finally:
             self._staging.release(buffer)
         if world_size == 1:
@@ -553,11 +573,16 @@ class CheckpointStore:
         raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
 
     def _load_one(self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool) -> None:
-        if manifest.layout == "replicated":
+        tensors: dict[str, torch.Tensor]
+        if _reshard.applies(manifest, state):
+            # issue 13 hook: sharded checkpoints and DTensor state, resharded onto the live sharding
+            tensors, record, stats = _reshard.read_tensors(self.storage, manifest, state, rank, _process_world_size())
+            self.last_load_bytes_read = stats.bytes_read
+        elif manifest.layout == "replicated":
             # Every shard holds part of the one state; this rank's own shard goes last so that its
             # per-rank tensors (RNG states) win.
             record = manifest.shards[rank % manifest.world_size]
-            tensors: dict[str, torch.Tensor] = {}
+            tensors = {}
             for other in [*(s for s in manifest.shards if s is not record), record]:
                 tensors.update(self._read_shard(manifest.id, other)[1])  # views keep their buffers alive
         else:
@@ -739,6 +764,18 @@ def _partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> 
         if owner == rank:
             mine[name] = tensors[name]
     return mine
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _process_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _wants_pinned(flat: FlatState) -> bool:
