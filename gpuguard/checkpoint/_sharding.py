@@ -32,7 +32,7 @@ from gpuguard.checkpoint._staging import Readiness
 from gpuguard.checkpoint._tree import FlatState
 from gpuguard.errors import CheckpointCorruptError, ConfigError, UnsupportedStateError
 
-BLOCK_BYTES: Final = 1 << 20  # checksum granularity of chunk bytes: a partial read costs at most this extra
+BLOCK_BYTES: Final = 256 << 10  # checksum granularity of chunk bytes: a partial read costs at most this extra
 _SUPPORTED: Final = "supported: 1-D or 2-D device meshes with Shard(dim) or Replicate() placements"
 
 try:  # torch built without distributed has no DTensor; then no state can hold one
@@ -84,6 +84,27 @@ def check_placements(name: str, value: Any) -> None:
                 f"tensor {name!r}: placement {placement!r} on mesh {tuple(mesh.shape)}; {_SUPPORTED} "
                 "(a Partial tensor must be reduced first, e.g. with .redistribute(placements=[Replicate()]))"
             )
+
+
+def check_sharding(state: Mapping[str, Any]) -> None:
+    """Refuse, before training starts, DTensors that no checkpoint could place (see `check_placements`).
+
+    Raises:
+        UnsupportedStateError: naming the tensor and its placement.
+    """
+    from gpuguard.checkpoint._tree import flatten
+
+    try:
+        flat = flatten(state, rng=False)
+    except UnsupportedStateError:
+        return  # not a sharding problem: the first save names it with its path
+    for name, tensor in flat.tensors.items():
+        if is_dtensor(tensor):
+            check_placements(name, tensor)
+
+
+def holds_dtensors(flat: FlatState) -> bool:
+    return any(is_dtensor(t) for t in flat.tensors.values())
 
 
 def localize(flat: FlatState, rank: int) -> dict[str, ChunkSpec]:

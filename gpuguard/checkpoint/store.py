@@ -233,6 +233,11 @@ class CheckpointStore:
         load reads every part, so time to durable falls with the number of ranks and a job may
         resume with a different number of them.
 
+        DTensor values (FSDP2's ``fully_shard``, tensor parallelism, any DTensor in ``state``) are
+        saved as chunks: each rank writes its local shard once (one replica of each chunk writes it),
+        and the manifest holds each chunk's global shape, offsets and per-block checksums, so a load
+        on any world size and mesh reads only the pieces that overlap its own shards.
+
         Raises:
             UnsupportedStateError: the state holds something that cannot be stored without pickling.
             ConfigError: a bad step, reason, rank or checkpoint id.
@@ -242,13 +247,10 @@ class CheckpointStore:
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
-        chunks = _sharding.localize(flat, rank)  # issue 13 hook: each DTensor → the chunk this rank writes
-        if chunks and (replicated or overlap_with):
-            raise ConfigError(
-                "replicated" if replicated else "overlap_with",
-                replicated if replicated else overlap_with,
-                "not with DTensor state: sharded tensors are split by their own placements",
-            )
+        # issue 13 hook: each DTensor → the chunk this rank writes. Sharded state is not replicated:
+        # its chunks are split by their own placements, and every rank keeps its plain tensors.
+        replicated = replicated and not _sharding.holds_dtensors(flat)
+        chunks = _sharding.localize(flat, rank)
         if replicated and world_size > 1:
             flat.tensors = _partition(flat.tensors, rank, world_size)
         layout = _layout.plan(

@@ -14,6 +14,7 @@ from typing import Any
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
+from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.checkpoint.store import CheckpointInfo
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
@@ -143,6 +144,7 @@ class Guard:
         if self._started:
             return self
         c = self.config
+        check_sharding(self.state)  # issue 13: refuse DTensor placements no checkpoint could place, now
         self.store = CheckpointStore(c.checkpoint_dir, c.storage_options, keep=c.keep)
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
