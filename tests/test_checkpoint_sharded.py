@@ -183,3 +183,34 @@ def test_a_reshard_reads_about_the_ranks_share_not_every_chunk(runs: tuple[Path,
             # at most one checksum block more than the share at each edge of each tensor, plus the small ones
             assert share <= info["bytes_read"] <= share + 3 * 2 * BLOCK_BYTES + 64 * 1024, (tag, info)
             assert info["bytes_read"] < 3 * big * 0.6
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (9,), (3,), (1, 4), (2, 3, 5)], ids=str)
+@pytest.mark.parametrize("mesh", [(2,), (4,), (2, 2), (3, 2), (1, 4)], ids=str)
+def test_chunk_arithmetic_matches_torch_chunk_for_every_coordinate(
+    shape: tuple[int, ...], mesh: tuple[int, ...]
+) -> None:
+    """The chunk a rank holds, computed from shape, mesh and placements alone, is the piece that
+    DTensor's Shard (torch.chunk, padded with empty pieces) gives it, for every placement mix."""
+    from itertools import product
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    from gpuguard.checkpoint._sharding import local_region
+
+    whole = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    options = [Replicate(), *(Shard(d) for d in range(len(shape))), Shard(-1)]
+    for placements in product(options, repeat=len(mesh)):
+        for coordinate in product(*(range(n) for n in mesh)):
+            expected = whole
+            for size, index, placement in zip(mesh, coordinate, placements, strict=True):
+                if isinstance(placement, Shard):
+                    pieces = list(torch.chunk(expected, size, dim=placement.dim))
+                    dim = placement.dim % len(shape)
+                    empty = list(expected.shape)
+                    empty[dim] = 0
+                    pieces += [expected.new_empty(empty)] * (size - len(pieces))
+                    expected = pieces[index]
+            offsets, sizes = local_region(shape, mesh, coordinate, placements)
+            got = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+            assert got.shape == expected.shape and torch.equal(got, expected), (placements, coordinate)
