@@ -25,8 +25,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(world_size: int, plan: list[tuple[str, str, str]], out: Path) -> None:
-    mp.spawn(sharded.worker, args=(world_size, _port(), plan, str(out)), nprocs=world_size, join=True)
+def spawn(world_size: int, plan: list[tuple[str, str, str]], out: Path, s3: dict[str, Any]) -> None:
+    mp.spawn(sharded.worker, args=(world_size, _port(), plan, str(out), s3), nprocs=world_size, join=True)
 
 
 def tensors(out: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -49,12 +49,27 @@ def plain_state(seed: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def s3(s3_endpoint: str) -> tuple[str, dict[str, Any]]:
+    """A bucket on the real S3 server (moto over HTTP): the 2-rank checkpoint lives there."""
+    import uuid
+
+    import s3fs
+
+    from conftest import s3_options
+
+    bucket = f"sharded-{uuid.uuid4().hex[:12]}"
+    options = s3_options(s3_endpoint)
+    s3fs.S3FileSystem(**options).call_s3("create_bucket", Bucket=bucket)
+    return f"s3://{bucket}/two", options
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, s3: tuple[str, dict[str, Any]]) -> tuple[Path, Path]:
     """Four gloo jobs, run once for the module:
 
     1. 4 ranks save DTensors at step 3 (``four``) and train on;
-    2. 2 ranks load ``four`` (4 → 2); save their own DTensors (``two``); FSDP2 saves (``fsdp``);
-    3. 4 ranks load ``four`` and train on (4 → 4, the continuation); load ``two`` (2 → 4);
+    2. 2 ranks load ``four`` (4 → 2); save their own DTensors (``two``, on S3); FSDP2 saves (``fsdp``);
+    3. 4 ranks load ``four`` and train on (4 → 4, the continuation); load ``two`` (2 → 4, ranged GETs);
     4. 2 ranks load FSDP2's checkpoint and train on; load a checkpoint a single plain process wrote.
     """
     root = tmp_path_factory.mktemp("sharded")
@@ -67,15 +82,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     with CheckpointStore(str(ckpt / "plain")) as store:
         store.save(plain, 3).wait()
     save_file(sharded.full_tensors(plain), str(out / "plain-saved.safetensors"))
-    url = {name: str(ckpt / name) for name in ("four", "two", "fsdp", "plain")}
-    spawn(4, [("dsave", url["four"], "four")], out)
-    spawn(2, [("dload", url["four"], "four-to-two"), ("dsave", url["two"], "two"), ("fsave", url["fsdp"], "fsdp")], out)
-    spawn(4, [("dload", url["four"], "four-to-four"), ("dload", url["two"], "two-to-four")], out)
-    spawn(
-        2,
-        [("fload", url["fsdp"], "fsdp-to-two"), ("dload", url["plain"], "plain-to-two"), ("refuse", "", "refuse")],
-        out,
-    )
+    url = {name: str(ckpt / name) for name in ("four", "fsdp", "plain")} | {"two": s3[0]}
+    two = [("dload", url["four"], "four-to-two"), ("dsave", url["two"], "two"), ("fsave", url["fsdp"], "fsdp")]
+    four = [("dload", url["four"], "four-to-four"), ("dload", url["two"], "two-to-four")]
+    last = [("fload", url["fsdp"], "fsdp-to-two"), ("dload", url["plain"], "plain-to-two"), ("refuse", "", "refuse")]
+    spawn(4, [("dsave", url["four"], "four")], out, s3[1])
+    spawn(2, two, out, s3[1])
+    spawn(4, four, out, s3[1])
+    spawn(2, last, out, s3[1])
     return out, ckpt
 
 
@@ -109,7 +123,9 @@ def test_plain_single_process_checkpoint_loads_into_a_sharded_model(runs: tuple[
     assert_identical(tensors(out, "plain-saved"), tensors(out, "plain-to-two-loaded"))
 
 
-def test_sharded_checkpoint_loads_into_an_unsharded_process(runs: tuple[Path, Path]) -> None:
+def test_sharded_checkpoint_loads_into_an_unsharded_process(
+    runs: tuple[Path, Path], s3: tuple[str, dict[str, Any]]
+) -> None:
     out, ckpt = runs
     for name, tag in (("four", "four-saved"), ("two", "two-saved"), ("fsdp", "fsdp-saved")):
         if name == "fsdp":
@@ -118,7 +134,8 @@ def test_sharded_checkpoint_loads_into_an_unsharded_process(runs: tuple[Path, Pa
             state: dict[str, Any] = {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=0.01)}
         else:
             state = plain_state(seed=99)
-        with CheckpointStore(str(ckpt / name)) as store:
+        url, options = (s3[0], s3[1]) if name == "two" else (str(ckpt / name), None)
+        with CheckpointStore(url, options) as store:
             assert store.load(state) == 3
         assert_identical(tensors(out, tag), sharded.full_tensors(state))
 

@@ -28,7 +28,7 @@ from gpuguard.checkpoint._manifest import Manifest, ShardRecord
 from gpuguard.checkpoint._sharding import SavedChunk, is_dtensor, local_region
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import flatten
-from gpuguard.errors import CheckpointCorruptError, CheckpointError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -99,7 +99,10 @@ def read_tensors(
 
 
 def _live_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return flatten(state, rng=False).tensors
+    try:
+        return flatten(state, rng=False).tensors
+    except UnsupportedStateError:  # a live value the checkpoint replaces anyway: no sharding to take from it
+        return {}
 
 
 def _sources(storage: Storage, manifest: Manifest, source: ShardRecord) -> dict[str, list[SavedChunk]]:

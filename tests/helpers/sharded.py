@@ -141,13 +141,15 @@ def _refusals(rank: int, folder: Path) -> None:
     (folder / f"refuse-rank{rank}.json").write_text(json.dumps(messages))
 
 
-def worker(rank: int, world_size: int, port: int, plan: list[tuple[str, str, str]], out: str) -> None:
+def worker(
+    rank: int, world_size: int, port: int, plan: list[tuple[str, str, str]], out: str, s3: dict[str, Any] | None = None
+) -> None:
     """Run ``plan`` on every rank: (action, checkpoint URL, tag) steps, dumping what the tests compare.
 
     ``dsave``: DTensors on a 2-D mesh, train 3 steps, save (step 3), dump ``TAG-saved``, train 3, dump
     ``TAG-after``. ``dload``: differently initialised DTensors, load, dump ``TAG-loaded`` (with the step
     and bytes read per rank), train 3, dump ``TAG-after``. ``fsave``/``fload``: the same with FSDP2 and
-    2 steps.
+    2 steps. ``s3`` holds the storage options for ``s3://`` URLs.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -158,7 +160,7 @@ def worker(rank: int, world_size: int, port: int, plan: list[tuple[str, str, str
             if action == "refuse":
                 _refusals(rank, folder)
                 continue
-            with CheckpointStore(url) as store:
+            with CheckpointStore(url, s3 if url.startswith("s3://") else None) as store:
                 if action in ("dsave", "fsave"):
                     torch.manual_seed(7 if action == "dsave" else 7 + rank)  # TP: one batch; FSDP: data parallel
                     state = dstate(mesh_for(world_size)) if action == "dsave" else _fsdp_state(world_size)
