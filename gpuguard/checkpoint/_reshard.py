@@ -6,7 +6,9 @@ are the saved chunks: the manifest's sharded chunks, or a plain tensor as one ch
 Each rank reads only the bytes of the chunks that overlap its target: the overlap is split into
 contiguous runs (row-major), the runs widened to the chunk's checksum blocks, and neighbouring blocks
 read as one ranged read; reads run in parallel, and every block is checked against its CRC-32C
-before a byte of it is used. Nothing is unpickled.
+before a byte of it is used. Nothing is unpickled. A plain tensor has one checksum (its own), so a
+rank that needs part of one (a single-process checkpoint loaded into a sharded model) reads it whole,
+verifies it, and keeps its part.
 
 Per-rank state that is not sharded (RNG states, plain tensors, the JSON tree) comes from the file of
 the same rank, or of ``rank % saved_world_size`` when the world size changed (said in a warning).

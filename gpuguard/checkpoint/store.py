@@ -541,7 +541,9 @@ class CheckpointStore:
         """Load a checkpoint into the live objects in ``state``; returns its step.
 
         Tensors are checked against their CRC-32C before anything is restored, so a corrupt shard
-        changes nothing. Module and optimizer tensors go back to their own devices (their
+        changes nothing. DTensors in ``state`` (FSDP2, tensor parallel) receive their own shards of
+        a sharded or plain checkpoint saved on any world size: each rank reads only the overlapping
+        chunks' bytes. Module and optimizer tensors go back to their own devices (their
         ``load_state_dict`` copies); other tensors to the device they were saved from.
 
         Args:
