@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -33,6 +34,7 @@ from gpuguard.checkpoint._tree import flatten
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
 
 log = logging.getLogger("gpuguard.checkpoint")
+PART_BYTES: Final = 32 << 20  # one ranged read at most: long ranges are split into parallel parts
 
 
 def is_sharded(manifest: Manifest) -> bool:
@@ -219,18 +221,28 @@ def _fill(
             runs = _runs(chunk, target)
             if runs:
                 plans.append((target, chunk, _block_ranges(chunk, runs), runs))
-    reads = []
+    reads: list[Future[None]] = []
+    buffers: list[list[tuple[int, bytearray]]] = []
     for _, chunk, ranges, _ in plans:
         path = storage.path(checkpoint, chunk.file)
+        # Long ranges are read in block-aligned parts, in parallel (S3 serves each GET at its own pace).
+        part = max(1, PART_BYTES // chunk.block_bytes) * chunk.block_bytes
+        pieces = []
         for start, end in ranges:
-            reads.append(storage.submit(_read_verified, storage, checkpoint, chunk, path, start, end))
-    results = iter([future.result() for future in reads])
-    for target, chunk, ranges, runs in plans:
-        pieces = {start: next(results) for start, _ in ranges}
-        stats.reads += len(ranges)
-        stats.bytes_read += sum(len(p) for p in pieces.values())
+            buffer = bytearray(end - start)
+            pieces.append((start, buffer))
+            for a in range(start, end, part):
+                b = min(end, a + part)
+                into = memoryview(buffer)[a - start : b - start]
+                reads.append(storage.submit(_read_verified, storage, checkpoint, chunk, path, a, b, into))
+                stats.reads += 1
+        buffers.append(pieces)
+    for future in reads:
+        future.result()
+    for (target, chunk, _, runs), pieces in zip(plans, buffers, strict=True):
+        stats.bytes_read += sum(len(p) for _, p in pieces)
         stats.files.add(chunk.file)
-        _copy_runs(target, chunk, runs, sorted(pieces.items()))
+        _copy_runs(target, chunk, runs, pieces)
     for target in targets.values():
         if target.filled != _numel(target.sizes):
             raise CheckpointCorruptError(
@@ -290,8 +302,10 @@ def _block_ranges(chunk: SavedChunk, runs: list[tuple[tuple[Any, ...], int, int]
     return ranges
 
 
-def _read_verified(storage: Storage, checkpoint: str, chunk: SavedChunk, path: str, start: int, end: int) -> bytearray:
-    """Read chunk bytes [start, end) (block-aligned) and check each block's CRC-32C before use."""
+def _read_verified(
+    storage: Storage, checkpoint: str, chunk: SavedChunk, path: str, start: int, end: int, into: memoryview
+) -> None:
+    """Read chunk bytes [start, end) (block-aligned) into ``into``, checking each block's CRC-32C first."""
     a, b = chunk.file_offset + start, chunk.file_offset + end
     try:
         data = bytearray(storage.call("reading", path, lambda: storage.fs.cat_file(path, start=a, end=b)))
@@ -314,14 +328,14 @@ def _read_verified(storage: Storage, checkpoint: str, chunk: SavedChunk, path: s
                 shard=chunk.file,
                 tensor=chunk.name,
             )
-    return data
+    into[:] = view
 
 
 def _copy_runs(
     target: _Target,
     chunk: SavedChunk,
     runs: list[tuple[tuple[Any, ...], int, int]],
-    pieces: list[tuple[int, bytearray]],
+    pieces: list[tuple[int, bytearray]],  # block ranges read, in order
 ) -> None:
     assert target.out is not None
     out = target.out
