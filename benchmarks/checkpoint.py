@@ -1,6 +1,7 @@
 """Checkpoint cost: gpuguard against torch.save, torch.distributed.checkpoint.async_save and a raw write.
 
     python benchmarks/checkpoint.py --size-mib 1024 [--device cpu|cuda] [--url URL] [--repeats 3] [--json]
+    python benchmarks/checkpoint.py --sharded [--size-mib 256] [--json]   # see checkpoint_sharded.py
 
 The state is what the H200 baseline used: an nn.Sequential of bias-free Linear layers in fp32 plus
 AdamW's two moments after one step, sized to ``--size-mib`` in all. Every method saves the same state
@@ -160,6 +161,10 @@ def run_raw_write(chunks: list[memoryview], folder: str, threads: int) -> dict[s
 
 
 def main() -> int:
+    if "--sharded" in sys.argv[1:]:  # FSDP2 / DTensor state on 2 and 4 gloo processes (issue 13)
+        from checkpoint_sharded import main as sharded
+
+        return sharded(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="state size: fp32 parameters + AdamW moments")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint import _layout, _reshard
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
 from gpuguard.checkpoint._fit import misfits
@@ -28,6 +28,7 @@ class Loader:
         self.storage = storage
         self.catalog = catalog
         self.url = catalog.url
+        self.last_bytes_read = 0  # tensor bytes the last sharded load read
 
     def load(
         self,
@@ -84,11 +85,17 @@ class Loader:
     def load_one(
         self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
     ) -> None:
-        if manifest.layout == "replicated":
+        tensors: dict[str, torch.Tensor]
+        if _reshard.applies(manifest, state):
+            # Sharded checkpoints and DTensor state: resharded onto the live sharding, reading only the
+            # chunks' byte ranges that overlap this rank's shards.
+            tensors, record, stats = _reshard.read_tensors(self.storage, manifest, state, rank, world_size)
+            self.last_bytes_read = stats.bytes_read
+        elif manifest.layout == "replicated":
             # Every shard holds part of the one state; this rank's own shard goes last so that its
             # per-rank tensors (RNG states) win.
             record = manifest.shards[rank % manifest.world_size]
-            tensors: dict[str, torch.Tensor] = {}
+            tensors = {}
             for other in [*(s for s in manifest.shards if s is not record), record]:
                 tensors.update(self.read_shard(manifest.id, other)[1])  # views keep their buffers alive
         else:

@@ -46,9 +46,12 @@ class ShardRecord:
     state_file: str
     state_bytes: int
     state_crc32c: int
+    # DTensor chunks this rank wrote, by tensor name (global shape, offsets, block checksums);
+    # see _sharding.chunk_records. Empty for unsharded state, and then absent from the JSON.
+    chunks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "rank": self.rank,
             "file": self.file,
             "bytes": self.bytes,
@@ -59,6 +62,9 @@ class ShardRecord:
             "state_bytes": self.state_bytes,
             "state_crc32c": f"{self.state_crc32c:08x}",
         }
+        if self.chunks:
+            out["chunks"] = self.chunks
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardRecord:
@@ -72,6 +78,7 @@ class ShardRecord:
             state_file=str(data["state_file"]),
             state_bytes=int(data["state_bytes"]),
             state_crc32c=int(data["state_crc32c"], 16),
+            chunks=dict(data.get("chunks", {})),
         )
 
 

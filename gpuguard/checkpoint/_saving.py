@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from gpuguard._version import __version__
-from gpuguard.checkpoint import _layout
+from gpuguard.checkpoint import _layout, _sharding
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
@@ -72,6 +73,7 @@ class Saver:
         Run it when training starts (a guard does, in the background). Returns the seconds it took.
         """
         flat = flatten(state, rng=rng)
+        _sharding.localize(flat, process_rank())  # DTensors → their local chunks (refused early if unplaceable)
         layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
         return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
 
@@ -110,6 +112,11 @@ class Saver:
         load reads every part, so time to durable falls with the number of ranks and a job may
         resume with a different number of them.
 
+        DTensor values (FSDP2's ``fully_shard``, tensor parallelism, any DTensor in ``state``) are
+        saved as chunks: each rank writes its local shard once (one replica of each chunk writes it),
+        and the manifest holds each chunk's global shape, offsets and per-block checksums, so a load
+        on any world size and mesh reads only the pieces that overlap its own shards.
+
         Raises:
             UnsupportedStateError: the state holds something that cannot be stored without pickling.
             ConfigError: a bad step, reason, rank or checkpoint id.
@@ -119,6 +126,12 @@ class Saver:
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        # Sharded state is not replicated: its chunks are split by their own placements, and every rank
+        # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
+        if replicated and _sharding.holds_dtensors(flat):
+            log.info("replicated=True ignored: the state holds DTensors, whose placements say who writes what")
+            replicated = False
+        chunks = _sharding.localize(flat, rank)
         if replicated and world_size > 1:
             flat.tensors = partition(flat.tensors, rank, world_size)
         layout = _layout.plan(
@@ -136,6 +149,7 @@ class Saver:
             "layout": "replicated" if replicated and world_size > 1 else "per_rank",
             "commit_timeout_s": commit_timeout_s,
             "attempt": default_attempt() if attempt is None else attempt,
+            "chunks": chunks,
         }
         later = owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # The writer starts first and follows the snapshot as it fills the buffer.
@@ -212,7 +226,16 @@ class Saver:
                     attempt=meta["attempt"],
                     lease_s=self.lease_s + meta["commit_timeout_s"],
                 )
+                blocks = None
+                if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
+                    args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
+                    blocks = self.storage.submit(_sharding.block_checksums, *args)
                 record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+                if blocks is not None:
+                    described = _sharding.chunk_records(
+                        buffer.layout, meta["chunks"], blocks.result(), _sharding.BLOCK_BYTES
+                    )
+                    record = dataclasses.replace(record, chunks=described)
             finally:
                 with contextlib.suppress(Exception):  # the buffer is not reused while a snapshot fills it
                     readiness.wait(readiness.total)
@@ -339,3 +362,17 @@ def default_attempt() -> str:
     A job that reuses checkpoint ids across restarts some other way passes ``attempt`` itself.
     """
     return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}"
+
+
+def process_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def process_world_size() -> int:
+    """The default process group's size (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

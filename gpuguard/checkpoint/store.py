@@ -84,6 +84,11 @@ class CheckpointStore:
     def last_step_wait_s(self, value: float) -> None:
         self._saver.last_step_wait_s = value
 
+    @property
+    def last_load_bytes_read(self) -> int:
+        """Tensor bytes the last sharded load read (a reshard reads about this rank's share)."""
+        return self._loader.last_bytes_read
+
     # -- saving ---------------------------------------------------------------------------------
 
     def prepare(self, state: Mapping[str, Any], *, rng: bool = True) -> float:

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
+from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
@@ -129,6 +130,7 @@ class Guard:
             return self
         c = self.config
         check_state(self.state)  # before anything starts: a state that cannot be saved fails now, not in an emergency
+        check_sharding(self.state)  # issue 13: refuse DTensor placements no checkpoint could place, now
         self.store = CheckpointStore(c.checkpoint_dir, c.storage_options, keep=c.keep)
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed

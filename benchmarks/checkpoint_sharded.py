@@ -1,0 +1,263 @@
+"""Sharded checkpoints (FSDP2 on CPU, gloo): gpuguard against torch.distributed.checkpoint, same run.
+
+    python benchmarks/checkpoint.py --sharded [--size-mib 256] [--repeats 3] [--json]
+    python benchmarks/checkpoint_sharded.py [--size-mib 256] [--repeats 3] [--json]
+
+An nn.Sequential of bias-free Linear layers, each sharded with ``fully_shard`` over every rank, and
+AdamW's two moments after one step (``--size-mib`` in all). With 2 and then 4 processes:
+
+- save: the training thread's stall (until ``save`` returns), time to durable (until the manifest is
+  committed; the slowest rank), and bytes written per rank; then DCP's ``save`` and ``async_save``
+  of the same state dict, to the same disk;
+- resume on another world size (the 4-rank checkpoint on 2 ranks, the 2-rank one on 4): time and
+  bytes read per rank by gpuguard (its ranged reads), and DCP's ``load`` time of the same state.
+
+Each rank's share of the state is total / ranks; bytes read on a reshard should be close to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gpuguard import CheckpointStore
+
+WIDTH = 1024
+
+
+def build_state(size_mib: int, world_size: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = max(1, round(size_mib * 2**20 / 3 / (WIDTH * WIDTH * 4)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)])
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, WIDTH)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"model": model, "optimizer": optimizer}
+
+
+def _dcp_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {"model": state["model"].state_dict(), "optimizer": state["optimizer"].state_dict()}
+
+
+def _tree_bytes(folder: Path, rank: int) -> int:
+    """Bytes DCP wrote for ``rank`` (its data files are named __<rank>_<n>.distcp)."""
+    return sum(p.stat().st_size for p in folder.glob(f"__{rank}_*.distcp"))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _timed(fn: Any) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()  # the slowest rank decides
+    return time.perf_counter() - start
+
+
+def _settle(seconds: float) -> None:
+    """Start each measurement with no dirty data from the last one waiting to be flushed."""
+    dist.barrier()
+    os.sync()
+    time.sleep(seconds)
+    dist.barrier()
+
+
+def _save_round(
+    rank: int, world_size: int, state: dict[str, Any], base: Path, store: CheckpointStore, rep: int, settle: float
+) -> dict[str, float]:
+    import torch.distributed.checkpoint as dcp
+
+    out: dict[str, float] = {}
+    name = f"step-{rep:012d}-{world_size:08x}"
+    _settle(settle)
+    start = time.perf_counter()
+    pending = store.save(state, rep, rank=rank, world_size=world_size, checkpoint_id=name)
+    out["gpuguard_stall_s"] = time.perf_counter() - start
+    pending.wait(600)
+    dist.barrier()  # rank 0's wait returns at the commit, after every rank's files are durable
+    out["gpuguard_durable_s"] = time.perf_counter() - start
+    shard = base / f"gpuguard-{world_size}" / name / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+    out["gpuguard_bytes_written"] = shard.stat().st_size
+    folder = base / f"dcp-{world_size}-{rep}"
+    _settle(settle)
+    out["dcp_save_s"] = _timed(lambda: dcp.save(_dcp_state(state), checkpoint_id=str(folder)))
+    out["dcp_bytes_written"] = _tree_bytes(folder, rank)
+    _settle(settle)
+    start = time.perf_counter()
+    future = dcp.async_save(_dcp_state(state), checkpoint_id=str(base / f"dcp-{world_size}-async"))
+    out["dcp_async_stall_s"] = time.perf_counter() - start
+    future.result()
+    _fsync_tree(base / f"dcp-{world_size}-async")
+    dist.barrier()
+    out["dcp_async_durable_s"] = time.perf_counter() - start
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)  # bound the disk used: only the last async save is loaded
+    return out
+
+
+def worker(
+    rank: int, world_size: int, port: int, task: str, root: str, size_mib: int, source: int, repeats: int
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    base = Path(root)
+    result: dict[str, Any] = {"rank": rank, "rounds": []}
+    settle = max(0.5, size_mib / 256)
+    try:
+        state = build_state(size_mib, world_size)
+        share = sum(p.to_local().numel() * 4 for p in state["model"].parameters()) * 3
+        result["share_bytes"] = share
+        if task == "save":
+            with CheckpointStore(f"file://{base}/gpuguard-{world_size}", keep=1) as store:
+                store.prepare(state)  # as a guard does at start: the staging buffer exists before the save
+                for rep in range(1, repeats + 1):
+                    result["rounds"].append(_save_round(rank, world_size, state, base, store, rep, settle))
+        else:
+            for _ in range(repeats):
+                out: dict[str, float] = {}
+                _settle(settle)
+                with CheckpointStore(f"file://{base}/gpuguard-{source}") as store:
+                    out["gpuguard_load_s"] = _timed(lambda: store.load(state, rank=rank))
+                    out["gpuguard_bytes_read"] = store.last_load_bytes_read
+                sd = _dcp_state(state)
+                _settle(settle)
+                target = str(base / f"dcp-{source}-async")
+                out["dcp_load_s"] = _timed(lambda sd=sd, target=target: dcp.load(sd, checkpoint_id=target))
+                result["rounds"].append(out)
+        (base / f"{task}-{world_size}-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(size_mib: int, repeats: int) -> dict[str, Any]:
+    root = tempfile.mkdtemp(prefix="gpuguard-sharded-bench-")
+    try:
+        plan = [("save", 2, 0), ("save", 4, 0), ("load", 2, 4), ("load", 4, 2)]
+        for task, world_size, source in plan:
+            print(f"{task} on {world_size} ranks", file=sys.stderr, flush=True)
+            args = (world_size, _port(), task, root, size_mib, source, repeats)
+            mp.spawn(worker, args=args, nprocs=world_size)
+        out: dict[str, Any] = {"size_mib": size_mib, "repeats": repeats, "torch": torch.__version__, "runs": []}
+        for task, world_size, source in plan:
+            ranks = [
+                json.loads((Path(root) / f"{task}-{world_size}-rank{r}.json").read_text()) for r in range(world_size)
+            ]
+            out["runs"].append({"task": task, "world_size": world_size, "from_world_size": source, "ranks": ranks})
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _median_of_worst(ranks: list[dict[str, Any]], key: str) -> float:
+    """Per round the slowest rank (what the job waits for), then the median over rounds."""
+    worst = [max(r["rounds"][i][key] for r in ranks) for i in range(len(ranks[0]["rounds"]))]
+    return statistics.median(worst)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    mib = 2**20
+    print(
+        f"FSDP2 state of {summary['size_mib']} MiB (fp32 Linear + AdamW), CPU, gloo, one local disk, "
+        f"torch {summary['torch']}; slowest rank, median of {summary['repeats']}"
+    )
+    print(f"{'run':<14}{'method':<22}{'stall (s)':>10}{'durable (s)':>12}   per rank")
+    for run in summary["runs"]:
+        ranks, ws = run["ranks"], run["world_size"]
+        if run["task"] == "save":
+            label = f"save on {ws}"
+            written = ", ".join(f"{r['rounds'][-1]['gpuguard_bytes_written'] / mib:.1f}" for r in ranks)
+            dcp_written = ", ".join(f"{r['rounds'][-1]['dcp_bytes_written'] / mib:.1f}" for r in ranks)
+            share = ranks[0]["share_bytes"] / mib
+            rows = [
+                (
+                    "gpuguard",
+                    _median_of_worst(ranks, "gpuguard_stall_s"),
+                    _median_of_worst(ranks, "gpuguard_durable_s"),
+                    f"wrote {written} MiB (share {share:.1f})",
+                ),
+                (
+                    "dcp.save",
+                    _median_of_worst(ranks, "dcp_save_s"),
+                    _median_of_worst(ranks, "dcp_save_s"),
+                    f"wrote {dcp_written} MiB",
+                ),
+                (
+                    "dcp.async_save",
+                    _median_of_worst(ranks, "dcp_async_stall_s"),
+                    _median_of_worst(ranks, "dcp_async_durable_s"),
+                    "",
+                ),
+            ]
+        else:
+            label = f"resume {run['from_world_size']}->{ws}"
+            read = ", ".join(f"{r['rounds'][-1]['gpuguard_bytes_read'] / mib:.1f}" for r in ranks)
+            ratio = max(r["rounds"][-1]["gpuguard_bytes_read"] / r["share_bytes"] for r in ranks)
+            rows = [
+                (
+                    "gpuguard load",
+                    float("nan"),
+                    _median_of_worst(ranks, "gpuguard_load_s"),
+                    f"read {read} MiB (<= {ratio:.3f}x share)",
+                ),
+                ("dcp.load", float("nan"), _median_of_worst(ranks, "dcp_load_s"), ""),
+            ]
+        for method, stall, durable, note in rows:
+            stall_text = "-" if math.isnan(stall) else f"{stall:.3f}"
+            print(f"{label:<14}{method:<22}{stall_text:>10}{durable:>12.3f}   {note}")
+            label = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sharded", action="store_true", help="(accepted for benchmarks/checkpoint.py's spelling)")
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    summary = run(args.size_mib, args.repeats)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Sharded (DTensor / FSDP2) checkpoints with real gloo process groups on CPU: saved on 4 ranks and
+resumed on 2, saved on 2 and resumed on 4, saved sharded and loaded unsharded and the other way round.
+Every tensor must be bitwise equal to the original global tensor; with the world size unchanged,
+training must continue bitwise as if never interrupted."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import sharded
+from safetensors.torch import load_file, save_file
+
+from gpuguard import CheckpointCorruptError, CheckpointStore
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(world_size: int, plan: list[tuple[str, str, str]], out: Path, s3: dict[str, Any]) -> None:
+    mp.spawn(sharded.worker, args=(world_size, _port(), plan, str(out), s3), nprocs=world_size, join=True)
+
+
+def tensors(out: Path, tag: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"{tag}.safetensors"))
+
+
+def infos(out: Path, tag: str, world_size: int) -> list[dict[str, Any]]:
+    return [json.loads((out / f"{tag}-rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert sorted(expected) == sorted(got)
+    for name, tensor in expected.items():
+        assert tensor.dtype == got[name].dtype and torch.equal(tensor, got[name]), name
+
+
+def plain_state(seed: int) -> dict[str, Any]:
+    """The unsharded twin of the workers' DTensor model: same names, global shapes, AdamW."""
+    return sharded.dstate(None, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint: str) -> tuple[str, dict[str, Any]]:
+    """A bucket on the real S3 server (moto over HTTP): the 2-rank checkpoint lives there."""
+    import uuid
+
+    import s3fs
+
+    from conftest import s3_options
+
+    bucket = f"sharded-{uuid.uuid4().hex[:12]}"
+    options = s3_options(s3_endpoint)
+    s3fs.S3FileSystem(**options).call_s3("create_bucket", Bucket=bucket)
+    return f"s3://{bucket}/two", options
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, s3: tuple[str, dict[str, Any]]) -> tuple[Path, Path]:
+    """Four gloo jobs, run once for the module:
+
+    1. 4 ranks save DTensors at step 3 (``four``) and train on;
+    2. 2 ranks load ``four`` (4 → 2); save their own DTensors (``two``, on S3); FSDP2 saves (``fsdp``);
+    3. 4 ranks load ``four`` and train on (4 → 4, the continuation); load ``two`` (2 → 4, ranged GETs);
+    4. 2 ranks load FSDP2's checkpoint and train on; load a checkpoint a single plain process wrote.
+    """
+    root = tmp_path_factory.mktemp("sharded")
+    out, ckpt = root / "out", root / "ckpt"
+    out.mkdir()
+    # A plain (unsharded, single-process) checkpoint of the same model, trained 3 steps.
+    torch.manual_seed(7)
+    plain = plain_state(seed=1234)
+    sharded.train(plain, 3)
+    with CheckpointStore(str(ckpt / "plain")) as store:
+        store.save(plain, 3).wait()
+    save_file(sharded.full_tensors(plain), str(out / "plain-saved.safetensors"))
+    url = {name: str(ckpt / name) for name in ("four", "fsdp", "plain")} | {"two": s3[0]}
+    two = [("dload", url["four"], "four-to-two"), ("dsave", url["two"], "two"), ("fsave", url["fsdp"], "fsdp")]
+    four = [("dload", url["four"], "four-to-four"), ("dload", url["two"], "two-to-four")]
+    last = [("fload", url["fsdp"], "fsdp-to-two"), ("dload", url["plain"], "plain-to-two"), ("refuse", "", "refuse")]
+    spawn(4, [("dsave", url["four"], "four")], out, s3[1])
+    spawn(2, two, out, s3[1])
+    spawn(4, four, out, s3[1])
+    spawn(2, last, out, s3[1])
+    return out, ckpt
+
+
+def test_saved_on_four_resumed_on_two_is_bitwise_the_global_state(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    assert_identical(tensors(out, "four-saved"), tensors(out, "four-to-two-loaded"))
+    assert [i["step"] for i in infos(out, "four-to-two-loaded", 2)] == [3, 3]
+
+
+def test_saved_on_two_resumed_on_four_is_bitwise_the_global_state(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    assert_identical(tensors(out, "two-saved"), tensors(out, "two-to-four-loaded"))
+
+
+def test_same_world_size_continues_bitwise_as_if_never_interrupted(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    assert_identical(tensors(out, "four-saved"), tensors(out, "four-to-four-loaded"))
+    assert_identical(tensors(out, "four-after"), tensors(out, "four-to-four-after"))
+    # The continuation is not trivially equal to the checkpoint: training moved on.
+    assert not torch.equal(tensors(out, "four-after")["model.w0"], tensors(out, "four-saved")["model.w0"])
+
+
+def test_fsdp2_fully_shard_saves_and_continues_bitwise(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    assert_identical(tensors(out, "fsdp-saved"), tensors(out, "fsdp-to-two-loaded"))
+    assert_identical(tensors(out, "fsdp-after"), tensors(out, "fsdp-to-two-after"))
+
+
+def test_plain_single_process_checkpoint_loads_into_a_sharded_model(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    assert_identical(tensors(out, "plain-saved"), tensors(out, "plain-to-two-loaded"))
+
+
+def test_sharded_checkpoint_loads_into_an_unsharded_process(
+    runs: tuple[Path, Path], s3: tuple[str, dict[str, Any]]
+) -> None:
+    out, ckpt = runs
+    for name, tag in (("four", "four-saved"), ("two", "two-saved"), ("fsdp", "fsdp-saved")):
+        if name == "fsdp":
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.GELU(), torch.nn.Linear(11, 3))
+            state: dict[str, Any] = {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=0.01)}
+        else:
+            state = plain_state(seed=99)
+        url, options = (s3[0], s3[1]) if name == "two" else (str(ckpt / name), None)
+        with CheckpointStore(url, options) as store:
+            assert store.load(state) == 3
+        assert_identical(tensors(out, tag), sharded.full_tensors(state))
+
+
+def test_each_replica_chunk_is_written_once_with_its_global_offsets(runs: tuple[Path, Path]) -> None:
+    _, ckpt = runs
+    manifest = json.loads(next((ckpt / "four").glob("step-*/MANIFEST.json")).read_text())
+    written: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for shard in manifest["shards"]:
+        for name, chunk in shard["chunks"].items():
+            assert name.startswith("optimizer") or chunk["global_shape"] == list(sharded.SHAPES[name.split("/")[1]])
+            written.setdefault(name, []).append((chunk["offsets"], chunk["sizes"]))
+    # w0 [Shard(0), Shard(1)] on 2x2 over (7, 5): four distinct chunks, uneven.
+    assert sorted(written["model/w0"]) == [([0, 0], [4, 3]), ([0, 3], [4, 2]), ([4, 0], [3, 3]), ([4, 3], [3, 2])]
+    # w1 [Shard(1), Replicate()] over (5, 9): two chunks, each written by one of its two replicas.
+    assert sorted(written["model/w1"]) == [([0, 0], [5, 5]), ([0, 5], [5, 4])]
+    assert sorted(written["model/w2"]) == [([0], [5]), ([5], [4])]
+    assert written["model/b"] == [([0], [3])]  # fully replicated: one copy in all
+    assert sorted(written["optimizer/state/0/exp_avg"]) == sorted(written["model/w0"])
+
+
+def test_a_flipped_byte_in_a_chunk_fails_the_load_naming_shard_and_tensor(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, ckpt = runs
+    import shutil
+
+    copy = tmp_path / "four"
+    shutil.copytree(ckpt / "four", copy)
+    folder = next(copy.glob("step-*"))
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    shard = manifest["shards"][1]
+    chunk = shard["chunks"]["model/w0"]
+    path = folder / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[chunk["file_offset"] + 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    state = plain_state(seed=99)
+    before = state["model"].w0.detach().clone()
+    with CheckpointStore(str(copy)) as store, pytest.raises(CheckpointCorruptError, match="model/w0") as info:
+        store.load(state)
+    assert info.value.shard == shard["file"] and info.value.tensor == "model/w0"
+    assert torch.equal(state["model"].w0, before)  # nothing restored from a corrupt checkpoint
+
+
+def test_unsupported_placements_are_refused_before_anything_is_written(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    for info in infos(out, "refuse", 2):
+        assert "'extras/t'" in info["partial"] and "Partial" in info["partial"] and "Replicate()" in info["partial"]
+        assert "3-D device mesh" in info["mesh3d"]
+        assert info["partial_files"] == "[]" and info["mesh3d_files"] == "[]"
+
+
+def test_a_reshard_reads_about_the_ranks_share_not_every_chunk(runs: tuple[Path, Path]) -> None:
+    out, _ = runs
+    from gpuguard.checkpoint._sharding import BLOCK_BYTES
+
+    big = 1024 * 520 * 4  # model/big and its two AdamW moments dominate the checkpoint
+    for tag, world_size in (("two-to-four-loaded", 4), ("four-to-two-loaded", 2)):
+        share = 3 * big // world_size
+        for info in infos(out, tag, world_size):
+            # at most one checksum block more than the share at each edge of each tensor, plus the small ones
+            assert share <= info["bytes_read"] <= share + 3 * 2 * BLOCK_BYTES + 64 * 1024, (tag, info)
+            assert info["bytes_read"] < 3 * big * 0.6
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (9,), (3,), (1, 4), (2, 3, 5)], ids=str)
+@pytest.mark.parametrize("mesh", [(2,), (4,), (2, 2), (3, 2), (1, 4)], ids=str)
+def test_chunk_arithmetic_matches_torch_chunk_for_every_coordinate(
+    shape: tuple[int, ...], mesh: tuple[int, ...]
+) -> None:
+    """The chunk a rank holds, computed from shape, mesh and placements alone, is the piece that
+    DTensor's Shard (torch.chunk, padded with empty pieces) gives it, for every placement mix."""
+    from itertools import product
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    from gpuguard.checkpoint._sharding import local_region
+
+    whole = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    options = [Replicate(), *(Shard(d) for d in range(len(shape))), Shard(-1)]
+    for placements in product(options, repeat=len(mesh)):
+        for coordinate in product(*(range(n) for n in mesh)):
+            expected = whole
+            for size, index, placement in zip(mesh, coordinate, placements, strict=True):
+                if isinstance(placement, Shard):
+                    pieces = list(torch.chunk(expected, size, dim=placement.dim))
+                    dim = placement.dim % len(shape)
+                    empty = list(expected.shape)
+                    empty[dim] = 0
+                    pieces += [expected.new_empty(empty)] * (size - len(pieces))
+                    expected = pieces[index]
+            offsets, sizes = local_region(shape, mesh, coordinate, placements)
+            got = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+            assert got.shape == expected.shape and torch.equal(got, expected), (placements, coordinate)
