@@ -90,11 +90,11 @@ def run_one(name: str, command: list[str], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def goodput(checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+def goodput(checkpoint: dict[str, Any] | None, failures: int = 200_000) -> dict[str, Any]:
     """The goodput model at 128 x 8 under NVIDIA's rate: the H200 costs, and this machine's if measured."""
     from gpuguard.goodput import GoodputInputs, compare
 
-    out = {"h200_costs": compare(GoodputInputs(nodes=128, gpus_per_node=8), check=True).to_dict()}
+    out = {"h200_costs": compare(GoodputInputs(nodes=128, gpus_per_node=8), check=True, failures=failures).to_dict()}
     if checkpoint and "results" in checkpoint:
         r = checkpoint["results"]
         gib = checkpoint["size_mib"] / 1024
@@ -108,7 +108,7 @@ def goodput(checkpoint: dict[str, Any] | None) -> dict[str, Any]:
             gpuguard_durable_s=max(r["gpuguard"]["durable_s"], r["gpuguard"]["stall_s"]),
             gpuguard_restore_s=r["gpuguard"]["resume_s"],
         )
-        out["this_machine_costs"] = compare(inputs, check=True).to_dict()
+        out["this_machine_costs"] = compare(inputs, check=True, failures=failures).to_dict()
     return out
 
 
