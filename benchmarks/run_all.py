@@ -65,6 +65,8 @@ def benchmarks(quick: bool, cuda: bool) -> dict[str, list[str]]:
         "overlap": [*py, str(HERE / "overlap.py")],
         "s3": [*py, str(HERE / "s3.py"), "--size-mib", "128", "--repeats", "3"],
     }
+    if (HERE / "checkpoint_sharded.py").exists():  # FSDP2 / DTensor state on 2 and 4 gloo processes
+        runs["sharded"] = [*py, str(HERE / "checkpoint_sharded.py"), "--size-mib", "256", "--repeats", "3"]
     if cuda:
         runs["checkpoint_cuda"] = [*runs["checkpoint"], "--device", "cuda"]
         runs["overlap_cuda"] = [*runs["overlap"], "--device", "cuda"]
@@ -191,6 +193,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"against the closed form's {c['closed_form']:.4%}: {'agrees' if c['agrees'] else 'DISAGREES'}."
             )
         lines.append("")
+    known = {"checkpoint", "checkpoint_cuda", "s3", "nvml_poll", "guard_overhead", "overlap", "overlap_cuda"}
+    for key, value in report["benchmarks"].items():
+        if key not in known and "error" not in value:  # a benchmark this report has no table for yet
+            lines += [f"## {key}", "", f"`{value.get('command', '')}`: figures in {report['name']}.json.", ""]
     errors = {k: v["error"] for k, v in report["benchmarks"].items() if "error" in v}
     if errors:
         lines += ["## Failed", ""] + [f"- {k}: {v.splitlines()[-1] if v else v}" for k, v in errors.items()] + [""]
