@@ -1,30 +1,38 @@
-"""Checkpoint cost: gpuguard against torch.save, torch.distributed.checkpoint.async_save and a raw write.
+"""Checkpoint cost: gpuguard against torch.save, torch.distributed.checkpoint and the hardware floors.
 
-    python benchmarks/checkpoint.py --size-mib 1024 [--device cpu|cuda] [--url URL] [--repeats 3] [--json]
+    python benchmarks/checkpoint.py --size-mib 1024 [--device cpu|cuda] [--url DIR] [--repeats 5] [--json]
     python benchmarks/checkpoint.py --sharded [--size-mib 256] [--json]   # see checkpoint_sharded.py
 
 The state is what the H200 baseline used: an nn.Sequential of bias-free Linear layers in fp32 plus
 AdamW's two moments after one step, sized to ``--size-mib`` in all. Every method saves the same state
-in the same run, to the same storage, and each is measured for:
+in the same run, to the same storage, interleaved repeat by repeat (so drift hits all alike), and each
+is measured for:
 
 - stall: how long the training thread is blocked (until the call returns and the state may change);
-- durable: until the bytes are on stable storage (fsync'd, or committed on an object store).
+- durable: until the bytes are on stable storage (fsync'd, or committed on an object store);
+- resume: reading it back into the live model and optimizer (warm page cache: this machine's other
+  users rule out dropping it).
 
-The raw write is the floor: the state's bytes, already in host memory, written with fsync, by one
-thread and by 8 threads. gpuguard's ratios: stall / torch.save's stall, durable / the raw write's.
+The floors, in the same run: a memory copy of the same bytes into a preallocated buffer (one bulk
+``copy_``; on CUDA, into pinned memory on a side stream), which no snapshot can beat, and a raw write
+of the bytes already in host memory, with fsync, by one thread and by eight. Reported: medians of the
+repeats, every repeat's figures, and gpuguard's ratios to each. Disk use is one method's files at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -69,15 +77,24 @@ def fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+Result = dict[str, float]
+NAN = float("nan")
+
+
+def _restore(state: dict[str, Any], loaded: dict[str, Any]) -> None:
+    state["model"].load_state_dict(loaded["model"])
+    state["optimizer"].load_state_dict(loaded["optimizer"])
+
+
 class GpuguardRunner:
     """One long-lived store, prepared once, as a training job holds it: saves reuse its staging buffer."""
 
     def __init__(self, state: dict[str, Any], root: str, device: str, io_threads: int) -> None:
-        self.state, self.device, self.step = state, device, 0
-        self.store = CheckpointStore(f"file://{root}/gpuguard", keep=1, io_threads=io_threads)
+        self.state, self.device, self.step, self.root = state, device, 0, f"{root}/gpuguard"
+        self.store = CheckpointStore(f"file://{self.root}", keep=1, io_threads=io_threads)
         self.prepare_s = self.store.prepare(state)
 
-    def __call__(self, folder: str) -> dict[str, float]:
+    def __call__(self, folder: str) -> Result:
         self.step += 1
         sync(self.device)
         start = time.perf_counter()
@@ -85,11 +102,16 @@ class GpuguardRunner:
         stall = time.perf_counter() - start
         pending.wait()
         durable = time.perf_counter() - start
-        self.store.prune()
-        return {"stall_s": stall, "durable_s": durable, "prepare_s": self.prepare_s}
+        sync(self.device)
+        start = time.perf_counter()
+        self.store.load(self.state)  # checks every tensor's CRC-32C, then copies into the live objects
+        sync(self.device)
+        resume = time.perf_counter() - start
+        shutil.rmtree(os.path.join(self.root, pending.id), ignore_errors=True)  # one checkpoint on disk at a time
+        return {"stall_s": stall, "durable_s": durable, "resume_s": resume, "prepare_s": self.prepare_s}
 
 
-def run_torch_save(state: dict[str, Any], folder: str, device: str) -> dict[str, float]:
+def run_torch_save(state: dict[str, Any], folder: str, device: str) -> Result:
     path = os.path.join(folder, "torch_save.pt")
     sync(device)
     start = time.perf_counter()
@@ -98,20 +120,46 @@ def run_torch_save(state: dict[str, Any], folder: str, device: str) -> dict[str,
         f.flush()
         os.fsync(f.fileno())
     elapsed = time.perf_counter() - start
-    return {"stall_s": elapsed, "durable_s": elapsed}
+    start = time.perf_counter()
+    _restore(state, torch.load(path, map_location=device, weights_only=True))
+    sync(device)
+    return {"stall_s": elapsed, "durable_s": elapsed, "resume_s": time.perf_counter() - start}
 
 
-def run_dcp_async(state: dict[str, Any], folder: str, device: str) -> dict[str, float]:
+def _dcp_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {"model": state["model"].state_dict(), "optimizer": state["optimizer"].state_dict()}
+
+
+def _dcp_resume(state: dict[str, Any], path: str, device: str) -> float:
     import torch.distributed.checkpoint as dcp
 
-    sd = {"model": state["model"].state_dict(), "optimizer": state["optimizer"].state_dict()}
+    sd = _dcp_state(state)
+    start = time.perf_counter()
+    dcp.load(sd, checkpoint_id=path)  # in place, into the live tensors
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_dcp(state: dict[str, Any], folder: str, device: str, *, asynchronous: bool) -> Result:
+    import torch.distributed.checkpoint as dcp
+
+    # One process without a process group is what this compares; DCP says so on every call.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+    path = os.path.join(folder, "dcp")
+    sd = _dcp_state(state)
     sync(device)
     start = time.perf_counter()
-    future = dcp.async_save(sd, checkpoint_id=os.path.join(folder, "dcp"))
-    stall = time.perf_counter() - start
-    future.result()
-    fsync_tree(os.path.join(folder, "dcp"))  # DCP fsyncs its files; this makes sure for the comparison
-    return {"stall_s": stall, "durable_s": time.perf_counter() - start}
+    if asynchronous:
+        future = dcp.async_save(sd, checkpoint_id=path)
+        stall = time.perf_counter() - start
+        future.result()
+    else:
+        dcp.save(sd, checkpoint_id=path)
+        stall = time.perf_counter() - start
+    fsync_tree(path)  # DCP fsyncs its files; this makes sure for the comparison
+    durable = time.perf_counter() - start
+    return {"stall_s": stall, "durable_s": durable, "resume_s": _dcp_resume(state, path, device)}
 
 
 def _host_bytes(state: dict[str, Any]) -> tuple[list[memoryview], list[torch.Tensor]]:
@@ -130,7 +178,38 @@ def _host_bytes(state: dict[str, Any]) -> tuple[list[memoryview], list[torch.Ten
     return views, hosts
 
 
-def run_raw_write(chunks: list[memoryview], folder: str, threads: int) -> dict[str, float]:
+class MemoryCopy:
+    """The floor for a snapshot: the same bytes, already contiguous, copied into a preallocated buffer.
+
+    On the host, one bulk ``copy_`` (torch's own threads); from a GPU, one device-to-host copy into
+    pinned memory on a side stream, waited on.
+    """
+
+    def __init__(self, state: dict[str, Any], device: str) -> None:
+        self.device = device
+        tensors = [p.detach() for p in state["model"].parameters()]
+        for per_param in state["optimizer"].state.values():
+            tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+        self.source = torch.cat([t.reshape(-1) for t in tensors])  # on the state's device
+        self.target = torch.empty(self.source.shape, dtype=self.source.dtype, pin_memory=device == "cuda")
+        self.target.zero_()  # fault the pages in now, as gpuguard's prepare() does for its buffer
+
+    def __call__(self, folder: str) -> Result:
+        sync(self.device)
+        start = time.perf_counter()
+        if self.device == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.target.copy_(self.source, non_blocking=True)
+            stream.synchronize()
+        else:
+            self.target.copy_(self.source)
+        elapsed = time.perf_counter() - start
+        return {"stall_s": elapsed, "durable_s": NAN, "resume_s": NAN}
+
+
+def run_raw_write(chunks: list[memoryview], folder: str, threads: int) -> Result:
     path = os.path.join(folder, f"raw_{threads}.bin")
     offsets, offset = [], 0
     for chunk in chunks:
@@ -146,18 +225,166 @@ def run_raw_write(chunks: list[memoryview], folder: str, threads: int) -> dict[s
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
 
-    if threads == 1:
-        write(range(len(chunks)))
-    else:
-        workers = [threading.Thread(target=write, args=(range(i, len(chunks), threads),)) for i in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+    _in_threads(write, len(chunks), threads)
     os.fsync(fd)
     os.close(fd)
-    elapsed = time.perf_counter() - start
-    return {"stall_s": float("nan"), "durable_s": elapsed}
+    durable = time.perf_counter() - start
+    # Read back into the same preallocated host memory: the floor for a resume.
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(indices: range) -> None:
+        for i in indices:
+            view, at = chunks[i], offsets[i]
+            while view:
+                n = os.preadv(fd, [view], at)
+                if n <= 0:
+                    raise OSError(f"{path}: short read at {at}")
+                view, at = view[n:], at + n
+
+    _in_threads(read, len(chunks), threads)
+    os.close(fd)
+    return {"stall_s": NAN, "durable_s": durable, "resume_s": time.perf_counter() - start}
+
+
+def _in_threads(work: Callable[[range], None], n: int, threads: int) -> None:
+    if threads == 1:
+        work(range(n))
+        return
+    workers = [threading.Thread(target=work, args=(range(i, n, threads),)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def measure(
+    size_mib: int,
+    device: str = "cpu",
+    repeats: int = 5,
+    url: str | None = None,
+    io_threads: int = 8,
+    settle_s: float | None = None,
+) -> dict[str, Any]:
+    """Every method, interleaved ``repeats`` times; medians, ratios and every repeat's figures."""
+    root = url.removeprefix("file://") if url else tempfile.mkdtemp(prefix="gpuguard-bench-")
+    os.makedirs(root, exist_ok=True)
+    status(f"building a {size_mib} MiB state on {device}")
+    state = build_state(size_mib, device)
+    total = state_bytes(state)
+    chunks, _hosts = _host_bytes(state)
+    status("preparing gpuguard's staging buffer")
+    gpuguard = GpuguardRunner(state, root, device, io_threads)
+    floor = MemoryCopy(state, device)
+    settle = settle_s if settle_s is not None else max(0.5, total / 2**28)
+    methods: dict[str, Callable[[str], Result]] = {
+        "memory copy": floor,
+        "gpuguard": gpuguard,
+        "torch.save": lambda folder: run_torch_save(state, folder, device),
+        "dcp.save": lambda folder: run_dcp(state, folder, device, asynchronous=False),
+        "dcp.async_save": lambda folder: run_dcp(state, folder, device, asynchronous=True),
+        "raw write (1 thread)": lambda folder: run_raw_write(chunks, folder, 1),
+        "raw write (8 threads)": lambda folder: run_raw_write(chunks, folder, 8),
+    }
+    runs: dict[str, list[Result]] = {name: [] for name in methods}
+    try:
+        for rep in range(repeats):
+            for name, method in methods.items():  # interleaved, so drift hits every method alike
+                status(f"repeat {rep + 1}/{repeats}: {name}")
+                folder = tempfile.mkdtemp(dir=root)
+                os.sync()  # start every method with no other dirty data waiting to be flushed
+                time.sleep(settle)
+                try:
+                    runs[name].append(method(folder))
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        status("")
+        gpuguard.store.close()
+        if not url:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def median(name: str, key: str) -> float:
+        values = [r[key] for r in runs[name] if key in r and not math.isnan(r[key])]
+        return round(statistics.median(values), 4) if values else NAN
+
+    results: dict[str, dict[str, float]] = {
+        name: {key: median(name, key) for key in ("stall_s", "durable_s", "resume_s")} for name in methods
+    }
+    results["gpuguard"]["prepare_s"] = median("gpuguard", "prepare_s")
+    g = results["gpuguard"]
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if math.isfinite(b) and b > 0 else NAN
+
+    ratios = {
+        "stall_vs_memory_copy": ratio(g["stall_s"], results["memory copy"]["stall_s"]),
+        "stall_vs_dcp_async_save": ratio(g["stall_s"], results["dcp.async_save"]["stall_s"]),
+        "stall_vs_torch_save": ratio(g["stall_s"], results["torch.save"]["stall_s"]),
+        "durable_vs_raw_write": ratio(g["durable_s"], results["raw write (1 thread)"]["durable_s"]),
+        "durable_vs_parallel_raw_write": ratio(g["durable_s"], results["raw write (8 threads)"]["durable_s"]),
+        "resume_vs_torch_load": ratio(g["resume_s"], results["torch.save"]["resume_s"]),
+        "resume_vs_parallel_raw_read": ratio(g["resume_s"], results["raw write (8 threads)"]["resume_s"]),
+    }
+    return {
+        "benchmark": "checkpoint",
+        "command": f"python benchmarks/checkpoint.py --size-mib {size_mib} --device {device} --repeats {repeats}",
+        "machine": machine(),
+        "size_mib": round(total / 2**20, 1),
+        "device": device,
+        "repeats": repeats,
+        "io_threads": io_threads,
+        "settle_s": settle,
+        "results": results,
+        "ratios": ratios,
+        "goals": {"stall_vs_memory_copy": 1.5, "stall_vs_dcp_async_save": 0.5, "durable_vs_parallel_raw_write": 1.15},
+        "runs": {name: [{k: round(v, 4) for k, v in r.items()} for r in rs] for name, rs in runs.items()},
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    results, ratios, goals = summary["results"], summary["ratios"], summary["goals"]
+
+    def cell(value: float, digits: int = 3) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    lines = [
+        f"{summary['size_mib']} MiB of fp32 model + AdamW state on {summary['device']}, "
+        f"median of {summary['repeats']} interleaved repeats",
+        f"{'method':<24}{'stall (s)':>12}{'durable (s)':>14}{'resume (s)':>13}",
+    ]
+    for name, r in results.items():
+        lines.append(f"{name:<24}{cell(r['stall_s'], 4):>12}{cell(r['durable_s']):>14}{cell(r['resume_s']):>13}")
+    lines.append(f"gpuguard staging buffer prepared ahead in {results['gpuguard']['prepare_s']:.3f} s")
+    for key, value in ratios.items():
+        goal = goals.get(key)
+        verdict = "" if goal is None else f"  (goal <= {goal}: {'met' if value <= goal else 'NOT met'})"
+        lines.append(f"gpuguard {key.replace('_', ' '):<34}{cell(value):>8}{verdict}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -169,7 +396,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=1024, help="state size: fp32 parameters + AdamW moments")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--url", help="a local folder for every method (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--io-threads", type=int, default=8, help="gpuguard's concurrent writers per shard")
     parser.add_argument(
         "--settle-s",
@@ -181,81 +408,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-
-    root = args.url.removeprefix("file://") if args.url else tempfile.mkdtemp(prefix="gpuguard-bench-")
-    os.makedirs(root, exist_ok=True)
-    status(f"building a {args.size_mib} MiB state on {args.device}")
-    state = build_state(args.size_mib, args.device)
-    total = state_bytes(state)
-    chunks, _hosts = _host_bytes(state)
-
-    status("preparing gpuguard's staging buffer")
-    gpuguard = GpuguardRunner(state, root, args.device, args.io_threads)
-    settle = args.settle_s if args.settle_s is not None else max(0.5, total / 2**28)
-    methods: dict[str, Callable[[str], dict[str, float]]] = {
-        "gpuguard": gpuguard,
-        "torch.save": lambda folder: run_torch_save(state, folder, args.device),
-        "dcp.async_save": lambda folder: run_dcp_async(state, folder, args.device),
-        "raw write (1 thread)": lambda folder: run_raw_write(chunks, folder, 1),
-        "raw write (8 threads)": lambda folder: run_raw_write(chunks, folder, 8),
-    }
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
-    for rep in range(args.repeats):
-        for name, method in methods.items():  # interleaved, so drift hits every method alike
-            status(f"repeat {rep + 1}/{args.repeats}: {name}")
-            folder = tempfile.mkdtemp(dir=root)
-            os.sync()  # start every method with no other dirty data waiting to be flushed
-            time.sleep(settle)
-            try:
-                runs[name].append(method(folder))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-    status("")
-    print(file=sys.stderr, end="")
-
-    def median(name: str, key: str) -> float:
-        values = [r[key] for r in runs[name] if r.get(key) == r.get(key)]
-        return statistics.median(values) if values else float("nan")
-
-    results = {
-        name: {"stall_s": round(median(name, "stall_s"), 4), "durable_s": round(median(name, "durable_s"), 4)}
-        for name in methods
-    }
-    results["gpuguard"]["prepare_s"] = round(median("gpuguard", "prepare_s"), 4)
-    ratios = {
-        "stall_vs_torch_save": round(results["gpuguard"]["stall_s"] / results["torch.save"]["stall_s"], 4),
-        "durable_vs_raw_write": round(
-            results["gpuguard"]["durable_s"] / results["raw write (1 thread)"]["durable_s"], 3
-        ),
-        "durable_vs_parallel_raw_write": round(
-            results["gpuguard"]["durable_s"] / results["raw write (8 threads)"]["durable_s"], 3
-        ),
-    }
-    summary = {
-        "size_mib": round(total / 2**20, 1),
-        "device": args.device,
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-        "io_threads": args.io_threads,
-        "settle_s": settle,
-        "results": results,
-        "ratios": ratios,
-    }
-    gpuguard.store.close()
-    if not args.url:
-        shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(f"{summary['size_mib']} MiB of fp32 model + AdamW state on {args.device}, median of {args.repeats} runs")
-    print(f"{'method':<24}{'stall (s)':>12}{'durable (s)':>14}")
-    for name, r in results.items():
-        stall = "-" if r["stall_s"] != r["stall_s"] else f"{r['stall_s']:.4f}"
-        print(f"{name:<24}{stall:>12}{r['durable_s']:>14.3f}")
-    print(f"gpuguard staging buffer prepared ahead in {results['gpuguard']['prepare_s']:.3f} s")
-    print(f"gpuguard stall / torch.save stall:            {ratios['stall_vs_torch_save']:.4f}  (goal <= 0.1)")
-    print(f"gpuguard durable / raw write (1 thread):      {ratios['durable_vs_raw_write']:.3f}  (goal <= 1.15)")
-    print(f"gpuguard durable / raw write (8 threads):     {ratios['durable_vs_parallel_raw_write']:.3f}")
+    summary = measure(args.size_mib, args.device, args.repeats, args.url, args.io_threads, args.settle_s)
+    print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
 
 

@@ -1,8 +1,9 @@
 """What the guard costs a training loop, and how fast it decides.
 
-    python benchmarks/guard_overhead.py [--steps 400] [--repeats 5] [--json]
+    python benchmarks/guard_overhead.py [--steps 400] [--repeats 5] [--device cpu|cuda] [--json]
 
-1. Step time of a real (small, CPU) training step with and without the guard, interleaved, as a ratio.
+1. Step time of a real training step with and without the guard, interleaved, as a ratio. On CPU the
+   guard watches the fake NVML (the recorded H200); with ``--device cuda``, the real GPU through real NVML.
 2. Microseconds per ``guard.step()`` call in a tight loop: one process, and a one-rank gloo process
    group (the distributed path: an async all_reduce every ``sync_every`` steps).
 3. Detection latency: from the moment a fault becomes visible to the fake NVML to the guard's decision,
@@ -18,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,11 +33,12 @@ from gpuguard import Guard, HealthConfig
 from gpuguard.fakenvml import FakeNvml
 
 
-def make_training(width: int = 512) -> tuple[Any, Any]:
+def make_training(width: int = 512, device: str = "cpu") -> tuple[Any, Any]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(64, width)
+    x = torch.randn(64 if device == "cpu" else 4096, width, device=device)
 
     def step() -> None:
         model(x).pow(2).mean().backward()
@@ -49,31 +52,41 @@ _counter = iter(range(2**62))  # guard.step() wants increasing step numbers acro
 
 
 def time_steps(step: Any, n: int, guard: Guard | None) -> float:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         step()
         if guard is not None:
             guard.step(next(_counter))
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / n
 
 
-def step_overhead(steps: int, repeats: int, width: int) -> dict[str, Any]:
-    state, step = make_training(width)
+def step_overhead(steps: int, repeats: int, width: int, device: str = "cpu") -> dict[str, Any]:
+    state, step = make_training(width, device)
     time_steps(step, 50, None)  # warm up
     folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
     without, with_guard = [], []
-    guard = Guard(checkpoint_dir=f"file://{folder}", state=state, nvml=FakeNvml.replay(), devices="all").start()
+    if device == "cuda":  # the job's own GPU, through the driver's NVML
+        guard = Guard(checkpoint_dir=f"file://{folder}", state=state, devices="job").start()
+    else:
+        guard = Guard(checkpoint_dir=f"file://{folder}", state=state, nvml=FakeNvml.replay(), devices="all").start()
     try:
         for _ in range(repeats):
             without.append(time_steps(step, steps, None))
             with_guard.append(time_steps(step, steps, guard))
     finally:
         guard.close()
+        shutil.rmtree(folder, ignore_errors=True)
     base, guarded = statistics.median(without), statistics.median(with_guard)
     return {
         "step_ms_without": round(base * 1000, 4),
         "step_ms_with": round(guarded * 1000, 4),
         "ratio": round(guarded / base, 4),
+        "device": device,
         "steps": steps,
         "repeats": repeats,
     }
@@ -96,6 +109,7 @@ def per_call(n: int, distributed: bool) -> float:
         return (time.perf_counter() - start) / n * 1e6
     finally:
         guard.close()
+        shutil.rmtree(folder, ignore_errors=True)
         if distributed:
             dist.destroy_process_group()
 
@@ -130,6 +144,7 @@ def detection_latency(kind: str, repeats: int) -> dict[str, Any]:
             latencies.append((guard.decided_wall - injected) * 1000)
         finally:
             guard.close()
+            shutil.rmtree(folder, ignore_errors=True)
     return {
         "path": kind,
         "median_ms": round(statistics.median(latencies), 2),
@@ -215,12 +230,15 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--width", type=int, default=1536, help="model width; 1536 makes a step of ~15 ms here")
     parser.add_argument("--sync-every", type=int, default=10, help="for the agreement latency")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.getLogger("gpuguard").setLevel(logging.ERROR)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
 
     results = {
-        "training_step": step_overhead(args.steps, args.repeats, args.width),
+        "training_step": step_overhead(args.steps, args.repeats, args.width, args.device),
         "us_per_guard_step": {
             "single_process": round(per_call(args.calls, distributed=False), 3),
             "gloo_one_rank": round(per_call(args.calls // 4, distributed=True), 3),

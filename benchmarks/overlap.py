@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,8 @@ def run(mode: str, args: argparse.Namespace, device: str) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch, args.width, device=device)
     state = {"model": model, "optimizer": optimizer}
-    store = CheckpointStore(f"file://{tempfile.mkdtemp(prefix='gpuguard-overlap-')}", keep=1)
+    folder = tempfile.mkdtemp(prefix="gpuguard-overlap-")
+    store = CheckpointStore(f"file://{folder}", keep=1)
     times: list[float] = []
     pending = []
     returned: list[float] = []
@@ -57,12 +59,14 @@ def run(mode: str, args: argparse.Namespace, device: str) -> dict[str, float]:
                 store.save(state, step=step, reason="periodic", overlap_with=[optimizer] if mode == "overlap" else [])
             )
             returned.append(pending[-1].timings.stall_s)
+            pending[-1].add_done_callback(lambda _: store.prune())  # disk holds one or two states, not all
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     for p in pending:
         p.wait()
     store.close()
+    shutil.rmtree(folder, ignore_errors=True)  # keep=1 bounds it while running; nothing is left after
     around = [times[i] + times[i + 1] for i in range(args.every, args.steps - 1, args.every)]
     steady = [t for i, t in enumerate(times) if i > 1 and i % args.every not in (0, 1)]
     return {

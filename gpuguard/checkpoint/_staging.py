@@ -10,15 +10,90 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from gpuguard.checkpoint._layout import ShardLayout
 
 log = logging.getLogger("gpuguard.checkpoint")
+
+# Threads for a snapshot from host memory. One thread's memcpy nearly saturates a socket's bandwidth;
+# a second adds a little where a core is free. More would only take cores from the training job.
+HOST_COPY_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+def host_copy(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    threads: int = HOST_COPY_THREADS,
+    min_split_bytes: int = 64 * 2**20,
+) -> None:
+    """Copy ``src`` into ``dst`` for each ``(dst, src)`` pair of host tensors, fast and predictably.
+
+    ``Tensor.copy_`` starts an OpenMP parallel region per tensor, and each region waits for its
+    slowest thread: with a few hundred tensors on cores that other processes also use, that waiting
+    made the copy 5x slower than one bulk copy of the same bytes (1 GiB, 342 tensors, 2 busy cores:
+    2.5 s against 0.5 s). Plain memory moves of the raw bytes, split evenly over ``threads`` threads
+    with one join at the end, have no per-tensor barrier (0.35 s on the same machine). Pairs that
+    are not plain contiguous bytes of one dtype go through ``copy_``.
+    """
+    runs: list[tuple[int, int, int]] = []  # (dst address, src address, bytes)
+    for dst, src in pairs:
+        if not src.numel():
+            continue
+        if (
+            src.device.type != "cpu"
+            or dst.device.type != "cpu"
+            or src.dtype != dst.dtype
+            or src.shape != dst.shape
+            or not src.is_contiguous()
+            or not dst.is_contiguous()
+            or src.is_conj()  # lazily conjugated or negated: the bytes are not the values
+            or src.is_neg()
+        ):
+            dst.copy_(src)
+            continue
+        runs.append((dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()))
+    total = sum(n for _, _, n in runs)
+    if not runs:
+        return
+    if threads <= 1 or total < min_split_bytes:  # a thread costs more than it saves on small states
+        for d, s, n in runs:
+            ctypes.memmove(d, s, n)  # a foreign call: releases the GIL while it copies
+        return
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    per_share = -(-total // threads)
+    share, room = 0, per_share
+    for dst_at, src_at, nbytes in runs:
+        done = 0
+        while done < nbytes:
+            take = min(nbytes - done, room)
+            shares[share].append((dst_at + done, src_at + done, take))
+            done, room = done + take, room - take
+            if not room and share < threads - 1:
+                share, room = share + 1, per_share
+    errors: list[BaseException] = []
+
+    def move(share_runs: list[tuple[int, int, int]]) -> None:
+        try:
+            for d, s, n in share_runs:
+                ctypes.memmove(d, s, n)
+        except BaseException as exc:  # pragma: no cover - memmove of valid ranges does not raise
+            errors.append(exc)
+
+    helpers = [
+        threading.Thread(target=move, args=(runs_,), name="gpuguard-ckpt-copy", daemon=True) for runs_ in shares[1:]
+    ]
+    for helper in helpers:
+        helper.start()
+    move(shares[0])
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
 
 
 class Readiness:
@@ -79,9 +154,7 @@ class StagingBuffer:
             if not on_gpu:
                 # From host memory the copy runs at memory speed; writers running beside it would
                 # take cores and bandwidth from it and lengthen the stall, so they start after it.
-                for names, _ in batches:
-                    for name in names:
-                        self.views[name].copy_(tensors[name])
+                host_copy([(self.views[name], tensors[name]) for names, _ in batches for name in names])
                 if readiness:
                     readiness.advance(self.layout.data_bytes)
                 return
@@ -115,17 +188,17 @@ class StagingBuffer:
         now = {n: t for n, t in tensors.items() if n not in later}
         deferred = {n: t for n, t in tensors.items() if n in later}
         with torch.no_grad():
+            on_host = [(self.views[n], t) for n, t in now.items() if t.device.type == "cpu"]
+            host_copy(on_host)
             for name, tensor in now.items():
-                if tensor.numel():
+                if tensor.numel() and tensor.device.type != "cpu":
                     self.views[name].copy_(tensor)
         on_gpu = [t for t in deferred.values() if t.device.type == "cuda"]
         if not on_gpu:
 
             def copy_on_host() -> None:
                 with torch.no_grad():
-                    for name, tensor in deferred.items():
-                        if tensor.numel():
-                            self.views[name].copy_(tensor)
+                    host_copy([(self.views[n], t) for n, t in deferred.items()])
 
             return copy_on_host
         device = on_gpu[0].device

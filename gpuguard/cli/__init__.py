@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gpuguard._version import __version__
-from gpuguard.cli import checkpoints, demo, k8s, status
+from gpuguard.cli import checkpoints, demo, goodput, k8s, status
 from gpuguard.errors import GpuGuardError
 
 EXIT_USAGE = 2
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_parser(subparsers)
     demo.add_parser(subparsers)
     k8s.add_parser(subparsers)
+    goodput.add_parser(subparsers)
     return parser
 
 
