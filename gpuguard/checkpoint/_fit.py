@@ -9,11 +9,10 @@ and writes nothing unless all of them fit.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from gpuguard.checkpoint._sharding import is_dtensor
 from gpuguard.checkpoint._tree import RNG_KEY
 
 
@@ -54,10 +53,8 @@ def _compare(
         saved = tensors.get(encoded["$tensor"])
         if saved is None:
             return  # reported as corrupt when decoded
-        # A DTensor receives its local shard (the sharded load reads exactly that region): compare with it.
-        live_shape = tuple(cast(Any, live).to_local().shape) if is_dtensor(live) else tuple(live.shape)
-        if tuple(saved.shape) != live_shape:
-            problems.append(f"{where}: shape {tuple(saved.shape)} in the checkpoint, {live_shape} live")
+        if tuple(saved.shape) != tuple(live.shape):
+            problems.append(f"{where}: shape {tuple(saved.shape)} in the checkpoint, {tuple(live.shape)} live")
         elif saved.dtype != live.dtype:
             problems.append(f"{where}: dtype {saved.dtype} in the checkpoint, {live.dtype} live")
         return

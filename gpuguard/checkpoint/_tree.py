@@ -54,12 +54,14 @@ class _Flattener:
             raise UnsupportedStateError(f"{_where(path)}: dtype {value.dtype} cannot be stored; allowed: {allowed}")
         if marker == "$tensor":
             # The same tensor under two names in a plain container (aliasing) comes back as one tensor.
+            # A DTensor is a wrapper without storage of its own: its local shard's storage says what it aliases.
+            local = value.to_local() if hasattr(value, "device_mesh") and hasattr(value, "to_local") else value
             key = (
-                value.device,
-                value.untyped_storage().data_ptr(),
-                value.storage_offset(),
+                local.device,
+                local.untyped_storage().data_ptr(),
+                local.storage_offset(),
                 tuple(value.shape),
-                value.stride(),
+                local.stride(),
                 value.dtype,
             )
             if key in self.aliases and value.numel():
