@@ -14,7 +14,7 @@ from typing import Any
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
-from gpuguard.checkpoint.store import CheckpointInfo
+from gpuguard.checkpoint.store import CheckpointInfo, SaveTimings
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
@@ -335,6 +335,7 @@ class Guard:
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
+        pending.add_done_callback(self._report_periodic)
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
         self.periodic.append(pending)
@@ -343,6 +344,13 @@ class Guard:
         import torch
 
         return [v for v in self.state.values() if isinstance(v, torch.optim.Optimizer)]
+
+    def _report_periodic(self, pending: PendingSave) -> None:
+        error = pending.exception()
+        info = None if error is not None else pending.wait(0)
+        self.plugins.hook.gpuguard_checkpoint_finished(
+            step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error
+        )
 
     def _after_periodic(self, pending: PendingSave) -> None:
         error = pending.exception()
@@ -398,6 +406,13 @@ class Guard:
             report.error = str(exc)
             log.error("emergency checkpoint at step %d failed: %s; leaving anyway", step, exc)
         self.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
+        self.plugins.hook.gpuguard_checkpoint_finished(
+            step=step,
+            reason="emergency",
+            info=info,
+            timings=SaveTimings(report.stall_s, report.durable_s),
+            error=RuntimeError(report.error) if report.error else None,
+        )
         self.last_evacuation = report
         self.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
         raise Evacuation(code, decision, step, info)
