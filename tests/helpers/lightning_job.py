@@ -31,10 +31,12 @@ def build(package: str, sleep_s: float) -> Any:
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
             self.seen: list[tuple[int, int, int]] = []
+            self.data: list[float] = []  # a checksum of each batch, to compare data order between runs
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             self.seen.append((self.trainer.current_epoch, batch_idx, self.trainer.global_step))
+            self.data.append(round(float(x.sum()), 4))
             time.sleep(sleep_s)  # gives the scenario's fault time to land mid-run
             return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -100,6 +102,8 @@ def main() -> int:
             last_batch=model.seen[-1] if model.seen else None,
             global_step=trainer.global_step,
             batches=len(model.seen),
+            data=model.data,
+            lr=[g["lr"] for g in trainer.optimizers[0].param_groups] if trainer.optimizers else None,
         )
         (args.dir / f"rank-{rank}.json").write_text(json.dumps(report))
 
