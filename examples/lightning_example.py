@@ -8,7 +8,8 @@
 `GpuGuardCallback` resumes from gpuguard's newest checkpoint through Lightning's own restore (model,
 optimizer, scheduler, loops: global step, epoch and batch), and on an evacuation stops the trainer
 after the same batch on every rank, then the process exits 75. The dataloader is torchdata's
-``StatefulDataLoader`` so that a resume in the middle of an epoch continues at the exact batch.
+``StatefulDataLoader`` (with ``StatefulDistributedSampler`` under DDP) so that a resume in the middle
+of an epoch continues at the exact batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from gpuguard.lightning import GpuGuardCallback
 
@@ -42,7 +44,12 @@ class Regression(pl.LightningModule):
 
     def train_dataloader(self) -> Any:
         x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
-        return StatefulDataLoader(torch.utils.data.TensorDataset(x, x[:, :1].sin()), batch_size=8, shuffle=True)
+        data = torch.utils.data.TensorDataset(x, x[:, :1].sin())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP, a sampler that saves its position (Lightning keeps a DistributedSampler it is given).
+            sampler = StatefulDistributedSampler(data, shuffle=True, seed=0)
+            return StatefulDataLoader(data, batch_size=8, sampler=sampler)
+        return StatefulDataLoader(data, batch_size=8, shuffle=True)
 
 
 def main() -> None:

@@ -22,7 +22,9 @@ What the callback does, and where:
   in the steady state; at the guard's sync points every rank agrees, and on an evacuation every rank
   writes the emergency checkpoint (Lightning's whole checkpoint dict, through gpuguard's engine) at the
   same batch. The callback then sets ``trainer.should_stop``, so the trainer stops after that batch on
-  every rank (nothing saves or enters a collective that some ranks will not reach).
+  every rank (nothing saves or enters a collective that some ranks will not reach). Batches that only
+  accumulate gradients are skipped (no optimizer step, nothing to save), and an epoch's last step is
+  taken at ``on_train_epoch_end`` instead, where Lightning resumes it exactly.
 - ``teardown``: when ``fit`` has finished its own teardown, raises the `gpuguard.Evacuation`
   (a ``SystemExit`` with the code, 75 or 76): uncaught, the process ends with that code, and code after
   ``fit`` does not run, so nothing mistakes an evacuated run for a finished one.
@@ -30,8 +32,9 @@ What the callback does, and where:
 Works with ``lightning.pytorch`` and ``pytorch_lightning`` (the callback derives from both when both
 are installed). Lightning's checkpoint dictionary is built with Lightning's own
 ``_checkpoint_connector.dump_checkpoint`` and restored by its connector's restore steps, the same ones
-``Trainer.fit(ckpt_path=...)`` uses (lightning 2.3 to 2.6); these are the two private entry points the
-adapter relies on.
+``Trainer.fit(ckpt_path=...)`` uses (tested with lightning 2.6); these private entry points are the ones
+the adapter relies on. Lightning 2.6 resumes with its epoch counters one ahead after a resume; the
+checkpoint stores them as a run that never stopped has them (`_canonical_epoch_progress`).
 """
 
 from __future__ import annotations
@@ -277,6 +280,18 @@ class _GuardHooks:
                 "count but reads the epoch's data from its start; use torchdata's StatefulDataLoader to continue "
                 "at the exact batch"
             )
+            return
+        resumed = self.resumed_from is not None or bool(trainer.ckpt_path)
+        plain = [dl for dl in flattened if _is_plain_distributed_sampler(getattr(dl, "sampler", None))]
+        if resumed and trainer.current_epoch > 0 and plain:
+            # Lightning (2.6) creates the resumed iterator before it sets the sampler's epoch, and a
+            # sampler without state is fast-forwarded right then: with epoch 0's order.
+            log.warning(
+                "resumed in epoch %d with a DistributedSampler that does not save its position: Lightning "
+                "fast-forwards it with epoch 0's order, so this epoch's remaining batches differ from an "
+                "uninterrupted run; give the dataloader torchdata's StatefulDistributedSampler",
+                trainer.current_epoch,
+            )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -335,6 +350,12 @@ class _GuardHooks:
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def _is_plain_distributed_sampler(sampler: Any) -> bool:
+    from torch.utils.data import DistributedSampler
+
+    return isinstance(sampler, DistributedSampler) and not hasattr(sampler, "load_state_dict")
 
 
 def _migration(trainer: Any) -> Any:

@@ -25,6 +25,7 @@ def build(package: str, sleep_s: float) -> Any:
 
     pl = importlib.import_module(PACKAGES[package])
     from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
     class Regression(pl.LightningModule):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -49,6 +50,11 @@ def build(package: str, sleep_s: float) -> Any:
             g = torch.Generator().manual_seed(7)
             x = torch.randn(64, 8, generator=g)
             data = torch.utils.data.TensorDataset(x, x[:, :1].sin())
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # A sampler that saves its position: Lightning keeps a DistributedSampler it is given,
+                # and this one applies the resumed epoch's order (see GpuGuardCallback's docs).
+                sampler = StatefulDistributedSampler(data, shuffle=True, seed=0)
+                return StatefulDataLoader(data, batch_size=4, sampler=sampler)
             return StatefulDataLoader(data, batch_size=4, shuffle=True)
 
     return pl, Regression
