@@ -198,12 +198,17 @@ class _GuardHooks:
         self.evacuation: Evacuation | None = None
         self.resumed_from: CheckpointInfo | None = None
         self._last_step = -1
+        self._fitted = False
 
     # -- start ----------------------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        if self._fitted:
+            # A guard's threads, agreement and store live for one fit; a second fit needs its own.
+            raise ConfigError("GpuGuardCallback", "reused", "one callback serves one Trainer.fit; make a new one")
+        self._fitted = True
         self.evacuation = None
         self._last_step = -1
         self.guard.state[STATE_KEY] = _TrainerState(trainer)

@@ -186,6 +186,21 @@ def test_unstorable_entry_fails_at_fit_start(tmp_path: Path) -> None:
     assert model.seen == []  # nothing trained unprotected
 
 
+def test_one_callback_per_fit(tmp_path: Path) -> None:
+    _, model, guard = fit(tmp_path / "ckpt", max_steps=2)
+    pl, _ = build("lightning", 0.0)
+    again = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError, match=r"one callback serves one Trainer\.fit"):
+        again.fit(model)
+
+
 def test_bad_setting_fails_at_construction() -> None:
     with pytest.raises(ConfigError, match="sync_every"):
         GpuGuardCallback(checkpoint_dir="memory://x", sync_every=0)
