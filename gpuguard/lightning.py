@@ -376,12 +376,7 @@ def _migration(trainer: Any) -> Any:
     return _pl_migrate_checkpoint
 
 
-GpuGuardCallback: type = type(
-    "GpuGuardCallback",
-    (_GuardHooks, *_callback_bases()),
-    {
-        "__module__": __name__,
-        "__doc__": """A Lightning callback that watches this rank's GPU and evacuates through the trainer.
+_DOC = """A Lightning callback that watches this rank's GPU and evacuates through the trainer.
 
     Args:
         checkpoint_dir: fsspec URL of gpuguard's checkpoints (or ``GPUGUARD_CHECKPOINT_DIR``).
@@ -402,8 +397,16 @@ GpuGuardCallback: type = type(
     Example:
         >>> from gpuguard.lightning import GpuGuardCallback
         >>> callback = GpuGuardCallback(checkpoint_dir="memory://doc-lightning")
-    """,
-    },
-)
+    """
+
+if TYPE_CHECKING:  # what type checkers see: the behaviour; at run time the Lightning base(s) join it
+
+    class GpuGuardCallback(_GuardHooks):
+        pass
+
+else:
+    GpuGuardCallback = type(
+        "GpuGuardCallback", (_GuardHooks, *_callback_bases()), {"__module__": __name__, "__doc__": _DOC}
+    )
 
 __all__ = ["GpuGuardCallback", "load_lightning_checkpoint"]
