@@ -40,6 +40,7 @@ checkpoint stores them as a run that never stopped has them (`_canonical_epoch_p
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -376,6 +377,42 @@ def _migration(trainer: Any) -> Any:
     return _pl_migrate_checkpoint
 
 
+def _checkpoint_io_bases() -> tuple[type, ...]:
+    bases: list[type] = []
+    try:
+        from lightning.fabric.plugins import TorchCheckpointIO
+
+        bases.append(TorchCheckpointIO)
+    except ImportError:
+        pass
+    try:
+        from lightning_fabric.plugins import TorchCheckpointIO as FabricTorchCheckpointIO
+
+        bases.append(FabricTorchCheckpointIO)
+    except ImportError:
+        pass
+    return tuple(bases)
+
+
+class _GuardCheckpointIO:
+    """Reads gpuguard checkpoints for ``Trainer.fit(ckpt_path=<gpuguard checkpoint URL>)``.
+
+    A path whose last part is a gpuguard checkpoint folder (``.../step-000000001200-1a2b3c4d``, what
+    `gpuguard.CheckpointInfo.url` gives) is read through gpuguard (no unpickling), with this rank's
+    shard (``RANK``); any other path goes to Lightning's ``TorchCheckpointIO``. Saving is Lightning's.
+    """
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from gpuguard.checkpoint._manifest import CHECKPOINT_DIR
+
+        folder, _, name = str(path).rstrip("/").rpartition("/")
+        if folder and CHECKPOINT_DIR.match(name):
+            checkpoint, _ = load_lightning_checkpoint(folder, name, rank=int(os.environ.get("RANK", "0")))
+            return checkpoint
+        loaded: dict[str, Any] = super().load_checkpoint(path, *args, **kwargs)  # type: ignore[misc]
+        return loaded
+
+
 _DOC = """A Lightning callback that watches this rank's GPU and evacuates through the trainer.
 
     Args:
@@ -404,9 +441,17 @@ if TYPE_CHECKING:  # what type checkers see: the behaviour; at run time the Ligh
     class GpuGuardCallback(_GuardHooks):
         pass
 
+    class GpuGuardCheckpointIO(_GuardCheckpointIO):
+        pass
+
 else:
+    GpuGuardCheckpointIO = type(
+        "GpuGuardCheckpointIO",
+        (_GuardCheckpointIO, *_checkpoint_io_bases()),
+        {"__module__": __name__, "__doc__": _GuardCheckpointIO.__doc__},
+    )
     GpuGuardCallback = type(
         "GpuGuardCallback", (_GuardHooks, *_callback_bases()), {"__module__": __name__, "__doc__": _DOC}
     )
 
-__all__ = ["GpuGuardCallback", "load_lightning_checkpoint"]
+__all__ = ["GpuGuardCallback", "GpuGuardCheckpointIO", "load_lightning_checkpoint"]

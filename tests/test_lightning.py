@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import gpuguard
 from gpuguard import CheckpointStore, ConfigError, Evacuation
 from gpuguard.fakenvml import FakeNvml
-from gpuguard.lightning import GpuGuardCallback, load_lightning_checkpoint
+from gpuguard.lightning import GpuGuardCallback, GpuGuardCheckpointIO, load_lightning_checkpoint
 
 JOB = Path(__file__).parent / "helpers" / "lightning_job.py"
 XID48 = {"gpus": 1, "events": [{"at": 5.0, "gpu": 0, "xid": 48}]}
@@ -162,6 +162,29 @@ def test_given_ckpt_path_is_not_overridden(tmp_path: Path) -> None:
     trainer.fit(model, ckpt_path=lightning_ckpt)
     assert guard.resumed_from is None
     assert model.seen[0][2] == 3  # from the user's checkpoint (step 3), not gpuguard's (step 5)
+
+
+def test_fit_from_an_older_gpuguard_checkpoint_by_url(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    fit(folder, max_steps=10, checkpoint_every_steps=5)
+    older = CheckpointStore(f"file://{folder}").list()[0]
+    assert older.step == 5
+    pl, regression = build("lightning", 0.0)
+    pl.seed_everything(0, verbose=False)
+    guard = GpuGuardCallback(checkpoint_dir=f"file://{folder}", nvml=FakeNvml.replay())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        callbacks=[guard],
+        plugins=[GpuGuardCheckpointIO()],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    model = regression()
+    trainer.fit(model, ckpt_path=older.url)  # read through gpuguard, not torch.load
+    assert guard.resumed_from is None
+    assert model.seen[0] == (0, 5, 5) and trainer.global_step == 12
 
 
 def test_unstorable_entry_fails_at_fit_start(tmp_path: Path) -> None:
