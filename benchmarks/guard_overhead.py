@@ -7,6 +7,9 @@
    group (the distributed path: an async all_reduce every ``sync_every`` steps).
 3. Detection latency: from the moment a fault becomes visible to the fake NVML to the guard's decision,
    for an XID event (event thread) and a double-bit ECC counter (poll thread, 1 s interval).
+4. Agreement latency on 2 and 4 gloo ranks: one rank decides (``request_evacuation``) at step ``d``,
+   for every phase of ``d`` against the sync points; steps from ``d`` to the step every rank
+   evacuates at (median and max; the guarantee is at most ``sync_every``).
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ def make_training(width: int = 512) -> tuple[Any, Any]:
     return {"model": model, "optimizer": optimizer}, step
 
 
+_counter = iter(range(2**62))  # guard.step() wants increasing step numbers across repeats
+
+
 def time_steps(step: Any, n: int, guard: Guard | None) -> float:
     start = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         step()
         if guard is not None:
-            guard.step(i)
+            guard.step(next(_counter))
     return (time.perf_counter() - start) / n
 
 
@@ -132,12 +138,83 @@ def detection_latency(kind: str, repeats: int) -> dict[str, Any]:
     }
 
 
+def _latency_worker(rank: int, world: int, sync_every: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.getLogger("gpuguard").setLevel(logging.CRITICAL)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    try:
+        for trial in range(2 * sync_every):  # every phase of the decision against the sync points, twice
+            decider = world - 1 - trial % world  # mostly not rank 0: the decision must travel
+            decided_at = 3 * sync_every + trial % sync_every
+            guard = Guard(
+                checkpoint_dir=f"file://{out}-trial-{trial}",  # shared by the ranks: rank 0 commits their shards
+                state={"w": torch.ones(4)},
+                nvml=FakeNvml.replay(),
+                devices="all",
+                sync_every=sync_every,
+                checkpoint_every_s=0,
+            )
+            evacuated_at = -1
+            started = 0.0
+            try:
+                with guard:
+                    for step in range(10 * sync_every):
+                        if rank == decider and step == decided_at:
+                            started = time.perf_counter()
+                            guard.request_evacuation("benchmark")
+                        guard.step(step)
+            except SystemExit as exc:  # gpuguard.Evacuation
+                evacuated_at = int(getattr(exc, "step", -1))
+            rows.append({"decider": decider, "decided_at": decided_at, "evacuated_at": evacuated_at, "t": started})
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(rows, f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # other jobs share this machine: ask the kernel for a free port
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def agreement_latency(world: int, sync_every: int, port: int | None = None) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    port = port or _free_port()
+    out = os.path.join(tempfile.mkdtemp(prefix="gpuguard-bench-"), "latency")
+    mp.spawn(_latency_worker, args=(world, sync_every, port, out), nprocs=world, join=True)  # type: ignore[no-untyped-call]
+    per_rank = []
+    for rank in range(world):
+        with open(f"{out}.{rank}") as f:
+            per_rank.append(json.load(f))
+    latencies = []
+    for trial in zip(*per_rank, strict=True):
+        steps = {row["evacuated_at"] for row in trial}
+        if len(steps) != 1 or -1 in steps:
+            raise RuntimeError(f"ranks evacuated at different steps or not at all: {trial}")
+        latencies.append(steps.pop() - trial[0]["decided_at"])
+    return {
+        "world_size": world,
+        "sync_every": sync_every,
+        "median_steps": statistics.median(latencies),
+        "max_steps": max(latencies),
+        "min_steps": min(latencies),
+        "trials": len(latencies),
+        "within_sync_every": max(latencies) <= sync_every,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--width", type=int, default=1536, help="model width; 1536 makes a step of ~15 ms here")
+    parser.add_argument("--sync-every", type=int, default=10, help="for the agreement latency")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.getLogger("gpuguard").setLevel(logging.ERROR)
@@ -152,6 +229,7 @@ def main() -> int:
             detection_latency("xid_event", args.repeats),
             detection_latency("dbe_counter", args.repeats),
         ],
+        "agreement_latency": [agreement_latency(w, args.sync_every) for w in (2, 4)],
     }
     if args.json:
         print(json.dumps(results, indent=2))
@@ -168,6 +246,12 @@ def main() -> int:
     )
     for r in results["detection_latency"]:
         print(f"detection, fault -> decision, {r['path']}: median {r['median_ms']} ms, max {r['max_ms']} ms")
+    for a in results["agreement_latency"]:
+        print(
+            f"agreement, decision -> every rank's evacuation, {a['world_size']} gloo ranks, sync_every="
+            f"{a['sync_every']}: median {a['median_steps']} steps, max {a['max_steps']} "
+            f"(min {a['min_steps']}, {a['trials']} trials; within sync_every: {a['within_sync_every']})"
+        )
     return 0
 
 

@@ -1,6 +1,9 @@
-"""Cost of one health poll cycle per GPU, and detection latency from an injected fault to the verdict.
+"""NVML calls per poll cycle, cost of a cycle per GPU, and detection latency from a fault to the verdict.
 
-    python benchmarks/nvml_poll.py [--gpus 8] [--cycles 2000] [--repeats 5] [--json]
+    python benchmarks/nvml_poll.py [--gpus 8] [--nvlinks 18] [--cycles 2000] [--repeats 5] [--json]
+
+Calls are counted on a fake HGX-like node (8 GPUs, 18 NVLinks each) through a counting wrapper around the
+NVML module, for the monitor's poll cycles and for its threads running on a real-time clock.
 
 Poll cost is measured on the fake NVML (the recorded H200) and, where a driver is present, on the
 real NVML too, through the same `NvmlSource.read` the monitor's thread runs. Latency is measured
@@ -19,11 +22,71 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from gpuguard import HealthChange, HealthConfig, HealthMonitor, HealthState, NvmlUnavailableError
 from gpuguard.fakenvml import FakeNvml
 from gpuguard.health.nvml_source import NvmlSource
+
+
+class CountingNvml:
+    """Stands in for an NVML module and counts every ``nvml*`` function call made through it."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._nvml, name)
+        if not (name.startswith("nvml") and callable(attr)) or isinstance(attr, type):
+            return attr
+
+        def counted(*args: Any) -> Any:
+            with self._lock:
+                self.counts[name] += 1
+            return attr(*args)
+
+        return counted
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+
+def nvml_calls(gpus: int, nvlinks: int, cycles: int, threaded_s: float) -> dict[str, Any]:
+    """NVML calls per cycle and per second on a fake node: the figure the issue bounds at 3 per GPU per cycle."""
+    scenario = {"gpus": gpus, "nvlink_links": nvlinks, "events": []}
+    counting = CountingNvml(FakeNvml.from_scenario(scenario))
+    monitor = HealthMonitor(counting, HealthConfig(), devices="all")
+    monitor.start(threads=False)
+    at_start = counting.total()
+    first = dict(counting.counts)
+    for _ in range(cycles):
+        monitor.poll()
+    steady = counting.total() - at_start
+    by_call = {k: v - first.get(k, 0) for k, v in counting.counts.items() if v - first.get(k, 0)}
+    monitor.stop()
+
+    # The threads, on a real-time clock: poll thread every second, event thread waiting 1 s at a time.
+    live = CountingNvml(FakeNvml.from_scenario(scenario, realtime=True))
+    with HealthMonitor(live, HealthConfig(poll_interval_s=1.0, event_wait_s=1.0), devices="all"):
+        begin = live.total()
+        time.sleep(threaded_s)
+        during = live.total() - begin
+    per_gpu_cycle = steady / cycles / gpus
+    return {
+        "gpus": gpus,
+        "nvlinks_per_gpu": nvlinks,
+        "calls_at_start": at_start,
+        "calls_per_cycle": round(steady / cycles, 2),
+        "calls_per_gpu_per_cycle": round(per_gpu_cycle, 2),
+        "calls_by_function_per_cycle": {k: round(v / cycles, 2) for k, v in sorted(by_call.items())},
+        "threaded_calls_per_s": round(during / threaded_s, 1),
+        "threaded_window_s": threaded_s,
+        "within_3_per_gpu_per_cycle": per_gpu_cycle <= 3.0,
+    }
 
 
 def poll_cost(nvml: Any, cycles: int) -> dict[str, Any]:
@@ -89,6 +152,8 @@ def detection_latency(kind: str, repeats: int, poll_interval_s: float) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=8, help="fake GPUs to poll")
+    parser.add_argument("--nvlinks", type=int, default=18, help="NVLinks per fake GPU when counting calls")
+    parser.add_argument("--seconds", type=float, default=5.0, help="how long the threaded monitor is counted")
     parser.add_argument("--cycles", type=int, default=2000, help="poll cycles to time")
     parser.add_argument("--repeats", type=int, default=5, help="latency measurements per path")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -96,6 +161,7 @@ def main() -> int:
     logging.getLogger("gpuguard").setLevel(logging.ERROR)  # the injected faults would log warnings
 
     results: dict[str, Any] = {"poll": {}, "latency": []}
+    results["calls"] = nvml_calls(args.gpus, args.nvlinks, min(args.cycles, 300), args.seconds)
     results["poll"]["fake_h200"] = poll_cost(FakeNvml.replay(gpus=args.gpus), args.cycles)
     try:
         results["poll"]["real_nvml"] = poll_cost(None, args.cycles)
@@ -107,7 +173,15 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print("Poll cycle, per GPU (one batched nvmlDeviceGetFieldValues + 4 calls):")
+    c = results["calls"]
+    print(f"NVML calls, fake node of {c['gpus']} GPUs x {c['nvlinks_per_gpu']} NVLinks:")
+    print(
+        f"  {c['calls_per_cycle']} per poll cycle = {c['calls_per_gpu_per_cycle']} per GPU per cycle "
+        f"({', '.join(f'{k} {v:g}' for k, v in c['calls_by_function_per_cycle'].items())}); "
+        f"{c['calls_at_start']} at start"
+    )
+    print(f"  threads running ({c['threaded_window_s']:g} s): {c['threaded_calls_per_s']} calls/s")
+    print("Poll cycle, per GPU (one batched nvmlDeviceGetFieldValues + 2 calls):")
     for name, r in results["poll"].items():
         if "skipped" in r:
             print(f"  {name:<10} skipped: {r['skipped']}")

@@ -16,3 +16,15 @@ fi
 "$PY" -m ruff format --check gpuguard tests benchmarks examples
 "$PY" -m mypy
 "$PY" -m pytest -m "not slow and not gpu" -q "$@"
+
+# The lowest nvidia-ml-py that pyproject admits (nvidia-ml-py>=12.535): the health tests run against it
+# too, from a small target folder placed first on PYTHONPATH (the venv's own copy is left alone).
+NVML_FLOOR=12.535.77
+FLOOR_DIR=.venv-nvml-floor
+if ! grep -qs "Version: $NVML_FLOOR" "$FLOOR_DIR"/nvidia_ml_py-*.dist-info/METADATA; then
+  rm -rf "$FLOOR_DIR"
+  "$PY" -m pip install -q --no-deps --target "$FLOOR_DIR" "nvidia-ml-py==$NVML_FLOOR"
+fi
+PYTHONPATH="$FLOOR_DIR:$PWD" "$PY" -m pytest -m "not slow and not gpu" -q -p no:cacheprovider \
+  tests/test_fakenvml.py tests/test_monitor.py tests/test_rules.py tests/test_cli_status.py tests/test_xid.py \
+  tests/test_devices.py tests/test_nvml_errors.py tests/test_nvml_faults.py

@@ -1,66 +1,131 @@
-"""Kubernetes actions with the real ``kubernetes`` client over real HTTP, against an emulated API server."""
+"""Kubernetes actions with the real ``kubernetes`` client over real HTTP, against an emulated API server.
+
+Every test runs on each release profile (1.34-1.37), and every request the guard makes is authorized
+against the Role and ClusterRole that ``gpuguard k8s manifests`` generates for the same settings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.kube_emulator import KubeEmulator
+from helpers.kube_emulator import KubeEmulator, write_kubeconfig
+from helpers.kube_rules import RELEASES
 
 from gpuguard import KubernetesError
-from gpuguard.k8s import KubernetesActions, KubernetesConfig, connect
-from gpuguard.k8s.pod_health import unhealthy_devices
+from gpuguard.errors import ConfigError
+from gpuguard.k8s import JobSpec, KubernetesActions, KubernetesConfig, connect, render
+from gpuguard.k8s.actions import micro_time, truncate_bytes
+from gpuguard.k8s.node_marks import RECORD_ANNOTATION
+from gpuguard.k8s.pod_health import PodDeviceHealth, unhealthy_devices
 
-TOKEN = "s3cret-sa-token-do-not-log"
 UUID = "GPU-19a36126-98b4-8ad1-96d3-832414cda6ec"
-ENV = {"POD_NAME": "trainer-0", "POD_NAMESPACE": "ml", "NODE_NAME": "node-a"}
+UUID2 = "GPU-2b7c0c51-0d4e-4a3e-9f11-5e0c6f7e8d90"
+ENV = {"POD_NAME": "trainer-0", "POD_NAMESPACE": "ml", "NODE_NAME": "node-a", "POD_UID": "uid-trainer-0"}
+SA = "system:serviceaccount:ml:trainer"
+# What an operator turns on to get DeviceTaintRules before they are on by default (1.37).
+TAINT_RULE_GATES = {"1.34": {"DRADeviceTaints"}, "1.35": {"DRADeviceTaintRules"}, "1.36": {"DRADeviceTaintRules"}}
 
 
-def kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: emu, cluster: {{server: '{server}'}}}}]\n"
-        f"users: [{{name: u, user: {{token: {TOKEN}}}}}]\n"
-        "contexts: [{name: c, context: {cluster: emu, user: u}}]\ncurrent-context: c\n"
-    )
-    return path
-
-
-@pytest.fixture
-def kube(tmp_path: Path) -> Any:
-    emulator = KubeEmulator(token=TOKEN, dra_version="v1beta2")
-    server = emulator.start()
-    emulator.add_pod("ml", "trainer-0", "node-a")
-    emulator.add_node("node-a", taints=[{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}])
-    emulator.kubeconfig = kubeconfig(tmp_path / "kubeconfig", server)  # type: ignore[attr-defined]
+@pytest.fixture(scope="module", params=RELEASES, ids=[f"k8s-{r}" for r in RELEASES])
+def server(request: pytest.FixtureRequest) -> Iterator[KubeEmulator]:
+    """One emulated API server per release for the whole module; each test resets it."""
+    emulator = KubeEmulator(release=request.param)
+    emulator.url = emulator.start()  # type: ignore[attr-defined]
     yield emulator
     emulator.stop()
 
 
+@pytest.fixture
+def kube(server: KubeEmulator, tmp_path: Path) -> KubeEmulator:
+    server.reset(device_taint_rules=True)
+    server.add_pod("ml", "trainer-0", "node-a")
+    server.add_node("node-a", taints=[{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}])
+    server.tmp = tmp_path  # type: ignore[attr-defined]
+    return server
+
+
 def actions(kube: KubeEmulator, **settings: Any) -> KubernetesActions:
-    cluster = connect(KubernetesConfig(kubeconfig=str(kube.kubeconfig), **settings), env=ENV)  # type: ignore[attr-defined]
+    """The guard's actions as a pod generated for ``settings`` runs them: its RBAC, its settings."""
+    gates = TAINT_RULE_GATES.get(kube.release, set())
+    spec = JobSpec(
+        name="trainer",
+        image="trainer:1",
+        gpus=1,
+        namespace="ml",
+        kubernetes=KubernetesConfig(**settings),
+        kubernetes_version=kube.release,
+        feature_gates=frozenset(gates),
+    )
+    kube.authorize(render(spec))
+    path = write_kubeconfig(kube.tmp / "kubeconfig", kube.url, kube.token_for(SA))  # type: ignore[attr-defined]
+    cluster = connect(dataclasses.replace(spec.actions, kubeconfig=str(path)), env=ENV)
     assert cluster is not None
     return KubernetesActions(cluster)
 
 
-def evacuate(a: KubernetesActions, action: str = "reschedule") -> dict[str, tuple[str, str]]:
+def evacuate(
+    a: KubernetesActions, action: str = "reschedule", device: str = UUID, state: str = "FAILING", note: str = ""
+) -> dict[str, tuple[str, str]]:
     evidence = {"reasons": [{"code": "XID", "evidence": {"xid": 48}}], "rung": "reschedule"}
-    outcomes = a.evacuate(
-        device=UUID, state="FAILING", message="GPU 0 is FAILING: XID 48", evidence=evidence, action=action, exit_code=75
-    )
+    message = f"GPU 0 is {state}: XID 48{note}"
+    outcomes = a.evacuate(device=device, state=state, message=message, evidence=evidence, action=action, exit_code=75)
     return {o.action: (o.outcome, o.detail) for o in outcomes}
+
+
+def states(outcomes: dict[str, tuple[str, str]]) -> dict[str, str]:
+    return {k: v[0] for k, v in outcomes.items()}
+
+
+def record(kube: KubeEmulator, node: str = "node-a") -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(kube.nodes[node]["metadata"]["annotations"][RECORD_ANNOTATION])
+    return data
+
+
+def add_dra(kube: KubeEmulator, *, pre_created: bool, generated: bool) -> None:
+    """gpu-1 (UUID) in a pre-created claim, gpu-0 in a template-generated one, as the scheduler allocates."""
+    pod = kube.pods[("ml", "trainer-0")]
+    if pre_created:
+        pod["spec"]["resourceClaims"] = [{"name": "shared", "resourceClaimName": "team-gpus"}]
+        kube.claims[("ml", "team-gpus")] = _claim("gpu-1")
+    if generated:
+        pod["status"]["resourceClaimStatuses"] = [{"name": "gpus", "resourceClaimName": "trainer-0-gpus-x7k2p"}]
+        kube.claims[("ml", "trainer-0-gpus-x7k2p")] = _claim("gpu-0")
+    kube.slices.append(
+        {
+            "spec": {
+                "nodeName": "node-a",
+                "driver": "gpu.nvidia.com",
+                "pool": {"name": "node-a"},
+                "devices": [
+                    {"name": "gpu-0", "attributes": {"uuid": {"string": UUID2}}},
+                    {"name": "gpu-1", "attributes": {"uuid": {"string": UUID}}},
+                ],
+            }
+        }
+    )
+
+
+def _claim(device: str) -> dict[str, Any]:
+    result = {"request": "gpus", "driver": "gpu.nvidia.com", "pool": "node-a", "device": device}
+    return {"status": {"allocation": {"devices": {"results": [result]}}}}
+
+
+# -- the actions, each under the generated RBAC --------------------------------------------------
 
 
 def test_condition_event_and_taint_reach_the_server(kube: KubeEmulator) -> None:
     outcomes = evacuate(actions(kube, dra=False))
-    assert {k: v[0] for k, v in outcomes.items()} == {"condition": "done", "event": "done", "node-taint": "done"}
+    assert states(outcomes) == {"condition": "done", "event": "done", "node-taint": "done"}, outcomes
 
     (patch,) = kube.received("PATCH", r"/pods/trainer-0/status$")
-    assert patch.content_type == "application/strategic-merge-patch+json"
-    assert patch.authorization == f"Bearer {TOKEN}"
+    assert patch.content_type == "application/strategic-merge-patch+json" and patch.user == SA
     conditions = {c["type"]: c for c in kube.pods[("ml", "trainer-0")]["status"]["conditions"]}
     assert set(conditions) == {"Ready", "PodScheduled", "gpuguard.io/GPUHealthy"}  # the kubelet's are kept
     ours = conditions["gpuguard.io/GPUHealthy"]
@@ -76,16 +141,42 @@ def test_condition_event_and_taint_reach_the_server(kube: KubeEmulator) -> None:
         "uid": "uid-trainer-0",
     }
     assert (event["type"], event["reason"], event["action"]) == ("Warning", "GPUUnhealthy", "Reschedule")
-    assert event["reportingController"] == "gpuguard.io/guard" and event["reportingInstance"] == "trainer-0"
     assert UUID in event["note"] and '"xid":48' in event["note"] and "node-a" in event["note"]
 
     taints = kube.nodes["node-a"]["spec"]["taints"]
     assert taints[0] == {"key": "dedicated", "value": "ml", "effect": "NoSchedule"}  # others' taints kept
-    assert {k: taints[1][k] for k in ("key", "value", "effect")} == {
-        "key": "gpuguard.io/unhealthy-gpu",
-        "value": UUID,
-        "effect": "NoSchedule",
-    }
+    assert [(t["key"], t["effect"]) for t in taints[1:]] == [("gpuguard.io/unhealthy-gpu", "NoSchedule")]
+    entry = record(kube)[UUID]
+    assert (entry["state"], entry["effect"], entry["pod"], entry["reasons"]) == (
+        "FAILING",
+        "NoSchedule",
+        "ml/trainer-0",
+        ["XID 48"],
+    )
+
+
+def test_two_gpus_failing_on_one_node_share_one_taint_and_both_are_recorded(kube: KubeEmulator) -> None:
+    a = actions(kube, dra=False, event=False, condition=False)
+    assert evacuate(a, device=UUID)["node-taint"][0] == "done"
+    second = evacuate(a, device=UUID2)["node-taint"]
+    assert second[0] == "done" and "already there" in second[1], second
+    ours = [t for t in kube.nodes["node-a"]["spec"]["taints"] if t["key"] == "gpuguard.io/unhealthy-gpu"]
+    assert len(ours) == 1
+    assert sorted(record(kube)) == sorted([UUID, UUID2])
+    assert not [r for r in kube.requests if r.status == 422]
+
+
+def test_degraded_evidence_never_taints_no_schedule(kube: KubeEmulator) -> None:
+    a = actions(kube, event=False, condition=False)
+    add_dra(kube, pre_created=True, generated=False)
+    outcomes = evacuate(a, state="DEGRADED")
+    assert outcomes["node-taint"][0] == "done"
+    assert outcomes["device-taint-rule"][0] == "skipped" and "DEGRADED" in outcomes["device-taint-rule"][1]
+    ours = [t["effect"] for t in kube.nodes["node-a"]["spec"]["taints"] if t["key"] == "gpuguard.io/unhealthy-gpu"]
+    assert ours == ["PreferNoSchedule"] and kube.taint_rules == []
+    evacuate(a, device=UUID2)  # a FAILING GPU later: its own NoSchedule taint beside the soft one
+    ours = [t["effect"] for t in kube.nodes["node-a"]["spec"]["taints"] if t["key"] == "gpuguard.io/unhealthy-gpu"]
+    assert ours == ["PreferNoSchedule", "NoSchedule"]
 
 
 def test_conditions_merge_by_type(kube: KubeEmulator) -> None:
@@ -96,61 +187,70 @@ def test_conditions_merge_by_type(kube: KubeEmulator) -> None:
     assert types.count("gpuguard.io/GPUHealthy") == 1
 
 
-def test_a_taint_that_is_already_there_is_not_added_twice(kube: KubeEmulator) -> None:
-    a = actions(kube, dra=False, event=False, condition=False)
-    evacuate(a)
-    assert "already there" in evacuate(a)["node-taint"][1]
-    assert len(kube.nodes["node-a"]["spec"]["taints"]) == 2
-
-
-def test_label_instead_of_taint(kube: KubeEmulator) -> None:
+def test_label_mode_labels_failing_and_records(kube: KubeEmulator) -> None:
     outcomes = evacuate(actions(kube, dra=False, mark="label", event=False, condition=False))
     assert outcomes["node-label"][0] == "done"
-    assert kube.nodes["node-a"]["metadata"]["labels"] == {"gpuguard.io/unhealthy-gpu": UUID}
+    assert kube.nodes["node-a"]["metadata"]["labels"] == {"gpuguard.io/unhealthy-gpu": "failing"}
+    assert list(record(kube)) == [UUID]
     assert len(kube.nodes["node-a"]["spec"]["taints"]) == 1
 
 
-def test_a_device_taint_rule_for_dra_allocated_gpus(kube: KubeEmulator) -> None:
-    kube.pods[("ml", "trainer-0")]["status"]["resourceClaimStatuses"] = [
-        {"name": "gpus", "resourceClaimName": "trainer-0-gpus"}
-    ]
-    kube.claims[("ml", "trainer-0-gpus")] = {
-        "status": {
-            "allocation": {
-                "devices": {
-                    "results": [
-                        {"request": "gpus", "driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-0"},
-                        {"request": "gpus", "driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-1"},
-                    ]
-                }
-            }
-        }
-    }
-    kube.slices.append(
-        {
-            "spec": {
-                "nodeName": "node-a",
-                "driver": "gpu.nvidia.com",
-                "pool": {"name": "node-a"},
-                "devices": [
-                    {"name": "gpu-0", "attributes": {"uuid": {"string": "GPU-00000000"}}},
-                    {"name": "gpu-1", "attributes": {"uuid": {"string": UUID}}},
-                ],
-            }
-        }
-    )
-    outcomes = evacuate(actions(kube, event=False, condition=False, mark="none"))
+@pytest.mark.parametrize("claims", ["generated", "pre-created", "both"])
+def test_a_device_taint_rule_for_dra_allocated_gpus(kube: KubeEmulator, claims: str) -> None:
+    add_dra(kube, pre_created=claims != "generated", generated=claims != "pre-created")
+    wanted = UUID if claims != "generated" else UUID2  # gpu-1 is in the pre-created claim, gpu-0 generated
+    outcomes = evacuate(actions(kube, event=False, condition=False, mark="none"), device=wanted)
     assert outcomes["device-taint-rule"][0] == "done", outcomes
     (rule,) = kube.taint_rules
-    assert rule["apiVersion"] == "resource.k8s.io/v1beta2" and rule["kind"] == "DeviceTaintRule"
-    assert rule["spec"]["deviceSelector"] == {"driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-1"}
-    assert rule["spec"]["taint"] == {"key": "gpuguard.io/unhealthy-gpu", "value": UUID, "effect": "NoSchedule"}
+    version = {"1.34": "v1alpha3", "1.35": "v1alpha3", "1.36": "v1beta2", "1.37": "v1"}[kube.release]
+    assert rule["apiVersion"] == f"resource.k8s.io/{version}" and rule["kind"] == "DeviceTaintRule"
+    device = "gpu-1" if wanted == UUID else "gpu-0"
+    assert rule["spec"]["deviceSelector"] == {"driver": "gpu.nvidia.com", "pool": "node-a", "device": device}
+    assert rule["spec"]["taint"] == {"key": "gpuguard.io/unhealthy-gpu", "value": wanted, "effect": "NoSchedule"}
+    # claims are read at v1 on every release, never at the DeviceTaintRule's version
+    assert {r.path.split("/")[3] for r in kube.received("GET", r"/resourceclaims/")} == {"v1"}
+
+
+def test_a_gpu_not_allocated_to_this_pod_is_not_device_tainted(kube: KubeEmulator) -> None:
+    add_dra(kube, pre_created=True, generated=False)  # only gpu-1 (UUID) is this pod's
+    outcomes = evacuate(actions(kube, event=False, condition=False, mark="none"), device=UUID2)
+    assert outcomes["device-taint-rule"][0] == "skipped" and kube.taint_rules == []
+
+
+def test_without_device_taint_rules_served_the_step_is_skipped(kube: KubeEmulator) -> None:
+    if kube.release == "1.37":
+        pytest.skip("1.37 serves DeviceTaintRules by default")
+    kube.reset(device_taint_rules=False)  # the release's default: the gate and API are off
+    kube.add_pod("ml", "trainer-0", "node-a")
+    kube.add_node("node-a")
+    add_dra(kube, pre_created=True, generated=False)
+    a = actions(kube, event=False, condition=False, mark="none")
+    outcome, detail = evacuate(a)["device-taint-rule"]
+    assert outcome == "skipped" and "not served" in detail, detail
 
 
 def test_no_dra_allocation_skips_the_device_taint_rule(kube: KubeEmulator) -> None:
     outcomes = evacuate(actions(kube, event=False, condition=False, mark="none"))
     assert outcomes["device-taint-rule"][0] == "skipped"
     assert kube.taint_rules == []
+
+
+def test_an_event_note_over_1024_bytes_is_cut_in_bytes_and_accepted(kube: KubeEmulator) -> None:
+    # "°C" is 3 bytes in UTF-8 ("°" is 2): a cut by characters would leave more than 1024 bytes
+    note = " temperature 93°C" * 64
+    assert len((f"GPU 0 is FAILING: XID 48{note}").encode()) > 1100
+    outcomes = evacuate(actions(kube, dra=False, condition=False, mark="none"), note=note)
+    assert outcomes["event"][0] == "done", outcomes
+    (event,) = kube.events
+    assert 1000 < len(event["note"].encode()) <= 1024 and event["note"].endswith("...")
+
+
+def test_micro_time_always_has_six_digits() -> None:
+    import datetime as dt
+
+    moment = dt.datetime(2026, 11, 27, 12, 0, 0, 0, tzinfo=dt.timezone.utc)
+    assert micro_time(moment) == "2026-11-27T12:00:00.000000Z"
+    assert truncate_bytes("°" * 10, 7) == "°°..."  # 2 + 2 bytes, then the marker: never half a character
 
 
 def test_leave_by_eviction_sets_disruption_target(kube: KubeEmulator) -> None:
@@ -162,9 +262,31 @@ def test_leave_by_eviction_sets_disruption_target(kube: KubeEmulator) -> None:
     assert "DisruptionTarget" in types
 
 
-def test_leave_by_deleting_the_pod(kube: KubeEmulator) -> None:
-    assert evacuate(actions(kube, dra=False, leave="delete"))["leave-delete"][0] == "done"
-    assert ("ml", "trainer-0") not in kube.pods
+def test_eviction_under_a_disruption_budget_is_refused_and_reported(kube: KubeEmulator) -> None:
+    kube.pods[("ml", "trainer-0")]["metadata"]["labels"] = {"app": "llm"}
+    pdb = {
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "llm", "namespace": "ml"},
+        "spec": {"selector": {"matchLabels": {"app": "llm"}}},
+        "status": {"disruptionsAllowed": 0},
+    }
+    assert kube.create(pdb)[0] == 201
+    a = actions(kube, dra=False, leave="evict", deadline_s=1.0)
+    outcome, detail = evacuate(a)["leave-evict"]
+    assert outcome == "failed" and "429" in detail and "disruption budget" in detail
+    assert "deletionTimestamp" not in kube.pods[("ml", "trainer-0")]["metadata"]
+
+
+@pytest.mark.parametrize("grace", [None, 45])
+def test_leave_by_deleting_the_pod_keeps_a_grace_period(kube: KubeEmulator, grace: int | None) -> None:
+    kube.pods[("ml", "trainer-0")]["spec"]["terminationGracePeriodSeconds"] = 120
+    a = actions(kube, dra=False, leave="delete", delete_grace_period_s=grace)
+    assert evacuate(a)["leave-delete"][0] == "done"
+    (delete,) = kube.received("DELETE", r"/pods/trainer-0$")
+    assert delete.body.get("gracePeriodSeconds") == grace  # None: the pod's own applies
+    pod = kube.pods[("ml", "trainer-0")]  # terminating, not gone: the process exits with its own code
+    assert pod["metadata"]["deletionGracePeriodSeconds"] == (grace or 120)
+    assert "DisruptionTarget" not in [c["type"] for c in pod["status"]["conditions"]]
 
 
 def test_a_restart_in_place_does_not_mark_the_hardware(kube: KubeEmulator) -> None:
@@ -172,6 +294,36 @@ def test_a_restart_in_place_does_not_mark_the_hardware(kube: KubeEmulator) -> No
     assert set(outcomes) == {"condition", "event"}
     assert kube.events[0]["action"] == "RestartInPlace"
     assert len(kube.nodes["node-a"]["spec"]["taints"]) == 1
+
+
+SETTINGS = {
+    "default": {},
+    "label": {"mark": "label"},
+    "evict": {"leave": "evict", "dra": False},
+    "delete": {"leave": "delete", "mark": "none"},
+    "quiet": {"condition": False, "event": False, "pod_health": False, "dra": False},
+}
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS), ids=list(SETTINGS))
+def test_the_generated_rbac_is_exactly_what_the_actions_use(kube: KubeEmulator, settings: str) -> None:
+    add_dra(kube, pre_created=True, generated=False)
+    a = actions(kube, **SETTINGS[settings])
+    outcomes = evacuate(a)
+    assert set(states(outcomes).values()) == {"done"}, outcomes
+    if a.config.pod_health:
+        PodDeviceHealth(a.cluster).refresh()
+    assert kube.rbac is not None
+    assert kube.used(SA) == kube.rbac.granted(SA, "ml")  # nothing missing (403), nothing unused
+
+
+def test_403_names_the_exact_resource_and_subresource(kube: KubeEmulator) -> None:
+    # pod_health off, DRA off: the Role has no pods/status get, so reading the pod is forbidden
+    a = actions(kube, dra=False, pod_health=False, condition=False, event=False, mark="none")
+    with pytest.raises(KubernetesError) as caught:
+        a.cluster.get_pod_json()
+    assert caught.value.status == 403
+    assert 'add to the Role: {apiGroups: [""], resources: ["pods/status"], verbs: ["get"]}' in str(caught.value)
 
 
 def test_403_names_the_rbac_rule_and_the_rest_goes_on(kube: KubeEmulator, caplog: pytest.LogCaptureFixture) -> None:
@@ -183,17 +335,16 @@ def test_403_names_the_rbac_rule_and_the_rest_goes_on(kube: KubeEmulator, caplog
     assert detail.startswith("patch pods/status: forbidden")
     assert 'add to the Role: {apiGroups: [""], resources: ["pods/status"], verbs: ["patch"]}' in detail
     assert outcomes["event"][0] == "done" and outcomes["node-taint"][0] == "done"
-    kube.nodes["node-a"]["spec"]["taints"] = kube.nodes["node-a"]["spec"]["taints"][:1]
     kube.fail("PATCH", r"/api/v1/nodes/node-a$", 403)
     detail = evacuate(actions(kube, dra=False))["node-taint"][1]
     assert 'add to the ClusterRole: {apiGroups: [""], resources: ["nodes"], verbs: ["patch"]}' in detail
-    assert TOKEN not in caplog.text and all(TOKEN not in d for _, d in outcomes.values())
+    assert all(token not in caplog.text for token in kube.tokens)
 
 
 def test_404_pod_gone_is_skipped(kube: KubeEmulator) -> None:
     del kube.pods[("ml", "trainer-0")]
-    outcomes = evacuate(actions(kube, dra=False))
-    assert outcomes["condition"][0] == "skipped" and outcomes["event"][0] == "skipped"
+    outcomes = evacuate(actions(kube, dra=False, event=False))
+    assert outcomes["condition"][0] == "skipped"
     assert outcomes["node-taint"][0] == "done"
 
 
@@ -202,6 +353,23 @@ def test_409_on_the_node_is_reread_and_retried(kube: KubeEmulator) -> None:
     assert evacuate(actions(kube, dra=False, event=False, condition=False))["node-taint"][0] == "done"
     assert len(kube.received("GET", r"/api/v1/nodes/node-a$")) == 2
     assert len(kube.received("PATCH", r"/api/v1/nodes/node-a$")) == 2
+
+
+def test_a_stale_resource_version_is_a_real_409(kube: KubeEmulator) -> None:
+    """Someone else changes the node between gpuguard's read and write: the emulator's own check."""
+    from kubernetes import client
+
+    a = actions(kube, dra=False, event=False, condition=False)
+    core = client.CoreV1Api(a.cluster.api)
+    node = a.cluster.call_json("get", "nodes", core.read_node, "node-a")
+    kube.nodes["node-a"]["metadata"]["resourceVersion"] = "999999"  # another writer
+    stale = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": []}}
+    with pytest.raises(KubernetesError) as caught:
+        a.cluster.call(
+            "patch", "nodes", core.patch_node, "node-a", stale, _content_type="application/strategic-merge-patch+json"
+        )
+    assert caught.value.status == 409
+    assert len(kube.nodes["node-a"]["spec"]["taints"]) == 1  # nothing written
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
@@ -217,48 +385,8 @@ def test_a_persistent_5xx_is_bounded_by_the_deadline(kube: KubeEmulator) -> None
     kube.fail("PATCH", r"/pods/trainer-0/status$", 503, times=1000)
     started = time.monotonic()
     outcomes = evacuate(actions(kube, dra=False, deadline_s=1.0))
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 30.0  # a hang's guard only; the deadline is what is tested
     assert outcomes["condition"][0] == "failed"
-
-
-def test_an_unreachable_server_skips_everything_fast(tmp_path: Path) -> None:
-    import time
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cluster = connect(
-        KubernetesConfig(kubeconfig=str(kubeconfig(tmp_path / "kc", f"http://127.0.0.1:{port}")), dra=False), env=ENV
-    )
-    assert cluster is not None
-    started = time.monotonic()
-    outcomes = evacuate(KubernetesActions(cluster))
-    assert time.monotonic() - started < 3.0
-    assert outcomes["condition"][0] == "failed" and "unreachable" in outcomes["condition"][1]
-    assert outcomes["event"] == ("skipped", "API server unreachable")
-    assert outcomes["node-taint"] == ("skipped", "API server unreachable")
-
-
-def test_in_cluster_configuration_uses_the_service_account(tmp_path: Path) -> None:
-    account = tmp_path / "sa"
-    account.mkdir()
-    (account / "token").write_text(TOKEN)
-    (account / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-    (account / "namespace").write_text("ml-team")
-    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "POD_NAME": "p", "NODE_NAME": "n"}
-    cluster = connect(KubernetesConfig(), env=env, service_account=account)
-    assert cluster is not None
-    assert (cluster.source, cluster.namespace, cluster.pod) == ("in-cluster", "ml-team", "p")
-    assert cluster.api.configuration.host == "https://10.0.0.1:443"
-    assert TOKEN not in repr(cluster)
-
-
-def test_no_cluster_means_off_unless_required(tmp_path: Path) -> None:
-    missing = str(tmp_path / "no-kubeconfig")
-    assert connect(KubernetesConfig(kubeconfig=missing), env={}) is None
-    assert connect(KubernetesConfig(enabled="off"), env=ENV) is None
-    with pytest.raises(KubernetesError, match=r"kubernetes\.enabled is on, but there is no service account"):
-        connect(KubernetesConfig(enabled="on", kubeconfig=missing), env={})
 
 
 def test_pod_reported_device_health(kube: KubeEmulator) -> None:
@@ -282,3 +410,72 @@ def test_pod_reported_device_health(kube: KubeEmulator) -> None:
     (reason,) = found[UUID]
     assert (reason.code, reason.state.value) == ("KUBELET_DEVICE_UNHEALTHY", "FAILING")
     assert reason.evidence["resource"] == "nvidia.com/gpu"
+
+
+# -- without a server -------------------------------------------------------------------------------
+
+
+def test_an_unreachable_server_skips_everything_fast(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_kubeconfig(tmp_path / "kc", f"http://127.0.0.1:{port}", "t")
+    cluster = connect(KubernetesConfig(kubeconfig=str(path), dra=False), env=ENV)
+    assert cluster is not None
+    outcomes = evacuate(KubernetesActions(cluster))
+    assert outcomes["condition"][0] == "failed" and "unreachable" in outcomes["condition"][1]
+    assert outcomes["event"] == ("skipped", "API server unreachable")
+    assert outcomes["node-taint"] == ("skipped", "API server unreachable")
+
+
+def test_in_cluster_configuration_uses_the_service_account(tmp_path: Path) -> None:
+    token = "s3cret-sa-token-do-not-log"
+    account = tmp_path / "sa"
+    account.mkdir()
+    (account / "token").write_text(token)
+    (account / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (account / "namespace").write_text("ml-team")
+    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "POD_NAME": "p", "NODE_NAME": "n"}
+    cluster = connect(KubernetesConfig(), env=env, service_account=account)
+    assert cluster is not None
+    assert (cluster.source, cluster.namespace, cluster.pod) == ("in-cluster", "ml-team", "p")
+    assert cluster.api.configuration.host == "https://10.0.0.1:443"
+    assert token not in repr(cluster)
+
+
+def test_no_cluster_means_off_unless_required(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-kubeconfig")
+    assert connect(KubernetesConfig(kubeconfig=missing), env={}) is None
+    assert connect(KubernetesConfig(enabled="off"), env=ENV) is None
+    with pytest.raises(KubernetesError, match=r"kubernetes\.enabled is on, but there is no service account"):
+        connect(KubernetesConfig(enabled="on", kubeconfig=missing), env={})
+
+
+def test_device_taint_effects_are_checked_at_configuration() -> None:
+    with pytest.raises(ConfigError, match=r"kubernetes\.delete_grace_period_s: 0 is not valid"):
+        KubernetesConfig(delete_grace_period_s=0)
+    with pytest.raises(ConfigError, match=r"kubernetes\.taint_effect: 'PreferNoSchedule' is not valid; with dra=true"):
+        KubernetesConfig(taint_effect="PreferNoSchedule")
+    assert KubernetesConfig(taint_effect="PreferNoSchedule", dra=False).taint_effect == "PreferNoSchedule"
+    with pytest.raises(ConfigError, match=r"kubernetes\.taint_key: 'bad key!'"):
+        KubernetesConfig(taint_key="bad key!")
+
+
+def test_pod_reported_health_of_a_dra_gpu_is_mapped_to_its_uuid(kube: KubeEmulator) -> None:
+    add_dra(kube, pre_created=True, generated=False)
+    kube.pods[("ml", "trainer-0")]["status"]["containerStatuses"] = [
+        {
+            "name": "trainer",
+            "allocatedResourcesStatus": [
+                {
+                    "name": "claim:team-gpus/gpus",
+                    "resources": [{"resourceID": "gpu.nvidia.com/node-a/gpu-1", "health": "Unhealthy"}],
+                }
+            ],
+        }
+    ]
+    health = PodDeviceHealth(actions(kube).cluster)
+    health.refresh()
+    assert list(health.reasons) == [UUID]  # the UUID NVML and the guard know, not driver/pool/device
+    (reason,) = health.reasons[UUID]
+    assert reason.evidence["resourceID"] == "gpu.nvidia.com/node-a/gpu-1"

@@ -24,7 +24,8 @@ def field(name: str, at: float = 1.0, **change: Any) -> dict[str, Any]:
 CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any], float, HealthState, set[str]]] = [
     ("quiet-gpu", [], {}, 60, H, set()),
     ("dbe-volatile", [field("ecc_dbe_volatile", set=1)], {}, 1, F, {"ECC_DBE_VOLATILE"}),
-    ("remap-pending", [field("remap_pending", set=1)], {}, 1, F, {"ROW_REMAP_PENDING"}),
+    # NVIDIA: a pending remap takes effect at the next reset; work may continue until then.
+    ("remap-pending", [field("remap_pending", set=1)], {}, 1, D, {"ROW_REMAP_PENDING"}),
     ("remap-failure", [field("remap_failure", set=1)], {}, 1, F, {"ROW_REMAP_FAILURE"}),
     ("recovery-gpu-reset", [field("recovery_action", set="GPU_RESET")], {}, 1, F, {"RECOVERY_ACTION"}),
     ("recovery-node-reboot", [field("recovery_action", set="NODE_REBOOT")], {}, 1, F, {"RECOVERY_ACTION"}),
@@ -108,7 +109,7 @@ def test_rule(
 def test_rate_reason_carries_its_evidence(make_monitor: Any) -> None:
     monitor = make_monitor({"gpus": 1, "events": [field("ecc_sbe_volatile", at=0.0, add_per_s=50)]})
     (reason,) = play(monitor, 40).devices[0].reasons
-    assert reason.remedy is Remedy.RESET_GPU
+    assert reason.remedy is Remedy.OBSERVE  # DCGM: "Monitor - this GPU can still perform workload."
     assert reason.evidence["rate_per_min"] == pytest.approx(3000, rel=0.01)
     assert reason.evidence["threshold_per_min"] == 100
     assert reason.evidence["window_s"] == 30

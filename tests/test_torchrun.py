@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,13 @@ def launch(
     folder: Path, nproc: int, fault: dict[str, Any] | None = None, *extra: str
 ) -> subprocess.CompletedProcess[str]:
     """gpuguard-run (torchrun underneath) with the fake NVML: healthy H200s, or a fault scenario."""
+    cmd, env = command(folder, nproc, fault, *extra)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
+
+
+def command(
+    folder: Path, nproc: int, fault: dict[str, Any] | None = None, *extra: str
+) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "GPUGUARD_FAKE_NVML": "h200", "OMP_NUM_THREADS": "1"}
     if fault is not None:
         scenario = folder.parent / f"{folder.name}-fault.json"
@@ -40,7 +49,7 @@ def launch(
         str(folder),
         *extra,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
+    return cmd, env
 
 
 def reports(folder: Path, nproc: int) -> list[dict[str, Any]]:
@@ -132,4 +141,32 @@ def test_a_rank_killed_during_the_emergency_checkpoint_commits_nothing(tmp_path:
     second = launch(job, 2, None)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {r["resumed_at"] for r in reports(job, 2)} == {latest.step + 1}
+    assert_identical(final_weights(job), reference(2))
+
+
+def test_sigterm_to_the_wrapper_checkpoints_both_ranks_at_one_step_and_exits_75(tmp_path: Path, reference: Any) -> None:
+    job = tmp_path / "job"
+    cmd, env = command(job, 2, None, "--no-periodic")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as wrapper:
+        deadline = time.monotonic() + 180  # a guard against hangs, not a timing
+        while time.monotonic() < deadline:
+            assert wrapper.poll() is None, wrapper.communicate()[1][-3000:]
+            text = (job / "progress").read_text().strip() if (job / "progress").exists() else ""
+            if text.isdigit() and int(text) >= 60:
+                break
+            time.sleep(0.05)
+        wrapper.send_signal(signal.SIGTERM)  # what the kubelet does: to the container's main process only
+        _, stderr = wrapper.communicate(timeout=120)
+    assert wrapper.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr.split("SIGTERM forwarded")[-1]
+    ended = reports(job, 2)
+    assert {r["exit_code"] for r in ended} == {75}
+    assert len({r["evacuated_at"] for r in ended}) == 1 and len({r["checkpoint"] for r in ended}) == 1
+    with CheckpointStore(f"file://{job / 'checkpoints'}") as store:
+        committed = store.list()  # no periodic checkpoints: only the one the signal asked for
+        assert [(c.step, c.reason, c.world_size) for c in committed] == [(ended[0]["evacuated_at"], "emergency", 2)]
+        assert committed[0].evidence["signal"] == "SIGTERM" and store.verify(committed[0].id).ok
+    second = launch(job, 2, None, "--no-periodic")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {r["resumed_at"] for r in reports(job, 2)} == {ended[0]["evacuated_at"] + 1}
     assert_identical(final_weights(job), reference(2))

@@ -58,10 +58,18 @@ def test_application_xids_are_configurable() -> None:
     assert strict.classify(109).state is HealthState.FAILING
 
 
-def test_unknown_xid_is_observed_and_says_so() -> None:
+def test_unknown_xid_is_not_healthy_and_says_so() -> None:
+    # The k8s device plugin marks every non-application XID unhealthy: an unknown one is not harmless.
     cls = XidTable().classify(999)
-    assert cls.state is HealthState.HEALTHY
+    assert (cls.state, cls.remedy) == (HealthState.DEGRADED, Remedy.CONTACT_SUPPORT)
     assert "not in gpuguard's XID catalog" in cls.meaning
+
+
+@pytest.mark.parametrize("xid", [32, 38, 39, 42, 54, 56, 57, 58, 60, 67, 73, 121, 137])
+def test_dcgm_warn_list_is_degraded(xid: int) -> None:
+    cls = XidTable().classify(xid)
+    assert cls.state is HealthState.DEGRADED
+    assert "DCGM" in cls.meaning
 
 
 def test_overrides_take_precedence() -> None:

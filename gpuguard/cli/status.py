@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(snapshot.to_dict(), indent=2))
     else:
         print(format_snapshot(snapshot))
+        for note in snapshot.skipped:
+            print(f"gpuguard: {note}", file=sys.stderr)
     if args.check:
         passing = {HealthState.HEALTHY} | ({HealthState.UNKNOWN} if args.fail_mode == "open" else set())
         return EXIT_OK if all(d.state in passing for d in snapshot.devices) else EXIT_UNHEALTHY
@@ -154,7 +156,7 @@ def _row(d: DeviceHealth) -> list[str]:
     reasons = "; ".join(f"{x.code}" + (f"({x.evidence['xid']})" if "xid" in x.evidence else "") for x in d.reasons)
     return [
         str(d.index),
-        d.uuid,
+        d.uuid or d.pci_bus_id or "-",  # a GPU lost at start may have no readable UUID
         d.state.value,
         temp,
         _cell(r, "ecc_sbe_volatile", "ecc_dbe_volatile"),

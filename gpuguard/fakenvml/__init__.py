@@ -22,6 +22,10 @@ Scenario events (``at`` in scenario seconds, ``gpu`` an index) take exactly one 
 - ``"timeouts": N``: the next N calls on that GPU raise ``NVMLError_Timeout``;
 - ``"error": NAME`` (optional ``"until"``): calls raise ``pynvml.NVMLError_<NAME>``.
 
+``"timeouts"`` and ``"error"`` take an optional ``"call"``: the one pynvml function that fails (one of
+``FAKE_CALLS``: opening a GPU, a single query, event registration, the event wait), as real NVML fails
+per call; ``"link"`` (with ``"call": "nvmlDeviceGetNvLinkState"``) fails one NVLink's state alone.
+
 Top level: ``gpus`` (required), ``events``, ``recording`` (``"h200"`` or a recording path),
 ``nvlink_links`` (links up per GPU; 0 as on the recorded H200).
 """
@@ -30,11 +34,12 @@ from gpuguard.fakenvml._clock import ScenarioClock
 from gpuguard.fakenvml._fake import FakeEventData, FakeHandle, FakeNvml
 from gpuguard.fakenvml._play import play
 from gpuguard.fakenvml._recording import Recording, load_recording
-from gpuguard.fakenvml._scenario import EVENT_NAMES, Scenario, ScenarioEvent, load_scenario
+from gpuguard.fakenvml._scenario import EVENT_NAMES, FAKE_CALLS, Scenario, ScenarioEvent, load_scenario
 from gpuguard.health.signals import SIGNAL_NAMES as FIELD_NAMES
 
 __all__ = [
     "EVENT_NAMES",
+    "FAKE_CALLS",
     "FIELD_NAMES",
     "FakeEventData",
     "FakeHandle",

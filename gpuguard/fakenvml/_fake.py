@@ -12,7 +12,7 @@ import pynvml
 from gpuguard.fakenvml._clock import ScenarioClock
 from gpuguard.fakenvml._recording import Recording, load_recording
 from gpuguard.fakenvml._scenario import Scenario, ScenarioEvent, load_scenario
-from gpuguard.health.signals import EVENT_TYPES, FIELD_BY_NAME, NVLINK_ERROR_SIGNALS
+from gpuguard.health.signals import EVENT_TYPES, FIELD_BY_NAME, NVLINK_ERROR_SIGNALS, NVLINK_STATE_FIELD
 
 # Field id -> the name a scenario uses for it: readable where gpuguard has one, else pynvml's.
 _FIELD_NAMES: dict[int, str] = {
@@ -162,14 +162,27 @@ class FakeNvml:
     def _events(self, gpu: int, now: float) -> list[ScenarioEvent]:
         return [e for e in self.scenario.events if e.gpu == gpu and e.at <= now]
 
-    def _check(self, handle: FakeHandle) -> int:
-        """Raise what NVML would raise for this GPU now; count the call."""
+    def _check(self, handle: FakeHandle, call: str) -> int:
+        """Raise what NVML would raise for this GPU and call now; count the call."""
         self._require_init()
-        gpu = handle.index
+        self._raise_scripted(handle.index, call)
+        return handle.index
+
+    def _raise_scripted(self, gpu: int, call: str, *, generic: bool = True) -> None:
+        """The scripted failure of ``call`` on ``gpu`` now, if any.
+
+        A step without ``call`` fails every call on the GPU (``generic``), as a GPU in trouble does;
+        one with ``call`` fails that function only (a NO_PERMISSION or FUNCTION_NOT_FOUND on a single
+        query, a failed event registration). ``lost`` fails every call with GPU_IS_LOST: nvml.h
+        documents it for each per-device function gpuguard calls, the event wait included.
+        """
         now = self.clock()
         for e in self._events(gpu, now):
             if e.lost:
                 raise pynvml.NVMLError_GpuIsLost()
+            targeted = e.call == call if e.call is not None else generic
+            if not targeted or e.link is not None:  # a per-link step fails that link alone
+                continue
             if e.error is not None and (e.until is None or now < e.until):
                 raise getattr(pynvml, f"NVMLError_{e.error}")()
             if e.timeouts:
@@ -178,7 +191,6 @@ class FakeNvml:
                 if used < e.timeouts:
                     self._timeouts_used[key] = used + 1
                     raise pynvml.NVMLError_Timeout()
-        return gpu
 
     def _value(self, gpu: int, name: str, base: float) -> float:
         """A signal's value now: the recorded value changed by the scenario's steps so far."""
@@ -239,31 +251,39 @@ class FakeNvml:
         self._require_init()
         if not 0 <= index < self.scenario.gpus:
             raise pynvml.NVMLError_InvalidArgument()
+        self._raise_scripted(index, "nvmlDeviceGetHandleByIndex")
         return self._handles[index]
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeHandle:
         self._require_init()
         text = uuid.decode() if isinstance(uuid, bytes) else uuid
         for handle in self._handles:
-            if self.nvmlDeviceGetUUID(handle) == text:
+            if self._uuid(handle.index) == text:
+                self._raise_scripted(handle.index, "nvmlDeviceGetHandleByUUID")
                 return handle
         raise pynvml.NVMLError_NotFound()
 
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetUUID")
+        return self._uuid(handle.index)
+
+    def _uuid(self, index: int) -> str:
         base = str(self._recorded("uuid"))
-        if handle.index == 0:
+        if index == 0:
             return base
         # Other GPUs get distinct, stable UUIDs derived from the recorded one.
-        tail = (int(base[-4:], 16) + handle.index) % 0x10000
+        tail = (int(base[-4:], 16) + index) % 0x10000
         return f"{base[:-4]}{tail:04x}"
 
+    def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
+        return self._check(handle, "nvmlDeviceGetIndex")
+
     def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetName")
         return str(self._recorded("name"))
 
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> Any:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetPciInfo")
         pci = dict(self._recorded("pci"))
         bus = int(pci.get("bus", 0)) + handle.index
         pci["bus"] = bus
@@ -275,12 +295,15 @@ class FakeNvml:
     # -- pynvml: readings -----------------------------------------------------------------------
 
     def nvmlDeviceGetFieldValues(self, handle: FakeHandle, field_ids: list[Any]) -> Any:
-        gpu = self._check(handle)
+        gpu = self._check(handle, "nvmlDeviceGetFieldValues")
         self.calls += 1
         values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
         for slot, requested in zip(values, field_ids, strict=False):
             fid, scope = requested if isinstance(requested, tuple) else (requested, 0)
             slot.fieldId, slot.scopeId = fid, scope
+            if fid == NVLINK_STATE_FIELD and self.scenario.nvlink_links > 0:
+                self._link_state(gpu, scope, slot)
+                continue
             recorded = self.recording.fields.get(fid)
             name = _FIELD_NAMES.get(fid, "")
             nvlink = name in NVLINK_ERROR_SIGNALS and self.scenario.nvlink_links > 0
@@ -302,62 +325,116 @@ class FakeNvml:
                 slot.value.ullVal = int(value)
         return values
 
-    def _call_value(self, handle: FakeHandle, name: str, base: Any) -> float:
-        gpu = self._check(handle)
+    def _call_value(self, handle: FakeHandle, name: str, base: Any, call: str) -> float:
+        gpu = self._check(handle, call)
+        self.calls += 1
         return self._value(gpu, name, float(base))
 
     def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
-        return int(self._call_value(handle, "temperature", self._recorded(_CALL_BASE["temperature"])))
+        recorded = self._recorded(_CALL_BASE["temperature"])
+        return int(self._call_value(handle, "temperature", recorded, "nvmlDeviceGetTemperature"))
 
     def nvmlDeviceGetTemperatureThreshold(self, handle: FakeHandle, threshold: int) -> int:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetTemperatureThreshold")
         return int(self._recorded(f"temp_threshold_{_THRESHOLD_NAMES.get(threshold, '?')}"))
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
         base = self._recorded(_CALL_BASE["clock_events"])
-        return int(self._call_value(handle, "clock_events", base))
+        return int(self._call_value(handle, "clock_events", base, "nvmlDeviceGetCurrentClocksEventReasons"))
 
     def nvmlDeviceGetCurrPcieLinkWidth(self, handle: FakeHandle) -> int:
-        return int(self._call_value(handle, "pcie_link_width", self._recorded(_CALL_BASE["pcie_link_width"])))
+        recorded = self._recorded(_CALL_BASE["pcie_link_width"])
+        return int(self._call_value(handle, "pcie_link_width", recorded, "nvmlDeviceGetCurrPcieLinkWidth"))
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: FakeHandle) -> int:
+        self._check(handle, "nvmlDeviceGetCurrPcieLinkGeneration")
+        return int(self._recorded("pcie_gen"))
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: FakeHandle, info: Any) -> int:
+        """Fabric registration: NOT_SUPPORTED without NVLink (no NVSwitch, as on the recorded H200), else
+        COMPLETED with success unless the scenario sets ``fabric_state`` / ``fabric_status``.
+
+        pynvml passes the caller's ``c_nvmlGpuFabricInfo_t`` by reference and returns NVML's return code.
+        """
+        gpu = self._check(handle, "nvmlDeviceGetGpuFabricInfo")
+        self.calls += 1
+        target = getattr(info, "_obj", info)
+        if self.scenario.nvlink_links == 0 and not self._scripted(gpu, "fabric_state"):
+            raise pynvml.NVMLError_NotSupported()
+        target.state = int(self._value(gpu, "fabric_state", 3.0))
+        target.status = int(self._value(gpu, "fabric_status", 0.0))
+        return int(pynvml.NVML_SUCCESS)
 
     def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetMaxPcieLinkWidth")
         return int(self._recorded("pcie_maxwidth"))
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
         recorded = self._recorded(_CALL_BASE["utilization"])
-        gpu_util = int(self._call_value(handle, "utilization", recorded["gpu"]))
+        gpu_util = int(self._call_value(handle, "utilization", recorded["gpu"], "nvmlDeviceGetUtilizationRates"))
         return pynvml.c_nvmlUtilization_t(gpu=gpu_util, memory=int(recorded.get("memory", 0)))
 
+    def _link_state(self, gpu: int, link: int, slot: Any) -> None:
+        """NVML_FI_DEV_NVLINK_GET_STATE for one link: NVML_FEATURE_ENABLED/DISABLED, as nvmlDeviceGetNvLinkState.
+
+        A link past the GPU's last answers INVALID_ARGUMENT (nvml.h: "link is invalid").
+        """
+        if link >= self.scenario.nvlink_links:
+            slot.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
+            return
+        now = self.clock()
+        for e in self._events(gpu, now):
+            # A step with "link" fails that link's state alone (in the batch, its own nvmlReturn).
+            if e.link == link and e.error is not None and (e.until is None or now < e.until):
+                slot.nvmlReturn = int(getattr(pynvml, f"NVMLError_{e.error}")().value)
+                return
+        down = self._links_down(gpu)
+        slot.nvmlReturn = pynvml.NVML_SUCCESS
+        slot.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+        slot.timestamp = int(self.clock() * 1e6)
+        slot.value.uiVal = int(pynvml.NVML_FEATURE_DISABLED if link in down else pynvml.NVML_FEATURE_ENABLED)
+
+    def _links_down(self, gpu: int) -> set[int]:
+        return {int(e.set) for e in self._events(gpu, self.clock()) if e.field == "nvlink_down" and e.set is not None}
+
     def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
-        gpu = self._check(handle)
+        gpu = self._check(handle, "nvmlDeviceGetNvLinkState")
+        self.calls += 1
+        now = self.clock()
+        for e in self._events(gpu, now):
+            if e.link == link and e.error is not None and (e.until is None or now < e.until):
+                raise getattr(pynvml, f"NVMLError_{e.error}")()
         if link >= self.scenario.nvlink_links:
             if self.scenario.nvlink_links == 0:
                 return int(self._recorded(f"nvlink_state_{link}"))  # raises NotSupported, as on the H200
             raise pynvml.NVMLError_InvalidArgument()
-        down = {int(e.set) for e in self._events(gpu, self.clock()) if e.field == "nvlink_down" and e.set is not None}
+        down = self._links_down(gpu)
         return int(pynvml.NVML_FEATURE_DISABLED if link in down else pynvml.NVML_FEATURE_ENABLED)
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> Any:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetMemoryInfo")
         return type("FakeMemory", (), dict(self._recorded("memory")))()
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetPowerUsage")
         return int(self._recorded("power_mw"))
 
     # -- pynvml: events -------------------------------------------------------------------------
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceGetSupportedEventTypes")
         return self.recording.supported_events
 
     def nvmlEventSetCreate(self) -> _EventSet:
         self._require_init()
-        return _EventSet()
+        event_set = _EventSet()
+        # A new set sees only events from its creation on, as NVML's do: past ones are not replayed.
+        now = self.clock()
+        event_set.delivered = sum(1 for at, *_ in self._timeline if at < now)
+        return event_set
 
     def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: _EventSet) -> None:
-        self._check(handle)
+        self._check(handle, "nvmlDeviceRegisterEvents")
         unsupported = event_types & ~self.recording.supported_events
         if unsupported:
             raise pynvml.NVMLError_NotSupported()
@@ -368,6 +445,10 @@ class FakeNvml:
         deadline_wall = timeout_ms / 1000.0
         while True:
             now = self.clock()
+            for gpu in list(event_set.masks):
+                # A registered GPU that is lost (or scripted to fail the wait) fails the whole wait, as
+                # nvmlEventSetWait_v2 answers for the set, not per device; steps without "call" do not.
+                self._raise_scripted(gpu, "nvmlEventSetWait_v2", generic=False)
             with self._lock:
                 while event_set.delivered < len(self._timeline) and self._timeline[event_set.delivered][0] <= now:
                     _at, gpu, bit, data = self._timeline[event_set.delivered]

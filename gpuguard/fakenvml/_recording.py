@@ -50,6 +50,34 @@ def _error_class(text: str) -> type[pynvml.NVMLError]:
     return not_supported  # the probe's own TypeErrors: treat as a feature this fake lacks
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The recorded calls the fake answers from, and the shape each value must have: a wrongly typed one
+# is refused when the recording is loaded (one line, naming it), not deep inside a poll.
+_NUMERIC_CALLS = ("temp_gpu", "pcie_width", "pcie_maxwidth", "pcie_gen", "power_mw", "supported_events")
+_TEXT_CALLS = ("uuid", "name", "driver")
+
+
+def _check_call_value(name: str, value: Any) -> None:
+    where = f"recording.calls.{name}"
+    if (name in _NUMERIC_CALLS or name.startswith("temp_threshold_")) and not _is_number(value):
+        raise ScenarioError(where, value, "must be a number")
+    if name == "nvmlDeviceGetCurrentClocksEventReasons" and not _is_int(value):
+        raise ScenarioError(where, value, "must be a clock event reasons bit mask (integer)")
+    if name in _TEXT_CALLS and not isinstance(value, str):
+        raise ScenarioError(where, value, "must be a string")
+    if name == "util" and not (isinstance(value, dict) and _is_number(value.get("gpu"))):
+        raise ScenarioError(where, value, "must be an object with a numeric 'gpu'")
+    if name == "pci" and not (isinstance(value, dict) and isinstance(value.get("busId"), str)):
+        raise ScenarioError(where, value, "must be an object with a string 'busId'")
+
+
 def load_recording(source: str | Path = "h200") -> Recording:
     """Load ``"h200"`` (shipped with gpuguard) or a recording file in the same format.
 
@@ -77,19 +105,32 @@ def load_recording(source: str | Path = "h200") -> Recording:
     for name, entry in data["calls"].items():
         if not isinstance(entry, dict) or "ok" not in entry:
             raise ScenarioError(f"recording.calls.{name}", entry, "must be an object with 'ok' and 'value'")
+        if entry["ok"]:
+            _check_call_value(name, entry.get("value"))
         calls[name] = (True, entry.get("value")) if entry["ok"] else (False, _error_class(str(entry.get("value"))))
     fields: dict[int, RecordedField] = {}
     for name, entry in data["fields"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
             raise ScenarioError(f"recording.fields.{name}", entry, "must be an object with an integer 'id'")
         fid = entry["id"]
         if "ret" in entry:
+            if not _is_int(entry["ret"]):
+                raise ScenarioError(
+                    f"recording.fields.{name}.ret", entry["ret"], "must be an NVML return code (integer)"
+                )
             fields.setdefault(fid, RecordedField(fid, int(entry["ret"]), pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, 0))
         else:
-            fields[fid] = RecordedField(fid, pynvml.NVML_SUCCESS, int(entry.get("type", 3)), entry.get("value", 0))
+            value, kind = entry.get("value", 0), entry.get("type", 3)
+            if not _is_number(value):
+                raise ScenarioError(f"recording.fields.{name}.value", value, "must be a number")
+            if not _is_int(kind):
+                raise ScenarioError(f"recording.fields.{name}.type", kind, "must be an nvmlValueType_t (integer)")
+            fields[fid] = RecordedField(fid, pynvml.NVML_SUCCESS, int(kind), value)
     events = data.get("events", {})
     mask = events.get("supported_mask") if isinstance(events, dict) else None
     if mask is None:
         ok, value = calls.get("supported_events", (False, None))
         mask = value if ok else 0
+    if not _is_int(mask):
+        raise ScenarioError("recording.events.supported_mask", mask, "must be an event type bit mask (integer)")
     return Recording(source=origin, calls=calls, fields=fields, supported_events=int(mask))

@@ -18,7 +18,44 @@ from gpuguard.health.signals import CLOCK_EVENTS, EVENT_TYPES, FIELD_BY_NAME, RE
 # Events a scenario names with "event"; XIDs have a key of their own.
 EVENT_NAMES: Final[tuple[str, ...]] = tuple(kind for kind in EVENT_TYPES if kind != "xid")
 _CHANGES: Final = ("set", "add", "add_per_s")
-_EVENT_KEYS: Final = frozenset({"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", *_CHANGES})
+_EVENT_KEYS: Final = frozenset(
+    {"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", "call", "link", *_CHANGES}
+)
+
+# The pynvml functions gpuguard calls, which an "error" or "timeouts" step may target with "call".
+# What real NVML answers, per nvml.h's `Returns` lists (R535-R580), and what the fake lets a scenario play:
+#   nvmlDeviceGetHandleByIndex(_v2): INVALID_ARGUMENT, INSUFFICIENT_POWER, NO_PERMISSION, IRQ_ISSUE,
+#       GPU_IS_LOST, UNKNOWN (NO_PERMISSION: a GPU the container's cgroup denies, still counted).
+#   nvmlDeviceGetHandleByUUID: INVALID_ARGUMENT, NOT_FOUND, INSUFFICIENT_POWER, GPU_IS_LOST, UNKNOWN.
+#   nvmlDeviceGetUUID, ...GetTemperature, ...GetCurrentClocksEventReasons, ...GetCurrPcieLinkWidth,
+#       ...GetUtilizationRates, ...GetNvLinkState: INVALID_ARGUMENT, NOT_SUPPORTED, GPU_IS_LOST, UNKNOWN
+#       (and, from pynvml, FUNCTION_NOT_FOUND when the driver's library lacks the symbol).
+#   nvmlDeviceRegisterEvents: INVALID_ARGUMENT, NOT_SUPPORTED, GPU_IS_LOST, UNKNOWN.
+#   nvmlEventSetWait_v2: INVALID_ARGUMENT, TIMEOUT, GPU_IS_LOST, UNKNOWN.
+#   Any call: UNINITIALIZED, RESET_REQUIRED (the GPU needs a reset before it can be used again).
+FAKE_CALLS: Final[tuple[str, ...]] = (
+    "nvmlDeviceGetHandleByIndex",
+    "nvmlDeviceGetHandleByUUID",
+    "nvmlDeviceGetUUID",
+    "nvmlDeviceGetIndex",
+    "nvmlDeviceGetName",
+    "nvmlDeviceGetPciInfo",
+    "nvmlDeviceGetFieldValues",
+    "nvmlDeviceGetTemperature",
+    "nvmlDeviceGetTemperatureThreshold",
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetCurrPcieLinkWidth",
+    "nvmlDeviceGetMaxPcieLinkWidth",
+    "nvmlDeviceGetCurrPcieLinkGeneration",
+    "nvmlDeviceGetUtilizationRates",
+    "nvmlDeviceGetNvLinkState",
+    "nvmlDeviceGetGpuFabricInfo",
+    "nvmlDeviceGetMemoryInfo",
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetSupportedEventTypes",
+    "nvmlDeviceRegisterEvents",
+    "nvmlEventSetWait_v2",
+)
 _TOP_KEYS: Final = frozenset({"gpus", "events", "recording", "nvlink_links", "name", "description"})
 
 
@@ -42,6 +79,8 @@ class ScenarioEvent:
     lost: bool = False
     timeouts: int = 0
     error: str | None = None
+    call: str | None = None
+    link: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +194,17 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
             raise ScenarioError(where, dict(raw), "needs exactly one of: field, xid, event, lost, timeouts, error")
         until = _number(f"{where}.until", raw["until"], minimum=at) if "until" in raw else None
         kind = kinds[0]
+        call = raw.get("call")
+        if "call" in raw and (kind not in ("error", "timeouts") or call not in FAKE_CALLS):
+            allowed = "allowed with 'error' or 'timeouts' only: " + ", ".join(FAKE_CALLS)
+            raise ScenarioError(f"{where}.call", call, allowed)
+        link = None
+        if "link" in raw:
+            if call != "nvmlDeviceGetNvLinkState" or kind != "error":
+                raise ScenarioError(
+                    f"{where}.link", raw["link"], "goes with 'error' and call 'nvmlDeviceGetNvLinkState'"
+                )
+            link = _whole(f"{where}.link", raw["link"], 0, 17)
         if kind == "field":
             name = raw["field"]
             if not isinstance(name, str) or (name not in SIGNAL_NAMES and name not in nvml_fields):
@@ -187,7 +237,8 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                 raise ScenarioError(f"{where}.lost", raw["lost"], "must be true")
             events.append(ScenarioEvent(at=at, gpu=gpu, lost=True))
         elif kind == "timeouts":
-            events.append(ScenarioEvent(at=at, gpu=gpu, timeouts=_whole(f"{where}.timeouts", raw["timeouts"], 1, 1000)))
+            timeouts = _whole(f"{where}.timeouts", raw["timeouts"], 1, 1000)
+            events.append(ScenarioEvent(at=at, gpu=gpu, timeouts=timeouts, call=call))
         else:
             name = raw["error"]
             if not isinstance(name, str) or not isinstance(getattr(pynvml, f"NVMLError_{name}", None), type):
@@ -196,7 +247,7 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     name,
                     "must name a pynvml error class without its prefix, e.g. 'Unknown'",
                 )
-            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until))
+            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link))
     events.sort(key=lambda e: e.at)
     extra = {k: data[k] for k in ("name", "description") if k in data}
     return Scenario(

@@ -1,10 +1,15 @@
 """Cross-rank agreement: every rank acts on the same decision at the same step.
 
 Every ``sync_every`` steps each rank puts its local view into a tiny tensor and starts an
-``all_reduce(MAX)`` with ``async_op=True``; the result is read at the next sync point, ``sync_every``
-steps later, when the collective has long finished. Every rank reads the same value at the same
-step, so all of them checkpoint that step and none enters a collective the others skip. The cost is
-one 24-byte collective per ``sync_every`` steps, and a wait that is almost always already satisfied.
+``all_reduce(MAX)`` with ``async_op=True``; the result is read at the rank's next ``step()`` call,
+one training step later, when the 24-byte collective has long finished (a step takes milliseconds
+to seconds; the collective, tens of microseconds). Every rank reads the same value at the same
+step, so all of them checkpoint that step and none enters a collective the others skip.
+
+Latency: a decision first visible at step ``d`` is contributed at the next sync step ``S >= d``
+(at most ``sync_every - 1`` steps later) and acted on at ``S + 1``: at most ``sync_every`` steps.
+(Reading the result at the *next sync point* instead would cost up to ``2 x sync_every``.) The cost
+is one collective per ``sync_every`` steps and a wait that is almost always already satisfied.
 
 The tensor carries: the most severe action with the rank that decided it (``action << 16 | rank``),
 whether a time-based periodic checkpoint is due, and the slowest step time with the rank that took it
@@ -58,24 +63,29 @@ class Agreement:
             dist.broadcast_object_list(token, src=0)
         return str(token[0])
 
-    def exchange(self, action: int, periodic_due: bool, step_s: float) -> Agreed:
-        """Read what was agreed at the previous sync point and start agreeing on this one's values.
+    @property
+    def pending(self) -> bool:
+        """An agreement was started and not yet read."""
+        return self._work is not None
 
-        Must be called by every rank at the same steps.
-        """
+    def begin(self, action: int, periodic_due: bool, step_s: float) -> None:
+        """Start agreeing on this rank's view. Every rank must call it at the same steps."""
         if not self.distributed:
-            # One process: the local view is the agreement, available at once.
-            return Agreed(action, 0, periodic_due, 0, step_s)
-        assert self._buffer is not None
-        agreed = NOTHING
-        if self._work is not None:
-            self._work.wait()
-            decided, periodic, slowest = (int(v) for v in self._buffer.tolist())
-            agreed = Agreed(decided >> 16, decided & 0xFFFF, bool(periodic), slowest & 0xFFFF, (slowest >> 16) / 1e6)
+            return
+        assert self._buffer is not None and self._work is None, "read the previous agreement first"
         values = [(action << 16) | self.rank, int(periodic_due), (int(step_s * 1e6) << 16) | self.rank]
         self._buffer.copy_(torch.tensor(values, dtype=torch.int64))
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)
-        return agreed
+
+    def finish(self) -> Agreed:
+        """What every rank agreed on (waits for the collective; it has normally finished)."""
+        if self._work is None:
+            return NOTHING
+        assert self._buffer is not None
+        self._work.wait()
+        self._work = None
+        decided, periodic, slowest = (int(v) for v in self._buffer.tolist())
+        return Agreed(decided >> 16, decided & 0xFFFF, bool(periodic), slowest & 0xFFFF, (slowest >> 16) / 1e6)
 
     def close(self) -> None:
         if self._work is not None:

@@ -4,18 +4,22 @@ and leaves with an exit code the cluster understands."""
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
-from gpuguard.checkpoint.store import CheckpointInfo, SaveTimings
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
+from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
+from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
+from gpuguard.guard._exit import close_at_exit
+from gpuguard.guard._signals import PreemptionSignals, signal_name
+from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
@@ -25,40 +29,6 @@ from gpuguard.health.monitor import HealthMonitor
 from gpuguard.plugins import plugin_manager
 
 log = logging.getLogger("gpuguard")
-
-
-class Evacuation(SystemExit):
-    """Raised from `Guard.step` once the emergency checkpoint is durable: the job must leave.
-
-    A ``SystemExit``, so ``finally`` blocks run and, uncaught, it ends the process with ``code``:
-    75 (reschedule elsewhere) or 76 (restart in place) by default.
-
-    Attributes:
-        code: the exit code.
-        decision: why.
-        step: the step every rank checkpointed.
-        checkpoint: the committed checkpoint (on the committing rank), or None.
-    """
-
-    def __init__(self, code: int, decision: Decision, step: int, checkpoint: CheckpointInfo | None) -> None:
-        super().__init__(code)
-        self.decision = decision
-        self.step = step
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class EvacuationReport:
-    """Timings of an evacuation, for logs, demos and benchmarks (seconds)."""
-
-    step: int
-    action: str
-    decided_at: float | None = None
-    stall_s: float = 0.0
-    durable_s: float = 0.0
-    checkpoint_id: str | None = None
-    error: str | None = None
-    evidence: dict[str, Any] = field(default_factory=dict)
 
 
 class Guard:
@@ -71,13 +41,16 @@ class Guard:
                 train_step()
                 guard.step(step)          # after the optimizer step: reads a flag, records the time
 
-    Obligations: call `step` once per training step, on every rank, with the same step numbers,
-    after the optimizer step (the checkpoint holds the state *after* ``step``). With
-    ``torch.distributed``, initialise the process group before the guard starts.
+    Obligations: call `step` once per training step, on every rank, with the same increasing step
+    numbers, after the optimizer step (the checkpoint holds the state *after* ``step``). With
+    ``torch.distributed``, initialise the process group before the guard starts. Start the guard on
+    the main thread, so it can catch SIGTERM (``preemption_signals``).
 
     Args:
         checkpoint_dir: fsspec URL of the checkpoints (or ``GPUGUARD_CHECKPOINT_DIR``, or the config file).
-        state: what to checkpoint: modules, optimizers, schedulers, tensors, JSON-able values.
+        state: what to checkpoint: modules, optimizers, schedulers, data loaders and anything with
+            ``state_dict``/``load_state_dict``, ``torch.Generator``, tensors, dicts (restored in
+            place), JSON-able values. Checked when the guard starts.
         config_file: a YAML file of settings (or ``GPUGUARD_CONFIG``).
         nvml: a ``pynvml``-compatible module; `gpuguard.fakenvml.FakeNvml` in tests and demos.
         plugins: objects with ``@gpuguard.hookimpl`` methods.
@@ -85,6 +58,7 @@ class Guard:
 
     Raises:
         ConfigError: at construction, naming the setting, the value and what is allowed.
+        UnsupportedStateError: at `start`, naming the path of a value a checkpoint cannot hold.
 
     Example:
         >>> import torch, gpuguard
@@ -96,7 +70,7 @@ class Guard:
 
     def __init__(
         self,
-        checkpoint_dir: str | None = None,
+        checkpoint_dir: str | Path | None = None,
         state: MutableMapping[str, Any] | None = None,
         *,
         config_file: str | Path | None = None,
@@ -133,8 +107,17 @@ class Guard:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
-        self._prepared = False
         self._last_periodic_at = time.monotonic()
+        # Decisions from outside the ladder (a preemption signal, `request_evacuation`): sticky, and
+        # a separate int so the guard thread's ladder verdicts never overwrite them.
+        self._forced: Decision | None = None
+        self._forced_action = 0
+        self._preempted: tuple[int, float] | None = None  # (signal, time.monotonic())
+        self._signals: PreemptionSignals | None = None
+        self._last_step = -1
+        self._resumed_step: int | None = None
+        self._reported: set[str] = set()
+        self._evacuating = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,6 +126,7 @@ class Guard:
         if self._started:
             return self
         c = self.config
+        check_state(self.state)  # before anything starts: a state that cannot be saved fails now, not in an emergency
         self.store = CheckpointStore(c.checkpoint_dir, c.storage_options, keep=c.keep)
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
@@ -151,27 +135,43 @@ class Guard:
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
         self.monitor.subscribe(self._on_health_change)
+        say_what_is_watched(self.monitor.snapshot(), c.health.fail_mode)
+        self._signals = PreemptionSignals(c.preemption_signals, self._on_preemption_signal)
+        self._signals.install()
+        if c.termination_grace_s is not None and c.preemption_deadline_s >= c.termination_grace_s:
+            log.warning(
+                "gpuguard: preemption_deadline_s=%gs does not fit in the pod's grace period of %gs: the kubelet "
+                "may kill the job before its emergency checkpoint commits; lower the deadline or raise "
+                "terminationGracePeriodSeconds",
+                c.preemption_deadline_s,
+                c.termination_grace_s,
+            )
         self._schedule_next(-1)
         self._thread = threading.Thread(target=self._watch, name="gpuguard-guard", daemon=True)
         self._thread.start()
         self._started = True
+        close_at_exit(self)
         self._evaluate()
         return self
 
-    def close(self) -> None:
-        """Stop watching; wait for periodic checkpoints in flight so a normal end loses none."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop watching; wait for periodic checkpoints in flight so a normal end loses none.
+
+        Args:
+            timeout_s: the longest to wait for them (``commit_timeout_s`` by default); one not
+                committed by then is named in the log, with the checkpoint a resume would use.
+        """
         if not self._started:
             return
         self._started = False
+        self._next_check = 0  # a step() after close() takes the slow path, which refuses it
         self._stop.set()
         self._wake.set()
+        if self._signals is not None:
+            self._signals.restore()
         if self._thread:
             self._thread.join(5)
-        for pending in self.periodic:
-            try:
-                pending.wait()
-            except Exception as exc:
-                log.error("periodic checkpoint %s failed: %s", pending.id, exc)
+        settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
         if self.agreement:
             self.agreement.close()
         if self.monitor:
@@ -181,13 +181,100 @@ class Guard:
             self.plugins.unregister(self.kubernetes)
             self.kubernetes = None
         if self.store:
-            self.store.close()
+            store = self.store
+            closer = threading.Thread(target=store.close, name="gpuguard-store-close", daemon=True)
+            closer.start()
+            # A stuck upload must not hold the exit: the store's close waits for it, so only so long.
+            closer.join(None if settled else 1.0)
+
+    def _wait_for_periodic(self, timeout_s: float) -> bool:
+        """Wait for the periodic saves in flight, within ``timeout_s``; True when none is left running."""
+        settled = True
+        deadline = time.monotonic() + timeout_s
+        for pending in self.periodic:
+            try:
+                info = pending.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                settled = False
+                log.error(
+                    "gpuguard: periodic checkpoint %s (step %d) not committed within %.0fs; %s",
+                    pending.id,
+                    pending.step,
+                    timeout_s,
+                    self.resume_point_text(),
+                )
+            except Exception as exc:
+                log.error("gpuguard: periodic checkpoint %s (step %d) failed: %s", pending.id, pending.step, exc)
+            else:
+                if info is not None or self.rank != 0:
+                    log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
+        self.periodic = []
+        return settled
+
+    def _resume_point(self) -> dict[str, Any] | None:
+        """The checkpoint the next pod will resume from (a storage read: only on the way out)."""
+        try:
+            assert self.store is not None
+            latest = self.store.latest()
+        except Exception as exc:
+            return {"error": f"cannot list checkpoints: {exc}"}
+        return None if latest is None else {"id": latest.id, "step": latest.step, "reason": latest.reason}
+
+    def resume_point_text(self) -> str:
+        """Which checkpoint the next run will resume from, in words (reads the storage)."""
+        return describe(self._resume_point())
 
     def __enter__(self) -> Guard:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # Leaving on an evacuation (or any error): the GPU may be bad and the pod may be going away,
+        # so periodic saves still in flight get a short bound; the emergency one is already durable.
+        self.close(None if exc is None else min(10.0, self.config.commit_timeout_s))
+
+    # -- acting from outside the training loop -------------------------------------------------
+
+    def checkpoint_now(self) -> None:
+        """Take a periodic-style checkpoint soon: at the next step in one process, at the next
+        agreement (within ``sync_every`` steps) with several ranks. Safe from any thread."""
+        self._periodic_due = True
+        if not self._distributed:
+            self._urgent = True
+
+    def request_evacuation(self, reason: str) -> None:
+        """Leave through the ladder's reschedule path: every rank checkpoints one agreed step, then
+        `step` raises `Evacuation` with ``reschedule_exit_code``. Safe from any thread.
+
+        Args:
+            reason: one sentence for the log, the checkpoint's evidence and the Kubernetes Event.
+        """
+        self._force(Decision(Action.RESCHEDULE, "reschedule", str(reason), evidence={"requested": True}))
+
+    def _force(self, decision: Decision) -> None:
+        if self._forced is None or decision.action > self._forced.action:
+            self._forced = decision
+        self._forced_action = max(self._forced_action, int(decision.action))
+        if not self._distributed:
+            self._urgent = True
+
+    def _on_preemption_signal(self, signum: int) -> None:
+        # In a signal handler: record and return; the training thread acts at its next step().
+        if self._preempted is None:
+            self._preempted = (signum, time.monotonic())
+        name = signal_name(signum)
+        self._force(
+            Decision(
+                Action.RESCHEDULE,
+                "reschedule",
+                f"{name} received: the pod is being stopped (preemption, eviction or node drain)",
+                evidence={"signal": name, "preemption_deadline_s": self.config.preemption_deadline_s},
+            )
+        )
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet closed."""
+        return self._started
 
     @property
     def rank(self) -> int:
@@ -231,7 +318,7 @@ class Guard:
     def _prepare(self) -> None:
         try:
             assert self.store is not None
-            seconds = self.store.prepare(self.state)
+            seconds = self.store.prepare(checkpointable(self.state))
             log.info("staging buffer ready in %.2fs", seconds)
         except Exception as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
@@ -246,12 +333,17 @@ class Guard:
         if not self._started:
             self.start()
         assert self.store is not None
+        view = checkpointable(self.state)
+        before = dict(view)
         try:
-            step = self.store.load(self.state, rank=self.rank, fallback=True)
+            step = self.store.load(view, rank=self.rank, fallback=True)
         except CheckpointNotFoundError:
-            log.info("no checkpoint under %s: starting from step 0", self.config.checkpoint_dir)
+            log.warning("gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir)
             return 0
-        log.info("resumed from step %d", step)
+        write_back(self.state, before, view)
+        log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
+        self._resumed_step = step
+        self._last_step = step
         self._schedule_next(step)
         return step + 1
 
@@ -264,31 +356,55 @@ class Guard:
         once, in a single process, when something is wrong) it takes the slow path: agree, and if the
         agreement says so, checkpoint and raise `Evacuation`.
 
+        A step that is not an int, is negative, repeats, goes backwards or lies below the resumed
+        step is reported once (checkpoints are named by step, and `resume` returns the one after).
+
         Raises:
-            Evacuation: after the emergency checkpoint is durable.
+            Evacuation: after the emergency checkpoint is committed (or failed: the job leaves anyway).
+            GpuGuardError: before `start` (or ``with``) or after `close`: the job would train unwatched.
         """
         self.steps.tick(time.perf_counter())
+        if step.__class__ is not int or step <= self._last_step:
+            step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
+        self._last_step = step
         if step < self._next_check and not self._urgent:
             return
         self._slow_path(step)
 
+    def _report_once(self, kind: str, message: str) -> None:
+        if kind not in self._reported:
+            self._reported.add(kind)
+            log.warning("gpuguard: %s (reported once)", message)
+
     def _slow_path(self, step: int) -> None:
         c = self.config
+        if not self._started:
+            raise GpuGuardError(
+                "guard.step() called on a guard that is not running: the job would train unwatched and "
+                "unprotected. Use `with gpuguard.Guard(...) as guard:`, or call guard.start() (or "
+                "guard.resume(), which starts it) before the loop, and do not call step() after close()"
+            )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
             # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
             self._prepared = True
             threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
         agreed: Agreed = NOTHING
+        action = max(self._local_action, self._forced_action)
         if self._distributed:
-            if step % c.sync_every == 0:
-                assert self.agreement is not None
-                recent = self.steps.recent(1)
-                agreed = self.agreement.exchange(self._local_action, self._periodic_due, recent[0] if recent else 0.0)
+            assert self.agreement is not None
+            if self.agreement.pending:  # started at the previous call: read it one step later
+                agreed = self.agreement.finish()
                 if agreed.slowest_rank >= 0:
                     self.slowest = (agreed.slowest_rank, agreed.slowest_step_s)
+            if step % c.sync_every == 0 and not agreed.action:
+                recent = self.steps.recent(1)
+                self.agreement.begin(action, self._periodic_due, recent[0] if recent else 0.0)
+                if "bound" not in self._reported and self.steps.count >= c.step_warmup_steps + 20:
+                    self._reported.add("bound")
+                    check_preemption_bound(c, statistics.median(self.steps.recent(20)))
         else:
-            agreed = Agreed(self._local_action, 0, self._periodic_due, 0, 0.0)
+            agreed = Agreed(action, 0, self._periodic_due, 0, 0.0)
         self._urgent = False
         if agreed.action:
             self._evacuate(step, agreed)
@@ -304,6 +420,8 @@ class Guard:
     def _schedule_next(self, step: int) -> None:
         c = self.config
         candidates = []
+        if self.agreement is not None and self.agreement.pending:
+            candidates.append(step + 1)
         if self._distributed:
             candidates.append((step // c.sync_every + 1) * c.sync_every)
         if c.checkpoint_every_steps:
@@ -323,7 +441,7 @@ class Guard:
         self.periodic = [p for p in self.periodic if not p.done()]
         try:
             pending = self.store.save(
-                self.state,
+                checkpointable(self.state),
                 step,
                 reason="periodic",
                 rank=self.rank,
@@ -363,59 +481,8 @@ class Guard:
         except Exception as exc:
             log.warning("pruning old checkpoints failed: %s", exc)
 
-    def _evacuate(self, step: int, agreed: Agreed) -> None:
-        c = self.config
-        action = Action(agreed.action)
-        decision = (
-            self.decision
-            if self.decision.action == action
-            else Decision(
-                action,
-                action.name.lower(),
-                f"rank {agreed.decided_by} decided to {action.name.lower()}",
-                evidence={"decided_by_rank": agreed.decided_by},
-            )
-        )
-        code = c.reschedule_exit_code if action is Action.RESCHEDULE else c.restart_exit_code
-        evidence = {**decision.to_dict(), "rank": self.rank, "decided_by_rank": agreed.decided_by}
-        if self.slowest is not None:  # across ranks, who was slowest at the last agreement
-            evidence["slowest_rank"], evidence["slowest_step_ms"] = self.slowest[0], round(self.slowest[1] * 1000, 3)
-        report = EvacuationReport(step, action.name, self.decided_at, evidence=evidence)
-        log.warning("evacuating at step %d (%s, exit %d): %s", step, action.name, code, decision.message)
-        self.plugins.hook.gpuguard_before_checkpoint(step=step, reason="emergency", evidence=evidence)
-        info: CheckpointInfo | None = None
-        try:
-            assert self.store is not None
-            started = time.perf_counter()
-            pending = self.store.save(
-                self.state,
-                step,
-                reason="emergency",
-                evidence=evidence,
-                rank=self.rank,
-                world_size=self.world_size,
-                checkpoint_id=self._checkpoint_id(step, "emergency"),
-                replicated=self.config.replicated,
-                commit_timeout_s=c.commit_timeout_s,
-            )
-            report.stall_s = pending.timings.stall_s
-            report.checkpoint_id = pending.id
-            info = pending.wait(timeout=c.commit_timeout_s + 60)
-            report.durable_s = time.perf_counter() - started
-        except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
-            report.error = str(exc)
-            log.error("emergency checkpoint at step %d failed: %s; leaving anyway", step, exc)
-        self.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
-        self.plugins.hook.gpuguard_checkpoint_finished(
-            step=step,
-            reason="emergency",
-            info=info,
-            timings=SaveTimings(report.stall_s, report.durable_s),
-            error=RuntimeError(report.error) if report.error else None,
-        )
-        self.last_evacuation = report
-        self.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
-        raise Evacuation(code, decision, step, info)
+    def _evacuate(self, step: int, agreed: Agreed) -> NoReturn:
+        evacuate(self, step, agreed)
 
     # -- the guard's thread ---------------------------------------------------------------------
 
@@ -431,8 +498,22 @@ class Guard:
                 break
             try:
                 self._evaluate()
+                self._watch_preemption()
             except Exception as exc:  # never into the training thread
                 log.error("gpuguard: deciding failed: %s", exc, exc_info=exc)
+
+    def _watch_preemption(self) -> None:
+        """Say so when a preemption finds the training loop not calling step() (stuck, or a long step)."""
+        if self._preempted is None or self._evacuating or "stuck" in self._reported:
+            return
+        signum, since = self._preempted
+        waited = time.monotonic() - since
+        if waited > self.config.preemption_deadline_s:
+            self._report_once(
+                "stuck",
+                f"{signal_name(signum)} arrived {waited:.0f}s ago and the training loop has not reached the agreed "
+                f"step (preemption_deadline_s={self.config.preemption_deadline_s:g}); {self.resume_point_text()}",
+            )
 
     def _evaluate(self) -> None:
         assert self.monitor is not None
@@ -449,7 +530,10 @@ class Guard:
         override = self.plugins.hook.gpuguard_decide(decision=decision, snapshot=snapshot)
         if isinstance(override, Decision):
             decision = override
-        if decision.action and not self._local_action:
+        forced = self._forced
+        if forced is not None and forced.action >= decision.action:
+            decision = forced
+        if decision.action and not self._local_action and decision is not forced:
             self.decided_at = self.monitor.clock()
             self.decided_wall = time.perf_counter()
             log.warning("gpuguard decided to %s: %s", decision.action.name.lower(), decision.message)
@@ -458,7 +542,7 @@ class Guard:
         every_s = self.config.checkpoint_every_s
         if every_s and time.monotonic() - self._last_periodic_at >= every_s:
             self._periodic_due = True
-        if not self._distributed and (self._local_action or self._periodic_due):
+        if not self._distributed and (self._local_action or self._forced_action or self._periodic_due):
             self._urgent = True  # one process needs no agreement: act at the next step
 
 

@@ -33,7 +33,13 @@ class HealthConfig:
         ecc_sbe_per_min: single-bit ECC errors per minute above which a GPU is DEGRADED.
         pcie_replay_per_lane_per_min: PCIe replays per minute per active lane (Gen5: 1.92) above
             which a GPU is DEGRADED.
-        nvlink_errors_per_min: NVLink CRC, replay and recovery errors per minute, summed.
+        nvlink_errors_per_min: NVLink CRC errors in the last minute at or above which a GPU is DEGRADED
+            (DCGM warns at 1).
+        nvlink_crc_per_s: NVLink CRC errors per second at or above which a GPU is FAILING (DCGM: 100).
+        nvlink_replay_recovery_per_min: NVLink replay plus recovery errors in the last minute at or above
+            which a GPU is FAILING (DCGM: 1).
+        violation_fraction: share of time the clocks may be held by thermal or power limits before
+            (sustained ``clock_event_onset_s``) a GPU is DEGRADED; DCGM's watches warn on any (0).
         temperature_margin_c: DEGRADED within this many degrees of the slowdown threshold.
         clock_event_onset_s: how long a hardware slowdown, thermal or power-brake clock event must
             persist before it counts.
@@ -51,7 +57,10 @@ class HealthConfig:
     quiet_s: float = 30.0
     ecc_sbe_per_min: float = 100.0
     pcie_replay_per_lane_per_min: float = 1.92
-    nvlink_errors_per_min: float = 60.0
+    nvlink_errors_per_min: float = 1.0
+    nvlink_crc_per_s: float = 100.0
+    nvlink_replay_recovery_per_min: float = 1.0
+    violation_fraction: float = 0.0
     temperature_margin_c: float = 5.0
     clock_event_onset_s: float = 10.0
     load_utilization_pct: float = 20.0
@@ -72,6 +81,9 @@ class HealthConfig:
             "ecc_sbe_per_min",
             "pcie_replay_per_lane_per_min",
             "nvlink_errors_per_min",
+            "nvlink_crc_per_s",
+            "nvlink_replay_recovery_per_min",
+            "violation_fraction",
             "temperature_margin_c",
             "clock_event_onset_s",
             "load_utilization_pct",

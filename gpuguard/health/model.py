@@ -95,8 +95,10 @@ class DeviceHealth:
     """A GPU's health at one moment.
 
     Attributes:
-        index: NVML index (PCI bus order; NVML ignores ``CUDA_VISIBLE_DEVICES``).
-        uuid: ``GPU-...``, the identity that survives renumbering; CUDA devices are mapped by it.
+        index: NVML index (PCI bus order; NVML ignores ``CUDA_VISIBLE_DEVICES``); -1 when a GPU opened by
+            UUID could not tell it.
+        uuid: ``GPU-...``, the identity that survives renumbering; CUDA devices are mapped by it. Empty
+            when NVML could not read it (a GPU lost at start: ``pci_bus_id`` and ``index`` name it).
         pci_bus_id: e.g. ``00000000:00:06.0``.
         name: the product name.
         state: the worst state any reason implies (``HEALTHY`` with no reasons).
@@ -151,12 +153,14 @@ class HealthSnapshot:
         available: False when NVML could not be used; ``error`` then says why.
         error: the source's last error, if any.
         taken_at: the monitor clock when the snapshot was made.
+        skipped: GPUs NVML counts but denies this process (NO_PERMISSION), one line each; not watched.
     """
 
     devices: tuple[DeviceHealth, ...]
     available: bool = True
     error: str | None = None
     taken_at: float = 0.0
+    skipped: tuple[str, ...] = ()
 
     @property
     def worst(self) -> HealthState:
@@ -173,6 +177,8 @@ class HealthSnapshot:
             out["available"] = False
         if self.error:
             out["error"] = self.error
+        if self.skipped:
+            out["skipped"] = list(self.skipped)
         return out
 
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from gpuguard.errors import HealthError
+import pynvml
+
+from gpuguard._nvml import choose_nvml
+from gpuguard.errors import HealthError, NvmlError
 from gpuguard.health.config import HealthConfig
 from gpuguard.health.devices import job_device_selection
 from gpuguard.health.model import DeviceHealth, HealthChange, HealthSnapshot, HealthState, Reason, worst_state
 from gpuguard.health.nvml_source import DeviceInfo, NvmlSource
-from gpuguard.health.rules import DeviceEvent, DeviceRules
+from gpuguard.health.rules import DeviceEvent, DeviceRules, Sample
 from gpuguard.health.signals import RECOVERY_ACTIONS, clock_event_names
 from gpuguard.health.xid import XidTable
 
@@ -57,13 +59,7 @@ class HealthMonitor:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config or HealthConfig()
-        if nvml is None and os.environ.get("GPUGUARD_FAKE_NVML"):
-            from gpuguard.fakenvml import FakeNvml
-
-            nvml = FakeNvml.from_env(os.environ["GPUGUARD_FAKE_NVML"])
-            log.warning(
-                "using the fake NVML (GPUGUARD_FAKE_NVML=%s), not this machine's GPUs", os.environ["GPUGUARD_FAKE_NVML"]
-            )
+        nvml = choose_nvml(nvml)
         self.source = NvmlSource(nvml, self.config)
         self.clock: Callable[[], float] = clock or getattr(nvml, "clock", None) or time.monotonic
         self._selection = devices
@@ -99,12 +95,15 @@ class HealthMonitor:
             self._record_error(exc, "opening NVML")
             self._snapshot = HealthSnapshot(devices=(), available=False, error=str(exc), taken_at=self.clock())
             return self._snapshot
-        self._rules = {d.index: DeviceRules(self.config, self._xids, d.limits) for d in devices}
+        self._rules = {d.key: DeviceRules(self.config, self._xids, d.limits) for d in devices}
+        for note in self.source.skipped:
+            self._errors.append(note)
         events_ok = False
         try:
+            # Per device: a GPU whose registration fails is polled alone; the others keep their events.
             events_ok = self.source.open_events() > 0
         except HealthError as exc:
-            self._record_error(exc, "registering NVML events")
+            self._record_error(exc, "creating the NVML event set (every GPU is polled alone)")
         self.poll()
         if threads:
             self._spawn("gpuguard-nvml-poll", self._poll_loop)
@@ -164,7 +163,7 @@ class HealthMonitor:
         samples = [(d, self.source.read(d, self.clock())) for d in self.source.devices]
         with self._lock:
             for device, sample in samples:
-                self._rules[device.index].observe(sample)
+                self._rules[device.key].observe(sample)
             self.polls += 1
         return self._publish()
 
@@ -173,7 +172,14 @@ class HealthMonitor:
         applied = 0
         timeout = timeout_s
         while True:
-            got = self.source.wait_event(timeout, self.clock)
+            try:
+                got = self.source.wait_event(timeout, self.clock)
+            except NvmlError as exc:
+                if exc.code != pynvml.NVML_ERROR_GPU_IS_LOST:
+                    raise
+                self._events_lost(exc)
+                applied += 1
+                break
             if got is None:
                 break
             device, event = got
@@ -184,9 +190,24 @@ class HealthMonitor:
             self._publish()
         return applied
 
+    def _events_lost(self, exc: NvmlError) -> None:
+        """The event wait answered GPU_IS_LOST: mark the GPUs that are gone, keep events for the others."""
+        lost = self.source.find_lost_in_events()
+        now = self.clock()
+        with self._lock:
+            for device in lost:
+                self._rules[device.key].observe(Sample(at=now, lost=True, call="nvmlEventSetWait_v2"))
+        if not lost:
+            self._record_error(exc, "waiting for NVML events (no GPU answered lost on its own)")
+        log.warning(
+            "gpuguard health: nvmlEventSetWait_v2 answered GPU_IS_LOST; lost: %s; events continue for the others",
+            ", ".join(f"GPU {d.index} ({d.uuid})" for d in lost) or "none found",
+        )
+        self._wake.set()
+
     def _apply_event(self, device: DeviceInfo, event: DeviceEvent) -> None:
         with self._lock:
-            self._rules[device.index].record_event(event)
+            self._rules[device.key].record_event(event)
             self.events += 1
         log.debug("GPU %d event %s xid=%s", device.index, event.kind, event.xid)
 
@@ -203,19 +224,24 @@ class HealthMonitor:
         now = self.clock()
         with self._lock:
             devices = tuple(self._device_health(d, now) for d in self.source.devices)
-            previous = {d.index: d for d in self._snapshot.devices}
-            self._snapshot = HealthSnapshot(devices=devices, available=True, taken_at=now)
+            previous = {(d.index, d.uuid): d for d in self._snapshot.devices}
+            self._snapshot = HealthSnapshot(
+                devices=devices, available=True, taken_at=now, skipped=tuple(self.source.skipped)
+            )
             subscribers = list(self._subscribers)
         for current in devices:
-            before = previous.get(current.index)
+            before = previous.get((current.index, current.uuid))
             if before is None or _codes(before.reasons) != _codes(current.reasons) or before.state is not current.state:
                 self._notify(subscribers, HealthChange(before, current))
         return self._snapshot
 
     def _device_health(self, device: DeviceInfo, now: float) -> DeviceHealth:
-        rules = self._rules[device.index]
+        rules = self._rules[device.key]
         reasons = rules.reasons(now)
         readings: dict[str, Any] = dict(rules.readings)
+        if "nvlink_down_links" in readings:
+            mask = int(readings.pop("nvlink_down_links"))
+            readings["nvlink_down_links"] = [i for i in range(64) if mask >> i & 1]
         if "clock_events" in readings:
             readings["clock_events"] = clock_event_names(int(readings["clock_events"]))
         if "recovery_action" in readings:

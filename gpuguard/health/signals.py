@@ -10,16 +10,30 @@ signals each need a call of their own (all cheap: 1.5–2.8 µs each on an H200)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import pynvml
 
 
+def nvml_constant(name: str, value: int) -> int:
+    """A pynvml constant by name, or its value from ``nvml.h`` when this nvidia-ml-py predates it.
+
+    nvidia-ml-py 12.535.161 and 12.570.86 (admitted by ``nvidia-ml-py>=12.535``) lack the recovery
+    action field and its values; the driver, not the bindings, decides whether a field answers, so
+    the numbers from ``nvml.h`` are sent either way and an old driver answers NOT_SUPPORTED for them.
+    """
+    found: Any = getattr(pynvml, name, None)
+    return int(found) if isinstance(found, int) else value
+
+
 @dataclass(frozen=True)
 class FieldSignal:
+    """One entry of the batched ``nvmlDeviceGetFieldValues`` read (``scope``: the NVLink for per-link fields)."""
+
     name: str
     field_id: int
     description: str
+    scope: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ FIELD_SIGNALS: Final[tuple[FieldSignal, ...]] = (
     FieldSignal("pcie_replay", pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, "PCIe replay counter"),
     FieldSignal(
         "recovery_action",
-        pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,
+        nvml_constant("NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", 230),  # nvml.h r570+
         "driver's recovery action: NONE, GPU_RESET, NODE_REBOOT, DRAIN_P2P, DRAIN_AND_RESET, ...",
     ),
     FieldSignal("memory_temperature", pynvml.NVML_FI_DEV_MEMORY_TEMP, "HBM temperature, °C"),
@@ -57,14 +71,32 @@ FIELD_SIGNALS: Final[tuple[FieldSignal, ...]] = (
     ),
     FieldSignal("nvlink_replay_errors", pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL, "NVLink replays"),
     FieldSignal("nvlink_recovery_errors", pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL, "NVLink recoveries"),
+    # Violation time counters (ns), what DCGM's thermal and power watches read (DCGM_FI_DEV_THERMAL_VIOLATION,
+    # DCGM_FI_DEV_POWER_VIOLATION, from nvmlDeviceGetViolationStatus; the same counters as these fields).
+    FieldSignal(
+        "thermal_violation_ns", pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL, "time clocks were held by thermal limits"
+    ),
+    FieldSignal("power_violation_ns", pynvml.NVML_FI_DEV_PERF_POLICY_POWER, "time clocks were held by the power limit"),
 )
+
+# NVML_FI_DEV_NVLINK_GET_STATE with scopeId = link: one entry per link in the batched read (nvml.h),
+# instead of one nvmlDeviceGetNvLinkState call per link (18 per GPU on an HGX H100/H200).
+NVLINK_STATE_FIELD: Final[int] = int(pynvml.NVML_FI_DEV_NVLINK_GET_STATE)
+
+# The single calls that take turns as a cycle's third call (all of them in a monitor's first cycle).
+ROTATING_CALLS: Final[tuple[str, ...]] = ("temperature", "pcie_link_width", "utilization", "fabric")
+
+# nvmlGpuFabricState_t (nvml.h): the GPU's registration with the NVSwitch fabric (fabric manager).
+FABRIC_STATES: Final[dict[int, str]] = {0: "NOT_SUPPORTED", 1: "NOT_STARTED", 2: "IN_PROGRESS", 3: "COMPLETED"}
 
 CALL_SIGNALS: Final[tuple[CallSignal, ...]] = (
     CallSignal("temperature", "GPU temperature, °C (nvmlDeviceGetTemperature)"),
     CallSignal("clock_events", "active clock event reasons (nvmlDeviceGetCurrentClocksEventReasons)"),
     CallSignal("pcie_link_width", "current PCIe link width (nvmlDeviceGetCurrPcieLinkWidth)"),
     CallSignal("utilization", "GPU utilization, % (nvmlDeviceGetUtilizationRates)"),
-    CallSignal("nvlink_down", "NVLink links down that were up at start (nvmlDeviceGetNvLinkState)"),
+    CallSignal("nvlink_down", "NVLink links down (NVML_FI_DEV_NVLINK_GET_STATE, one field per link)"),
+    CallSignal("fabric_state", "NVSwitch fabric registration: 1 NOT_STARTED, 2 IN_PROGRESS, 3 COMPLETED"),
+    CallSignal("fabric_status", "NVSwitch fabric registration result, an nvmlReturn_t (0: success)"),
 )
 
 NVLINK_ERROR_SIGNALS: Final[tuple[str, ...]] = (
@@ -77,15 +109,19 @@ NVLINK_ERROR_SIGNALS: Final[tuple[str, ...]] = (
 FIELD_BY_NAME: Final[dict[str, FieldSignal]] = {s.name: s for s in FIELD_SIGNALS}
 SIGNAL_NAMES: Final[tuple[str, ...]] = tuple(s.name for s in FIELD_SIGNALS) + tuple(s.name for s in CALL_SIGNALS)
 
+# nvmlDeviceGpuRecoveryAction_t in nvml.h; resolved by name so older nvidia-ml-py releases import.
 RECOVERY_ACTIONS: Final[dict[int, str]] = {
-    pynvml.NVML_GPU_RECOVERY_ACTION_NONE: "NONE",
-    pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET: "GPU_RESET",
-    pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT: "NODE_REBOOT",
-    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_P2P: "DRAIN_P2P",
-    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET: "DRAIN_AND_RESET",
-    pynvml.NVML_GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN: "RECOVER_IMEX_DOMAIN",
-    pynvml.NVML_GPU_RECOVERY_ACTION_BUS_RESET: "BUS_RESET",
-    pynvml.NVML_GPU_RECOVERY_ACTION_SYSTEM_REBOOT: "SYSTEM_REBOOT",
+    nvml_constant(f"NVML_GPU_RECOVERY_ACTION_{name}", value): name
+    for name, value in (
+        ("NONE", 0),
+        ("GPU_RESET", 1),
+        ("NODE_REBOOT", 2),
+        ("DRAIN_P2P", 3),
+        ("DRAIN_AND_RESET", 4),
+        ("RECOVER_IMEX_DOMAIN", 5),
+        ("BUS_RESET", 6),
+        ("SYSTEM_REBOOT", 7),
+    )
 }
 
 CLOCK_EVENTS: Final[dict[str, int]] = {
@@ -102,19 +138,23 @@ CLOCK_EVENTS: Final[dict[str, int]] = {
 
 # The clock events that mean the hardware is protecting itself, as opposed to idling or power policy.
 HARDWARE_CLOCK_EVENTS: Final[tuple[str, ...]] = ("hw_slowdown", "hw_thermal", "hw_power_brake")
+# Clock events that cost performance when held: the hardware ones, and the driver's thermal slowdown
+# (DCGM's thermal watch fails on thermal violations, whichever of the two slowed the clocks).
+SLOWDOWN_CLOCK_EVENTS: Final[tuple[str, ...]] = (*HARDWARE_CLOCK_EVENTS, "sw_thermal")
 
 
-# The NVML events gpuguard waits for, by the name rules and scenarios use. Bits missing from an older
-# pynvml are 0 and never match.
+# The NVML events gpuguard waits for, by the name rules and scenarios use. The driver's supported
+# mask (nvmlDeviceGetSupportedEventTypes) decides which of them a GPU registers.
 EVENT_TYPES: Final[dict[str, int]] = {
-    kind: int(getattr(pynvml, name, 0))
-    for kind, name in (
-        ("xid", "nvmlEventTypeXidCriticalError"),
-        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError"),
-        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure"),
-        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError"),
-        ("recovery_action", "nvmlEventTypeGpuRecoveryAction"),
-        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm"),
+    kind: nvml_constant(name, bit)
+    for kind, name, bit in (
+        # (readable kind, pynvml name, nvml.h value: resolved by name, so older bindings still register them)
+        ("xid", "nvmlEventTypeXidCriticalError", 0x0008),
+        ("double_bit_ecc", "nvmlEventTypeDoubleBitEccError", 0x0002),
+        ("dram_retirement_failure", "nvmlEventTypeDramRetirementFailure", 0x0800),
+        ("gpu_unavailable", "nvmlEventTypeGpuUnavailableError", 0x4000),
+        ("recovery_action", "nvmlEventTypeGpuRecoveryAction", 0x8000),
+        ("sbe_storm", "nvmlEventTypeSingleBitEccErrorStorm", 0x0200),
     )
 }
 

@@ -16,8 +16,13 @@ CONTACT_SUPPORT               DEGRADED    CONTACT_SUPPORT
 ============================  ==========  ===============
 
 Application-class XIDs (13, 31, 43, 45, 68, 109 by default) come from the program, not the GPU:
-they are recorded as ``OBSERVE`` and never change a GPU's state on their own. XIDs missing from the
-catalog are recorded the same way, with a message that says so; `XidTable` takes overrides for both.
+they are recorded as ``OBSERVE`` and never change a GPU's state on their own.
+
+An XID missing from the catalog is not taken as harmless: the Kubernetes device plugin marks a GPU
+unhealthy on every XID outside its application list, so here it is ``DEGRADED`` (remedy
+``CONTACT_SUPPORT``, the XID in the evidence), which the policy ladder escalates if it persists. The
+XIDs DCGM's health watch warns on (32, 38, 39, 42, 54, 56-58, 60, 67, 73, 121, 137) are ``DEGRADED`` at
+least. `XidTable` takes overrides for all of these.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from typing import Final
 from gpuguard.health.model import HealthState, Remedy
 
 DEFAULT_APPLICATION_XIDS: Final[frozenset[int]] = frozenset({13, 31, 43, 45, 68, 109})
+
+# XIDs on which DCGM's health watch (DCGM_HEALTH_WATCH_*) reports a warning; none is in the Ampere+ catalog.
+DCGM_WARN_XIDS: Final[frozenset[int]] = frozenset({32, 38, 39, 42, 54, 56, 57, 58, 60, 67, 73, 121, 137})
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,10 @@ class XidTable:
         if xid in self._application:
             return XidClass(xid, meaning, HealthState.HEALTHY, Remedy.OBSERVE, action, application=True)
         if entry is None:
-            return XidClass(xid, meaning, HealthState.HEALTHY, Remedy.OBSERVE, action)
+            if xid in DCGM_WARN_XIDS:
+                meaning = "not in gpuguard's XID catalog; DCGM's health watch warns on it"
+            return XidClass(xid, meaning, HealthState.DEGRADED, Remedy.CONTACT_SUPPORT, action)
         state, remedy = _classify_action(action)
+        if xid in DCGM_WARN_XIDS and state.severity < HealthState.DEGRADED.severity:
+            state, remedy = HealthState.DEGRADED, Remedy.CONTACT_SUPPORT
         return XidClass(xid, meaning, state, remedy, action)

@@ -7,14 +7,23 @@ It composes ``torch.distributed.run`` (same arguments) rather than copying it:
 2. the workers run under torchrun with local restarts off;
 3. a worker's exit 75 makes the wrapper exit 75 — no local restart on a bad GPU; a worker's 76
    restarts the workers in place, up to ``--max-restarts`` times (a fresh process on the same GPU
-   is what a restart-class fault needs), and exits 76 once they are spent.
+   is what a restart-class fault needs), and exits 76 once they are spent;
+4. SIGTERM (the kubelet stopping the pod) is forwarded to the workers, whose guards take an agreed
+   emergency checkpoint and exit 75; the wrapper waits for them and exits with their code. (torchrun's
+   own handling would terminate the workers, SIGKILL them after ``--shutdown-timeout``, and raise a
+   traceback without their exit codes, so SIGTERM is taken out of its ``--signals-to-handle``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
 
 log = logging.getLogger("gpuguard.run")
 
@@ -39,6 +48,59 @@ def preflight(reschedule_code: int) -> int | None:
     return reschedule_code if bad else None
 
 
+def _children() -> list[int]:
+    """This process's children: torchrun starts each worker with ``Popen(start_new_session=True)``,
+    so a signal to the wrapper reaches none of them unless forwarded (Linux ``/proc``)."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after the last ')'
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.append(int(entry.name))
+    return found
+
+
+class Forwarder:
+    """Forwards preemption signals to the workers and remembers that the job is being stopped."""
+
+    def __init__(self, signals: Sequence[signal.Signals]) -> None:
+        self.signals = list(signals)
+        self.received: signal.Signals | None = None
+
+    def install(self) -> None:
+        for sig in self.signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        workers = _children()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):  # a worker that ended meanwhile
+                os.kill(pid, signum)
+        if not workers:
+            # Nothing has started training yet: nothing to save. Leave as the signal asks.
+            raise SystemExit(128 + signum)
+        print(
+            f"gpuguard-run: {self.received.name} forwarded to {len(workers)} worker(s); waiting for their checkpoint",
+            file=sys.stderr,
+        )
+
+
+def _preemption_signals() -> list[signal.Signals]:
+    """The workers' guards read the same variable: the wrapper forwards what they catch."""
+    from gpuguard.guard.config import parse_signal_names
+
+    names = parse_signal_names(os.environ.get("GPUGUARD_PREEMPTION_SIGNALS", "SIGTERM"))
+    return [signal.Signals[name] for name in names]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -51,12 +113,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     restarts_left = int(args.max_restarts)
     args.max_restarts = 0  # the agent would restart on any failure; gpuguard restarts only on 76
+    forwarder = Forwarder(_preemption_signals())
+    ours = {s.name for s in forwarder.signals}
+    args.signals_to_handle = ",".join(
+        s for s in (n.strip() for n in str(args.signals_to_handle).split(",")) if s and s not in ours
+    )
+    forwarder.install()
     while True:
         try:
             run(args)  # type: ignore[no-untyped-call]
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
+            if forwarder.received is not None and reschedule not in codes:
+                # Workers without a guard die by the signal: say so in one line, exit as the signal would.
+                ended = f"workers ended by {forwarder.received.name}: exits {sorted(codes)}"
+                print(f"gpuguard-run: {ended}", file=sys.stderr)
+                return 128 + int(forwarder.received)
             if reschedule in codes:
                 print(f"gpuguard-run: a worker asked to be rescheduled (exit {reschedule})", file=sys.stderr)
                 return reschedule

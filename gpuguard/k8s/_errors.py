@@ -10,9 +10,9 @@ import json
 from typing import Final
 
 from gpuguard.errors import KubernetesError, KubernetesForbiddenError, KubernetesUnreachableError
+from gpuguard.k8s.rbac import CLUSTER_SCOPED
 
 RETRYABLE: Final = frozenset({429, 500, 502, 503, 504})
-CLUSTER_SCOPED: Final = frozenset({"nodes", "devicetaintrules", "resourceslices"})
 
 
 def _server_message(body: object) -> str:

@@ -18,14 +18,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gpuguard.errors import KubernetesError, KubernetesUnreachableError
+from gpuguard.k8s import node_marks
 from gpuguard.k8s.cluster import Cluster
+from gpuguard.k8s.dra import Dra
 
 log = logging.getLogger("gpuguard.k8s")
 
-DRA_VERSIONS = ("v1", "v1beta2", "v1beta1", "v1alpha3")  # newest first
+# events.k8s.io/v1 Event.note is limited to 1 KiB counted in bytes, not characters
+# (pkg/apis/core/validation/events.go: NoteLengthLimit = 1024, len(event.Note) on a Go string).
+NOTE_LIMIT_BYTES: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,36 @@ class ActionOutcome:
     detail: str = ""
 
 
-def _now(micro: bool = False) -> str:
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if micro else now.strftime("%Y-%m-%dT%H:%M:%SZ")
+def micro_time(moment: _dt.datetime | None = None) -> str:
+    """A MicroTime: RFC 3339 with exactly six fractional digits, always, even when they are all 0
+    (apimachinery/pkg/apis/meta/v1/micro_time.go, RFC3339Micro = "2006-01-02T15:04:05.000000Z07:00")."""
+    moment = (moment or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond:06d}Z"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def truncate_bytes(text: str, limit: int, marker: str = "...") -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary, ``marker`` appended when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - len(marker.encode())].decode(errors="ignore") + marker
 
 
 def _camel(text: str) -> str:
     return "".join(part[:1].upper() + part[1:].lower() for part in text.replace("-", "_").split("_") if part)
+
+
+def _reason_codes(evidence: dict[str, Any]) -> list[str]:
+    codes = []
+    for reason in evidence.get("reasons", []) or []:
+        code = reason.get("code") if isinstance(reason, dict) else reason
+        xid = (reason.get("evidence") or {}).get("xid") if isinstance(reason, dict) else None
+        codes.append(f"{code}{f' {xid}' if xid is not None else ''}")
+    return [str(c)[:80] for c in codes if c]
 
 
 class KubernetesActions:
@@ -52,6 +79,7 @@ class KubernetesActions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.config = cluster.config
+        self.dra = Dra(cluster)
 
     def evacuate(
         self,
@@ -86,12 +114,12 @@ class KubernetesActions:
             (
                 "node-" + c.mark,
                 mark and c.mark != "none" and device is not None and action == "reschedule",
-                lambda d: self.mark_node(device or "", d),
+                lambda d: self.mark_node(device or "", d, state=state, reasons=_reason_codes(evidence)),
             ),
             (
                 "device-taint-rule",
                 mark and c.dra and device is not None and action == "reschedule",
-                lambda d: self.taint_dra_device(device or "", d),
+                lambda d: self.taint_dra_device(device or "", d, state=state),
             ),
             ("leave-" + c.leave, leave and c.leave != "exit", self.leave),
         ]
@@ -156,11 +184,11 @@ class KubernetesActions:
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
             "metadata": {"generateName": f"{cl.pod}.gpuguard-", "namespace": cl.namespace},
-            "eventTime": _now(micro=True),
+            "eventTime": micro_time(),
             "type": "Warning",
             "reason": "GPUUnhealthy",
             "action": "RestartInPlace" if action == "restart" else "Reschedule",
-            "note": note[:1021] + "..." if len(note) > 1024 else note,
+            "note": truncate_bytes(note, NOTE_LIMIT_BYTES),
             "regarding": {
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -182,10 +210,11 @@ class KubernetesActions:
         )
         return "Warning GPUUnhealthy"
 
-    def mark_node(self, device: str, deadline: float) -> str:
-        from kubernetes import client
-
-        cl, c = self.cluster, self.config
+    def mark_node(
+        self, device: str, deadline: float, *, state: str = "FAILING", reasons: list[str] | None = None
+    ) -> str:
+        """Taint or label the node (one taint per key and effect) and record ``device`` on it."""
+        cl = self.cluster
         if not cl.node:
             raise KubernetesError(
                 "NODE_NAME is not set: add it from the Downward API (fieldRef spec.nodeName)",
@@ -193,162 +222,31 @@ class KubernetesActions:
                 verb="patch",
                 resource="nodes",
             )
-        core = client.CoreV1Api(cl.api)
-        if c.mark == "label":
-            cl.call(
-                "patch",
-                "nodes",
-                core.patch_node,
-                cl.node,
-                {"metadata": {"labels": {c.taint_key: device}}},
-                deadline=deadline,
-                _content_type="application/strategic-merge-patch+json",
-            )
-            return f"label {c.taint_key}={device}"
-        for _ in range(5):
-            node = cl.call_json("get", "nodes", core.read_node, cl.node, deadline=deadline)
-            taints = list(node.get("spec", {}).get("taints") or [])
-            if any(t.get("key") == c.taint_key and t.get("value") == device for t in taints):
-                return f"taint {c.taint_key}={device}:{c.taint_effect} already there"
-            taints.append({"key": c.taint_key, "value": device, "effect": c.taint_effect, "timeAdded": _now()})
-            patch = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": taints}}
-            try:
-                cl.call(
-                    "patch",
-                    "nodes",
-                    core.patch_node,
-                    cl.node,
-                    patch,
-                    deadline=deadline,
-                    _content_type="application/strategic-merge-patch+json",
-                )
-                return f"taint {c.taint_key}={device}:{c.taint_effect}"
-            except KubernetesError as exc:
-                if exc.status != 409:  # someone else changed the node: re-read and try again
-                    raise
-        raise KubernetesError(
-            "patch nodes: still conflicting after 5 tries", status=409, verb="patch", resource="nodes"
-        )
+        return node_marks.mark(cl, cl.node, device=device, state=state, reasons=reasons or [], deadline=deadline)
 
-    def taint_dra_device(self, device: str, deadline: float) -> str:
+    def taint_dra_device(self, device: str, deadline: float, *, state: str = "FAILING") -> str:
         """A DeviceTaintRule for the DRA device behind ``device``; skipped when GPUs are not DRA-allocated."""
-        from kubernetes import client
-
-        cl, c = self.cluster, self.config
-        version = self._dra_version(deadline)
-        if version is None:
+        if state.upper() == "DEGRADED":
+            # Device taints have no PreferNoSchedule: degraded evidence must not take the device away.
+            raise KubernetesError(
+                "DEGRADED evidence does not taint a device", status=404, verb="create", resource="devicetaintrules"
+            )
+        if self.dra.version("devicetaintrules", deadline) is None:
             raise KubernetesError(
                 "resource.k8s.io DeviceTaintRules are not served here",
                 status=404,
                 verb="create",
                 resource="devicetaintrules",
             )
-        target = self._dra_device(version, device, deadline)
-        if target is None:
+        ref = self.dra.device_for(device, deadline)
+        if ref is None:
             raise KubernetesError(
-                f"no DRA device of driver {c.dra_driver} allocated to this pod",
+                f"no DRA device of driver {self.config.dra_driver} with UUID {device} is allocated to this pod",
                 status=404,
                 verb="get",
                 resource="resourceclaims",
             )
-        name = f"gpuguard-{(cl.node or 'node')[:40]}-{device.removeprefix('GPU-')[:8]}".lower()
-        body = {
-            "apiVersion": f"resource.k8s.io/{version}",
-            "kind": "DeviceTaintRule",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "gpuguard"}},
-            "spec": {
-                "deviceSelector": target,
-                "taint": {"key": c.taint_key, "value": device, "effect": c.taint_effect},
-            },
-        }
-        custom = client.CustomObjectsApi(cl.api)
-        try:
-            cl.call(
-                "create",
-                "devicetaintrules",
-                custom.create_cluster_custom_object,
-                "resource.k8s.io",
-                version,
-                "devicetaintrules",
-                body,
-                group="resource.k8s.io",
-                deadline=deadline,
-            )
-        except KubernetesError as exc:
-            if exc.status != 409:
-                raise
-            return f"DeviceTaintRule {name} already there"
-        return f"DeviceTaintRule {name} for {target['driver']}/{target['pool']}/{target['device']}"
-
-    def _dra_version(self, deadline: float) -> str | None:
-        from kubernetes import client
-
-        cl = self.cluster
-        groups = cl.call_json("get", "apis", client.ApisApi(cl.api).get_api_versions, deadline=deadline)
-        offered = set()
-        for group in groups.get("groups", []):
-            if group.get("name") == "resource.k8s.io":
-                offered = {v["version"] for v in group.get("versions", [])}
-        custom = client.CustomObjectsApi(cl.api)
-        for version in DRA_VERSIONS:
-            if version not in offered:
-                continue
-            resources = cl.call_json(
-                "get", "resource.k8s.io", custom.get_api_resources, "resource.k8s.io", version, deadline=deadline
-            )
-            if any(r.get("name") == "devicetaintrules" for r in resources.get("resources", [])):
-                return version
-        return None
-
-    def _dra_device(self, version: str, uuid: str, deadline: float) -> dict[str, str] | None:
-        from kubernetes import client
-
-        cl, c = self.cluster, self.config
-        custom = client.CustomObjectsApi(cl.api)
-        pod = cl.get_pod_json(deadline)
-        allocated: list[dict[str, str]] = []
-        for status in pod.get("status", {}).get("resourceClaimStatuses", []) or []:
-            claim_name = status.get("resourceClaimName")
-            if not claim_name:
-                continue
-            claim = cl.call_json(
-                "get",
-                "resourceclaims",
-                custom.get_namespaced_custom_object,
-                "resource.k8s.io",
-                version,
-                cl.namespace,
-                "resourceclaims",
-                claim_name,
-                group="resource.k8s.io",
-                deadline=deadline,
-            )
-            for result in claim.get("status", {}).get("allocation", {}).get("devices", {}).get("results", []):
-                if result.get("driver") == c.dra_driver:
-                    allocated.append({"driver": result["driver"], "pool": result["pool"], "device": result["device"]})
-        if len(allocated) <= 1:
-            return allocated[0] if allocated else None
-        # Several GPUs: the ResourceSlices say which device has this UUID.
-        slices = cl.call_json(
-            "list",
-            "resourceslices",
-            custom.list_cluster_custom_object,
-            "resource.k8s.io",
-            version,
-            "resourceslices",
-            group="resource.k8s.io",
-            field_selector=f"spec.nodeName={cl.node}",
-            deadline=deadline,
-        )
-        for item in slices.get("items", []):
-            pool = item.get("spec", {}).get("pool", {}).get("name")
-            for dev in item.get("spec", {}).get("devices", []):
-                attributes = dev.get("attributes") or dev.get("basic", {}).get("attributes", {})
-                if attributes.get("uuid", {}).get("string") == uuid:
-                    match = {"driver": c.dra_driver, "pool": pool, "device": dev["name"]}
-                    if match in allocated:
-                        return match
-        return None
+        return self.dra.taint(ref, device, deadline)
 
     def leave(self, deadline: float) -> str:
         from kubernetes import client
@@ -371,5 +269,12 @@ class KubernetesActions:
                 deadline=deadline,
             )
             return "evicted (DisruptionTarget)"
-        cl.call("delete", "pods", core.delete_namespaced_pod, cl.pod, cl.namespace, deadline=deadline)
-        return "deleted"
+        # A grace period, never 0: the kubelet's SIGTERM finds the process already leaving with its exit
+        # code, which the Job's podFailurePolicy reads (a kill at once would exit 137 and count as a
+        # failure). A plain delete sets no DisruptionTarget condition; only eviction does.
+        grace = self.config.delete_grace_period_s
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if grace is not None:  # else the pod's own terminationGracePeriodSeconds applies
+            options["gracePeriodSeconds"] = grace
+        cl.call("delete", "pods", core.delete_namespaced_pod, cl.pod, cl.namespace, body=options, deadline=deadline)
+        return "deleted (" + (f"grace period {grace}s" if grace else "the pod's grace period") + ")"

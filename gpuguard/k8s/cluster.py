@@ -90,8 +90,10 @@ class Cluster:
         """The pod as raw JSON (allocatedResourcesStatus and other new fields included)."""
         from kubernetes import client
 
+        # GET .../pods/NAME/status answers the whole pod (spec included) and is authorized as
+        # pods/status, so a 403 must name pods/status, not pods.
         read = client.CoreV1Api(self.api).read_namespaced_pod_status
-        return self.call_json("get", "pods", read, self.pod, self.namespace, deadline=deadline)
+        return self.call_json("get", "pods/status", read, self.pod, self.namespace, deadline=deadline)
 
 
 def _downward(env: Mapping[str, str], service_account: Path) -> tuple[str, str, str, str]:
@@ -109,9 +111,15 @@ _SAID: set[str] = set()  # what has been logged once already
 
 
 def connect(
-    config: KubernetesConfig, env: Mapping[str, str] | None = None, service_account: Path = SERVICE_ACCOUNT
+    config: KubernetesConfig,
+    env: Mapping[str, str] | None = None,
+    service_account: Path = SERVICE_ACCOUNT,
+    *,
+    need_pod: bool = True,
 ) -> Cluster | None:
     """Connect as the pod's service account, or through a kubeconfig; None when neither is there.
+
+    ``need_pod=False`` is for tools that act on nodes only (``gpuguard k8s untaint``, the node check).
 
     Raises:
         KubernetesError: ``enabled="on"`` but no cluster could be configured.
@@ -159,7 +167,7 @@ def connect(
         ) from None
     configuration.retries = 0  # gpuguard retries itself, within its deadline
     pod, namespace, node, uid = _downward(env, service_account)
-    if not pod:
+    if not pod and need_pod:
         raise KubernetesError(
             "POD_NAME is not set: add it from the Downward API (fieldRef metadata.name)",
             status=0,

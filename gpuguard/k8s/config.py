@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from gpuguard.errors import ConfigError
+
+# Effects a device taint may have: NoSchedule and NoExecute (the API's DeviceTaintEffect enum;
+# PreferNoSchedule does not exist for devices).
+DEVICE_TAINT_EFFECTS: Final = ("NoSchedule", "NoExecute")
+_QUALIFIED_NAME: Final = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 
 
 @dataclass(frozen=True)
@@ -21,11 +29,16 @@ class KubernetesConfig:
         event: create an events.k8s.io/v1 Event on the pod.
         mark: mark the node: ``taint`` (``taint_key`` = the GPU's UUID, ``taint_effect``), ``label``, or ``none``.
         taint_key: the taint's or label's key.
-        taint_effect: ``NoSchedule`` keeps new pods off; ``NoExecute`` would evict the others too.
+        taint_effect: for FAILING or LOST GPUs: ``NoSchedule`` keeps new pods off; ``NoExecute`` would evict
+            the others too; ``PreferNoSchedule`` only with ``dra=False`` (device taints do not have it).
+            DEGRADED-only evidence always taints ``PreferNoSchedule``, never harder.
         dra: for DRA-allocated GPUs, create a DeviceTaintRule that taints just that device.
         dra_driver: the DRA driver whose devices are GPUs.
         leave: ``exit`` with the code (the Job's podFailurePolicy reads it), or ``evict`` (the pod gets
             DisruptionTarget), or ``delete`` the pod.
+        delete_grace_period_s: with ``leave=delete``, the grace period to ask for; None (default) keeps the
+            pod's own ``terminationGracePeriodSeconds``. At least 1: the process must exit with its own
+            code, which the Job's podFailurePolicy reads, before it is killed.
         deadline_s: all actions together may take this long; evacuation never waits longer.
         request_timeout_s: one API call may take this long.
         pod_health: read the pod's own allocatedResourcesStatus (KEP-4680) as health evidence.
@@ -43,6 +56,7 @@ class KubernetesConfig:
     dra: bool = True
     dra_driver: str = "gpu.nvidia.com"
     leave: Literal["exit", "evict", "delete"] = "exit"
+    delete_grace_period_s: int | None = None
     deadline_s: float = 10.0
     request_timeout_s: float = 3.0
     pod_health: bool = True
@@ -63,9 +77,27 @@ class KubernetesConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"kubernetes.{name}", value, "must be a number of seconds greater than 0")
+        grace = self.delete_grace_period_s
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 1):
+            raise ConfigError("kubernetes.delete_grace_period_s", grace, "must be a whole number of seconds, 1 or more")
         for name in ("condition", "event", "dra", "pod_health"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"kubernetes.{name}", getattr(self, name), "must be true or false")
+        if self.dra and self.taint_effect not in DEVICE_TAINT_EFFECTS:
+            # The API server rejects any other effect on a DeviceTaint (pkg/apis/resource/validation/
+            # validation.go, validateDeviceTaint): better said now than as a 422 mid-evacuation.
+            raise ConfigError(
+                "kubernetes.taint_effect",
+                self.taint_effect,
+                "with dra=true the effect must be one a DeviceTaintRule accepts: "
+                + ", ".join(DEVICE_TAINT_EFFECTS)
+                + " (set dra=false to taint only the node with PreferNoSchedule)",
+            )
+        if not _QUALIFIED_NAME.match(self.taint_key) or len(self.taint_key.rsplit("/", 1)[-1]) > 63:
+            # A taint's key and a label's key are qualified names (apimachinery validation.IsQualifiedName).
+            raise ConfigError(
+                "kubernetes.taint_key", self.taint_key, "must be a qualified name such as gpuguard.io/unhealthy-gpu"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KubernetesConfig:

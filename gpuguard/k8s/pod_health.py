@@ -1,9 +1,11 @@
 """KEP-4680: the kubelet reports each allocated device's health in the pod's own status.
 
-``status.containerStatuses[].allocatedResourcesStatus[].resources[]`` lists ``resourceID`` (the GPU's
-UUID for the NVIDIA device plugin) with ``health`` Healthy/Unhealthy/Unknown. An Unhealthy GPU is
-FAILING evidence for the GPU with that ID. Read on a thread of its own, so the guard's decisions read
-a cache and never wait on the API server.
+``status.containerStatuses[].allocatedResourcesStatus[].resources[]`` lists ``resourceID`` with
+``health`` Healthy/Unhealthy/Unknown. For the NVIDIA device plugin the ID is the GPU's UUID; for a DRA
+device (``name: claim:CLAIM/REQUEST``) it is ``driver/pool/device`` (pkg/kubelet/cm/dra), never the
+UUID, so those IDs are mapped to UUIDs through the node's ResourceSlices (their ``uuid`` attribute).
+An Unhealthy GPU is FAILING evidence for the GPU with that UUID. Read on a thread of its own, so the
+guard's decisions read a cache and never wait on the API server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from gpuguard.errors import KubernetesError
 from gpuguard.health.model import HealthState, Reason, Remedy
 from gpuguard.k8s.cluster import Cluster
+from gpuguard.k8s.dra import Dra
 
 log = logging.getLogger("gpuguard.k8s")
 
@@ -50,6 +53,8 @@ class PodDeviceHealth:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpuguard-k8s-pod-health", daemon=True)
         self._warned = False
+        self._said_dra = False
+        self._dra = Dra(cluster)
 
     def start(self) -> None:
         self._thread.start()
@@ -60,12 +65,32 @@ class PodDeviceHealth:
 
     def refresh(self) -> None:
         try:
-            self.reasons = unhealthy_devices(self.cluster.get_pod_json())
+            found = unhealthy_devices(self.cluster.get_pod_json())
+            if any(device_id.count("/") == 2 for device_id in found):
+                found = self._dra_to_uuids(found)
+            self.reasons = found
             self._warned = False
         except KubernetesError as exc:
             if not self._warned:  # said once until it works again
                 log.warning("reading the pod's device health failed: %s", exc)
                 self._warned = True
+
+    def _dra_to_uuids(self, found: dict[str, list[Reason]]) -> dict[str, list[Reason]]:
+        """Re-key DRA devices' reasons by their GPU's UUID; unmappable ones are said once and kept."""
+        if not self.cluster.config.dra:
+            if not self._said_dra:
+                log.warning(
+                    "the kubelet reports DRA devices %s Unhealthy, but kubernetes.dra is off: "
+                    "gpuguard cannot map them to GPU UUIDs",
+                    sorted(found),
+                )
+                self._said_dra = True
+            return found
+        uuids = {ref.resource_id: uuid for ref, uuid in self._dra.uuids(None).items()}
+        mapped: dict[str, list[Reason]] = {}
+        for device_id, reasons in found.items():
+            mapped.setdefault(uuids.get(device_id, device_id), []).extend(reasons)
+        return mapped
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -48,7 +48,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--replicated", action="store_true")
     p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--no-periodic", action="store_true", help="no periodic checkpoints at all")
     args = p.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -66,7 +68,8 @@ def main() -> int:
             checkpoint_dir=f"file://{args.dir / 'checkpoints'}",
             state=state,
             sync_every=5,
-            checkpoint_every_steps=40,
+            checkpoint_every_steps=None if args.no_periodic else 40,
+            checkpoint_every_s=0,
             replicated=args.replicated,
             commit_timeout_s=15,
             plugins=plugins,
@@ -83,6 +86,8 @@ def main() -> int:
                 optimizer.zero_grad(set_to_none=True)
                 time.sleep(0.01)
                 guard.step(step)
+                if rank == 0:
+                    (args.dir / "progress").write_text(str(step))
         report["exit_code"] = 0
     except gpuguard.Evacuation as evacuation:
         report |= {"exit_code": evacuation.code, "evacuated_at": evacuation.step}

@@ -1,0 +1,85 @@
+"""What the guard tells its user once: odd step numbers, an unwatched start, a preemption deadline
+that sync_every and the step time cannot meet."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from gpuguard.guard.config import GuardConfig
+from gpuguard.health.model import HealthSnapshot, HealthState
+
+log = logging.getLogger("gpuguard")
+
+
+def odd_step(step: Any, last: int, resumed: int | None, report_once: Callable[[str, str], None]) -> int:
+    """The step number to use for a ``guard.step(step)`` that is not an int above ``last``; reports why."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        report_once(
+            "type",
+            f"guard.step({step!r}): the step must be an int (a {type(step).__name__} was passed); "
+            "counting steps from the previous one instead",
+        )
+        return last + 1
+    number = int(step)  # numpy integers are fine
+    if number > last:
+        return number
+    if number < 0:
+        report_once("negative", f"guard.step({number}): step numbers start at 0")
+    elif resumed is not None and number <= resumed:
+        report_once(
+            "resumed",
+            f"guard.step({number}) lies at or below the resumed step {resumed} "
+            f"(resume() returned {resumed + 1}): start the loop at resume()'s value",
+        )
+    else:
+        report_once(
+            "order",
+            f"guard.step({number}) after guard.step({last}): steps must increase; a checkpoint is "
+            "named by its step and resume() returns the one after it, so repeated or decreasing numbers "
+            "(a per-epoch batch index, say) resume at the wrong place",
+        )
+    return number
+
+
+def say_what_is_watched(snapshot: HealthSnapshot, fail_mode: str) -> None:
+    """Loudly, at start: a job that trains unmonitored, or on a GPU already bad, must know it."""
+    if not snapshot.available:
+        if fail_mode == "closed":
+            log.error("gpuguard: GPU health cannot be read (%s); fail_mode=closed: leaving", snapshot.error)
+        else:
+            log.error(
+                "gpuguard: GPU health is NOT monitored (%s): training continues unwatched (fail_mode=open); "
+                "periodic and preemption checkpoints still run. Set health.fail_mode=closed to refuse.",
+                snapshot.error,
+            )
+        return
+    for device in snapshot.devices:
+        if device.state.severity >= HealthState.FAILING.severity:
+            reason = device.reasons[0].message if device.reasons else ""
+            log.error(
+                "gpuguard: GPU %s is %s at start (%s): the job leaves at its first step",
+                device.index,
+                device.state.value,
+                reason,
+            )
+
+
+def check_preemption_bound(config: GuardConfig, step_s: float) -> None:
+    """After a SIGTERM every rank must reach the agreed step: up to ``sync_every`` steps. Warn when
+    that alone takes half the preemption deadline, leaving too little for the save."""
+    if not config.preemption_signals:
+        return
+    to_agree = config.sync_every * step_s
+    if to_agree >= config.preemption_deadline_s / 2:
+        log.warning(
+            "gpuguard: after a SIGTERM the ranks may need up to sync_every x step time = %d x %.2fs = %.1fs "
+            "to reach the agreed step, over half of preemption_deadline_s=%gs: lower sync_every, or raise "
+            "the deadline and the pod's terminationGracePeriodSeconds",
+            config.sync_every,
+            step_s,
+            to_agree,
+            config.preemption_deadline_s,
+        )

@@ -1,0 +1,165 @@
+"""Leaving: the emergency checkpoint at the agreed step, then `Evacuation` — even when the
+checkpoint fails, for the GPU is bad or the pod is going away; then the log, the evidence and the
+Kubernetes Event say which checkpoint the next pod resumes from."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from gpuguard.checkpoint.store import CheckpointInfo, SaveTimings
+from gpuguard.errors import GpuGuardError
+from gpuguard.guard._signals import signal_name
+from gpuguard.guard._state import checkpointable
+from gpuguard.guard.agreement import Agreed
+from gpuguard.guard.policy import Action, Decision
+
+if TYPE_CHECKING:
+    from gpuguard.guard.guard import Guard
+
+log = logging.getLogger("gpuguard")
+
+
+class Evacuation(SystemExit):
+    """Raised from `Guard.step` once the emergency checkpoint is durable: the job must leave.
+
+    A ``SystemExit``, so ``finally`` blocks run and, uncaught, it ends the process with ``code``:
+    75 (reschedule elsewhere) or 76 (restart in place) by default.
+
+    Attributes:
+        code: the exit code.
+        decision: why.
+        step: the step every rank checkpointed.
+        checkpoint: the committed checkpoint (on the committing rank), or None.
+    """
+
+    def __init__(self, code: int, decision: Decision, step: int, checkpoint: CheckpointInfo | None) -> None:
+        super().__init__(code)
+        self.decision = decision
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class EvacuationReport:
+    """Timings of an evacuation, for logs, demos and benchmarks (seconds)."""
+
+    step: int
+    action: str
+    decided_at: float | None = None
+    stall_s: float = 0.0
+    durable_s: float = 0.0
+    checkpoint_id: str | None = None
+    error: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    signal: str | None = None
+    signal_to_durable_s: float | None = None
+    resume_from: dict[str, Any] | None = None
+
+
+def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
+    """Checkpoint ``step`` (every rank calls this at the same step) and raise `Evacuation`."""
+    c = guard.config
+    guard._evacuating = True
+    action = Action(agreed.action)
+    forced = guard._forced
+    if forced is not None and forced.action == action:
+        decision = forced
+    elif guard.decision.action == action:
+        decision = guard.decision
+    else:
+        decision = Decision(
+            action,
+            action.name.lower(),
+            f"rank {agreed.decided_by} decided to {action.name.lower()}",
+            evidence={"decided_by_rank": agreed.decided_by},
+        )
+    code = c.reschedule_exit_code if action is Action.RESCHEDULE else c.restart_exit_code
+    evidence = {**decision.to_dict(), "rank": guard.rank, "decided_by_rank": agreed.decided_by}
+    if guard.slowest is not None:  # across ranks, who was slowest at the last agreement
+        evidence["slowest_rank"], evidence["slowest_step_ms"] = guard.slowest[0], round(guard.slowest[1] * 1000, 3)
+    report = EvacuationReport(step, action.name, guard.decided_at, evidence=evidence)
+    # A preemption has a deadline (the pod's grace period): the save gets what is left of it.
+    budget = c.commit_timeout_s
+    if guard._preempted is not None:
+        signum, since = guard._preempted
+        report.signal = signal_name(signum)
+        evidence["signal"] = report.signal
+        evidence["signal_to_step_s"] = round(time.monotonic() - since, 4)
+        budget = min(budget, max(1.0, c.preemption_deadline_s - (time.monotonic() - since)))
+    log.warning("evacuating at step %d (%s, exit %d): %s", step, action.name, code, decision.message)
+    guard.plugins.hook.gpuguard_before_checkpoint(step=step, reason="emergency", evidence=evidence)
+    info: CheckpointInfo | None = None
+    try:
+        assert guard.store is not None
+        started = time.perf_counter()
+        pending = guard.store.save(
+            checkpointable(guard.state),
+            step,
+            reason="emergency",
+            evidence=evidence,
+            rank=guard.rank,
+            world_size=guard.world_size,
+            checkpoint_id=guard._checkpoint_id(step, "emergency"),
+            replicated=guard.config.replicated,
+            commit_timeout_s=budget,
+        )
+        report.stall_s = pending.timings.stall_s
+        report.checkpoint_id = pending.id
+        try:
+            info = pending.wait(timeout=budget + (5.0 if guard._preempted is None else 0.0))
+        except TimeoutError:
+            raise GpuGuardError(f"emergency checkpoint {pending.id} not committed within {budget:.1f}s") from None
+        report.durable_s = time.perf_counter() - started
+        if guard._preempted is not None:
+            report.signal_to_durable_s = time.monotonic() - guard._preempted[1]
+            log.warning(
+                "gpuguard: %s -> checkpoint at step %d committed in %.2fs",
+                report.signal,
+                step,
+                report.signal_to_durable_s,
+            )
+    except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
+        report.error = str(exc)
+        report.resume_from = guard._resume_point()
+        evidence["emergency_checkpoint_error"] = report.error
+        evidence["resume_from"] = report.resume_from
+        where = describe(report.resume_from)
+        decision = dataclasses.replace(
+            decision,
+            message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
+            evidence={
+                **decision.evidence,
+                "resume_from": report.resume_from,
+                "emergency_checkpoint_error": report.error,
+            },
+        )
+        log.error(
+            "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
+            step,
+            exc,
+            describe(report.resume_from),
+        )
+    guard.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
+    guard.plugins.hook.gpuguard_checkpoint_finished(
+        step=step,
+        reason="emergency",
+        info=info,
+        timings=SaveTimings(report.stall_s, report.durable_s),
+        error=GpuGuardError(report.error) if report.error else None,
+    )
+    guard.last_evacuation = report
+    guard.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
+    raise Evacuation(code, decision, step, info)
+
+
+def describe(point: dict[str, Any] | None) -> str:
+    """The checkpoint a resume would use, in words: for logs and Events."""
+    if point is None:
+        return "no committed checkpoint: the next run starts from step 0"
+    if "error" in point:
+        return str(point["error"])
+    return f"the next run resumes from {point['id']} (step {point['step']}, {point['reason']})"
