@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,6 +201,7 @@ class _GuardHooks:
         self.resumed_from: CheckpointInfo | None = None
         self._last_step = -1
         self._fitted = False
+        self._guard_handlers: dict[int, Any] = {}
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -213,7 +215,10 @@ class _GuardHooks:
         self.evacuation = None
         self._last_step = -1
         self.guard.state[STATE_KEY] = _TrainerState(trainer)
+        before = _handlers(self._preemption_signals())
         self.guard.start()  # Lightning has initialised the process group by now
+        after = _handlers(self._preemption_signals())
+        self._guard_handlers = {s: h for s, h in after.items() if h is not before.get(s)}
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._check_storable()
@@ -276,7 +281,21 @@ class _GuardHooks:
         except CheckpointError as exc:
             raise CheckpointError(f"gpuguard cannot checkpoint this Lightning run without pickling: {exc}") from exc
 
+    def _preemption_signals(self) -> list[int]:
+        names = getattr(self.guard.config, "preemption_signals", [])
+        return [int(getattr(signal, name)) for name in names if hasattr(signal, name)]
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Lightning installs its SIGTERM handler after setup, around the guard's: under DDP it would
+        # raise at the next batch on every rank, before the guard's agreed emergency checkpoint. The
+        # guard's handler alone makes SIGTERM what it is without Lightning: a checkpoint, then exit 75.
+        for signum, handler in self._guard_handlers.items():
+            if signal.getsignal(signum) is not handler:
+                try:
+                    signal.signal(signum, handler)
+                except ValueError:  # not the main thread: Lightning's handling stays
+                    continue
+                log.info("gpuguard handles %s in this fit (Lightning's own handler is set aside)", signum)
         # The dataloaders exist from here on (the fit loop set them up just before this hook).
         loader = getattr(trainer.fit_loop, "_combined_loader", None)
         flattened = getattr(loader, "flattened", [])
@@ -356,6 +375,10 @@ class _GuardHooks:
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def _handlers(signums: list[int]) -> dict[int, Any]:
+    return {s: signal.getsignal(s) for s in signums}
 
 
 def _is_plain_distributed_sampler(sampler: Any) -> bool:

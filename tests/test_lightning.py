@@ -50,6 +50,7 @@ def fit(
     epochs: int = 3,
     max_steps: int = -1,
     fault_at: tuple[int, int] | None = None,
+    extra_callbacks: tuple[Any, ...] | list[Any] = (),
     **settings: Any,
 ) -> tuple[Any, Any, GpuGuardCallback]:
     """One fit in this process; returns (trainer, model, callback). Raises Evacuation as fit does."""
@@ -58,7 +59,7 @@ def fit(
     model = regression()
     fake = FakeNvml.from_scenario(XID48) if fault_at else FakeNvml.replay()
     guard = GpuGuardCallback(checkpoint_dir=f"file://{folder}", nvml=fake, **settings)
-    callbacks: list[Any] = [guard]
+    callbacks: list[Any] = [guard, *extra_callbacks]
     if fault_at:
         hook = type("FaultHook", (FaultAt, pl.Callback), {})
         callbacks.append(hook(fake, guard, *fault_at))
@@ -136,6 +137,29 @@ def test_evacuation_stops_the_trainer_and_exits_75(
         assert model.seen[0] == (1, 5, 21)
         assert trainer.global_step == 48
         assert_identical(weights(model), reference)
+
+
+def test_sigterm_checkpoints_and_exits_75(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    import signal
+
+    pl, _ = build("lightning", 0.0)
+
+    class Terminate(pl.Callback):  # type: ignore[misc, name-defined]
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 20:
+                os.kill(os.getpid(), signal.SIGTERM)  # what a node drain sends
+
+    folder = tmp_path / "ckpt"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Evacuation) as caught:
+        fit(folder, extra_callbacks=[Terminate()])
+    assert caught.value.code == 75
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers put back
+    [info] = CheckpointStore(f"file://{folder}").list()
+    assert info.reason == "emergency" and info.step == caught.value.step and info.step >= 20
+    trainer, model, _ = fit(folder)
+    assert model.seen[0][2] == info.step and trainer.global_step == 48
+    assert_identical(weights(model), reference)
 
 
 def test_given_ckpt_path_is_not_overridden(tmp_path: Path) -> None:
