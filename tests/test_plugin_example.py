@@ -70,8 +70,8 @@ def test_installed_plugin_is_discovered_and_called(installed: Path, tmp_path: Pa
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)]),
-        "GPUGUARD_SITE_WEBHOOK_URL": f"http://127.0.0.1:{server.server_port}/hook",
-        "GPUGUARD_SITE_PROBE_FILE": str(tmp_path / "probe.txt"),
+        "SITE_GPU_WEBHOOK_URL": f"http://127.0.0.1:{server.server_port}/hook",
+        "SITE_GPU_PROBE_FILE": str(tmp_path / "probe.txt"),
         "GPUGUARD_KUBERNETES_ENABLED": "off",
     }
     env.pop("GPUGUARD_FAKE_NVML", None)

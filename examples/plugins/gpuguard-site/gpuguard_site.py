@@ -2,11 +2,13 @@
 
 Installed (``pip install examples/plugins/gpuguard-site``), both are found through the ``gpuguard``
 entry-point group by every `gpuguard.Guard` in the environment, with no change to the training code.
+Its settings are its own environment variables (``GPUGUARD_*`` names are gpuguard's, and it rejects
+ones it does not know).
 
-- ``webhook``: on an evacuation, POSTs JSON to ``GPUGUARD_SITE_WEBHOOK_URL`` (Slack, PagerDuty, ...),
+- ``webhook``: on an evacuation, POSTs JSON to ``SITE_GPU_WEBHOOK_URL`` (Slack, PagerDuty, ...),
   with a short timeout; a failed notification is logged, never raised (the job must leave regardless).
 - ``probe``: a custom health source. A site's own checker (a burn-in test, a node problem detector)
-  writes the UUIDs of GPUs it found bad, one per line, to ``GPUGUARD_SITE_PROBE_FILE``; each such GPU
+  writes the UUIDs of GPUs it found bad, one per line, to ``SITE_GPU_PROBE_FILE``; each such GPU
   gets a FAILING reason ``SITE_PROBE`` with the line as evidence.
 """
 
@@ -33,7 +35,7 @@ class WebhookNotifier:
 
     @gpuguard.hookimpl
     def gpuguard_on_evacuation(self, decision: Any, exit_code: int, checkpoint: Any) -> None:
-        url = self.url or os.environ.get("GPUGUARD_SITE_WEBHOOK_URL")
+        url = self.url or os.environ.get("SITE_GPU_WEBHOOK_URL")
         if not url:
             return
         body = {
@@ -55,14 +57,14 @@ class WebhookNotifier:
 
 
 class SiteProbe:
-    """Marks GPUs FAILING that the site's own checker listed in ``GPUGUARD_SITE_PROBE_FILE``."""
+    """Marks GPUs FAILING that the site's own checker listed in ``SITE_GPU_PROBE_FILE``."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
 
     @gpuguard.hookimpl
     def gpuguard_health_reasons(self, snapshot: Any) -> dict[str, list[gpuguard.Reason]]:
-        path = self.path or os.environ.get("GPUGUARD_SITE_PROBE_FILE")
+        path = self.path or os.environ.get("SITE_GPU_PROBE_FILE")
         if not path:
             return {}
         try:
