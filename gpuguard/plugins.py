@@ -46,6 +46,17 @@ class GpuGuardSpec:
         """After an emergency checkpoint is durable (``info`` is None if it failed or another rank commits)."""
 
     @hookspec
+    def gpuguard_checkpoint_finished(
+        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None
+    ) -> None:
+        """Any checkpoint this rank took has ended, periodic or emergency: for metrics and logs.
+
+        ``timings`` is a `gpuguard.SaveTimings` (training stall, seconds to durable); ``info`` the
+        committed checkpoint (None on ranks that do not commit, or on failure); ``error`` why it failed.
+        Periodic ones report from the writer's thread, emergency ones from the training thread.
+        """
+
+    @hookspec
     def gpuguard_on_evacuation(self, decision: Any, exit_code: int, checkpoint: Any) -> None:
         """Just before the job leaves with ``exit_code``; Kubernetes actions and notifications go here."""
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from gpuguard.checkpoint.store import CheckpointInfo
+from gpuguard.checkpoint.store import CheckpointInfo, SaveTimings
 from gpuguard.errors import GpuGuardError
 from gpuguard.guard._signals import signal_name
 from gpuguard.guard._state import checkpointable
@@ -144,6 +144,13 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
             describe(report.resume_from),
         )
     guard.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
+    guard.plugins.hook.gpuguard_checkpoint_finished(
+        step=step,
+        reason="emergency",
+        info=info,
+        timings=SaveTimings(report.stall_s, report.durable_s),
+        error=GpuGuardError(report.error) if report.error else None,
+    )
     guard.last_evacuation = report
     guard.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
     raise Evacuation(code, decision, step, info)

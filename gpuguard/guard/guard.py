@@ -469,6 +469,7 @@ class Guard:
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
+        pending.add_done_callback(self._report_periodic)
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
         self.periodic.append(pending)
@@ -477,6 +478,13 @@ class Guard:
         import torch
 
         return [v for v in self.state.values() if isinstance(v, torch.optim.Optimizer)]
+
+    def _report_periodic(self, pending: PendingSave) -> None:
+        error = pending.exception()
+        info = None if error is not None else pending.wait(0)
+        self.plugins.hook.gpuguard_checkpoint_finished(
+            step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error
+        )
 
     def _after_periodic(self, pending: PendingSave) -> None:
         error = pending.exception()

@@ -1,0 +1,131 @@
+"""A Lightning job guarded by `GpuGuardCallback`: one process, or DDP under torchrun (gloo, CPU).
+
+The fault comes from ``GPUGUARD_FAKE_NVML`` as it would for a user testing their own pipeline. Every
+rank writes ``rank-N.json`` (how it ended, the global step and batch it resumed at and stopped after);
+rank 0 writes the final weights after a finished ``fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+def build(package: str, sleep_s: float) -> Any:
+    import importlib
+
+    pl = importlib.import_module(PACKAGES[package])
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    class Regression(pl.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.seen: list[tuple[int, int, int]] = []
+            self.data: list[float] = []  # a checksum of each batch, to compare data order between runs
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            self.seen.append((self.trainer.current_epoch, batch_idx, self.trainer.global_step))
+            self.data.append(round(float(x.sum()), 4))
+            time.sleep(sleep_s)  # gives the scenario's fault time to land mid-run
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+        def train_dataloader(self) -> Any:
+            g = torch.Generator().manual_seed(7)
+            x = torch.randn(64, 8, generator=g)
+            data = torch.utils.data.TensorDataset(x, x[:, :1].sin())
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # A sampler that saves its position: Lightning keeps a DistributedSampler it is given,
+                # and this one applies the resumed epoch's order (see GpuGuardCallback's docs).
+                sampler = StatefulDistributedSampler(data, shuffle=True, seed=0)
+                return StatefulDataLoader(data, batch_size=4, sampler=sampler)
+            return StatefulDataLoader(data, batch_size=4, shuffle=True)
+
+    return pl, Regression
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--devices", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    p.add_argument("--package", choices=sorted(PACKAGES), default="lightning")
+    p.add_argument("--sleep", type=float, default=0.05)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--every", type=int, default=None, help="periodic checkpoint every N steps")
+    args = p.parse_args()
+
+    from gpuguard.lightning import GpuGuardCallback
+
+    pl, Regression = build(args.package, args.sleep)
+    pl.seed_everything(0, workers=True)
+    model = Regression()
+    guard = GpuGuardCallback(
+        checkpoint_dir=f"file://{args.dir / 'checkpoints'}",
+        sync_every=2,
+        commit_timeout_s=30,
+        checkpoint_every_steps=args.every,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    report: dict[str, Any] = {}
+
+    def write(exit_code: int) -> None:
+        rank = trainer.global_rank
+        first = model.seen[0] if model.seen else None
+        report.update(
+            rank=rank,
+            exit_code=exit_code,
+            resumed_from=guard.resumed_from.id if guard.resumed_from else None,
+            first_batch=first,  # (epoch, batch_idx, global_step before the batch)
+            last_batch=model.seen[-1] if model.seen else None,
+            global_step=trainer.global_step,
+            batches=len(model.seen),
+            data=model.data,
+            lr=[g["lr"] for g in trainer.optimizers[0].param_groups] if trainer.optimizers else None,
+        )
+        (args.dir / f"rank-{rank}.json").write_text(json.dumps(report))
+
+    try:
+        trainer.fit(model)
+    except SystemExit as exc:
+        write(int(exc.code or 0))
+        raise
+    write(0)
+    if trainer.global_rank == 0:
+        from safetensors.torch import save_file
+
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(args.dir / "final.safetensors"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

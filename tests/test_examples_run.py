@@ -1,0 +1,58 @@
+"""examples/plain_loop.py, lightning_example.py and torchrun_ddp.py, run as a user would: a fault
+scenario through GPUGUARD_FAKE_NVML makes the job leave with 75; run again, it resumes and finishes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpuguard import CheckpointStore
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples"
+FAULT = EXAMPLES / "scenarios" / "xid48-gpu0-at-2s.json"
+
+
+def run(argv: list[str], fake: str | Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GPUGUARD_FAKE_NVML": str(fake), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=280, check=False, cwd=tmp_path)
+
+
+def evacuate_then_resume(argv: list[str], tmp_path: Path) -> tuple[int, str]:
+    """Runs with the fault (exit 75, one emergency checkpoint), then healthy (exit 0); returns the
+    checkpoint's step and the second run's output."""
+    url = f"file://{tmp_path / 'ckpt'}"
+    argv = [*argv, "--checkpoint-dir", url]
+    first = run(argv, FAULT, tmp_path)
+    assert first.returncode == 75, first.stdout[-2000:] + first.stderr[-3000:]
+    emergency = [c for c in CheckpointStore(url).list() if c.reason == "emergency"]
+    assert len(emergency) == 1
+    second = run(argv, "h200", tmp_path)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    return emergency[0].step, second.stdout
+
+
+def test_plain_loop(tmp_path: Path) -> None:
+    step, out = evacuate_then_resume([sys.executable, str(EXAMPLES / "plain_loop.py")], tmp_path)
+    assert f"starting at step {step + 1}" in out
+    assert "finished step 299" in out
+
+
+def test_lightning_example(tmp_path: Path) -> None:
+    step, out = evacuate_then_resume([sys.executable, str(EXAMPLES / "lightning_example.py")], tmp_path)
+    match = re.search(r"finished at global step (\d+) \(resumed from step-(\d+)-", out)
+    assert match, out
+    assert int(match.group(1)) == 4 * 32 and int(match.group(2)) == step
+
+
+@pytest.mark.slow
+def test_torchrun_ddp(tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "gpuguard.integrations.torchrun", "--standalone", "--nproc-per-node=2"]
+    step, out = evacuate_then_resume([*launcher, str(EXAMPLES / "torchrun_ddp.py")], tmp_path)
+    assert f"starting at step {step + 1}" in out
+    assert "finished step 299" in out
