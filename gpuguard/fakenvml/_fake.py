@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -442,7 +443,7 @@ class FakeNvml:
 
     def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
         self._require_init()
-        deadline_wall = timeout_ms / 1000.0
+        deadline_wall = time.monotonic() + timeout_ms / 1000.0
         while True:
             now = self.clock()
             for gpu in list(event_set.masks):
@@ -456,14 +457,15 @@ class FakeNvml:
                     if event_set.masks.get(gpu, 0) & bit:
                         return FakeEventData(self._handles[gpu], bit, data)
                 next_at = self._timeline[event_set.delivered][0] if event_set.delivered < len(self._timeline) else None
-            if deadline_wall <= 0:
+            left = deadline_wall - time.monotonic()
+            if left <= 0:
                 raise pynvml.NVMLError_Timeout()
-            # Sleep until the next event is due or the clock moves, at most the timeout.
+            # Sleep until the next event is due or the clock moves, at most the timeout; then look again,
+            # since a GPU lost meanwhile fails the wait at once, as the real one does (a lost GPU's wait
+            # does not sit out its timeout). In real time, look again every 50 ms of scenario time.
             target = next_at if next_at is not None else float("inf")
-            before = self.clock()
-            self.clock.sleep_until(min(target, before + 1e9), deadline_wall)
-            if self.clock() < target:
-                raise pynvml.NVMLError_Timeout()
+            step = 0.05 if self.clock.realtime else 1e-9
+            self.clock.sleep_until(min(target, now + step), left)
 
     def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
         return self.nvmlEventSetWait_v2(event_set, timeout_ms)
