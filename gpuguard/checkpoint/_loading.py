@@ -40,29 +40,7 @@ class Loader:
         strict: bool = True,
         world_size: int | None = None,
     ) -> int:
-        """Load a checkpoint into the live objects in ``state``; returns its step.
-
-        Transactional: every file is read and checked against its CRC-32C, and every entry against
-        the live state (names, shapes, dtypes, types), before anything is written; a corrupt shard
-        or a mismatch changes nothing. Module and optimizer tensors go back to their own devices
-        (their ``load_state_dict`` copies); other tensors to the device they were saved from.
-
-        Args:
-            checkpoint_id: a specific checkpoint; the newest committed one when None.
-            rank: whose shard to load.
-            fallback: when the newest one is corrupt, try older ones instead of raising.
-            strict: raise when ``state`` has a key the checkpoint lacks.
-            world_size: this job's number of ranks (default: torch.distributed's, else 1). A
-                per-rank checkpoint saved by another number of ranks is refused: loading it would
-                silently drop or invent ranks' state (resharding is not done here).
-
-        Raises:
-            CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
-                names every entry that does not fit; ``state`` is unchanged.
-            CheckpointNotFoundError: nothing committed (or not that id).
-            CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
-                every checkpoint is corrupt.
-        """
+        """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API."""
         if checkpoint_id is not None:
             candidates = [self.catalog.manifest(checkpoint_id)]
         else:

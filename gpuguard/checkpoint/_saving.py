@@ -94,33 +94,7 @@ class Saver:
         overlap_with: Sequence[torch.optim.Optimizer] = (),
         attempt: str | None = None,
     ) -> PendingSave:
-        """Snapshot ``state`` and write it in the background.
-
-        Returns once the snapshot is in the staging buffer: after that, training may step and the
-        save is unaffected. With ``world_size`` > 1 every rank calls this with the same
-        ``checkpoint_id``, and rank 0 commits once every rank's files are durable (waiting up to
-        ``commit_timeout_s`` for them).
-
-        With ``overlap_with``, the tensors those optimizers own (parameters and optimizer state, which
-        change only in ``optimizer.step()``) are copied while training runs its next forward and
-        backward; each of those optimizers' next ``step()`` waits for the copy. Everything else (buffers,
-        RNG states, schedulers) is copied before ``save`` returns. The stall becomes the copy of the
-        rest plus max(0, copy time - forward/backward time).
-
-        With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
-        are split between the ranks by size, each rank snapshots and writes only its part, and a
-        load reads every part, so time to durable falls with the number of ranks and a job may
-        resume with a different number of them.
-
-        DTensor values (FSDP2's ``fully_shard``, tensor parallelism, any DTensor in ``state``) are
-        saved as chunks: each rank writes its local shard once (one replica of each chunk writes it),
-        and the manifest holds each chunk's global shape, offsets and per-block checksums, so a load
-        on any world size and mesh reads only the pieces that overlap its own shards.
-
-        Raises:
-            UnsupportedStateError: the state holds something that cannot be stored without pickling.
-            ConfigError: a bad step, reason, rank or checkpoint id.
-        """
+        """Snapshot ``state`` and write it in the background; see `CheckpointStore.save`, the documented API."""
         started = time.perf_counter()
         _check_args(step, reason, rank, world_size, checkpoint_id)
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))

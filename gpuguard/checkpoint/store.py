@@ -133,6 +133,11 @@ class CheckpointStore:
         load reads every part, so time to durable falls with the number of ranks and a job may
         resume with a different number of them.
 
+        DTensor values (FSDP2's ``fully_shard``, tensor parallelism, any DTensor in ``state``) are
+        saved as chunks: each rank writes its local shard once (one replica of each chunk writes it),
+        and the manifest holds each chunk's global shape, offsets and per-block checksums, so a load
+        on any world size and mesh reads only the pieces that overlap its own shards.
+
         ``attempt`` binds a multi-rank save to one attempt: rank 0 commits only records written under
         the same token, never a crashed attempt's leftovers under a reused ``checkpoint_id``. By
         default it comes from torchrun's ``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RESTART_COUNT``.
@@ -226,6 +231,9 @@ class CheckpointStore:
         the live state (names, shapes, dtypes, types), before anything is written; a corrupt shard
         or a mismatch changes nothing. Module and optimizer tensors go back to their own devices
         (their ``load_state_dict`` copies); other tensors to the device they were saved from.
+
+        DTensors in ``state`` (FSDP2, tensor parallel) receive their own shards of a sharded or plain
+        checkpoint saved on any world size: each rank reads only the overlapping chunks' bytes.
 
         Args:
             checkpoint_id: a specific checkpoint; the newest committed one when None.
