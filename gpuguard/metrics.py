@@ -129,6 +129,7 @@ class GuardMetrics:
         self._server: Any = None
         self._lock = threading.Lock()
         self._unhealthy_since: float | None = None  # monitor clock: when the worst device left HEALTHY
+        self._newest_step: int | None = None  # guarded by _lock
         self.checkpoints = Counter(
             "gpuguard_checkpoints",
             "Checkpoints this rank took, by reason (periodic, emergency) and outcome (ok, failed).",
@@ -163,7 +164,7 @@ class GuardMetrics:
         )
         self.last_checkpoint_step = Gauge(
             "gpuguard_last_checkpoint_step",
-            "Step of the last checkpoint this rank saw committed.",
+            "Step of the newest checkpoint this rank saw committed.",
             registry=self.registry,
         )
         self.registry.register(_DeviceCollector(self))
@@ -217,7 +218,12 @@ class GuardMetrics:
         self.stall.labels(reason).observe(timings.stall_s)
         if error is None:
             self.durable.labels(reason).observe(timings.durable_s)
-            self.last_checkpoint_step.set(step)
+            # Saves finish on their writer threads, so an older one can report after a newer one: keep the
+            # newest step rather than whichever finished last.
+            with self._lock:
+                if self._newest_step is None or step > self._newest_step:
+                    self._newest_step = step
+                    self.last_checkpoint_step.set(step)
 
     @hookimpl
     def gpuguard_on_evacuation(self, decision: Any, exit_code: int) -> None:

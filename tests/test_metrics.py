@@ -63,6 +63,10 @@ def test_endpoint_follows_a_scenario(tmp_path: Path) -> None:
                 train_step(state["model"], state["optimizer"], state["scheduler"])
                 guard.step(step)
             wait_for(lambda: not guard.periodic or all(p.done() for p in guard.periodic), "periodic saves done")
+            # A future is done() before its done-callbacks (which run the hooks) have returned: wait until the
+            # step-10 save's hook has run to its end, rather than racing it.
+            port = metrics.port
+            wait_for(lambda: value(scrape(port), "gpuguard_last_checkpoint_step") == 10.0, "step 10 reported")
             before = scrape(metrics.port)
             nvml.clock.set(11.0)
             wait_for(lambda: guard.decision.action, "the guard decides")
@@ -90,6 +94,19 @@ def test_endpoint_follows_a_scenario(tmp_path: Path) -> None:
     assert value(after, "gpuguard_last_checkpoint_step") == 12.0
     latency = value(after, "gpuguard_decision_latency_seconds")
     assert latency is not None and latency >= 0.0
+
+
+def test_last_checkpoint_step_keeps_the_newest_when_saves_finish_out_of_order(tmp_path: Path) -> None:
+    # Each save reports on its own writer thread, so step 5 may report after step 10.
+    guard = Guard(f"file://{tmp_path}", {}, nvml=FakeNvml.replay(), devices="all")
+    metrics = GuardMetrics().attach(guard)
+    timings = gpuguard.SaveTimings(stall_s=0.01, durable_s=0.1)
+    for step in (10, 5):
+        metrics.gpuguard_checkpoint_finished(step=step, reason="periodic", info=None, timings=timings, error=None)
+    assert metrics.last_checkpoint_step._value.get() == 10.0
+    failed = gpuguard.StorageError("bucket gone")
+    metrics.gpuguard_checkpoint_finished(step=15, reason="periodic", info=None, timings=timings, error=failed)
+    assert metrics.last_checkpoint_step._value.get() == 10.0  # a failed save is not a checkpoint
 
 
 def test_endpoint_is_off_without_an_address(tmp_path: Path) -> None:

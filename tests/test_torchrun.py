@@ -115,6 +115,7 @@ def test_two_ranks_reschedule_and_resume_identically(tmp_path: Path, reference: 
     assert_identical(final_weights(tmp_path / "job"), reference(2))
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the two-rank run above covers the same path in the main suite
 def test_four_ranks_replicated_reschedule_and_resume_identically(tmp_path: Path, reference: Any) -> None:
     evacuate_then_resume(tmp_path, 4, {"at": 2.0, "gpu": 1, "xid": 79}, 75, "--replicated")
     assert_identical(final_weights(tmp_path / "job"), reference(4))
