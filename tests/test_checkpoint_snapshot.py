@@ -47,3 +47,26 @@ def test_a_snapshot_large_enough_to_split_round_trips(tmp_path: Path) -> None:
         assert store.load({"model": model}) == 3
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_a_failed_snapshot_writes_nothing_and_frees_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host snapshot's writer waits for the whole copy (so as not to compete with it for the cores):
+    # when the copy fails, that writer must end with the error and give the staging buffer back.
+    import gpuguard.checkpoint._staging as staging
+
+    state = {"w": torch.arange(1000.0)}
+    real = staging.host_copy
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the copy engine failed")
+
+    with CheckpointStore(f"file://{tmp_path}", keep=2, staging_buffers=1) as store:
+        monkeypatch.setattr(staging, "host_copy", failing)
+        with pytest.raises(RuntimeError, match="copy engine"):
+            store.save(state, step=1)
+        monkeypatch.setattr(staging, "host_copy", real)
+        assert store.latest() is None
+        pending = store.save(state, step=2)  # the one buffer is free again: no hang
+        assert pending.wait(timeout=60) is not None
+        assert [c.step for c in store.list()] == [2]
+        assert not [p for p in tmp_path.rglob("*") if "000000000001" in p.name]
