@@ -9,6 +9,7 @@ time with the path to it, rather than pickled.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -35,6 +36,10 @@ class FlatState:
     devices: dict[str, str] = field(default_factory=dict)
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+@functools.lru_cache(maxsize=4096)  # the same keys recur in every save ("model", "state", "0", ...)
 def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
@@ -45,25 +50,24 @@ class _Flattener:
         self.aliases: dict[tuple[Any, ...], str] = {}
 
     def tensor(self, value: torch.Tensor, path: list[str], marker: str = "$tensor") -> dict[str, str]:
-        if value.is_sparse or value.is_quantized or value.layout != torch.strided:
-            raise UnsupportedStateError(f"{_where(path)}: {value.layout} tensors cannot be checkpointed; dense only")
-        if value.device.type == "meta":
+        # This runs on the training thread for every tensor of every save: a few hundred per model, so
+        # each property read counts (see benchmarks/checkpoint.py's stall).
+        layout, device, dtype = value.layout, value.device, value.dtype
+        if layout != torch.strided or value.is_quantized:  # sparse layouts are not strided
+            raise UnsupportedStateError(f"{_where(path)}: {layout} tensors cannot be checkpointed; dense only")
+        if device.type == "meta":
             raise UnsupportedStateError(f"{_where(path)}: a meta tensor holds no data to checkpoint; materialize it")
-        if value.dtype not in DTYPE_CODES:
+        if dtype not in DTYPE_CODES:
             allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in DTYPE_CODES))
-            raise UnsupportedStateError(f"{_where(path)}: dtype {value.dtype} cannot be stored; allowed: {allowed}")
+            raise UnsupportedStateError(f"{_where(path)}: dtype {dtype} cannot be stored; allowed: {allowed}")
         if marker == "$tensor":
             # The same tensor under two names in a plain container (aliasing) comes back as one tensor.
-            # A DTensor is a wrapper without storage of its own: its local shard's storage says what it aliases.
-            local = value.to_local() if hasattr(value, "device_mesh") and hasattr(value, "to_local") else value
-            key = (
-                local.device,
-                local.untyped_storage().data_ptr(),
-                local.storage_offset(),
-                tuple(value.shape),
-                local.stride(),
-                value.dtype,
-            )
+            # A DTensor is a wrapper without storage of its own: its local shard's memory says what it aliases.
+            # data_ptr() is the storage's address plus the view's offset: equal pointers, shapes, strides
+            # and dtypes are one view of the same bytes.
+            plain = type(value) in _PLAIN_TENSORS
+            local = value if plain or not hasattr(value, "to_local") else value.to_local()
+            key = (local.device, local.data_ptr(), tuple(value.shape), local.stride(), dtype)
             if key in self.aliases and value.numel():
                 return {marker: self.aliases[key]}
         name = "/".join(_escape(p) for p in path)
@@ -72,8 +76,8 @@ class _Flattener:
         if marker == "$tensor":
             self.aliases[key] = name
         self.flat.tensors[name] = value.detach()
-        if value.device.type != "cpu":
-            self.flat.devices[name] = str(value.device)
+        if device.type != "cpu":
+            self.flat.devices[name] = str(device)
         return {marker: name}
 
     def encode(self, value: Any, path: list[str]) -> Any:
