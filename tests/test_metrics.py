@@ -103,10 +103,12 @@ def test_last_checkpoint_step_keeps_the_newest_when_saves_finish_out_of_order(tm
     timings = gpuguard.SaveTimings(stall_s=0.01, durable_s=0.1)
     for step in (10, 5):
         metrics.gpuguard_checkpoint_finished(step=step, reason="periodic", info=None, timings=timings, error=None)
-    assert metrics.last_checkpoint_step._value.get() == 10.0
+    assert metrics.registry.get_sample_value("gpuguard_last_checkpoint_step") == 10.0
     failed = gpuguard.StorageError("bucket gone")
     metrics.gpuguard_checkpoint_finished(step=15, reason="periodic", info=None, timings=timings, error=failed)
-    assert metrics.last_checkpoint_step._value.get() == 10.0  # a failed save is not a checkpoint
+    assert (
+        metrics.registry.get_sample_value("gpuguard_last_checkpoint_step") == 10.0
+    )  # a failed save is not a checkpoint
 
 
 def test_endpoint_is_off_without_an_address(tmp_path: Path) -> None:

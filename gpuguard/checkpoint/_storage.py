@@ -408,7 +408,7 @@ def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
 
 # The most one pwrite call hands the kernel. Filling the page cache in 4 MiB or larger calls was 2-5x
 # slower than in 256 KiB-1 MiB calls on this project's ext4 machine (Linux 6.18): 1 GiB durable in
-# 0.7-0.8 s with 1 MiB calls, 1.5-4.1 s with 4 MiB and 32 MiB ones (benchmarks/checkpoint.py's raw write
+# 0.75-0.85 s with 1 MiB calls, 1.25-4.1 s with 4 MiB and 32 MiB ones (benchmarks/checkpoint.py's raw write
 # uses the same size, so its floor is measured the same way). A 1 GiB shard is still only 1,024 calls.
 PWRITE_BYTES = 1 << 20
 
