@@ -65,9 +65,10 @@ CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any], float, HealthState,
         {"NVLINK_ERROR_RATE"},
     ),
     ("gpu-lost", [{"at": 1.0, "gpu": 0, "lost": True}], {}, 1, L, {"GPU_LOST"}),
-    ("xid-48", [{"at": 1.0, "gpu": 0, "xid": 48}], {}, 1, F, {"XID"}),
+    # a real XID 48 comes with a double-bit ECC count (the fake moves it: gpuguard/fakenvml/_effects.py)
+    ("xid-48", [{"at": 1.0, "gpu": 0, "xid": 48}], {}, 1, F, {"XID", "ECC_DBE_VOLATILE"}),
     ("xid-13-application", [{"at": 1.0, "gpu": 0, "xid": 13}], {}, 2, H, {"XID"}),
-    ("xid-79-off-the-bus", [{"at": 1.0, "gpu": 0, "xid": 79}], {}, 1, L, {"XID"}),
+    ("xid-79-off-the-bus", [{"at": 1.0, "gpu": 0, "xid": 79}], {}, 1, L, {"XID", "GPU_LOST"}),
     ("xid-94-contained", [{"at": 1.0, "gpu": 0, "xid": 94}], {}, 1, D, {"XID"}),
     ("event-dbe", [{"at": 1.0, "gpu": 0, "event": "double_bit_ecc"}], {}, 1, F, {"ECC_DBE_VOLATILE"}),
     (
@@ -79,7 +80,14 @@ CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any], float, HealthState,
         {"ROW_REMAP_FAILURE"},
     ),
     ("event-gpu-unavailable", [{"at": 1.0, "gpu": 0, "event": "gpu_unavailable"}], {}, 1, L, {"GPU_LOST"}),
-    ("nvml-unresponsive", [{"at": 1.0, "gpu": 0, "error": "Unknown"}], {}, 4, U, {"NVML_UNRESPONSIVE"}),
+    (
+        "nvml-unresponsive",
+        [{"at": 1.0, "gpu": 0, "error": "Unknown"}],
+        {},
+        4,
+        U,
+        {"NVML_UNRESPONSIVE", "SIGNAL_UNREADABLE"},
+    ),
     ("nvml-timeouts-retried", [{"at": 1.0, "gpu": 0, "timeouts": 2}], {}, 5, H, set()),
 ]
 
