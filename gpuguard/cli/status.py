@@ -36,6 +36,14 @@ def add_parser(subparsers: Any) -> None:
         help="keep watching and show the GPUs every SECONDS (with --json: one JSON line each time)",
     )
     p.add_argument("--count", type=int, help="with --watch, stop after this many refreshes")
+    p.add_argument(
+        "--devices",
+        default="all",
+        metavar="WHICH",
+        help="'all' GPUs on the node; 'job': the GPUs a guard in this environment would watch (CUDA, "
+        "CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, LOCAL_RANK); or NVML indices and UUIDs, "
+        "comma-separated (MIG-... UUIDs are read through their parent GPU) (default: %(default)s)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--fail-open",
@@ -69,9 +77,19 @@ def _nvml(args: argparse.Namespace) -> Any:
     return FakeNvml.from_scenario(args.scenario)
 
 
+def _devices(args: argparse.Namespace) -> Any:
+    value = str(args.devices).strip()
+    if value in ("all", "job"):
+        return value
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ConfigError("--devices", args.devices, "give 'all', 'job', or NVML indices and UUIDs, comma-separated")
+    return [int(item) if item.isdigit() else item for item in items]
+
+
 def read_snapshot(args: argparse.Namespace) -> HealthSnapshot:
     nvml = _nvml(args)
-    monitor = HealthMonitor(nvml, HealthConfig(fail_mode=args.fail_mode), devices="all")
+    monitor = HealthMonitor(nvml, HealthConfig(fail_mode=args.fail_mode), devices=_devices(args))
     try:
         snapshot = monitor.start(threads=False)
         if args.scenario is not None and snapshot.available:
@@ -100,7 +118,7 @@ def watch(args: argparse.Namespace) -> int:
     config = HealthConfig(fail_mode=args.fail_mode, poll_interval_s=min(1.0, args.watch))
     live = sys.stdout.isatty() and not args.json
     refreshes = 0
-    with HealthMonitor(nvml, config, devices="all") as monitor:
+    with HealthMonitor(nvml, config, devices=_devices(args)) as monitor:
         while args.count is None or refreshes < args.count:
             snapshot = monitor.snapshot()
             if not snapshot.available:

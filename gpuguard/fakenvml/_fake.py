@@ -157,6 +157,13 @@ class FakeNvml(MigApi, EventApi):
     def _lost(self, gpu: int, now: float) -> bool:
         return any(e.lost and e.active(now) for e in self._events(gpu, now))
 
+    def _fallen(self, gpu: int, now: float) -> bool:
+        """Lost, or answering GPU_IS_LOST to some call: what makes every by-UUID open answer GPU_IS_LOST."""
+        return self._lost(gpu, now) or any(
+            e.error == "GpuIsLost" and e.link is None and e.entry is None and e.active(now)
+            for e in self._events(gpu, now)
+        )
+
     def _check(self, handle: Any, call: str) -> int:
         """Raise what NVML would raise for this GPU and call now; count the call."""
         self._require_init()
@@ -176,8 +183,8 @@ class FakeNvml(MigApi, EventApi):
             raise pynvml.NVMLError_GpuIsLost()
         for e in self._events(gpu, now):
             targeted = e.call == call if e.call is not None else generic
-            if not targeted or e.link is not None or not e.active(now):  # a per-link step fails that link alone
-                continue
+            if not targeted or e.link is not None or e.entry is not None or not e.active(now):
+                continue  # a per-link or per-entry step fails that link or entry alone
             if e.error is not None:
                 raise getattr(pynvml, f"NVMLError_{e.error}")()
             if e.timeouts:
@@ -262,7 +269,7 @@ class FakeNvml(MigApi, EventApi):
         self._require_init()
         text = uuid.decode() if isinstance(uuid, bytes) else uuid
         now = self.clock()
-        if any(self._lost(gpu, now) for gpu in range(self.scenario.gpus)):
+        if any(self._fallen(gpu, now) for gpu in range(self.scenario.gpus)):
             raise pynvml.NVMLError_GpuIsLost()
         for handle in self._handles:
             if self._uuid(handle.index) == text:
@@ -319,6 +326,11 @@ class FakeNvml(MigApi, EventApi):
                 continue
             recorded = self.recording.fields.get(fid)
             name = _FIELD_NAMES.get(fid, "")
+            failing = self._entry_error(gpu, name)
+            if failing is not None:
+                # nvml.h: "you must check the nvmlReturn field of each value for each individual status"
+                slot.nvmlReturn = failing
+                continue
             nvlink = name in NVLINK_ERROR_SIGNALS and self.scenario.nvlink_links > 0
             scripted = self._scripted(gpu, name) or nvlink
             if (recorded is None or recorded.ret != pynvml.NVML_SUCCESS) and not scripted:
@@ -337,6 +349,14 @@ class FakeNvml(MigApi, EventApi):
             else:
                 slot.value.ullVal = int(value)
         return values
+
+    def _entry_error(self, gpu: int, name: str) -> int | None:
+        """The return code a scripted step puts in one entry of the batched read (``"entry"``), if any."""
+        now = self.clock()
+        for e in self._events(gpu, now):
+            if e.entry == name and e.error is not None and e.active(now):
+                return int(getattr(pynvml, f"NVMLError_{e.error}")().value)
+        return None
 
     def _call_value(self, handle: FakeHandle, name: str, base: Any, call: str) -> float:
         gpu = self._check(handle, call)

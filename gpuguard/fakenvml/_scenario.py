@@ -19,7 +19,22 @@ from gpuguard.health.signals import CLOCK_EVENTS, EVENT_TYPES, FIELD_BY_NAME, RE
 EVENT_NAMES: Final[tuple[str, ...]] = tuple(kind for kind in EVENT_TYPES if kind != "xid")
 _CHANGES: Final = ("set", "add", "add_per_s")
 _EVENT_KEYS: Final = frozenset(
-    {"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", "call", "link", "instance", *_CHANGES}
+    {
+        "at",
+        "gpu",
+        "field",
+        "until",
+        "xid",
+        "event",
+        "lost",
+        "timeouts",
+        "error",
+        "call",
+        "link",
+        "entry",
+        "instance",
+        *_CHANGES,
+    }
 )
 
 # The pynvml functions gpuguard calls, which an "error" or "timeouts" step may target with "call".
@@ -109,6 +124,7 @@ class ScenarioEvent:
     error: str | None = None
     call: str | None = None
     link: int | None = None
+    entry: str | None = None
     instance: int | None = None
 
     def active(self, now: float) -> bool:
@@ -246,6 +262,15 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     f"{where}.link", raw["link"], "goes with 'error' and call 'nvmlDeviceGetNvLinkState'"
                 )
             link = _whole(f"{where}.link", raw["link"], 0, 17)
+        entry = None
+        if "entry" in raw:
+            entry = raw["entry"]
+            if call != "nvmlDeviceGetFieldValues" or kind != "error":
+                raise ScenarioError(f"{where}.entry", entry, "goes with 'error' and call 'nvmlDeviceGetFieldValues'")
+            if not isinstance(entry, str) or (entry not in FIELD_BY_NAME and entry not in nvml_fields):
+                allowed = "allowed: " + ", ".join(FIELD_BY_NAME) + ", or any pynvml NVML_FI_DEV_* name"
+                raise ScenarioError(f"{where}.entry", entry, allowed)
+            entry = _READABLE.get(nvml_fields.get(entry, -1), entry)
         if kind == "field":
             name = raw["field"]
             if not isinstance(name, str) or (name not in SIGNAL_NAMES and name not in nvml_fields):
@@ -291,7 +316,7 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     name,
                     "must name a pynvml error class without its prefix, e.g. 'Unknown'",
                 )
-            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link))
+            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link, entry=entry))
     events.sort(key=lambda e: e.at)
     extra = {k: data[k] for k in ("name", "description") if k in data}
     return Scenario(

@@ -65,15 +65,16 @@ class EventPath:
             return 0
         return sum(self._register(device) for device in targets)
 
-    def retry_events(self) -> bool:
-        """On each poll: register the GPUs whose registration failed (or create the set); True when one
-        got its events now (the monitor then starts its event thread if none runs)."""
+    def retry_events(self) -> list[DeviceInfo]:
+        """On each poll: register the GPUs whose registration failed (or create the set); returns those
+        that got their events now (the monitor then starts its event thread if none runs)."""
         waiting = [d for d in self.devices if d.handle is not None and not d.events and "events" not in d.signals_off]
         if not waiting:
-            return False
+            return []
         if self._event_set is None:
-            return self.open_events() > 0
-        return sum(self._register(d) for d in waiting) > 0
+            self.open_events()
+            return [d for d in waiting if d.events]
+        return [d for d in waiting if self._register(d)]
 
     def _register(self, device: DeviceInfo) -> bool:
         nv = self.nvml

@@ -25,6 +25,7 @@ class Sample:
         unreadable: signal name -> why it could not be read this cycle (the call and the NVML error).
         open_code: the NVML return code that kept the GPU from being opened, if it was not.
         evidence: more to say about a ``lost`` or ``open_code`` (which GPU NVML found lost, say).
+        off: the signals switched off for this GPU so far (not supported: no longer unreadable).
     """
 
     at: float
@@ -37,6 +38,7 @@ class Sample:
     unreadable: Mapping[str, str] = field(default_factory=dict)
     open_code: int | None = None
     evidence: Mapping[str, object] = field(default_factory=dict)
+    off: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,11 @@ class Readability:
     def answered(self, *signals: str) -> None:
         for signal in signals:
             self._ever.add(signal)
+            self._failures.pop(signal, None)
+
+    def forget(self, *signals: str) -> None:
+        """Signals switched off (not supported): neither unreadable nor awaited any more."""
+        for signal in signals:
             self._failures.pop(signal, None)
 
     def unreadable(self) -> dict[str, str]:

@@ -112,6 +112,7 @@ class HealthMonitor:
             events_ok = self.source.open_events() > 0
         except HealthError as exc:
             self._record_error(exc, "creating the NVML event set (every GPU is polled alone)")
+        self._events_registered(self.source.devices)
         self._threaded = threads
         self.poll()
         if threads:
@@ -195,8 +196,11 @@ class HealthMonitor:
                 with self._lock:
                     self._rules[device.key].limits = device.limits
                     self._rules[device.key].own_instances = frozenset(device.mig_instances)
-        if self.source.retry_events() and self._threaded:
-            self._start_event_thread()
+        registered = self.source.retry_events()
+        if registered:
+            self._events_registered(registered)
+            if self._threaded:
+                self._start_event_thread()
         samples = [(d, self.source.read(d, self.clock())) for d in self.source.devices]
         with self._lock:
             for device, sample in samples:
@@ -235,6 +239,13 @@ class HealthMonitor:
             self._publish()
         return applied
 
+    def _events_registered(self, devices: list[DeviceInfo]) -> None:
+        """A GPU whose events are registered can have its XIDs read (until a wait says otherwise)."""
+        with self._lock:
+            for device in devices:
+                if device.events:
+                    self._rules[device.key].reads.answered("events")
+
     def _event_path_ok(self) -> bool:
         """The wait answered (an event or a timeout): XID events are readable on every registered GPU."""
         changed = False
@@ -250,7 +261,7 @@ class HealthMonitor:
         """nvml.h, nvmlEventSetWait_v2: UNKNOWN "on any unexpected error" (and INVALID_ARGUMENT): not a GPU
         fault, but while it lasts XIDs go unseen. Each registered GPU's XID events are unreadable (UNKNOWN
         after `unresponsive_polls` failed waits); the poll thread goes on; the wait is tried again."""
-        said = f"nvmlEventSetWait_v2: {exc} ({error_name(exc.code)})"
+        said = f"nvmlEventSetWait_v2: {error_name(exc.code)} ({exc.code})"
         self.event_wait_failures += 1
         with self._lock:
             for device in self.source.devices:

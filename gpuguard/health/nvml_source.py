@@ -253,12 +253,14 @@ class NvmlSource(Opening, EventPath):
             device.cycles += 1
         if device.events_error is not None:
             unreadable["events"] = device.events_error
+        off = frozenset(device.signals_off)
+        unreadable = {name: said for name, said in unreadable.items() if name not in off}
         if reset:
-            return Sample(at=now, readings=readings, reset_required=True, unreadable=unreadable)
+            return Sample(at=now, readings=readings, reset_required=True, unreadable=unreadable, off=off)
         if not readings:
             reason = "; ".join(errors) if errors else "every signal is off for this GPU"
-            return Sample(at=now, error=reason, unreadable=unreadable)
-        return Sample(at=now, readings=readings, errors=tuple(errors), unreadable=unreadable)
+            return Sample(at=now, error=reason, unreadable=unreadable, off=off)
+        return Sample(at=now, readings=readings, errors=tuple(errors), unreadable=unreadable, off=off)
 
     def _read_fields(
         self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str], unreadable: dict[str, str]

@@ -123,6 +123,7 @@ class DeviceRules(RuleBook):
                     "when the GPU answers NVML normally again (after the reset)",
                 ),
             )
+        self.reads.forget(*sample.off)
         for signal, error in sample.unreadable.items():
             self.reads.failed(signal, error)
             self.readings.pop(signal, None)  # no stale value on show next to a failed read
