@@ -34,13 +34,21 @@ from gpuguard.fakenvml._clock import ScenarioClock
 from gpuguard.fakenvml._fake import FakeEventData, FakeHandle, FakeNvml
 from gpuguard.fakenvml._play import play
 from gpuguard.fakenvml._recording import Recording, load_recording
-from gpuguard.fakenvml._scenario import EVENT_NAMES, FAKE_CALLS, Scenario, ScenarioEvent, load_scenario
+from gpuguard.fakenvml._scenario import (
+    EVENT_NAMES,
+    FAKE_CALLS,
+    SCENARIO_KEYS,
+    Scenario,
+    ScenarioEvent,
+    load_scenario,
+)
 from gpuguard.health.signals import SIGNAL_NAMES as FIELD_NAMES
 
 __all__ = [
     "EVENT_NAMES",
     "FAKE_CALLS",
     "FIELD_NAMES",
+    "SCENARIO_KEYS",
     "FakeEventData",
     "FakeHandle",
     "FakeNvml",

@@ -125,7 +125,7 @@ class JobScope:
         """
         gpus = list(inventory or [])
         if self.kind == "none":
-            return Resolved([], f"no GPU: {self.source} gives this process none", "warning")
+            return Resolved([], f"{self.source} gives this process no GPU", "warning")
         if self.kind == "uuid":
             return self._pick([_match_uuid(str(e), gpus) for e in self.entries], self.source)
         if self.kind == "runtime_index":
@@ -190,23 +190,20 @@ class JobScope:
         """LOCAL_RANK as an index into the visible list, when it names one process per GPU."""
         targets = list(visible)
         rank, world = self.local_rank, self.local_world_size
+        if not targets:
+            return Resolved(targets, f"no GPU: {source}", "warning")
         if rank is None or len(targets) <= 1:
-            return Resolved(targets, f"{_named(targets)} from {source}", level)
+            return Resolved(targets, source, level)
         if world is not None and world < len(targets):
             # fewer processes than GPUs on this node: each process may use several; watch them all
-            return Resolved(
-                targets,
-                f"{_named(targets)} from {source} (LOCAL_WORLD_SIZE={world} < {len(targets)} GPUs: all of them)",
-                level,
-            )
+            return Resolved(targets, f"{source} (LOCAL_WORLD_SIZE={world} < {len(targets)} GPUs: all of them)", level)
         if rank >= len(targets):
             return Resolved(
                 targets,
-                f"{_named(targets)} from {source}: LOCAL_RANK={rank} is past the {len(targets)} visible GPUs, "
-                "so all of them",
+                f"{source}: LOCAL_RANK={rank} is past the {len(targets)} visible GPUs, so all of them",
                 "warning",
             )
-        return Resolved([targets[rank]], f"{_named([targets[rank]])}: LOCAL_RANK={rank} of {source}", level)
+        return Resolved([targets[rank]], f"LOCAL_RANK={rank} of {source}", level)
 
 
 def parse_cuda_visible(value: str) -> tuple[Kind, tuple[int | str, ...]]:
@@ -310,12 +307,6 @@ def _match_uuid(entry: str, gpus: list[GpuInfo]) -> str:
         return entry
     found = [g.uuid for g in gpus if g.uuid.startswith(entry)]
     return found[0] if len(found) == 1 else entry
-
-
-def _named(targets: Sequence[int | str]) -> str:
-    if not targets:
-        return "no GPU"
-    return ("GPU " if len(targets) == 1 else "GPUs ") + ", ".join(str(t) for t in targets)
 
 
 def job_scope() -> JobScope:
