@@ -21,6 +21,7 @@ import pytest
 
 from gpuguard import HealthState
 from gpuguard.fakenvml import SCENARIO_KEYS, FakeNvml, load_scenario, play
+from gpuguard.health.signals import EVENT_TYPES
 from gpuguard.integrations.torchrun import preflight
 
 from conftest import ROOT
@@ -174,7 +175,8 @@ def test_xid_event_and_instance_arrive_as_nvml_events() -> None:
     xid = fake.nvmlEventSetWait_v2(events, 0)
     assert (xid.eventType, xid.eventData, xid.gpuInstanceId) == (pynvml.nvmlEventTypeXidCriticalError, 31, 2)
     storm = fake.nvmlEventSetWait_v2(events, 0)
-    assert (storm.eventType, storm.gpuInstanceId) == (pynvml.nvmlEventTypeSingleBitEccErrorStorm, 0xFFFFFFFF)
+    # by name with nvml.h's value: nvidia-ml-py 12.535 lacks nvmlEventTypeSingleBitEccErrorStorm
+    assert (storm.eventType, storm.gpuInstanceId) == (EVENT_TYPES["sbe_storm"], 0xFFFFFFFF)
 
 
 @covers("lost", "timeouts", "error", "call")
