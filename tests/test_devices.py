@@ -140,3 +140,11 @@ def test_cuda_s_own_uuids_win_over_the_environment() -> None:
     scope = JobScope.from_environment({"CUDA_VISIBLE_DEVICES": "0"}, [bare])
     assert scope.resolve(None).targets == [bare]
     assert not scope.needs_inventory
+
+
+def test_a_gpu_nvml_cannot_read_keeps_its_place_in_cuda_s_order() -> None:
+    # GPU 1 (the first by PCI bus) is lost: leaving it out would shift index 1 onto the wrong GPU
+    lost = [NODE[0], GpuInfo(1, "", "", ""), NODE[2], NODE[3]]
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    # without every PCI bus id, NVML's own enumeration order stands in for PCI bus order
+    assert JobScope.from_environment(env, []).resolve(lost).targets == [NODE[0].uuid, 1]

@@ -167,3 +167,16 @@ def test_status_devices_job_shows_what_a_guard_would_watch(cli: Any) -> None:
     out = json.loads(result.stdout)
     assert [d["index"] for d in out["devices"]] == [0]
     assert out["watching"].startswith("CUDA_VISIBLE_DEVICES=0, CUDA indices in PCI bus order")
+
+
+def test_a_lost_gpu_in_the_visible_list_is_the_job_s_and_shows_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    for rank, expected in (("0", (0, gpuguard.HealthState.LOST)), ("1", (1, gpuguard.HealthState.HEALTHY))):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        fake = FakeNvml.from_scenario({"gpus": 4, "events": [{"at": 0, "gpu": 0, "lost": True}]})
+        monitor = gpuguard.HealthMonitor(fake, devices="job")
+        (device,) = monitor.start(threads=False).devices
+        monitor.stop()
+        assert (device.index, device.state) == expected

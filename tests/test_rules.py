@@ -148,9 +148,12 @@ def test_application_xid_is_shown_then_expires(make_monitor: Any) -> None:
     assert play(monitor, 40).devices[0].reasons == ()
 
 
-def test_hard_faults_do_not_clear_on_their_own(make_monitor: Any) -> None:
+def test_a_fault_the_hardware_still_shows_stays_after_the_xid_s_hold(make_monitor: Any) -> None:
+    # no reset: after xid_hold_s (300 s) the XID itself is over, the double-bit ECC count it brought is not
     monitor = make_monitor({"gpus": 1, "events": [{"at": 1.0, "gpu": 0, "xid": 48}]})
-    assert play(monitor, 300).devices[0].state is HealthState.FAILING
+    device = play(monitor, 400).devices[0]
+    assert device.state is HealthState.FAILING
+    assert [r.code for r in device.reasons] == ["ECC_DBE_VOLATILE"]
 
 
 def test_a_repeated_xid_is_counted(make_monitor: Any) -> None:

@@ -29,6 +29,7 @@ class Opening:
     nvml: Any
     skipped: list[str]
     notes: list[str]
+    _reopening: bool = False
     _retry: Callable[..., Any]
     _optional: Callable[..., Any]
     _describe: Callable[[DeviceInfo], None]
@@ -37,14 +38,19 @@ class Opening:
         """Every GPU this process may open, with its UUID, PCI bus id and name (for mapping CUDA's view).
 
         A GPU NVML denies (NO_PERMISSION: the container's cgroup) is not one CUDA can see either, so it
-        is left out; a GPU that cannot be read otherwise is left out too and shows when it is opened.
+        is left out. One that cannot be read otherwise (lost, say) keeps its place, with an empty UUID:
+        leaving it out would shift every index after it onto the wrong GPU.
         """
         gpus = []
         for index in range(count):
+            handle = None
             try:
                 handle = self._retry(self.nvml.nvmlDeviceGetHandleByIndex, index)
                 uuid = text(self._retry(self.nvml.nvmlDeviceGetUUID, handle))
-            except pynvml.NVMLError:
+            except pynvml.NVMLError as exc:
+                if code_of(exc) != NO_PERMISSION:
+                    pci = self._pci_bus_id(handle) if handle is not None else ""
+                    gpus.append(GpuInfo(index, "", pci, ""))
                 continue
             gpus.append(GpuInfo(index, uuid, self._pci_bus_id(handle), self._name(handle)))
         return gpus
@@ -174,7 +180,8 @@ class Opening:
         )
         if device is not None:
             device.open_evidence = evidence
-            log.warning("gpuguard health: %s is not readable and NVML reports lost: %s", target, named)
+            if not self._reopening:
+                log.warning("gpuguard health: %s is not readable and NVML reports lost: %s", target, named)
         return device
 
     def _has_mig(self, parent: Any, mig_uuid: str) -> bool:
@@ -223,7 +230,8 @@ class Opening:
             self.skipped.append(note)
             log.warning("gpuguard health: %s", note)
             return None
-        log.warning("gpuguard health: %s%s could not be opened: %s", who, f" ({pci})" if pci else "", message)
+        if not self._reopening:  # said once, at start; the retries on each poll are quiet
+            log.warning("gpuguard health: %s%s could not be opened: %s", who, f" ({pci})" if pci else "", message)
         return DeviceInfo(
             key=key,
             index=index,
@@ -243,7 +251,11 @@ class Opening:
         """Try again to open a GPU that could not be opened (it may be back after a reset); True when it is."""
         if device.handle is not None:
             return False
-        fresh = self.open_target(device.target, device.key)
+        self._reopening = True
+        try:
+            fresh = self.open_target(device.target, device.key)
+        finally:
+            self._reopening = False
         if fresh is None or fresh.handle is None:
             if fresh is not None:  # the latest reason, which may have changed (LOST -> UNKNOWN, say)
                 device.open_code, device.open_error, device.open_call = (

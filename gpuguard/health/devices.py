@@ -144,7 +144,7 @@ class JobScope:
             what = f"{self.source}: {said}" if self.source else said
             return Resolved(None, f"every GPU on this node: {what}", "error")
         if self.kind == "all":
-            return self._pick(list(in_cuda_order), f"every GPU in CUDA's order ({said})", level)
+            return self._pick(in_cuda_order, f"every GPU in CUDA's order ({said})", level)
         visible: list[int | str] = []
         for entry in self.entries:
             index = int(entry)
@@ -153,13 +153,17 @@ class JobScope:
             visible.append(in_cuda_order[index])
         return self._pick(visible, f"{self.source}, CUDA indices {said}", level)
 
-    def _cuda_order(self, gpus: list[GpuInfo]) -> tuple[list[str] | None, str, Level]:
-        """NVML's GPUs in CUDA's order, by UUID; None when that order cannot be known here."""
-        by_bus = sorted(gpus, key=lambda g: (g.pci_bus_id.lower() or "~", g.index))
-        uuids = [g.uuid for g in by_bus]
+    def _cuda_order(self, gpus: list[GpuInfo]) -> tuple[list[int | str] | None, str, Level]:
+        """NVML's GPUs in CUDA's order, by UUID (by NVML index where NVML cannot read the UUID); None when
+        that order cannot be known here."""
+        if all(g.pci_bus_id for g in gpus):
+            ordered = sorted(gpus, key=lambda g: (g.pci_bus_id.lower(), g.index))
+        else:  # a GPU whose PCI bus id cannot be read: NVML's own enumeration is in PCI bus order
+            ordered = sorted(gpus, key=lambda g: g.index)
+        uuids: list[int | str] = [g.uuid or g.index for g in ordered]
         if self.order == "PCI_BUS_ID":
             return uuids, "in PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID)", "info"
-        models = sorted({g.name for g in gpus})
+        models = sorted({g.name for g in gpus if g.name})
         if len(models) <= 1:
             model = models[0] if models else "no GPU"
             said = (
@@ -179,14 +183,14 @@ class JobScope:
         more means it sees the host's GPUs, whose indices these are."""
         if len(gpus) <= len(self.entries):
             return self._pick(
-                [g.uuid for g in sorted(gpus, key=lambda g: g.index)],
+                [g.uuid or g.index for g in sorted(gpus, key=lambda g: g.index)],
                 f"{self.source}: the GPUs the NVIDIA container runtime gave this container",
             )
-        by_index = {g.index: g.uuid for g in gpus}
+        by_index: dict[int, int | str] = {g.index: g.uuid or g.index for g in gpus}
         visible: list[int | str] = [by_index[int(e)] for e in self.entries if int(e) in by_index]
         return self._pick(visible, f"{self.source}, host indices (NVML sees the host's {len(gpus)} GPUs)")
 
-    def _pick(self, visible: list[int | str] | list[str], source: str, level: Level = "info") -> Resolved:
+    def _pick(self, visible: list[int | str], source: str, level: Level = "info") -> Resolved:
         """LOCAL_RANK as an index into the visible list, when it names one process per GPU."""
         targets = list(visible)
         rank, world = self.local_rank, self.local_world_size
@@ -305,7 +309,7 @@ def _match_uuid(entry: str, gpus: list[GpuInfo]) -> str:
     unique prefix); an ambiguous or unknown prefix as it is, so that it shows as a GPU not found."""
     if _full_uuid(entry) or not gpus:
         return entry
-    found = [g.uuid for g in gpus if g.uuid.startswith(entry)]
+    found = [g.uuid for g in gpus if g.uuid and g.uuid.startswith(entry)]
     return found[0] if len(found) == 1 else entry
 
 
