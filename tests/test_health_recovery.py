@@ -115,9 +115,9 @@ def test_a_long_running_monitor_sees_a_gpu_fail_get_reset_and_return_to_healthy(
 
 def test_status_watch_shows_the_gpu_return_to_healthy(cli: Any, tmp_path: Path) -> None:
     scenario = tmp_path / "reset.json"
-    events = [{"at": 0.5, "gpu": 1, "field": "remap_pending", "set": 1, "until": 3.0}]
+    events = [{"at": 0.5, "gpu": 1, "field": "remap_pending", "set": 1, "until": 2.0}]
     scenario.write_text(json.dumps({"gpus": 2, "events": events}))
-    result = cli("status", "--scenario", str(scenario), "--watch", "0.25", "--count", "20", "--json")
+    result = cli("status", "--scenario", str(scenario), "--watch", "0.2", "--count", "15", "--json")
     assert result.returncode == 0, result.stderr
     states = [json.loads(line)["devices"][1]["state"] for line in result.stdout.splitlines()]
     first_bad = states.index("DEGRADED")

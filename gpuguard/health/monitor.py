@@ -396,7 +396,7 @@ class HealthMonitor:
             except Exception as exc:  # a programming error: said with its traceback, the thread lives on
                 self._record_error(exc, "waiting for NVML events")
             if self.event_wait_failures > failures:  # the wait failed: back off before trying it again
-                backoff = min(30.0, max(1.0, backoff * 2))
+                backoff = min(30.0, max(self.config.event_wait_s, backoff * 2))
                 self._stop.wait(backoff)
             else:
                 backoff = 0.0
