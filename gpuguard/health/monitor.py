@@ -390,12 +390,14 @@ class HealthMonitor:
                 self._stop.wait(self.config.event_wait_s)
                 continue
             failures = self.event_wait_failures
+            crashed = False
             try:
                 if self.process_events(self.config.event_wait_s):
                     self._wake.set()  # re-read the fields now: an event often comes with new counter values
             except Exception as exc:  # a programming error: said with its traceback, the thread lives on
                 self._record_error(exc, "waiting for NVML events")
-            if self.event_wait_failures > failures:  # the wait failed: back off before trying it again
+                crashed = True
+            if crashed or self.event_wait_failures > failures:  # the wait failed: back off, then try again
                 backoff = min(30.0, max(self.config.event_wait_s, backoff * 2))
                 self._stop.wait(backoff)
             else:
