@@ -194,3 +194,18 @@ def test_an_xid_48_on_the_parent_evacuates_a_mig_job(monkeypatch: pytest.MonkeyP
             guard.step(step)
     assert caught.value.code == 75
     assert "mig_devices" in json.dumps(caught.value.decision.evidence)
+
+
+def test_a_mig_job_is_found_through_its_parent_while_another_gpu_is_lost() -> None:
+    # nvml.h, nvmlDeviceGetHandleByUUID: GPU_IS_LOST "if any GPU has fallen off the bus"; the MIG device
+    # is then found by index under its parent (nvmlDeviceGetMigDeviceHandleByIndex), and GPU 0 named lost.
+    mig = {"1": 2}
+    ours = mig_uuid(1, 1, mig)
+    fake = FakeNvml.from_scenario({"gpus": 3, "mig": mig, "events": [{"at": 0, "gpu": 0, "lost": True}]})
+    bare = ours.removeprefix("MIG-")  # as torch names a CUDA device, MIG ones included
+    monitor = gpuguard.HealthMonitor(fake, devices=[bare])
+    snapshot = monitor.start(threads=False)
+    monitor.stop()
+    (device,) = snapshot.devices
+    assert (device.index, device.state, device.mig_devices) == (1, H, (f"{ours} (GPU instance 2, compute instance 0)",))
+    assert snapshot.notes == ("GPU 0: lost (NVML answers GPU_IS_LOST); not one of the GPUs watched here",)

@@ -91,16 +91,12 @@ class Opening:
         """Open by UUID. torch names a CUDA device by its bare UUID, a MIG device's too: try both prefixes."""
         if target.upper().startswith(("GPU-", "MIG-")):
             return self._retry(self.nvml.nvmlDeviceGetHandleByUUID, target), target
-        first: pynvml.NVMLError | None = None
-        for prefix in ("GPU-", "MIG-"):
-            try:
-                return self._retry(self.nvml.nvmlDeviceGetHandleByUUID, prefix + target), prefix + target
-            except pynvml.NVMLError as exc:
-                if code_of(exc) != NOT_FOUND:
-                    raise
-                first = first or exc
-        assert first is not None
-        raise first
+        try:
+            return self._retry(self.nvml.nvmlDeviceGetHandleByUUID, "GPU-" + target), "GPU-" + target
+        except pynvml.NVMLError as exc:
+            if code_of(exc) != NOT_FOUND:
+                raise
+        return self._retry(self.nvml.nvmlDeviceGetHandleByUUID, "MIG-" + target), "MIG-" + target
 
     def _open_mig(self, mig: Any, mig_uuid: str, target: int | str, key: int) -> DeviceInfo | None:
         """A MIG device is watched through its parent GPU: health, XIDs and ECC are per GPU.
@@ -150,7 +146,7 @@ class Opening:
                 if code_of(err) == LOST:
                     lost.append({"index": index, "pci_bus_id": self._pci_bus_id(handle) if handle is not None else ""})
                 continue
-            if uuid == target or (target.startswith("MIG-") and self._has_mig(handle, target)):
+            if _same(uuid, target) or any(_same(mig, target) for mig in self._migs_if_any(handle, target)):
                 found = (index, handle, uuid)
         named = ", ".join(f"GPU {g['index']}" + (f" ({g['pci_bus_id']})" if g["pci_bus_id"] else "") for g in lost)
         if found is not None:
@@ -160,9 +156,9 @@ class Opening:
                     self.notes.append(note)
                     log.warning("gpuguard health: %s", note)
             index, handle, uuid = found
-            if target.startswith("MIG-"):
-                mig = self._retry(nv.nvmlDeviceGetHandleByUUID, target)
-                return self._open_mig(mig, target, target, key)
+            if not _same(uuid, target):  # one of its MIG devices: opened through the parent, by index
+                mig_uuid, mig = next((m, h) for m, h in self._mig_handles(handle) if _same(m, target))
+                return self._open_mig(mig, mig_uuid, target, key)
             return self._opened(key, target, index, uuid, handle)
         if not lost:
             # No GPU answers lost on its own now: the open is tried again on the next poll.
@@ -184,21 +180,26 @@ class Opening:
                 log.warning("gpuguard health: %s is not readable and NVML reports lost: %s", target, named)
         return device
 
-    def _has_mig(self, parent: Any, mig_uuid: str) -> bool:
-        return mig_uuid in self.mig_devices_of(parent)
+    def _migs_if_any(self, parent: Any, target: str) -> list[str]:
+        """A GPU's MIG devices, when the target may be one (a ``MIG-`` or bare UUID)."""
+        return [] if target.upper().startswith("GPU-") else self.mig_devices_of(parent)
 
     def mig_devices_of(self, parent: Any) -> list[str]:
+        """The UUIDs of the MIG devices on a GPU."""
+        return [uuid for uuid, _ in self._mig_handles(parent)]
+
+    def _mig_handles(self, parent: Any) -> list[tuple[str, Any]]:
         """The MIG devices on a GPU (nvmlDeviceGetMaxMigDeviceCount, then nvmlDeviceGetMigDeviceHandleByIndex,
-        which answers NOT_FOUND "if no valid MIG device was found at index")."""
+        which answers NOT_FOUND "if no valid MIG device was found at index"), by index: not by UUID, which
+        answers GPU_IS_LOST while any GPU is lost."""
         nv = self.nvml
-        most = self._optional(
-            "nvmlDeviceGetMaxMigDeviceCount", getattr(nv, "nvmlDeviceGetMaxMigDeviceCount", None), parent
-        )
+        count_fn = getattr(nv, "nvmlDeviceGetMaxMigDeviceCount", None)
+        most = self._optional("nvmlDeviceGetMaxMigDeviceCount", count_fn, parent)
         found = []
         for index in range(int(most or 0)):
             try:
                 mig = self._retry(nv.nvmlDeviceGetMigDeviceHandleByIndex, parent, index)
-                found.append(text(self._retry(nv.nvmlDeviceGetUUID, mig)))
+                found.append((text(self._retry(nv.nvmlDeviceGetUUID, mig)), mig))
             except pynvml.NVMLError:
                 continue
         return found
@@ -287,3 +288,8 @@ class Opening:
     def _name(self, handle: Any) -> str:
         name = self._optional("nvmlDeviceGetName", self.nvml.nvmlDeviceGetName, handle)
         return text(name) if name is not None else ""
+
+
+def _same(uuid: str, target: str) -> bool:
+    """``target`` names ``uuid``: the same text, or the same without its ``GPU-``/``MIG-`` prefix (torch)."""
+    return uuid == target or uuid.split("-", 1)[-1] == target

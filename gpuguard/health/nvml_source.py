@@ -304,9 +304,8 @@ class NvmlSource(Opening, EventPath):
                 if signal.name.startswith("nvlink_state_"):
                     unread_links.append(signal.scope)
                     said = f"link {signal.scope}: {said}"
-                unreadable[_signal_of(signal)] = (
-                    f"{unreadable['nvlink_down']}; {said}" if _signal_of(signal) in unreadable else said
-                )
+                name = _signal_of(signal)
+                unreadable[name] = f"{unreadable[name]}; {said}" if name in unreadable else said
                 errors.append(f"{signal.name}: {error_name(ret)}")
                 self._say_once(device, f"field {signal.name}", ret, said)
         if device.nvlink_links and "nvlink_down" not in device.signals_off and (down or not unread_links):
