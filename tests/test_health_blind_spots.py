@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.cli_here import run_here
 from helpers.watching import settle, wait_for, watching
 
 from gpuguard import HealthState, Remedy
@@ -28,7 +29,7 @@ def write(tmp_path: Path, scenario: dict[str, Any], name: str = "scenario.json")
 
 
 def status(cli: Any, path: str, *args: str, at: str = "0") -> tuple[int, dict[str, Any]]:
-    result = cli("status", "--scenario", path, "--at", at, "--json", *args)
+    result = run_here("status", "--scenario", path, "--at", at, "--json", *args)
     assert result.returncode in (0, 1), result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -210,7 +211,7 @@ def test_a_lost_gpu_elsewhere_on_the_node_is_not_pinned_on_the_job_s_gpus(cli: A
     # inaccessible". The job's GPUs 2 and 3 are fine; GPU 5 is the lost one, found by index.
     lost = {"at": 0, "gpu": 5, "error": "GpuIsLost", "call": "nvmlDeviceGetUUID"}
     path = write(tmp_path, {"gpus": 8, "events": [lost]})
-    result = cli(
+    result = run_here(
         "status", "--scenario", path, "--at", "0", "--json", "--check", "--devices", f"{uuid_of(2)},{uuid_of(3)}"
     )
     assert result.returncode == 0, result.stderr
@@ -286,14 +287,14 @@ def test_a_threaded_monitor_marks_a_hardware_error_at_open_and_clears_it_when_th
 def test_replay_of_a_recording_without_a_gpu_exits_2_in_one_line(cli: Any, tmp_path: Path) -> None:
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"calls": {}, "fields": {}}))
-    result = cli("status", "--replay", str(empty))
+    result = run_here("status", "--replay", str(empty))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"gpuguard: error: recording: '{empty}' is not valid; records no GPU: calls.uuid")
 
 
 def test_status_json_without_nvml_prints_json(cli: Any) -> None:
-    result = cli("status", "--json")
+    result = cli("status", "--json")  # a fresh process: the real pynvml, no driver here
     assert result.returncode == 2
     out = json.loads(result.stdout)
     assert out["available"] is False and out["devices"] == [] and "NVML is not available" in out["error"]

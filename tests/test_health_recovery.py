@@ -139,7 +139,9 @@ def server() -> Iterator[KubeEmulator]:
 def cluster_as(kube: KubeEmulator, tmp_path: Path, user: str, pod: str = "") -> Any:
     path = write_kubeconfig(tmp_path / f"kc-{user.rsplit(':', 1)[-1]}", kube.url, kube.token_for(user))  # type: ignore[attr-defined]
     env = {"POD_NAME": pod, "POD_NAMESPACE": "ml", "NODE_NAME": "node-a", "POD_UID": f"uid-{pod}"}
-    cluster = connect(KubernetesConfig(kubeconfig=str(path), dra=False), env=env, need_pod=bool(pod))
+    # generous deadlines: marking the node is this test's setup, and a loaded machine must not skip it
+    config = KubernetesConfig(kubeconfig=str(path), dra=False, deadline_s=120.0, request_timeout_s=60.0)
+    cluster = connect(config, env=env, need_pod=bool(pod))
     assert cluster is not None
     return cluster
 
@@ -156,9 +158,16 @@ def test_a_long_running_node_check_untaints_after_the_gpu_is_reset(server: KubeE
         fake.clock.set(1.0)
         bad = wait_for(monitor, lambda s: s.devices[1].state is F).devices[1]
         trainer = KubernetesActions(cluster_as(server, tmp_path, "system:serviceaccount:ml:trainer", "trainer-0"))
-        trainer.evacuate(
-            device=bad.uuid, state="FAILING", message="XID 48", evidence={}, action="reschedule", exit_code=75
+        outcomes = trainer.evacuate(
+            device=bad.uuid,
+            state="FAILING",
+            message="XID 48",
+            evidence={},
+            action="reschedule",
+            exit_code=75,
+            report=False,
         )
+        assert [o.outcome for o in outcomes] == ["done"], outcomes
         now = [0.0]
         check = NodeCheck(
             cluster_as(server, tmp_path, "system:serviceaccount:ml:trainer-node-check"),

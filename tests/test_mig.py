@@ -15,6 +15,7 @@ from typing import Any
 import pynvml
 import pytest
 import torch
+from helpers.cli_here import run_here
 from helpers.watching import settle, wait_for, watching
 
 import gpuguard
@@ -137,12 +138,12 @@ def test_an_xid_in_another_tenant_s_instance_only_counts_when_it_takes_the_gpu_d
 def test_node_wide_status_lists_mig_mode_per_gpu(cli: Any, tmp_path: Path) -> None:
     scenario = tmp_path / "mig.json"
     scenario.write_text(json.dumps({"gpus": 2, "mig": {"0": 2}}))
-    result = cli("status", "--scenario", str(scenario), "--json")
+    result = run_here("status", "--scenario", str(scenario), "--json")
     assert result.returncode == 0, result.stderr
     devices = json.loads(result.stdout)["devices"]
     assert [(d["mig_mode"], len(d["mig_devices"])) for d in devices] == [("enabled", 2), ("disabled", 0)]
     assert all(m.startswith("MIG-") for m in devices[0]["mig_devices"])
-    table = cli("status", "--scenario", str(scenario)).stdout.splitlines()
+    table = run_here("status", "--scenario", str(scenario)).stdout.splitlines()
     assert "MIG" in table[0].split()
     assert "enabled (2)" in table[2] and "disabled" in table[3]
     assert any(line.startswith("GPU 0 MIG devices: MIG-") for line in table)
@@ -154,7 +155,7 @@ def test_status_reads_a_mig_device_through_its_parent(cli: Any, tmp_path: Path) 
     scenario.write_text(
         json.dumps({"gpus": 2, "mig": mig, "events": [{"at": 0, "gpu": 1, "field": "remap_pending", "set": 1}]})
     )
-    result = cli("status", "--scenario", str(scenario), "--json", "--check", "--devices", mig_uuid(1, 0, mig))
+    result = run_here("status", "--scenario", str(scenario), "--json", "--check", "--devices", mig_uuid(1, 0, mig))
     assert result.returncode == 1
     (device,) = json.loads(result.stdout)["devices"]
     assert (device["index"], device["state"], device["reasons"][0]["code"]) == (1, "DEGRADED", "ROW_REMAP_PENDING")
