@@ -27,4 +27,5 @@ if ! grep -qs "Version: $NVML_FLOOR" "$FLOOR_DIR"/nvidia_ml_py-*.dist-info/METAD
 fi
 PYTHONPATH="$FLOOR_DIR:$PWD" "$PY" -m pytest -m "not slow and not gpu" -q -p no:cacheprovider \
   tests/test_fakenvml.py tests/test_monitor.py tests/test_rules.py tests/test_cli_status.py tests/test_xid.py \
-  tests/test_devices.py tests/test_nvml_errors.py tests/test_nvml_faults.py
+  tests/test_devices.py tests/test_nvml_errors.py tests/test_nvml_faults.py tests/test_health_blind_spots.py \
+  tests/test_health_recovery.py tests/test_mig.py tests/test_fake_scenarios.py tests/test_job_scope.py

@@ -74,7 +74,8 @@ class GuardConfig:
         overlap_snapshot: for periodic checkpoints, copy parameters and optimizer state while the next
             forward and backward run; only the next optimizer step waits for the copy.
         commit_timeout_s: how long the committing rank waits for the others' shards.
-        devices: ``job`` (the CUDA devices of this process, or the GPU at ``LOCAL_RANK``) or indices/UUIDs.
+        devices: ``job`` (this process's GPUs: CUDA's, ``CUDA_VISIBLE_DEVICES``, ``NVIDIA_VISIBLE_DEVICES``,
+            ``LOCAL_RANK`` as an index into the visible list; docs/which-gpus.md), ``all``, or indices/UUIDs.
         health: the health rules' thresholds.
         kubernetes: what to ask of Kubernetes on an evacuation.
     """

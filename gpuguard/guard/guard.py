@@ -303,15 +303,9 @@ class Guard:
         return self.agreement.world_size if self.agreement else 1
 
     def _devices(self) -> Any:
-        if self.config.devices != "job":
-            return self.config.devices
-        # One GPU per rank is the torchrun convention: without CUDA to ask, LOCAL_RANK names it.
-        from gpuguard.health.devices import job_device_selection
-
-        selection = job_device_selection()
-        if selection is None and "LOCAL_RANK" in os.environ:
-            return [int(os.environ["LOCAL_RANK"])]
-        return "job"
+        # "job": this job's GPUs from CUDA, CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES and LOCAL_RANK
+        # (an index into the visible list), resolved by the monitor (gpuguard.health.devices).
+        return self.config.devices
 
     def _connect_kubernetes(self) -> None:
         from gpuguard.errors import KubernetesError
