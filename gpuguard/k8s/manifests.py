@@ -195,6 +195,8 @@ class JobSpec:
                     mode,
                     f"Kubernetes {self.kubernetes_version} does not have it: {feature.source}",
                 )
+        for name in needed:
+            feature = FEATURES[name]
             if not self.feature_on(name):
                 raise ConfigError(
                     "--restart-in-place",

@@ -48,16 +48,25 @@ def _strict(node: Any) -> Any:
 @functools.lru_cache(maxsize=None)
 def schema(kind: str, version: str) -> dict[str, Any]:
     """The strict JSON schema of ``kind`` at the CRD release ``version``, for its storage version."""
-    crd = yaml.safe_load(lzma.decompress((CRDS / FILES[kind].format(version=version)).read_bytes()))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: these files are large
+    crd = yaml.load(lzma.decompress((CRDS / FILES[kind].format(version=version)).read_bytes()), Loader=loader)  # noqa: S506
     assert crd["spec"]["names"]["kind"] == kind
     (served,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
     return {"apiVersion": f"{crd['spec']['group']}/{served['name']}", **_strict(served["schema"]["openAPIV3Schema"])}
 
 
+@functools.lru_cache(maxsize=None)
+def _validator(kind: str, version: str) -> tuple[str, jsonschema.Draft7Validator]:
+    found = dict(schema(kind, version))
+    api = found.pop("apiVersion")
+    return api, jsonschema.Draft7Validator(found)
+
+
 def validate(doc: dict[str, Any], version: str) -> None:
     """Raise ``jsonschema.ValidationError`` (naming the path) when ``doc`` is not a valid ``doc['kind']``."""
-    found = dict(schema(doc["kind"], version))
-    api = found.pop("apiVersion")
+    api, validator = _validator(doc["kind"], version)
     if doc.get("apiVersion") != api:
         raise jsonschema.ValidationError(f"apiVersion {doc.get('apiVersion')!r}: this CRD serves {api}")
-    jsonschema.validate(doc, found, cls=jsonschema.Draft7Validator)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        raise error
