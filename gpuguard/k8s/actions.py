@@ -175,7 +175,6 @@ class KubernetesActions:
     def create_event(
         self, message: str, device: str | None, evidence: dict[str, Any], action: str, deadline: float
     ) -> str:
-        from kubernetes import client
 
         cl = self.cluster
         if not cl.pod_uid:
@@ -201,15 +200,7 @@ class KubernetesActions:
             "reportingController": "gpuguard.io/guard",
             "reportingInstance": cl.pod[:128],
         }
-        cl.call(
-            "create",
-            "events",
-            client.EventsV1Api(cl.api).create_namespaced_event,
-            cl.namespace,
-            body,
-            group="events.k8s.io",
-            deadline=deadline,
-        )
+        cl.create_event(cl.namespace, body, deadline)  # raw JSON: eventTime keeps its six digits
         return "Warning GPUUnhealthy"
 
     def mark_node(

@@ -117,7 +117,6 @@ def charge(cluster: Cluster, budget: str, incident: str, *, node: str, reason: s
 
 def say_spent(cluster: Cluster, verdict: Verdict, pod: Mapping[str, Any], budget: str, deadline: float) -> None:
     """The Event that says why the gang stops, once: by the pod whose incident spent the budget."""
-    from kubernetes import client
 
     note = (
         f"health-evacuation budget spent: incident {verdict.number} of {verdict.limit} allowed "
@@ -143,10 +142,7 @@ def say_spent(cluster: Cluster, verdict: Verdict, pod: Mapping[str, Any], budget
         "reportingController": "gpuguard.io/guard",
         "reportingInstance": cluster.pod[:128],
     }
-    cluster.call(
-        "create", "events", client.EventsV1Api(cluster.api).create_namespaced_event, cluster.namespace, body,
-        group="events.k8s.io", deadline=deadline,
-    )  # fmt: skip
+    cluster.create_event(cluster.namespace, body, deadline)
 
 
 def _say(message: str) -> None:

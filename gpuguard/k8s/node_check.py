@@ -148,7 +148,6 @@ class NodeCheck:
         return done
 
     def _answer(self, pod: dict[str, Any], uuid: str, what: str, deadline: float | None) -> None:
-        from kubernetes import client
 
         cl, meta = self.cluster, pod["metadata"]
         body = {
@@ -170,12 +169,4 @@ class NodeCheck:
             "reportingController": "gpuguard.io/node-agent",
             "reportingInstance": f"gpuguard-node-agent-{cl.node}"[:128],
         }
-        cl.call(
-            "create",
-            "events",
-            client.EventsV1Api(cl.api).create_namespaced_event,
-            meta["namespace"],
-            body,
-            group="events.k8s.io",
-            deadline=deadline,
-        )
+        cl.create_event(meta["namespace"], body, deadline)

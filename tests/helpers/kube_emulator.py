@@ -54,6 +54,7 @@ class Recorded:
     user: str = ""
     status: int = 0
     info: rules.RequestInfo | None = None
+    raw: bytes | None = None  # the body's bytes as they came over the wire
 
 
 @dataclass
@@ -193,6 +194,7 @@ class KubeEmulator(Workloads, Rest, ControlPlane):
                     self.headers.get("Content-Type", ""),
                     body,
                     self.headers.get("Authorization"),
+                    raw=raw,
                 )
                 with emulator._lock:  # one request at a time, as etcd's compare-and-swap would order them
                     emulator.requests.append(record)

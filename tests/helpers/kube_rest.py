@@ -13,6 +13,7 @@ validations; a failed validation bound with validationActions Deny is refused, r
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any
 
@@ -127,14 +128,34 @@ class Rest:
 # -- ValidatingAdmissionPolicy -----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _program(expression: str) -> Any:
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(expression))
+
+
+def compile_policy(policy: dict[str, Any]) -> str | None:
+    """Every expression compiled (a type or syntax error is refused at creation); None when all compile."""
+    import celpy
+
+    spec = policy["spec"]
+    for part in ("matchConditions", "variables", "validations"):
+        for item in spec.get(part, []):
+            try:
+                _program(item["expression"])
+            except celpy.CELParseError as exc:
+                return f"spec.{part}: compilation failed: {exc}"
+    return None
+
+
 def admit(objects: dict[tuple[str, str, str], dict[str, Any]], request: dict[str, Any]) -> str | None:
     """The first Deny of a bound ValidatingAdmissionPolicy for ``request`` (an UPDATE), or None."""
     import celpy
 
-    env = celpy.Environment()
-
     def evaluate(expression: str, activation: dict[str, Any]) -> Any:
-        return env.program(env.compile(expression)).evaluate(activation)
+        return _program(expression).evaluate(activation)
 
     for (kind, _, name), policy in objects.items():
         if kind != "ValidatingAdmissionPolicy":

@@ -89,6 +89,11 @@ class Workloads:
             return _invalid(422, f"ConfigMap {meta['name']!r} is invalid: {problem}")
         if kind in ("Job", "DaemonSet"):
             self._drop_disabled_fields(doc["spec"]["template"]["spec"])
+        if kind == "ValidatingAdmissionPolicy":
+            from helpers.kube_rest import compile_policy
+
+            if problem := compile_policy(doc):  # the API server compiles every expression when it is created
+                return _invalid(422, f"ValidatingAdmissionPolicy {meta['name']!r} is invalid: {problem}")
         if namespace:
             meta["namespace"] = namespace
         meta["resourceVersion"] = self._rv()
