@@ -31,7 +31,14 @@ VARIANTS = {
     "evict": [*BASE, "--leave", "evict"],
     "delete": [*BASE, "--leave", "delete"],
     "dra-gate": [*BASE, "--feature-gate", "DRADeviceTaints"],
-    "restart-in-place": [*BASE, "--restart-in-place", "--feature-gate", "ContainerRestartRules", "--script", "t.py -e 3"],
+    "restart-in-place": [
+        *BASE,
+        "--restart-in-place",
+        "--feature-gate",
+        "ContainerRestartRules",
+        "--script",
+        "t.py -e 3",
+    ],
 }
 KUBERNETES = ["1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 
@@ -128,18 +135,27 @@ def test_one_node_job_ignores_75_and_stops_on_a_spent_budget(rendered: Any) -> N
         _rule("trainer", "Count", "NotIn", [0, 75, 77]),
     ]
     pod = job["template"]["spec"]
-    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "llm" and pod["terminationGracePeriodSeconds"] == 40
+    assert (
+        pod["restartPolicy"] == "Never"
+        and pod["serviceAccountName"] == "llm"
+        and pod["terminationGracePeriodSeconds"] == 40
+    )
     (container,) = pod["containers"]
     assert container["command"][:4] == ["gpuguard-run", "--nproc-per-node=8", "--nnodes=1", "--standalone"]
     env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env["GPUGUARD_KUBERNETES_MARKER"] == "agent" and env["GPUGUARD_KUBERNETES_EVACUATION_BUDGET"] == "llm-gpuguard-budget"
+    assert (
+        env["GPUGUARD_KUBERNETES_MARKER"] == "agent"
+        and env["GPUGUARD_KUBERNETES_EVACUATION_BUDGET"] == "llm-gpuguard-budget"
+    )
     assert env["GPUGUARD_KUBERNETES_DRA"] == "false"  # 1.34 without its gate
     assert rendered["one-node"]["ConfigMap"]["data"] == {"limit": "10"}
 
 
 def test_a_jobset_restarts_the_gang_as_one(rendered: Any) -> None:
     jobset = rendered["jobset"]["JobSet"]
-    assert jobset["metadata"]["annotations"] == {"alpha.jobset.sigs.k8s.io/exclusive-topology": "kubernetes.io/hostname"}
+    assert jobset["metadata"]["annotations"] == {
+        "alpha.jobset.sigs.k8s.io/exclusive-topology": "kubernetes.io/hostname"
+    }
     spec = jobset["spec"]
     assert spec["failurePolicy"] == {
         "maxRestarts": 3,
@@ -237,7 +253,10 @@ def test_a_trainjob_uses_a_runtime_that_carries_the_failure_semantics(rendered: 
             "--name: '8gpu' is not valid; must be a DNS-1035 label (it names the headless Service)",
         ),
         (["--name", "x" * 62, "--image", "i", "--gpus", "1"], "61 characters at most"),
-        (["--name", "ok", "--image", "i", "--gpus", "0"], "--gpus: 0 is not valid; must be a whole number from 1 to 64"),
+        (
+            ["--name", "ok", "--image", "i", "--gpus", "0"],
+            "--gpus: 0 is not valid; must be a whole number from 1 to 64",
+        ),
         (["--name", "ok", "--image", "i", "--gpus", "1", "--namespace", "ML"], "--namespace: 'ML' is not valid"),
     ],
     ids=[
@@ -267,7 +286,14 @@ def test_refused_with_the_reason_and_the_alternative(args: list[str], message: s
         (["--restart-in-place", "--feature-gate", "ContainerRestartRules"], "Restart", "KEP-5307"),
         (["--restart-in-place", "pod", "--kubernetes-version", "1.36"], "RestartAllContainers", "KEP-5532"),
         (
-            ["--restart-in-place", "pod", "--kubernetes-version", "1.35", "--feature-gate", "RestartAllContainersOnContainerExits"],
+            [
+                "--restart-in-place",
+                "pod",
+                "--kubernetes-version",
+                "1.35",
+                "--feature-gate",
+                "RestartAllContainersOnContainerExits",
+            ],
             "RestartAllContainers",
             "KEP-5532",
         ),
@@ -277,7 +303,9 @@ def test_refused_with_the_reason_and_the_alternative(args: list[str], message: s
 def test_restart_in_place_per_release_with_its_source(args: list[str], action: str, cited: str) -> None:
     code, out, err = generate(*BASE, *args)
     assert code == 0, err
-    (container,) = next(d for d in yaml.safe_load_all(out) if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"]
+    (container,) = next(d for d in yaml.safe_load_all(out) if d["kind"] == "Job")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert container["restartPolicy"] == "Never"
     assert container["restartPolicyRules"] == [{"action": action, "exitCodes": {"operator": "In", "values": [76]}}]
     comments = " ".join(line[2:] for line in out.splitlines() if line.startswith("# "))
@@ -298,7 +326,9 @@ def test_training_pods_hold_no_node_rights(rendered: Any) -> None:
         ("events.k8s.io", "events"): ["create", "list"],
         ("", "configmaps"): ["get", "update"],
     }
-    assert next(r for r in role["rules"] if r["resources"] == ["configmaps"])["resourceNames"] == ["llm-gpuguard-budget"]
+    assert next(r for r in role["rules"] if r["resources"] == ["configmaps"])["resourceNames"] == [
+        "llm-gpuguard-budget"
+    ]
     # the node agent marks and gives back, under its own account
     agent = found["ClusterRole/llm-default-node-check"]
     assert _rules(agent) == {
@@ -333,7 +363,9 @@ def test_rbac_follows_the_actions(rendered: Any) -> None:
     assert _rules(rendered["dra-gate"]["ClusterRole/llm-default-gpuguard"]) == {
         ("resource.k8s.io", "resourceslices"): ["list"],  # the UUIDs; the agent creates the DeviceTaintRule
     }
-    assert _rules(rendered["dra-gate"]["ClusterRole/llm-default-node-check"])[("resource.k8s.io", "devicetaintrules")] == [
+    assert _rules(rendered["dra-gate"]["ClusterRole/llm-default-node-check"])[
+        ("resource.k8s.io", "devicetaintrules")
+    ] == [
         "create",
         "delete",
         "list",
@@ -343,14 +375,18 @@ def test_rbac_follows_the_actions(rendered: Any) -> None:
     assert ("", "pods") not in _rules(rendered["evict"]["Role"])
     no_taint = rendered["no-taint"]
     assert "DaemonSet" not in no_taint and "ValidatingAdmissionPolicy" not in no_taint
-    assert rendered["jobset"]["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "llm", "namespace": "research"}]
+    assert rendered["jobset"]["RoleBinding"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llm", "namespace": "research"}
+    ]
 
 
 def test_label_mode_keeps_pods_off_failing_and_degraded_nodes(rendered: Any) -> None:
     affinity = rendered["label"]["Job"]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term == {
-        "matchExpressions": [{"key": "gpuguard.io/unhealthy-gpu", "operator": "NotIn", "values": ["failing", "degraded"]}]
+        "matchExpressions": [
+            {"key": "gpuguard.io/unhealthy-gpu", "operator": "NotIn", "values": ["failing", "degraded"]}
+        ]
     }
     assert "affinity" not in rendered["one-node"]["Job"]["spec"]["template"]["spec"]
 
@@ -402,5 +438,11 @@ def test_the_kind_demo_validates_and_its_pods_hold_no_node_rights() -> None:
     assert any(d["kind"] == "Job" for d in found)
     for doc in found:
         kubernetes_validate.validate(doc, "1.34.0", strict=True)
-    trainer_rules = [r for d in found if d["kind"] in ("Role", "ClusterRole") for r in d["rules"] if d["metadata"]["name"] == "gpuguard-demo"]
+    trainer_rules = [
+        r
+        for d in found
+        if d["kind"] in ("Role", "ClusterRole")
+        for r in d["rules"]
+        if d["metadata"]["name"] == "gpuguard-demo"
+    ]
     assert trainer_rules and not any("nodes" in r["resources"] for r in trainer_rules)

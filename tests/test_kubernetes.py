@@ -179,11 +179,19 @@ def test_an_escalated_degraded_gpu_taints_no_schedule_never_no_execute(kube: Kub
     add_dra(kube, pre_created=True, generated=False)
     outcomes = evacuate(a, state="DEGRADED")
     assert outcomes["node-taint"][0] == "done" and outcomes["device-taint-rule"][0] == "done", outcomes
-    ours = [(t["effect"], t["value"]) for t in kube.nodes["node-a"]["spec"]["taints"] if t["key"] == "gpuguard.io/unhealthy-gpu"]
+    ours = [
+        (t["effect"], t["value"])
+        for t in kube.nodes["node-a"]["spec"]["taints"]
+        if t["key"] == "gpuguard.io/unhealthy-gpu"
+    ]
     assert ours == [("NoSchedule", "gpuguard")]
     assert [r["spec"]["taint"]["effect"] for r in kube.taint_rules] == ["NoSchedule"]
     evacuate(a, device=UUID2)  # a FAILING GPU later: the configured NoExecute beside it
-    ours = [(t["effect"], t["value"]) for t in kube.nodes["node-a"]["spec"]["taints"] if t["key"] == "gpuguard.io/unhealthy-gpu"]
+    ours = [
+        (t["effect"], t["value"])
+        for t in kube.nodes["node-a"]["spec"]["taints"]
+        if t["key"] == "gpuguard.io/unhealthy-gpu"
+    ]
     assert ours == [("NoSchedule", "gpuguard"), ("NoExecute", "gpuguard")]
 
 

@@ -65,18 +65,26 @@ class NodeCheck:
     _answered: set[tuple[str, str]] = field(default_factory=set, init=False)
 
     def once(self) -> str:
-        """Look once: mark on new reports, then maybe give the node back; returns one line."""
-        from kubernetes import client
+        """Look once: mark on new reports, then maybe give the node back; returns one line.
 
-        cl = self.cluster
+        Raises:
+            KubernetesError: an API call failed (and the check is not ready until one look succeeds).
+        """
         states = dict(self.read_health())
         try:
-            marked_now = self.mark_reported() if self.mark_reports else []
-            node = cl.call_json("get", "nodes", client.CoreV1Api(cl.api).read_node, cl.node)
+            line = self._look(states)
         except KubernetesError as exc:
             self.ready, self.reason = False, str(exc)
             raise
         self.ready, self.reason = bool(states), "" if states else "no GPU visible: NVML or the device mounts"
+        return line
+
+    def _look(self, states: dict[str, str]) -> str:
+        from kubernetes import client
+
+        cl = self.cluster
+        marked_now = self.mark_reported() if self.mark_reports else []
+        node = cl.call_json("get", "nodes", client.CoreV1Api(cl.api).read_node, cl.node)
         if marked_now:
             self.healthy_since = None
             return f"node {cl.node}: marked for " + "; ".join(marked_now)

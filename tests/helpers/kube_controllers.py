@@ -125,7 +125,11 @@ class ControlPlane:
             meta.setdefault("deletionTimestamp", stamp())
 
     def _owned(self, kind: str, label: str, uid: str) -> list[tuple[tuple[str, str, str], dict[str, Any]]]:
-        return [(k, o) for k, o in self.objects.items() if k[0] == kind and (o["metadata"].get("labels") or {}).get(label) == uid]
+        return [
+            (k, o)
+            for k, o in self.objects.items()
+            if k[0] == kind and (o["metadata"].get("labels") or {}).get(label) == uid
+        ]
 
     # -- Job --------------------------------------------------------------------------------------
 
@@ -134,7 +138,9 @@ class ControlPlane:
             if key[0] != "Job":
                 continue
             meta, spec = job["metadata"], job["spec"]
-            pods = [p for p in self.pods.values() if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID) == meta["uid"]]
+            pods = [
+                p for p in self.pods.values() if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID) == meta["uid"]
+            ]
             if meta.get("deletionTimestamp"):
                 for pod in pods:
                     self.terminate_pod(pod)
@@ -191,7 +197,11 @@ class ControlPlane:
             ref = {"fieldRef": {"fieldPath": f"metadata.annotations['{JOB_INDEX}']"}}
             env.insert(0, {"name": "JOB_COMPLETION_INDEX", "valueFrom": ref})
         pod_spec["hostname"] = f"{meta['name']}-{index}"
-        labels = {**(template.get("metadata", {}).get("labels") or {}), JOB_NAME: meta["name"], CONTROLLER_UID: meta["uid"]}
+        labels = {
+            **(template.get("metadata", {}).get("labels") or {}),
+            JOB_NAME: meta["name"],
+            CONTROLLER_UID: meta["uid"],
+        }
         labels[JOB_INDEX] = str(index)
         annotations = {**(template.get("metadata", {}).get("annotations") or {}), JOB_INDEX: str(index)}
         self.pods[(meta["namespace"], name)] = {
@@ -204,7 +214,9 @@ class ControlPlane:
                 "resourceVersion": self._rv(),
                 "labels": labels,
                 "annotations": annotations,
-                "ownerReferences": [{"kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}],
+                "ownerReferences": [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}
+                ],
             },
             "spec": pod_spec,
             "status": {"phase": "Pending", "conditions": []},
@@ -227,7 +239,9 @@ class ControlPlane:
                 if not jobs:
                     del self.objects[key]
                 continue
-            previous = [(k, j) for k, j in jobs if int(j["metadata"]["labels"][JS + "restart-attempt"]) < status["restarts"]]
+            previous = [
+                (k, j) for k, j in jobs if int(j["metadata"]["labels"][JS + "restart-attempt"]) < status["restarts"]
+            ]
             current = [(k, j) for k, j in jobs if (k, j) not in previous]
             if finished(js):
                 for (_, ns, name), job in current:
@@ -310,8 +324,14 @@ class ControlPlane:
             if exclusive:
                 obj["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] = exclusive
         if (js["spec"].get("network") or {}).get("enableDNSHostnames", True):
-            template["spec"]["template"]["spec"]["subdomain"] = (js["spec"].get("network") or {}).get("subdomain") or meta["name"]
-        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**template["metadata"], "name": name, "namespace": meta["namespace"]}}
+            template["spec"]["template"]["spec"]["subdomain"] = (js["spec"].get("network") or {}).get(
+                "subdomain"
+            ) or meta["name"]
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {**template["metadata"], "name": name, "namespace": meta["namespace"]},
+        }
         job["spec"] = template["spec"]
         self.create(job)  # type: ignore[attr-defined]
 
@@ -345,7 +365,9 @@ class ControlPlane:
         spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
         nodes = int(trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1))
         for rjob in spec["replicatedJobs"]:
-            if (rjob["template"].get("metadata", {}).get("labels") or {}).get("trainer.kubeflow.org/trainjob-ancestor-step") != "trainer":
+            if (rjob["template"].get("metadata", {}).get("labels") or {}).get(
+                "trainer.kubeflow.org/trainjob-ancestor-step"
+            ) != "trainer":
                 continue
             rjob["replicas"] = 1
             rjob["template"]["spec"]["parallelism"] = rjob["template"]["spec"]["completions"] = nodes
@@ -368,7 +390,15 @@ class ControlPlane:
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "labels": {"trainer.kubeflow.org/trainjob-name": meta["name"]},
-                "ownerReferences": [{"kind": "TrainJob", "name": meta["name"], "uid": meta["uid"], "controller": True}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+                        "kind": "TrainJob",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                    }
+                ],
             },
             "spec": spec,
         }

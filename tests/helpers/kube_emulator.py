@@ -347,8 +347,8 @@ class KubeEmulator(Workloads, Rest, ControlPlane):
         if wanted is not None and wanted != node["metadata"]["resourceVersion"]:
             return _status(409, "Operation cannot be fulfilled on nodes: the object has been modified")
         updated = copy.deepcopy(node)
-        if "taints" in body.get("spec", {}):
-            updated["spec"]["taints"] = body["spec"]["taints"]  # NodeSpec.Taints has no merge key: replaced
+        for key, value in body.get("spec", {}).items():
+            updated["spec"][key] = value  # NodeSpec.Taints has no merge key: replaced whole, as scalars are
         for part in ("labels", "annotations"):  # maps merge; null deletes a key
             target = updated["metadata"].setdefault(part, {})
             for key, value in (meta.get(part) or {}).items():

@@ -144,7 +144,16 @@ class Kubelets:
                 (container,) = spec["containers"]
                 self.running[uid] = (self.runner(pod, environment(pod, container)), None)
                 status["phase"] = "Running"
-                status["containerStatuses"] = [{"name": container["name"], "restartCount": 0, "state": {"running": {}}}]
+                status["containerStatuses"] = [
+                    {
+                        "name": container["name"],
+                        "image": container["image"],
+                        "imageID": "",
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {}},
+                    }
+                ]
                 status["conditions"] = [c for c in status["conditions"] if c["type"] != "Ready"]
                 status["conditions"].append({"type": "Ready", "status": "True"})
                 continue
@@ -171,6 +180,7 @@ class Kubelets:
             return
         del self.running[pod["metadata"]["uid"]]
         cs["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+        cs["ready"] = False
         pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
         pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "Ready"]
 
@@ -184,7 +194,9 @@ class Kubelets:
         if since is None:
             process.terminate()
             self.running[meta["uid"]] = (process, time.monotonic())
-        elif process.poll() is None and time.monotonic() - since > min(self.grace_s, pod["spec"].get("terminationGracePeriodSeconds", 30)):
+        elif process.poll() is None and time.monotonic() - since > min(
+            self.grace_s, pod["spec"].get("terminationGracePeriodSeconds", 30)
+        ):
             process.kill()
         if process.poll() is not None:
             self.running.pop(meta["uid"], None)

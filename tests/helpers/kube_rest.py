@@ -112,7 +112,9 @@ class Rest:
         if method == "PUT":
             wanted = (body or {}).get("metadata", {}).get("resourceVersion")
             if wanted != current["metadata"].get("resourceVersion"):
-                return rules.status(409, f'Operation cannot be fulfilled on {plural} "{name}": the object has been modified')
+                return rules.status(
+                    409, f'Operation cannot be fulfilled on {plural} "{name}": the object has been modified'
+                )
             if kind == "ConfigMap" and (problem := rules.invalid_configmap(body)):
                 return rules.status(422, f'ConfigMap "{name}" is invalid: {problem}')
             updated = copy.deepcopy(body)
@@ -187,5 +189,7 @@ def admit(objects: dict[tuple[str, str, str], dict[str, Any]], request: dict[str
         activation["variables"] = variables
         for validation in spec["validations"]:
             if not bool(evaluate(validation["expression"], activation)):
-                return f'ValidatingAdmissionPolicy "{name}" with binding "{name}" denied request: {validation["message"]}'
+                return (
+                    f'ValidatingAdmissionPolicy "{name}" with binding "{name}" denied request: {validation["message"]}'
+                )
     return None

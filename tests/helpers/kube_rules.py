@@ -306,7 +306,14 @@ STATUS_REASONS: Final = {
 def status(code: int, message: str) -> tuple[int, dict[str, Any]]:
     """A metav1.Status failure, as the API server answers it."""
     reason = STATUS_REASONS.get(code, "Unknown")
-    return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code}
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 CONFIGMAP_KEY: Final = re.compile(r"^[-._a-zA-Z0-9]+$")
