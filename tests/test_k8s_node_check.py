@@ -21,8 +21,7 @@ import pytest
 from helpers.kube_emulator import ADMIN, KubeEmulator, write_kubeconfig
 from helpers.kube_rules import RELEASES
 
-from gpuguard import HealthConfig, HealthMonitor
-from gpuguard import KubernetesError
+from gpuguard import HealthConfig, HealthMonitor, KubernetesError
 from gpuguard.cli import main
 from gpuguard.fakenvml import FakeNvml
 from gpuguard.k8s import JobSpec, KubernetesActions, KubernetesConfig, connect, render
@@ -475,3 +474,22 @@ def test_a_node_check_that_sees_no_gpu_is_not_ready(kube: KubeEmulator, tmp_path
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(["k8s", "node-check", "--node", "node-a", "--once", "--no-mark-reports", "--kubeconfig", str(path)])
     assert code == 1 and "node check not ready: no GPU visible" in err.getvalue()
+
+
+def test_the_node_agent_s_entry_point_needs_no_torch(kube: KubeEmulator, tmp_path: Path) -> None:
+    """Its image can be small: python -m gpuguard.k8s.node_agent runs with torch unimportable."""
+    import subprocess
+    import sys
+
+    mark(kube, H200_UUID)
+    token = kube.token_for("system:serviceaccount:ml:trainer-node-check", node="node-a")
+    path = write_kubeconfig(tmp_path / "kc-agent", kube.url, token)
+    code = (
+        "import sys; sys.modules['torch'] = None; from gpuguard.k8s.node_agent import main; "
+        f"sys.exit(main(['--node', 'node-a', '--once', '--quiet-period', '0', '--replay', 'h200', "
+        f"'--no-mark-reports', '--kubeconfig', {str(path)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "removed taint gpuguard.io/unhealthy-gpu=gpuguard:NoSchedule" in result.stdout
+    assert ours(kube) == []

@@ -45,17 +45,17 @@ def _strict(node: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema(kind: str, version: str) -> dict[str, Any]:
     """The strict JSON schema of ``kind`` at the CRD release ``version``, for its storage version."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: these files are large
-    crd = yaml.load(lzma.decompress((CRDS / FILES[kind].format(version=version)).read_bytes()), Loader=loader)  # noqa: S506
+    crd = yaml.load(lzma.decompress((CRDS / FILES[kind].format(version=version)).read_bytes()), Loader=loader)
     assert crd["spec"]["names"]["kind"] == kind
     (served,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
     return {"apiVersion": f"{crd['spec']['group']}/{served['name']}", **_strict(served["schema"]["openAPIV3Schema"])}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(kind: str, version: str) -> tuple[str, jsonschema.Draft7Validator]:
     found = dict(schema(kind, version))
     api = found.pop("apiVersion")

@@ -215,7 +215,13 @@ class ControlPlane:
                 "labels": labels,
                 "annotations": annotations,
                 "ownerReferences": [
-                    {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True}
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                    }
                 ],
             },
             "spec": pod_spec,
@@ -433,9 +439,8 @@ class ControlPlane:
             for p in self.pods.values()
             if p["spec"].get("nodeName") == name and p["status"].get("phase") not in TERMINAL and p is not pod
         ]
-        if here:  # every pod here takes all of the node's GPUs (and JobSet exclusive placement asks the same)
-            return False
-        return True
+        # every pod here takes all of the node's GPUs (and JobSet exclusive placement asks the same)
+        return not here
 
 
 def _tolerates(toleration: dict[str, Any], taint: dict[str, Any]) -> bool:

@@ -70,7 +70,7 @@ class Rest:
         """Answer the request if it is one of these routes; None otherwise."""
         labels = query.get("labelSelector", [""])[0]
         fields = query.get("fieldSelector", [""])[0]
-        if method == "GET" and path in ("/api/v1/pods",) or re.fullmatch(r"/api/v1/namespaces/[^/]+/pods", path):
+        if (method == "GET" and path in ("/api/v1/pods",)) or re.fullmatch(r"/api/v1/namespaces/[^/]+/pods", path):
             if method != "GET":
                 return None
             namespace = path.split("/")[4] if "/namespaces/" in path else None
@@ -130,7 +130,7 @@ class Rest:
 # -- ValidatingAdmissionPolicy -----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _program(expression: str) -> Any:
     import celpy
 
