@@ -129,8 +129,11 @@ def test_a_budget_that_was_never_applied_is_said_and_the_pod_still_leaves_with_7
     assert code == 75 and "the health-evacuation budget could not be counted (get configmaps: HTTP 404" in said
 
 
-def test_a_bad_gpu_that_cannot_be_marked_leaves_with_a_code_the_controller_counts(kube: KubeEmulator) -> None:
+def test_a_bad_gpu_that_cannot_be_marked_leaves_with_a_code_the_controller_counts(
+    kube: KubeEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No node agent answers: the pod must not exit 75 (ignored, replaced, maybe on the same node)."""
+    monkeypatch.setattr("gpuguard.k8s.gang.PREFLIGHT_DEADLINE_S", 1.5)  # how long the preflight waits for the agent
     env = pod(kube, "p0", "node-0")
     code, said = quietly(75, bad=[BAD], config=config(env, deadline_s=1.5), env=env)
     assert code == UNMARKED_EXIT_CODE == 1

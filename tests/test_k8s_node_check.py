@@ -83,7 +83,9 @@ def cluster_as(kube: KubeEmulator, user: str, *, pod: str = "", node: str = "nod
     token = kube.token_for(user, node=node)
     path = write_kubeconfig(kube.tmp / f"kc-{len(kube.tokens)}", kube.url, token)  # type: ignore[attr-defined]
     env = {"POD_NAME": pod, "POD_NAMESPACE": "ml", "NODE_NAME": node, "POD_UID": f"uid-{pod}"}
-    config = KubernetesConfig(kubeconfig=str(path), **{"dra": False, "marker": "pod", **settings})
+    # generous timeouts: the emulator shares this machine's cores with the test (and other suites)
+    defaults = {"dra": False, "marker": "pod", "request_timeout_s": 20.0, "deadline_s": 60.0}
+    config = KubernetesConfig(kubeconfig=str(path), **{**defaults, **settings})
     cluster = connect(config, env=env, need_pod=bool(pod))
     assert cluster is not None
     return cluster
@@ -493,3 +495,45 @@ def test_the_node_agent_s_entry_point_needs_no_torch(kube: KubeEmulator, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "removed taint gpuguard.io/unhealthy-gpu=gpuguard:NoSchedule" in result.stdout
     assert ours(kube) == []
+
+
+def test_the_node_agent_creates_the_device_taint_rule_the_pod_found(server: KubeEmulator, tmp_path: Path) -> None:
+    """DRA under least privilege: the pod finds its device (claims, slices: reads) and reports it; the
+    agent creates the DeviceTaintRule (the pod has no devicetaintrules create)."""
+    server.reset(device_taint_rules=True)
+    server.add_node("node-a")
+    server.add_pod("ml", "trainer-0", "node-a")
+    server.tmp = tmp_path  # type: ignore[attr-defined]
+    gates = {"1.34": {"DRADeviceTaints"}, "1.35": {"DRADeviceTaintRules"}, "1.36": {"DRADeviceTaintRules"}}
+    config = KubernetesConfig(marker="agent")
+    spec = JobSpec(name="trainer", image="t:1", gpus=1, namespace="ml", kubernetes=config,
+                   kubernetes_version=server.release, feature_gates=frozenset(gates.get(server.release, set())))  # fmt: skip
+    apply(server, spec)
+    server.pods[("ml", "trainer-0")]["spec"]["resourceClaims"] = [{"name": "g", "resourceClaimName": "team-gpus"}]
+    result = {"request": "g", "driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-0"}
+    server.claims[("ml", "team-gpus")] = {"status": {"allocation": {"devices": {"results": [result]}}}}
+    devices = [{"name": "gpu-0", "attributes": {"uuid": {"string": H200_UUID}}}]
+    server.slices.append(
+        {"spec": {"nodeName": "node-a", "driver": "gpu.nvidia.com", "pool": {"name": "node-a"}, "devices": devices}}
+    )
+    trainer, agent_user = "system:serviceaccount:ml:trainer", "system:serviceaccount:ml:trainer-node-check"
+    guard = KubernetesActions(cluster_as(server, trainer, pod="trainer-0", marker="agent", dra=True))
+    agent = NodeCheck(cluster_as(server, agent_user, dra=True), lambda: {H200_UUID: "FAILING"}, quiet_period_s=0)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lambda: [agent.once() or stop.wait(0.2) for _ in iter(stop.is_set, True)], daemon=True
+    )
+    thread.start()
+    try:
+        outcomes = guard.evacuate(
+            device=H200_UUID, state="FAILING", message="m", evidence={}, action="reschedule", exit_code=75
+        )
+    finally:
+        stop.set()
+        thread.join(10)
+    assert {o.action: o.outcome for o in outcomes}["node-taint"] == "done", outcomes
+    (rule,) = server.taint_rules
+    assert rule["spec"]["deviceSelector"] == {"driver": "gpu.nvidia.com", "pool": "node-a", "device": "gpu-0"}
+    assert [r.user for r in server.received("POST", r"/devicetaintrules$")] == [agent_user]
+    assert ours(server) == ["NoSchedule"]
+    assert server.rbac is not None and server.used(trainer) <= server.rbac.granted(trainer, "ml")

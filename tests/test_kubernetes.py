@@ -59,7 +59,8 @@ def actions(kube: KubeEmulator, **settings: Any) -> KubernetesActions:
         image="trainer:1",
         gpus=1,
         namespace="ml",
-        kubernetes=KubernetesConfig(**settings),
+        # a generous request timeout: the emulator shares this machine's cores (tests that time it set their own)
+        kubernetes=KubernetesConfig(**{"request_timeout_s": 20.0, **settings}),
         kubernetes_version=kube.release,
         feature_gates=frozenset(gates),
         evacuation_budget=None,  # counted by gpuguard-run, not by these actions (tests/test_k8s_gang.py)

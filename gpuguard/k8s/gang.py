@@ -17,6 +17,7 @@ evacuations that no controller can reset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -149,11 +150,17 @@ def _say(message: str) -> None:
     print(f"gpuguard-run: {message}", file=sys.stderr, flush=True)
 
 
+PREFLIGHT_DEADLINE_S: Final = 30.0
+
+
 def mark_bad_gpus(cluster: Cluster, bad: Sequence[DeviceHealth]) -> bool:
-    """Report each bad GPU and mark the node (or have the node agent mark it); True when marked."""
-    actions = KubernetesActions(cluster)
-    if cluster.config.mark == "none":
-        return False
+    """Report each bad GPU and mark the node (or have the node agent mark it); True when marked.
+
+    Before the first step nothing is waiting to be saved and no grace period runs, so the node agent
+    (which looks every few seconds) gets at least ``PREFLIGHT_DEADLINE_S`` to answer.
+    """
+    patient = dataclasses.replace(cluster.config, deadline_s=max(cluster.config.deadline_s, PREFLIGHT_DEADLINE_S))
+    actions = KubernetesActions(dataclasses.replace(cluster, config=patient))
     marked = True
     for device in bad:
         reasons = [r.to_dict() for r in device.reasons]
@@ -167,8 +174,9 @@ def mark_bad_gpus(cluster: Cluster, bad: Sequence[DeviceHealth]) -> bool:
             exit_code=75,
             leave=False,
         )
-        mark = next((o for o in outcomes if o.action == "node-" + cluster.config.mark), None)
-        marked = marked and mark is not None and mark.outcome == "done"
+        # the node's taint or label, or the device's DeviceTaintRule: either keeps the replacement off it
+        done = {o.action for o in outcomes if o.outcome == "done"}
+        marked = marked and bool(done & {"node-taint", "node-label", "device-taint-rule"})
     return marked
 
 
