@@ -478,23 +478,34 @@ def test_a_node_check_that_sees_no_gpu_is_not_ready(kube: KubeEmulator, tmp_path
     assert code == 1 and "node check not ready: no GPU visible" in err.getvalue()
 
 
-def test_the_node_agent_s_entry_point_needs_no_torch(kube: KubeEmulator, tmp_path: Path) -> None:
-    """Its image can be small: python -m gpuguard.k8s.node_agent runs with torch unimportable."""
+def test_the_node_agent_s_entry_point_needs_no_torch(tmp_path: Path) -> None:
+    """Its image can be small: python -m gpuguard.k8s.node_agent runs with torch unimportable (one
+    release: the subprocess is what is tested)."""
     import subprocess
     import sys
 
-    mark(kube, H200_UUID)
-    token = kube.token_for("system:serviceaccount:ml:trainer-node-check", node="node-a")
-    path = write_kubeconfig(tmp_path / "kc-agent", kube.url, token)
-    code = (
-        "import sys; sys.modules['torch'] = None; from gpuguard.k8s.node_agent import main; "
-        f"sys.exit(main(['--node', 'node-a', '--once', '--quiet-period', '0', '--replay', 'h200', "
-        f"'--no-mark-reports', '--kubeconfig', {str(path)!r}]))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "removed taint gpuguard.io/unhealthy-gpu=gpuguard:NoSchedule" in result.stdout
-    assert ours(kube) == []
+    kube = KubeEmulator(release="1.37")
+    kube.url = kube.start()  # type: ignore[attr-defined]
+    try:
+        kube.tmp = tmp_path  # type: ignore[attr-defined]
+        kube.add_node("node-a", taints=list(OTHERS))
+        kube.add_pod("ml", "trainer-0", "node-a")
+        marker_pod = KubernetesConfig(marker="pod")
+        apply(kube, JobSpec(name="trainer", image="t:1", gpus=2, namespace="ml", kubernetes=marker_pod))
+        mark(kube, H200_UUID)
+        token = kube.token_for("system:serviceaccount:ml:trainer-node-check", node="node-a")
+        path = write_kubeconfig(tmp_path / "kc-agent", kube.url, token)
+        code = (
+            "import sys; sys.modules['torch'] = None; from gpuguard.k8s.node_agent import main; "
+            f"sys.exit(main(['--node', 'node-a', '--once', '--quiet-period', '0', '--replay', 'h200', "
+            f"'--no-mark-reports', '--kubeconfig', {str(path)!r}]))"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        assert "removed taint gpuguard.io/unhealthy-gpu=gpuguard:NoSchedule" in result.stdout
+        assert ours(kube) == []
+    finally:
+        kube.stop()
 
 
 def test_the_node_agent_creates_the_device_taint_rule_the_pod_found(server: KubeEmulator, tmp_path: Path) -> None:
