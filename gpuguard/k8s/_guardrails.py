@@ -53,7 +53,7 @@ def node_agent(spec: JobSpec, labels: dict[str, str], role_and_binding: RoleMake
             "gpuguard.k8s.node_agent",
             f"--quiet-period={spec.node_check_quiet_period_s}",
             f"--taint-key={c.taint_key}",
-            f"--taint-effect={c.taint_effect if c.taint_effect != 'PreferNoSchedule' else 'NoSchedule'}",
+            f"--taint-effect={c.taint_effect}",
             f"--mark={c.mark}",
             f"--health-port={HEALTH_PORT}",
             *(["--dra"] if c.dra else []),

@@ -31,7 +31,10 @@ def add_arguments(n: argparse.ArgumentParser) -> None:
     n.add_argument("--kubeconfig", help="a kubeconfig (default: in-cluster)")
     n.add_argument("--taint-key", default="gpuguard.io/unhealthy-gpu", help="(default: gpuguard.io/unhealthy-gpu)")
     n.add_argument(
-        "--taint-effect", default="NoSchedule", choices=("NoSchedule", "NoExecute"), help="(default: NoSchedule)"
+        "--taint-effect",
+        default="NoSchedule",
+        choices=("NoSchedule", "PreferNoSchedule", "NoExecute"),
+        help="(default: NoSchedule)",
     )
     n.add_argument("--mark", default="taint", choices=("taint", "label"), help="how to mark the node (default: taint)")
     n.add_argument("--dra", action="store_true", help="also DeviceTaintRules: create on reports, delete when healed")
