@@ -3,7 +3,8 @@
 It composes ``torch.distributed.run`` (same arguments) rather than copying it:
 
 1. preflight: the node's GPUs are read once; a FAILING or LOST one means the job should not start
-   here, and the wrapper exits 75 at once so the pod is rescheduled;
+   here: the node is marked first (`gpuguard.k8s.gang.settle`), then the wrapper exits 75 so the pod
+   is rescheduled elsewhere (exit 1, counted, when the mark cannot be confirmed);
 2. the workers run under torchrun with local restarts off;
 3. a worker's exit 75 makes the wrapper exit 75 — no local restart on a bad GPU; a worker's 76
    restarts the workers in place, up to ``--max-restarts`` times (a fresh process on the same GPU
@@ -52,7 +53,11 @@ def preflight(reschedule_code: int) -> int | None:
     for device in bad:
         reason = device.reasons[0].message if device.reasons else ""
         print(f"gpuguard-run: GPU {device.index} ({device.uuid}) is {device.state.value}: {reason}", file=sys.stderr)
-    return reschedule_code if bad else None
+    if not bad:
+        return None
+    from gpuguard.k8s.gang import settle
+
+    return settle(reschedule_code, bad=bad)
 
 
 def _children() -> list[int]:
@@ -139,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 128 + int(forwarder.received)
             if reschedule in codes:
                 print(f"gpuguard-run: a worker asked to be rescheduled (exit {reschedule})", file=sys.stderr)
-                return reschedule
+                from gpuguard.k8s.gang import settle
+
+                # a health evacuation counts in the budget (77 once spent); a preemption does not
+                return reschedule if forwarder.received is not None else settle(reschedule)
             if restart in codes and restarts_left > 0:
                 restarts_left -= 1
                 print(
