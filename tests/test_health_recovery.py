@@ -140,7 +140,7 @@ def cluster_as(kube: KubeEmulator, tmp_path: Path, user: str, pod: str = "") -> 
     path = write_kubeconfig(tmp_path / f"kc-{user.rsplit(':', 1)[-1]}", kube.url, kube.token_for(user))  # type: ignore[attr-defined]
     env = {"POD_NAME": pod, "POD_NAMESPACE": "ml", "NODE_NAME": "node-a", "POD_UID": f"uid-{pod}"}
     # generous deadlines: marking the node is this test's setup, and a loaded machine must not skip it
-    config = KubernetesConfig(kubeconfig=str(path), dra=False, deadline_s=120.0, request_timeout_s=60.0)
+    config = KubernetesConfig(kubeconfig=str(path), dra=False, marker="pod", deadline_s=120.0, request_timeout_s=60.0)
     cluster = connect(config, env=env, need_pod=bool(pod))
     assert cluster is not None
     return cluster
@@ -150,7 +150,15 @@ def test_a_long_running_node_check_untaints_after_the_gpu_is_reset(server: KubeE
     server.reset()
     server.add_node("node-a")
     server.add_pod("ml", "trainer-0", "node-a")
-    server.authorize(render(JobSpec(name="trainer", image="t:1", gpus=2, namespace="ml", kubernetes_version="1.36")))
+    # the training pod marks its node itself here (marker "pod"): this test is about the node check's way back
+    pod_marks = KubernetesConfig(marker="pod")
+    server.authorize(
+        render(
+            JobSpec(
+                name="trainer", image="t:1", gpus=2, namespace="ml", kubernetes=pod_marks, kubernetes_version="1.36"
+            )
+        )
+    )
     scenario = {"gpus": 2, "events": [{"at": 1.0, "gpu": 1, "xid": 48, "until": 3.0}]}
     fake = FakeNvml.from_scenario(scenario)
     config = HealthConfig(poll_interval_s=0.02, event_wait_s=0.05)
@@ -173,6 +181,7 @@ def test_a_long_running_node_check_untaints_after_the_gpu_is_reset(server: KubeE
             cluster_as(server, tmp_path, "system:serviceaccount:ml:trainer-node-check"),
             lambda: monitor.snapshot().states(),  # what the node check reads: the threaded monitor's verdicts
             quiet_period_s=60,
+            mark_reports=False,  # marker "pod": the agent only gives the node back
             clock=lambda: now[0],
         )
         assert check.once().startswith("node node-a: still marked;")

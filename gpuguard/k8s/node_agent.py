@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         if not first.available:
             return {}
         monitor.process_events(0.0)
-        return {d.uuid: d.state.value for d in monitor.poll().devices}
+        return monitor.poll().states()  # keyed so that GPUs whose UUID is unknown stay apart
 
     config = KubernetesConfig(
         enabled="on",

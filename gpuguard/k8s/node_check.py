@@ -17,7 +17,7 @@ A node check that sees no GPU at all is not ready (``ready`` False): on a GPU no
 the device mounts are broken, and the agent could neither see a fault nor clear a mark.
 
 Example:
-    check = NodeCheck(cluster, read_health=lambda: {d.uuid: d.state.value for d in monitor.poll().devices})
+    check = NodeCheck(cluster, read_health=lambda: monitor.poll().states())
     while True:
         print(check.once())
         time.sleep(30)
