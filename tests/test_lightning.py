@@ -51,10 +51,16 @@ def fit(
     max_steps: int = -1,
     fault_at: tuple[int, int] | None = None,
     extra_callbacks: tuple[Any, ...] | list[Any] = (),
+    generator: bool = False,
+    validation: bool = False,
+    accumulate: int = 1,
     **settings: Any,
 ) -> tuple[Any, Any, GpuGuardCallback]:
-    """One fit in this process; returns (trainer, model, callback). Raises Evacuation as fit does."""
-    pl, regression = build(package, 0.0)
+    """One fit in this process; returns (trainer, model, callback). Raises Evacuation as fit does.
+
+    ``validation``: a validation loop every 5 training batches (and at each epoch's end).
+    """
+    pl, regression = build(package, 0.0, generator=generator, validation=validation)
     pl.seed_everything(0, workers=True, verbose=False)
     model = regression()
     fake = FakeNvml.from_scenario(XID48) if fault_at else FakeNvml.replay()
@@ -74,6 +80,9 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        accumulate_grad_batches=accumulate,
+        num_sanity_val_steps=0,
+        **({"val_check_interval": 5} if validation else {}),
     )
     trainer.fit(model)
     return trainer, model, guard

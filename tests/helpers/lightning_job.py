@@ -20,7 +20,14 @@ import torch
 PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 
 
-def build(package: str, sleep_s: float) -> Any:
+def build(package: str, sleep_s: float, *, generator: bool = False, validation: bool = False) -> Any:
+    """(the Lightning package, a LightningModule class) for a small regression with dropout.
+
+    Dropout draws from the global torch generator, so a resume is bitwise identical only when the
+    RNG states come back at the right point of the loop. ``generator`` gives the training loader a
+    generator of its own (otherwise it draws its shuffling seed from the global one); ``validation``
+    adds a validation loop (whose dataloader iterator draws a seed from the global generator too).
+    """
     import importlib
 
     pl = importlib.import_module(PACKAGES[package])
@@ -30,9 +37,12 @@ def build(package: str, sleep_s: float) -> Any:
     class Regression(pl.LightningModule):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Dropout(0.25), torch.nn.Linear(16, 1)
+            )
             self.seen: list[tuple[int, int, int]] = []
             self.data: list[float] = []  # a checksum of each batch, to compare data order between runs
+            self.validations: list[int] = []  # the global step at each validation
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
@@ -46,16 +56,31 @@ def build(package: str, sleep_s: float) -> Any:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-        def train_dataloader(self) -> Any:
+        def _data(self) -> Any:
             g = torch.Generator().manual_seed(7)
             x = torch.randn(64, 8, generator=g)
-            data = torch.utils.data.TensorDataset(x, x[:, :1].sin())
+            return torch.utils.data.TensorDataset(x, x[:, :1].sin())
+
+        def train_dataloader(self) -> Any:
+            data = self._data()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 # A sampler that saves its position: Lightning keeps a DistributedSampler it is given,
                 # and this one applies the resumed epoch's order (see GpuGuardCallback's docs).
                 sampler = StatefulDistributedSampler(data, shuffle=True, seed=0)
                 return StatefulDataLoader(data, batch_size=4, sampler=sampler)
-            return StatefulDataLoader(data, batch_size=4, shuffle=True)
+            own = torch.Generator().manual_seed(3) if generator else None
+            return StatefulDataLoader(data, batch_size=4, shuffle=True, generator=own)
+
+        if validation:
+
+            def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                if batch_idx == 0 and not self.trainer.sanity_checking:
+                    self.validations.append(self.trainer.global_step)
+                x, y = batch
+                return torch.nn.functional.mse_loss(self.net(x), y)
+
+            def val_dataloader(self) -> Any:
+                return torch.utils.data.DataLoader(self._data(), batch_size=16)
 
     return pl, Regression
 
