@@ -106,6 +106,10 @@ class GuardHooks:
                 log.info(
                     "resumed from gpuguard checkpoint %s: global step %d", info.id, checkpoint.get("global_step", -1)
                 )
+        if self._saved_rng is not None and self._saved_at_epoch_end:
+            # Taken at an epoch's end: the next epoch's dataloader iterator, created after this hook,
+            # draws from these states as it did in the run that saved them.
+            restore_rng(self._saved_rng)
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(RNG_ENTRY)
@@ -158,6 +162,8 @@ class GuardHooks:
         # A resumed fit may repeat the end of the epoch it resumed at (Lightning calls on_train_epoch_end
         # again): that step is the checkpoint's own, not one to take again.
         self._last_step = int(trainer.global_step) if trainer.global_step else -1
+        if self._saved_at_epoch_end and not _internals.repeats_epoch_end(trainer):
+            self._saved_rng = None  # the iterator the next epoch trains on exists, drawn from them
         flattened = _internals.training_dataloaders(trainer)
         if flattened and not all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in flattened):
             log.warning(
@@ -182,9 +188,9 @@ class GuardHooks:
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._saved_rng is not None and self._saved_at_epoch_end:
-            # Taken at an epoch's end: this epoch's dataloader iterator is created right after this
-            # hook, drawing from these states as it did in the run that saved them. (A resumed fit
-            # creates iterators before this hook too; their draws are discarded here.)
+            # Taken at an epoch's end, and Lightning ran that end again: this epoch's dataloader
+            # iterator is created right after this hook, so the states go back once more (the
+            # iterator Lightning created before on_train_start is not the one it trains on).
             restore_rng(self._saved_rng)
             self._saved_rng = None
 

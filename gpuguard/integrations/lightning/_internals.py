@@ -60,6 +60,14 @@ def at_last_batch(trainer: Any) -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
+def repeats_epoch_end(trainer: Any) -> bool:
+    """From ``on_train_start`` of a fit resumed from a checkpoint taken at an epoch's end: whether
+    Lightning runs that epoch's end again and creates the next epoch's dataloader iterator after
+    ``on_train_epoch_start`` (lightning 2.6 does with ``max_steps`` set), rather than training the
+    next epoch on the iterator it created before ``on_train_start`` (without ``max_steps``)."""
+    return bool(getattr(trainer.fit_loop, "restarted_on_epoch_end", False))
+
+
 def restore_signal_at_teardown(trainer: Any, signum: int, handler: Any) -> None:
     """Make Lightning's teardown put ``handler`` back for ``signum`` (its signal connector restores
     the handlers it found when ``fit`` began, the guard's among them, after every callback hook of
@@ -111,6 +119,7 @@ __all__ = [
     "dump_checkpoint",
     "is_plain_launcher_child",
     "package_of",
+    "repeats_epoch_end",
     "restore_before_training",
     "restore_signal_at_teardown",
     "training_dataloaders",
