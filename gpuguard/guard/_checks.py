@@ -83,3 +83,21 @@ def check_preemption_bound(config: GuardConfig, step_s: float) -> None:
             to_agree,
             config.preemption_deadline_s,
         )
+
+
+def check_save_fits_deadline(config: GuardConfig, durable_s: float, step: int) -> bool:
+    """Warn when a measured save took longer than ``preemption_deadline_s``: an emergency checkpoint
+    of this state would then miss the deadline, and the next run would resume from an older one.
+    Returns whether it warned. The deadline is never raised to fit: the pod's grace period is what it is."""
+    if not config.preemption_signals or durable_s <= config.preemption_deadline_s:
+        return False
+    log.warning(
+        "gpuguard: the checkpoint at step %d took %.2fs to commit, over preemption_deadline_s=%gs: after a "
+        "SIGTERM the emergency checkpoint of this state would be abandoned at the deadline and the next run "
+        "would resume from an older checkpoint; raise preemption_deadline_s (and the pod's "
+        "terminationGracePeriodSeconds) above the measured save time, or make the state smaller or the storage faster",
+        step,
+        durable_s,
+        config.preemption_deadline_s,
+    )
+    return True

@@ -18,7 +18,7 @@ from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
-from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
+from gpuguard.guard._checks import check_preemption_bound, check_save_fits_deadline, odd_step, say_what_is_watched
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._signals import PreemptionSignals, signal_name
@@ -482,6 +482,9 @@ class Guard:
     def _report_periodic(self, pending: PendingSave) -> None:
         error = pending.exception()
         info = None if error is not None else pending.wait(0)
+        if info is not None and "deadline" not in self._reported:  # the first measured save time, once
+            self._reported.add("deadline")
+            check_save_fits_deadline(self.config, pending.timings.durable_s, pending.step)
         self.plugins.hook.gpuguard_checkpoint_finished(
             step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error
         )
