@@ -468,3 +468,19 @@ def test_resume_across_max_epochs_continues_at_the_next_epoch(tmp_path: Path) ->
     trainer, model, guard = fit(folder, epochs=3)
     assert guard.resumed_from is not None and guard.resumed_from.step == 32
     assert model.seen[0] == (2, 0, 32) and trainer.global_step == 48
+
+
+def test_gpuguard_checkpoint_as_ckpt_path_without_the_plugin_names_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "ckpt"
+    fit(folder, max_steps=5, checkpoint_every_steps=5)
+    [info] = CheckpointStore(f"file://{folder}").list()
+    pl, regression = build("lightning", 0.0)
+    guard = GpuGuardCallback(checkpoint_dir=f"file://{folder}", nvml=FakeNvml.replay())
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, callbacks=[guard], logger=False, enable_checkpointing=False)
+    with pytest.raises(Exception) as caught:
+        trainer.fit(regression(), ckpt_path=info.url)  # Lightning's TorchCheckpointIO cannot read a folder
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "plugins=[gpuguard.lightning.GpuGuardCheckpointIO()]" in notes
+    assert "plugins=[gpuguard.lightning.GpuGuardCheckpointIO()]" in caplog.text

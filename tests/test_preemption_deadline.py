@@ -68,6 +68,7 @@ def check_truthful(folder: Path, report: dict[str, Any], took: float, deadline: 
         assert took < deadline + COMMIT_IN_FLIGHT_S + TEARDOWN_S, took
 
 
+@pytest.mark.slow
 def test_a_short_deadline_reports_the_checkpoint_the_rerun_resumes_from(tmp_path: Path) -> None:
     # The fast representative: 64 MiB with a 0.05 s deadline (abandoned, or committed in time).
     report, took, _ = run(tmp_path, 64, 0.05)
