@@ -285,16 +285,23 @@ class GuardHooks:
         # Leaving for the GPU's or the pod's sake: periodic saves still in flight get a short bound.
         self.guard.close(min(10.0, self.guard.config.commit_timeout_s) if evacuating else None)
         location = gpuguard_checkpoint_location(trainer.ckpt_path) if trainer.ckpt_path else None
-        if location is not None and not isinstance(trainer.strategy.checkpoint_io, _GuardCheckpointIO):
+        if (
+            location is not None
+            and not evacuating
+            and not isinstance(trainer.strategy.checkpoint_io, _GuardCheckpointIO)
+        ):
+            # Lightning's own reader failed on a gpuguard checkpoint folder (an IsADirectoryError, or
+            # whatever another CheckpointIO raises), before anything trained. Raised from here, on
+            # every Python: one gpuguard error naming the fix, with Lightning's error as its cause.
+            # (Lightning's remaining exception hooks and its teardown are skipped: nothing has run.)
             message = (
-                f"gpuguard: fit(ckpt_path={str(trainer.ckpt_path)!r}) names a gpuguard checkpoint, which "
+                f"fit(ckpt_path={str(trainer.ckpt_path)!r}) names a gpuguard checkpoint, which "
                 f"{type(trainer.strategy.checkpoint_io).__name__} cannot read: pass "
                 "plugins=[gpuguard.lightning.GpuGuardCheckpointIO()] to the Trainer, or leave ckpt_path out "
                 "(GpuGuardCallback resumes from gpuguard's newest checkpoint by itself)"
             )
-            log.error("%s", message)
-            if hasattr(exception, "add_note"):  # Python 3.11+: printed under the error's own line
-                exception.add_note(message)
+            log.error("gpuguard: %s", message)
+            raise CheckpointError(message) from exception
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
