@@ -4,17 +4,24 @@ the process leaves within the deadline plus a stated bound, and the deadline is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from helpers import gated_fs
+from helpers.gated_fs import GatedFileSystem
 
-from gpuguard import CheckpointStore
+from gpuguard import CheckpointStore, Evacuation, Guard
+from gpuguard.fakenvml import FakeNvml
 from gpuguard.guard._evacuation import COMMIT_IN_FLIGHT_S
 
 JOB = Path(__file__).parent / "helpers" / "deadline_job.py"
@@ -85,3 +92,92 @@ def test_a_1gib_state_with_a_1s_deadline_reports_the_checkpoint_the_rerun_resume
     print(f"exit {took:.2f}s after SIGTERM; committed={report['committed']}")
     if not report["committed"]:
         assert "over preemption_deadline_s=1s" in err
+
+
+# -- in one process: a gated storage makes the emergency save late, deterministically -------------
+
+
+@pytest.fixture
+def gated() -> Iterator[type[GatedFileSystem]]:
+    gated_fs.reset()
+    yield GatedFileSystem
+    GatedFileSystem.gate.set()
+    gated_fs.reset()
+
+
+def sigterm_at_step_4(deadline_s: float) -> tuple[Evacuation, Guard]:
+    """A small state checkpointed every 2 steps; SIGTERM after step 3 (the periodic save of step 2
+    committed): the guard evacuates at step 4 under ``preemption_deadline_s=deadline_s``."""
+    state = {"w": torch.zeros(1024)}
+    guard = Guard(
+        "gated://run",
+        state,
+        nvml=FakeNvml.replay(),
+        devices="all",
+        checkpoint_every_steps=2,
+        preemption_deadline_s=deadline_s,
+    )
+    with pytest.raises(Evacuation) as caught, guard:
+        for step in range(guard.resume(), 10):
+            state["w"] += 1.0
+            guard.step(step)
+            if step == 3:
+                with CheckpointStore("gated://run") as store:
+                    limit = time.monotonic() + 60  # a hang guard, not a timing
+                    while not store.list():
+                        assert time.monotonic() < limit
+                        time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs between bytecodes, soon after
+    return caught.value, guard
+
+
+def resumes_at() -> int:
+    with Guard("gated://run", {"w": torch.zeros(1024)}, nvml=FakeNvml.replay(), devices="all") as rerun:
+        return rerun.resume()
+
+
+def test_an_emergency_save_stalled_past_the_deadline_is_abandoned_and_the_rerun_resumes_where_reported(
+    gated: type[GatedFileSystem],
+) -> None:
+    gated.hold = "step-000000000004-"  # the emergency save's state file waits until the test opens the gate
+    evacuation, guard = sigterm_at_step_4(0.5)
+    report = guard.last_evacuation
+    assert report is not None and evacuation.step == 4 and evacuation.checkpoint is None
+    assert report.error is not None and "abandoned, it will not commit" in report.error
+    assert report.resume_from is not None and (report.resume_from["step"], report.resume_from["reason"]) == (
+        2,
+        "periodic",
+    )
+    assert report.resume_from["id"] in evacuation.decision.message  # what the Event says
+    gated.gate.set()  # the stalled write goes on now, after the process would have left...
+    for thread in threading.enumerate():
+        if thread.name.startswith(("gpuguard-store-close", "gpuguard-ckpt")):
+            thread.join(60)
+    with CheckpointStore("gated://run") as store:
+        assert [(i.step, i.reason) for i in store.list()] == [(2, "periodic")]  # ...and never commits
+    assert resumes_at() == 3  # the step after the reported checkpoint
+
+
+def test_a_commit_in_flight_at_the_deadline_is_waited_for_and_reported_committed(
+    gated: type[GatedFileSystem], caplog: pytest.LogCaptureFixture
+) -> None:
+    gated.hold, gated.hold_manifest = "step-000000000004-", True  # the commit (manifest write) waits
+
+    class OpenAtTheDeadline(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "was committing at the deadline" in record.getMessage():
+                gated.gate.set()  # the manifest lands after the deadline
+
+    opener = OpenAtTheDeadline()
+    logging.getLogger("gpuguard").addHandler(opener)
+    try:
+        evacuation, guard = sigterm_at_step_4(0.5)
+    finally:
+        logging.getLogger("gpuguard").removeHandler(opener)
+    report = guard.last_evacuation
+    assert report is not None and report.error is None
+    assert evacuation.checkpoint is not None and evacuation.checkpoint.step == 4
+    assert report.resume_from == {"id": evacuation.checkpoint.id, "step": 4, "reason": "emergency"}
+    assert any("committed just after the deadline" in r.getMessage() for r in caplog.records)
+    assert resumes_at() == 5

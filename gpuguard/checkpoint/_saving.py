@@ -59,6 +59,7 @@ class Saver:
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
+        self.prepared_bytes = 0
 
     def in_flight(self) -> set[str]:
         with self._lock:
@@ -75,6 +76,7 @@ class Saver:
         flat = flatten(state, rng=rng)
         _sharding.localize(flat, process_rank())  # DTensors → their local chunks (refused early if unplaceable)
         layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
+        self.prepared_bytes = layout.data_bytes  # for estimating a save's time (the guard's deadline check)
         return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
 
     def save(

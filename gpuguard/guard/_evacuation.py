@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from gpuguard.checkpoint.store import CheckpointInfo, PendingSave, SaveTimings
 from gpuguard.errors import GpuGuardError
+from gpuguard.guard._exit import skip_final_collection
 from gpuguard.guard._signals import signal_name
 from gpuguard.guard._state import checkpointable
 from gpuguard.guard.agreement import Agreed
@@ -171,6 +172,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
     )
     guard.last_evacuation = report
     guard.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
+    skip_final_collection()
     raise Evacuation(code, decision, step, info)
 
 
@@ -191,7 +193,20 @@ def _wait(pending: PendingSave, timeout_s: float, deadline_s: float) -> Checkpoi
                 f"(preemption_deadline_s={deadline_s:g}): abandoned, it will not commit"
             ) from None
     # Its manifest write had begun at the deadline: it lands (or fails) within one small write.
-    info = pending.wait(timeout=COMMIT_IN_FLIGHT_S)
+    log.warning(
+        "gpuguard: emergency checkpoint %s was committing at the deadline: waiting up to %gs for its manifest",
+        pending.id,
+        COMMIT_IN_FLIGHT_S,
+    )
+    try:
+        info = pending.wait(timeout=COMMIT_IN_FLIGHT_S)
+    except TimeoutError:
+        # A write in flight cannot be called back: say so, rather than name a resume point that a
+        # manifest landing later would make wrong (the next run would then resume from it, newer).
+        raise GpuGuardError(
+            f"emergency checkpoint {pending.id} was committing at the deadline and its manifest write had not "
+            f"finished {COMMIT_IN_FLIGHT_S:g}s later: if it lands, the next run resumes from it"
+        ) from None
     log.warning("gpuguard: emergency checkpoint %s committed just after the deadline", pending.id)
     return info
 
