@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from gpuguard.fakenvml import FakeNvml
 from gpuguard.guard._evacuation import COMMIT_IN_FLIGHT_S
 
 JOB = Path(__file__).parent / "helpers" / "deadline_job.py"
-TEARDOWN_S = 3.0  # closing the guard and the interpreter after the evacuation, on a loaded 2-core machine
+# Closing the guard and leaving the interpreter after the evacuation (what the README states): measured
+# 0.3-0.6 s to the exit handlers and 0.7-2.6 s after them on the loaded 2-core machine (load average 17).
+LEAVE_S = 3.0
 
 
 def run(folder: Path, mib: int, deadline: float) -> tuple[dict[str, Any], float, str]:
@@ -55,10 +58,9 @@ def resumed_at(folder: Path, mib: int) -> int:
     return int(json.loads((folder / "report.json").read_text())["resumed_at"])
 
 
-def check_truthful(folder: Path, report: dict[str, Any], took: float, deadline: float | None) -> None:
-    """The reported resume point is the newest committed checkpoint; with ``deadline``, the process
-    left within it plus the stated bound (a state whose snapshot alone outlasts the deadline, as 1 GiB
-    on a loaded 2-core machine does, leaves after that snapshot: not bounded here)."""
+def check_truthful(folder: Path, report: dict[str, Any], took: float, deadline: float) -> None:
+    """The reported resume point is the newest committed checkpoint, and the process left within the
+    deadline plus the stated bound (a commit in flight at the deadline, then closing and leaving)."""
     store = CheckpointStore(f"file://{folder / 'checkpoints'}")
     newest = store.latest()
     assert newest is not None
@@ -71,27 +73,29 @@ def check_truthful(folder: Path, report: dict[str, Any], took: float, deadline: 
     else:
         assert ("abandoned" in report["error"] or "had passed" in report["error"]) and newest.reason == "periodic"
         assert not [i for i in store.list() if i.step == report["step"] and i.reason == "emergency"]
-    if deadline is not None:
-        assert took < deadline + COMMIT_IN_FLIGHT_S + TEARDOWN_S, took
+    assert took < deadline + COMMIT_IN_FLIGHT_S + LEAVE_S, took
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_short_deadline_reports_the_checkpoint_the_rerun_resumes_from(tmp_path: Path) -> None:
-    # The fast representative: 64 MiB with a 0.05 s deadline (abandoned, or committed in time).
+    # 64 MiB with a 0.05 s deadline: the emergency save is abandoned (or commits in time), and the
+    # process leaves within the deadline plus the stated bound.
     report, took, _ = run(tmp_path, 64, 0.05)
-    check_truthful(tmp_path, report, took, None)  # exit time: see the report of issue 19 (not yet bounded)
+    check_truthful(tmp_path, report, took, 0.05)
     assert resumed_at(tmp_path, 64) == report["resume_from"]["step"] + 1
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_1gib_state_with_a_1s_deadline_reports_the_checkpoint_the_rerun_resumes_from(tmp_path: Path) -> None:
     report, took, err = run(tmp_path, 1024, 1.0)
-    check_truthful(tmp_path, report, took, None)
-    assert resumed_at(tmp_path, 1024) == report["resume_from"]["step"] + 1
-    # The measured save time of the periodic checkpoint, when over the deadline, was said at the first save.
     print(f"exit {took:.2f}s after SIGTERM; committed={report['committed']}")
-    if not report["committed"]:
-        assert "over preemption_deadline_s=1s" in err
+    check_truthful(tmp_path, report, took, 1.0)
+    assert resumed_at(tmp_path, 1024) == report["resume_from"]["step"] + 1
+    # The save time was estimated when training started (1 GiB does not fit in 1 s here), and said.
+    assert re.search(r"an emergency checkpoint of this state \(1024\.0 MiB\) takes about [\d.]+s to write here", err)
+    assert "over preemption_deadline_s=1s" in err
 
 
 # -- in one process: a gated storage makes the emergency save late, deterministically -------------
