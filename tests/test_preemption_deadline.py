@@ -82,6 +82,7 @@ def test_a_short_deadline_reports_the_checkpoint_the_rerun_resumes_from(tmp_path
     # 64 MiB with a 0.05 s deadline: the emergency save is abandoned (or commits in time), and the
     # process leaves within the deadline plus the stated bound.
     report, took, _ = run(tmp_path, 64, 0.05)
+    print(f"exit {took:.2f}s after SIGTERM; committed={report['committed']}")
     check_truthful(tmp_path, report, took, 0.05)
     assert resumed_at(tmp_path, 64) == report["resume_from"]["step"] + 1
 
