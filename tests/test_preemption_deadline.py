@@ -186,3 +186,27 @@ def test_a_commit_in_flight_at_the_deadline_is_waited_for_and_reported_committed
     assert report.resume_from == {"id": evacuation.checkpoint.id, "step": 4, "reason": "emergency"}
     assert any("committed just after the deadline" in r.getMessage() for r in caplog.records)
     assert resumes_at() == 5
+
+
+@pytest.mark.parametrize(("deadline_s", "warned"), [(0.001, True), (25.0, False)], ids=["below", "above"])
+def test_the_save_time_is_estimated_at_the_first_step_and_a_deadline_below_it_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, deadline_s: float, warned: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpuguard")
+    state = {"w": torch.zeros(2**20)}  # 4 MiB
+    with Guard(
+        f"file://{tmp_path}", state, nvml=FakeNvml.replay(), devices="all", preemption_deadline_s=deadline_s
+    ) as guard:
+        guard.step(0)  # the state's size is known after the first step: the estimate runs in the background
+        limit = time.monotonic() + 60  # a hang guard, not a timing
+        while not any("takes about" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < limit, "no estimate"
+            time.sleep(0.01)
+    estimate = [r.getMessage() for r in caplog.records if "takes about" in r.getMessage()]
+    assert re.search(r"a checkpoint of 4\.0 MiB takes about [\d.]+s to write here \([\d.]+ MB/s\)", estimate[0])
+    over = [m for m in estimate if f"over preemption_deadline_s={deadline_s:g}s" in m]
+    assert bool(over) is warned
+    if warned:
+        assert "measured writing 4 MiB to " in over[0] and "raise preemption_deadline_s" in over[0]
+    assert list(tmp_path.glob(".gpuguard-probe/*")) == []  # the probe is removed
+    assert CheckpointStore(f"file://{tmp_path}").list() == []  # the probe is no checkpoint

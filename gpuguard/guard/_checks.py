@@ -128,7 +128,10 @@ def estimate_save_against_deadline(config: GuardConfig, store: CheckpointStore) 
         return False
     estimate_s = nbytes / rate
     log.info(
-        "gpuguard: a checkpoint of %.1f MiB takes about %.2fs here (%.0f MB/s)", nbytes / 2**20, estimate_s, rate / 1e6
+        "gpuguard: a checkpoint of %.1f MiB takes about %.2fs to write here (%.0f MB/s)",
+        nbytes / 2**20,
+        estimate_s,
+        rate / 1e6,
     )
     if estimate_s <= config.preemption_deadline_s:
         return False
