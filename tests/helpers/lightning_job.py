@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--evacuate-rank", type=int, default=0, help="the rank that requests it")
     p.add_argument("--sync-every", type=int, default=2, help="the guard's sync_every")
     p.add_argument("--teardown-raises", action="store_true", help="another callback's on_exception raises")
+    p.add_argument("--linger-rank0", type=float, default=0.0, help="rank 0's on_exception takes this long")
     args = p.parse_args()
 
     from gpuguard.lightning import GpuGuardCallback
@@ -126,8 +127,15 @@ def main() -> int:
             # What cleanup on a GPU that has failed does (an XID 48 leaves the context unusable).
             raise RuntimeError("CUDA error: uncorrectable ECC error encountered (simulated in teardown)")
 
+    class SlowTeardown(pl.Callback):  # type: ignore[misc, name-defined]
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if trainer.global_rank == 0:
+                time.sleep(args.linger_rank0)  # flushing loggers, say: past the launcher's 5 s watch
+
     if args.evacuate_at_step is not None:
         callbacks.append(EvacuateAtStep())
+    if args.linger_rank0:
+        callbacks.append(SlowTeardown())
     if args.teardown_raises:
         callbacks.append(FailingTeardown())
     trainer = pl.Trainer(
