@@ -18,7 +18,13 @@ from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
-from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
+from gpuguard.guard._checks import (
+    check_preemption_bound,
+    check_save_fits_deadline,
+    estimate_save_against_deadline,
+    odd_step,
+    say_what_is_watched,
+)
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._signals import PreemptionSignals, signal_name
@@ -176,6 +182,8 @@ class Guard:
         if self._thread:
             self._thread.join(5)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+        if self.last_evacuation is not None and self.last_evacuation.error is not None:
+            settled = False  # an abandoned emergency save's writer may still be in a storage call
         if self.agreement:
             self.agreement.close()
         if self.monitor:
@@ -332,6 +340,11 @@ class Guard:
             log.info("staging buffer ready in %.2fs", seconds)
         except Exception as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
+            return
+        # The state's size is known now: warn at once when its save would not fit the preemption
+        # deadline (rank 0 speaks for the job; a measured save's time is checked again later).
+        if self.rank == 0 and estimate_save_against_deadline(self.config, self.store):
+            self._reported.add("deadline")
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -476,6 +489,9 @@ class Guard:
     def _report_periodic(self, pending: PendingSave) -> None:
         error = pending.exception()
         info = None if error is not None else pending.wait(0)
+        if info is not None and "deadline" not in self._reported:  # the first measured save time, once
+            self._reported.add("deadline")
+            check_save_fits_deadline(self.config, pending.timings.durable_s, pending.step)
         self.plugins.hook.gpuguard_checkpoint_finished(
             step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error
         )
