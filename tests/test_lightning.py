@@ -265,8 +265,9 @@ def launch(folder: Path, fault_gpu: int | None) -> subprocess.CompletedProcess[s
         scenario = folder / f"fault-{len(list(folder.glob('fault-*')))}.json"
         scenario.write_text(json.dumps({"gpus": 2, "events": [{"at": 1.0, "gpu": fault_gpu, "xid": 48}]}))
         env["GPUGUARD_FAKE_NVML"] = str(scenario)
+    # --leave-grace-s: once one rank has left with 75, the other writes its report and leaves on its own
     cmd = [sys.executable, "-m", "gpuguard.integrations.torchrun", "--standalone", "--nproc-per-node=2"]
-    cmd += [str(JOB), "--dir", str(folder), "--epochs", "4", "--sleep", "0.1"]
+    cmd += ["--leave-grace-s=120", str(JOB), "--dir", str(folder), "--epochs", "4", "--sleep", "0.1"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280, check=False)
 
 

@@ -28,7 +28,8 @@ ENV_PREFIX = "GPUGUARD_"
 
 # GPUGUARD_* variables that are not settings: read elsewhere, allowed by the unknown-variable check.
 # Add a variable here when a module starts reading one, or a job that sets it will be refused at start.
-OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML"}
+# LEAVE_GRACE_S is gpuguard-run's; its workers inherit it.
+OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML", f"{ENV_PREFIX}LEAVE_GRACE_S"}
 
 # Sudden faults (a GPU off the bus, a power loss) give no warning, so only periodic checkpoints
 # bound what they cost. Meta's Llama 3 run: 419 interruptions in 54 days on 16,384 GPUs, one every
