@@ -260,28 +260,6 @@ def test_a_bad_plugin_is_refused_at_construction() -> None:
         Guard(checkpoint_dir="memory://x", plugins=[Misspelt()])
 
 
-def test_a_sustained_slowdown_escalates(tmp_path: Any) -> None:
-    state, nvml = make_state(), fake()
-    settings: dict[str, Any] = {
-        "step_warmup_steps": 2,
-        "step_baseline_steps": 10,
-        "step_window_steps": 5,
-        "degraded_grace_s": 0.3,
-        "health": {"poll_interval_s": 0.05},
-    }
-    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml, **settings) as guard:
-        started = time.monotonic()
-        train(guard, state, nvml, steps=20, pause=0.002)
-        # Steps at least 4x slower than the ones just measured, whatever the machine's load makes them.
-        slow = max(0.04, 3 * (time.monotonic() - started) / 20)
-        train(guard, state, nvml, steps=200, start=20, pause=slow)
-    reasons = caught.value.decision.evidence["reasons"]
-    # How far over the baseline the window was depends on the machine's load (on 2 busy cores the baseline
-    # itself is slow): assert the verdict and that its evidence crosses the configured threshold.
-    evidence = reasons[0]["evidence"]
-    assert reasons[0]["code"] == "STEP_TIME_SLOWDOWN" and evidence["slowdown"] > evidence["threshold"] == 0.25
-
-
 def test_guard_step_without_a_context_manager_needs_start() -> None:
     guard = Guard(checkpoint_dir="memory://nostart", state={"w": torch.ones(1)}, nvml=FakeNvml.replay(), devices="all")
     assert guard.resume() == 0  # resume starts it

@@ -67,7 +67,12 @@ class GuardConfig:
         degraded_grace_s: a DEGRADED condition held this long escalates to rescheduling.
         retry_limit: DEGRADED episodes within ``retry_window_s`` that escalate to rescheduling.
         retry_window_s: the window for ``retry_limit``.
-        step_slowdown: a step this much slower than the run's baseline (0.25: 25%) is DEGRADED.
+        step_slowdown: a step this much slower than the run's baseline (0.25: 25%) is a slowdown. Alone it
+            warns and is exported (``gpuguard_step_slowdown``); it marks the GPU DEGRADED only with NVML
+            evidence on the GPU and this rank that much slower than the fastest rank (see ``guard/steptime.py``).
+        evacuate_on_slowdown_alone: let a step-time slowdown mark the GPU DEGRADED (and so, after
+            ``degraded_grace_s``, move the job) without NVML evidence or a slower-than-peers comparison.
+            Off by default: a slow input pipeline, storage, peer or CPU looks the same, and moving fixes none.
         step_warmup_steps: steps ignored before the baseline is taken (compilation, caches).
         step_baseline_steps: steps whose median is the baseline.
         step_window_steps: recent steps whose median is compared with the baseline.
@@ -95,6 +100,7 @@ class GuardConfig:
     retry_limit: int = 3
     retry_window_s: float = 600.0
     step_slowdown: float = 0.25
+    evacuate_on_slowdown_alone: bool = False
     step_warmup_steps: int = 10
     step_baseline_steps: int = 50
     step_window_steps: int = 20

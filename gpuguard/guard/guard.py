@@ -26,7 +26,7 @@ from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
-from gpuguard.guard.steptime import SlowdownDetector, StepClock
+from gpuguard.guard.steptime import Peers, SlowdownDetector, StepClock
 from gpuguard.health.model import HealthChange, Reason
 from gpuguard.health.monitor import HealthMonitor
 from gpuguard.plugins import plugin_manager
@@ -413,9 +413,13 @@ class Guard:
                 agreed = self.agreement.finish()
                 if agreed.slowest_rank >= 0:
                     self.slowest = (agreed.slowest_rank, agreed.slowest_step_s)
+                    self.slowdown.peers = Peers(
+                        self.world_size, agreed.fastest_rank, agreed.fastest_step_s, *self.slowest
+                    )
             if step % c.sync_every == 0 and not agreed.action:
-                recent = self.steps.recent(1)
-                self.agreement.begin(action, self._periodic_due, recent[0] if recent else 0.0)
+                # the median of the recent window: one rank's wait at an agreement is not its speed
+                recent = self.steps.recent(c.step_window_steps)
+                self.agreement.begin(action, self._periodic_due, statistics.median(recent) if recent else 0.0)
                 if "bound" not in self._reported and self.steps.count >= c.step_warmup_steps + 20:
                     self._reported.add("bound")
                     check_preemption_bound(c, statistics.median(self.steps.recent(20)))
@@ -536,7 +540,7 @@ class Guard:
         snapshot = self.monitor.snapshot()
         extra: dict[str, list[Reason]] = {}
         for device in snapshot.devices:
-            slow = self.slowdown.check(list(device.readings.get("clock_events", [])))
+            slow = self.slowdown.check(device, self.world_size)
             if slow is not None:
                 extra.setdefault(device.uuid, []).append(slow)
         for found in self.plugins.hook.gpuguard_health_reasons(snapshot=snapshot):
