@@ -14,7 +14,7 @@ from helpers.flaky_fs import FlakyFileSystem
 from helpers.training import assert_same, fresh_like, make_state, train_step
 
 import gpuguard
-from gpuguard import CheckpointStore, ConfigError, Decision, Evacuation, Guard
+from gpuguard import Action, CheckpointStore, ConfigError, Decision, Evacuation, Guard
 from gpuguard.fakenvml import FakeNvml
 
 SECONDS_PER_STEP = 0.1
@@ -42,17 +42,20 @@ def guard_for(url: str, state: dict[str, Any], nvml: FakeNvml, **settings: Any) 
 def test_a_failing_gpu_evacuates_with_75_after_a_durable_checkpoint(tmp_path: Any) -> None:
     url = f"file://{tmp_path}/ckpt"
     state, nvml = make_state(), fake({"at": 3.0, "gpu": 0, "xid": 48})
-    cleaned_up = False
-    with pytest.raises(Evacuation) as caught:
-        try:
-            with guard_for(url, state, nvml) as guard:
-                train(guard, state, nvml, steps=200)
-        finally:
-            cleaned_up = True
+    with pytest.raises(Evacuation) as caught, guard_for(url, state, nvml) as guard:
+        train(guard, state, nvml, steps=30)  # scenario time up to 2.9 s: healthy, the job trains
+        assert guard.decision.action is Action.CONTINUE
+        nvml.clock.set(3.0)  # the XID
+        train_step(state["model"], state["optimizer"], state["scheduler"])
+        deadline = time.monotonic() + 60  # a hang guard: the wait is for the guard's threads to decide
+        while not guard.decision.action:
+            assert time.monotonic() < deadline, "the guard never decided"
+            time.sleep(0.005)
+        guard.step(30)  # one process: the first step after the decision leaves
     evacuation = caught.value
-    assert isinstance(evacuation, SystemExit) and evacuation.code == 75
-    assert cleaned_up
-    assert 30 <= evacuation.step <= 32  # acted within a step or two of the fault
+    # a SystemExit, not an Exception: a user's `except Exception:` around the loop does not swallow it
+    assert isinstance(evacuation, SystemExit) and not isinstance(evacuation, Exception) and evacuation.code == 75
+    assert evacuation.step == 30
     assert evacuation.decision.rung == "reschedule" and "XID 48" in evacuation.decision.message
     assert evacuation.checkpoint is not None and evacuation.checkpoint.step == evacuation.step
     with CheckpointStore(url) as store:
