@@ -123,14 +123,17 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
                 report.signal_to_durable_s,
             )
     except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
-        report.error = str(exc)
+        # A GpuGuardError (storage, a commit that timed out) is expected and says what failed; anything else
+        # is a bug: named by its type, and logged with its traceback below.
+        expected = isinstance(exc, GpuGuardError)
+        report.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         report.resume_from = guard._resume_point()
         evidence["emergency_checkpoint_error"] = report.error
         evidence["resume_from"] = report.resume_from
         where = describe(report.resume_from)
         decision = dataclasses.replace(
             decision,
-            message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
+            message=f"{decision.message}; emergency checkpoint failed ({report.error}); {where}",
             evidence={
                 **decision.evidence,
                 "resume_from": report.resume_from,
@@ -140,8 +143,9 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         log.error(
             "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
             step,
-            exc,
+            report.error,
             describe(report.resume_from),
+            exc_info=None if expected else exc,
         )
     guard.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
     guard.plugins.hook.gpuguard_checkpoint_finished(

@@ -21,6 +21,7 @@ from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import check_preemption_bound, odd_step, say_what_is_watched
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
+from gpuguard.guard._failures import BackgroundFailures
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
@@ -121,6 +122,7 @@ class Guard:
         self._resumed_step: int | None = None
         self._reported: set[str] = set()
         self._evacuating = False
+        self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -155,7 +157,11 @@ class Guard:
         self._thread.start()
         self._started = True
         close_at_exit(self)
-        self._evaluate()
+        try:
+            self._evaluate()  # on the caller's thread: a plugin that fails here fails the start
+        except BaseException:
+            self.close()  # and leaves no thread behind
+            raise
         return self
 
     def close(self, timeout_s: float | None = None) -> None:
@@ -184,6 +190,7 @@ class Guard:
             self.kubernetes.stop()
             self.plugins.unregister(self.kubernetes)
             self.kubernetes = None
+        self.failures.summary()
         if self.store:
             store = self.store
             closer = threading.Thread(target=store.close, name="gpuguard-store-close", daemon=True)
@@ -221,8 +228,15 @@ class Guard:
                     timeout_s,
                     self.resume_point_text(),
                 )
-            except Exception as exc:
-                log.error("gpuguard: periodic checkpoint %s (step %d) failed: %s", pending.id, pending.step, exc)
+            except Exception as exc:  # on the way out: said (a bug with its traceback), and the close goes on
+                expected = isinstance(exc, GpuGuardError)
+                log.error(
+                    "gpuguard: periodic checkpoint %s (step %d) failed: %s",
+                    pending.id,
+                    pending.step,
+                    exc,
+                    exc_info=None if expected else exc,
+                )
             else:
                 if info is not None or self.rank != 0:
                     log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
@@ -231,11 +245,14 @@ class Guard:
 
     def _resume_point(self) -> dict[str, Any] | None:
         """The checkpoint the next pod will resume from (a storage read: only on the way out)."""
+        assert self.store is not None
         try:
-            assert self.store is not None
             latest = self.store.latest()
-        except Exception as exc:
+        except GpuGuardError as exc:
             return {"error": f"cannot list checkpoints: {exc}"}
+        except Exception as exc:  # on the way out (an evacuation, a close): said with its traceback, not raised
+            log.error("gpuguard: listing checkpoints failed: %r", exc, exc_info=exc)
+            return {"error": f"cannot list checkpoints: {type(exc).__name__}: {exc} (a bug; traceback in the log)"}
         return None if latest is None else {"id": latest.id, "step": latest.step, "reason": latest.reason}
 
     def resume_point_text(self) -> str:
@@ -332,12 +349,14 @@ class Guard:
             self.kubernetes.start()
 
     def _prepare(self) -> None:
+        assert self.store is not None
         try:
-            assert self.store is not None
             seconds = self.store.prepare(checkpointable(self.state))
             log.info("staging buffer ready in %.2fs", seconds)
-        except Exception as exc:  # the first checkpoint will allocate instead; training goes on
+        except (GpuGuardError, MemoryError) as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
+        except Exception as exc:  # a background thread: said with its traceback, never raised into training
+            self.failures.failed("preparing the staging buffer", exc)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -495,11 +514,13 @@ class Guard:
         if error is not None:
             log.error("periodic checkpoint %s failed: %s", pending.id, error)
             return
+        assert self.store is not None
         try:
-            assert self.store is not None
             self.store.prune()
-        except Exception as exc:
-            log.warning("pruning old checkpoints failed: %s", exc)
+        except Exception as exc:  # a writer thread: said once (a bug with its traceback), then counted
+            self.failures.failed("pruning old checkpoints", exc, expected=isinstance(exc, GpuGuardError))
+        else:
+            self.failures.succeeded("pruning old checkpoints")
 
     def _evacuate(self, step: int, agreed: Agreed) -> NoReturn:
         evacuate(self, step, agreed)
@@ -519,8 +540,10 @@ class Guard:
             try:
                 self._evaluate()
                 self._watch_preemption()
-            except Exception as exc:  # never into the training thread
-                log.error("gpuguard: deciding failed: %s", exc, exc_info=exc)
+            except Exception as exc:  # never into the training thread; said once with its traceback, then counted
+                self.failures.failed("deciding", exc)
+            else:
+                self.failures.succeeded("deciding")
 
     def _watch_preemption(self) -> None:
         """Say so when a preemption finds the training loop not calling step() (stuck, or a long step)."""
