@@ -35,7 +35,7 @@ OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML", f"{ENV_P
 # bound what they cost. Meta's Llama 3 run: 419 interruptions in 54 days on 16,384 GPUs, one every
 # 3.1 h for the job. Half an interval is lost per sudden fault on average: 15 min at 30 min, while
 # a periodic save stalls the loop for the snapshot only (about 1 s for 6 GiB on an H200 with
-# gpuguard's staging, fixtures/h200-checkpoint-baseline.json): 1 s / 1800 s = 0.06% of the run.
+# gpuguard's staging, tests/data/h200-checkpoint-baseline.json): 1 s / 1800 s = 0.06% of the run.
 # Young's optimum sqrt(2 x cost x MTBF) gives 2.5 min at 16k GPUs and 1.9 h for one 8-GPU node; 30
 # min sits between, and jobs that know their scale set their own.
 DEFAULT_CHECKPOINT_EVERY_S = 1800.0

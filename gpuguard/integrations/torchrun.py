@@ -119,6 +119,28 @@ def _preemption_signals() -> list[signal.Signals]:
     return [signal.Signals[name] for name in names]
 
 
+HELP = """\
+torchrun (torch.distributed.run, same arguments), with what gpuguard adds:
+
+  preflight    the node's GPUs are read once before anything starts; a FAILING or LOST GPU (or, with
+               GPUGUARD_HEALTH_FAIL_MODE=closed, GPUs whose health cannot be read) makes gpuguard-run
+               exit 75 at once, so that the pod is scheduled elsewhere
+  exit codes   a worker's 75 (reschedule: its guard took an agreed emergency checkpoint on a bad GPU)
+               makes gpuguard-run exit 75, with no local restart; a worker's 76 (restart in place)
+               restarts the workers up to --max-restarts times, then exits 76. torchrun's own restarts
+               on other failures are off; any other failure exits 1
+  leave grace  once a worker has exited 75 or 76, the others get --leave-grace-s to finish and leave on
+               their own before torchrun signals them; one still running then is named, then stopped
+  signals      SIGTERM (and GPUGUARD_PREEMPTION_SIGNALS) is forwarded to the workers, whose guards
+               checkpoint an agreed step and exit 75; gpuguard-run exits with their code (128 + the
+               signal's number when the workers, without a guard, die of it), never a traceback
+
+gpuguard's own options are at the end; GPUGUARD_FAKE_NVML=h200 (or a scenario file) puts a whole job
+through a fault on a machine without GPUs. torchrun's description and options follow.
+
+Torch Distributed Elastic Training Launcher"""
+
+
 def _grace_s(raw: str) -> float:
     from gpuguard.integrations._leave_grace import parse_grace_s
 
@@ -132,16 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     """torchrun's own parser, with gpuguard-run's options added in a group of their own."""
     from torch.distributed.run import get_args_parser
 
+    from gpuguard.cli._help import DefaultsFormatter
     from gpuguard.integrations._leave_grace import DEFAULT_LEAVE_GRACE_S
 
     parser = get_args_parser()
     parser.prog = "gpuguard-run"
+    parser.formatter_class = DefaultsFormatter
+    parser.description = HELP
     ours = parser.add_argument_group("gpuguard-run")
     ours.add_argument(
         "--leave-grace-s",
         "--leave_grace_s",
         type=_grace_s,
-        default=os.environ.get(LEAVE_GRACE_ENV, str(DEFAULT_LEAVE_GRACE_S)),
+        default=os.environ.get(LEAVE_GRACE_ENV, f"{DEFAULT_LEAVE_GRACE_S:g}"),
         metavar="SECONDS",
         help=(
             "once a worker exits 75 or 76, how long the others may take to leave on their own before "
