@@ -159,3 +159,20 @@ def test_a_programming_error_is_not_a_storage_error(flaky: CheckpointStore, bug:
     frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
     assert "_fail" in frames  # raised in the backend, and the traceback still says so
     assert flaky.list() == [] and flaky.prune() == []
+
+
+def _raised_while_handling_a_timeout() -> IndexError:
+    """What s3fs 2026.9's _fetch_range raises on S3's 400 RequestTimeout: an IndexError, in the handler."""
+    try:
+        try:
+            raise TimeoutError("Your socket connection to the server was not read from or written to")
+        except TimeoutError:
+            raise IndexError("tuple index out of range")  # noqa: B904 - as s3fs does: the timeout is its context
+    except IndexError as error:
+        return error
+
+
+def test_an_error_raised_while_handling_a_storage_error_is_the_storage_s(flaky: CheckpointStore) -> None:
+    FlakyFileSystem.failures[:] = [_raised_while_handling_a_timeout()]
+    assert flaky.save({"w": torch.ones(1)}, step=1).wait() is not None  # transient, by its chain: retried
+    assert FlakyFileSystem.writes >= 2

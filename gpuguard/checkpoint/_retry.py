@@ -81,6 +81,21 @@ def backend_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def from_backend(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage failure: a backend error, or one raised while handling one (s3fs
+    2026.9's ``_fetch_range`` raises IndexError reading the args of a one-argument TimeoutError that it
+    made of S3's 400 RequestTimeout: the storage failed, and the chain says so)."""
+    roots = backend_errors()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, roots):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying: timeouts, dropped connections, 5xx and throttling."""
     seen: set[int] = set()
