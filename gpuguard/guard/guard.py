@@ -13,6 +13,8 @@ from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
@@ -353,7 +355,7 @@ class Guard:
         try:
             seconds = self.store.prepare(checkpointable(self.state))
             log.info("staging buffer ready in %.2fs", seconds)
-        except (GpuGuardError, MemoryError) as exc:  # the first checkpoint will allocate instead; training goes on
+        except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # the first save allocates instead
             log.warning("could not prepare the staging buffer: %s", exc)
         except Exception as exc:  # a background thread: said with its traceback, never raised into training
             self.failures.failed("preparing the staging buffer", exc)
