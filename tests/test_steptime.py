@@ -134,12 +134,14 @@ def one_step(guard: Guard, state: dict[str, Any], nvml: FakeNvml, step: int, pau
 
 
 def slow_down(guard: Guard, state: dict[str, Any], nvml: FakeNvml) -> tuple[int, float]:
-    """20 quick steps (the baseline), then the pause that makes steps at least 3x slower than those,
-    whatever the machine's load makes them."""
-    started = time.monotonic()
-    for step in range(20):
+    """Quick steps until the guard has its baseline, then the pause that makes every later step at least
+    4x that baseline: 300% over it, whatever the machine's load does to a step (it only adds)."""
+    step = 0
+    while guard.slowdown.baseline_s is None:
         one_step(guard, state, nvml, step, 0.002)
-    return 20, max(0.04, 3 * (time.monotonic() - started) / 20)
+        step += 1
+        assert step < 5000, "no baseline"
+    return step, 4 * guard.slowdown.baseline_s
 
 
 def test_a_slowdown_alone_warns_once_and_never_moves_the_job(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
