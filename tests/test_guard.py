@@ -169,8 +169,13 @@ def test_a_gpu_that_falls_off_the_bus_is_left_at_once(tmp_path: Any) -> None:
     # package's to classify; the guard then says loudly that it is unwatched, as tested below.)
     state, nvml = make_state(), fake({"at": 0.5, "gpu": 0, "lost": True})
     with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml) as guard:
-        train(guard, state, nvml, steps=100)
-    assert caught.value.code == 75 and 5 <= caught.value.step < 99  # after the fault, long before the end
+        train(guard, state, nvml, steps=10)  # the GPU is lost at step 5
+        deadline = time.monotonic() + 60  # a hang guard: on a loaded machine the guard may decide after step 9
+        while not guard.decision.action:
+            assert time.monotonic() < deadline, "the guard never decided"
+            time.sleep(0.005)
+        guard.step(10)
+    assert caught.value.code == 75 and 5 <= caught.value.step <= 10  # after the fault, at the first step it could
     assert caught.value.decision.evidence["state"] == "LOST"
 
 

@@ -101,17 +101,16 @@ def test_threads_detect_an_injected_xid_quickly() -> None:
         if change.current.state is HealthState.FAILING:
             seen.set()
 
-    config = HealthConfig(poll_interval_s=1.0, event_wait_s=0.2)
+    # The poll's own timer never fires within the test: only the event thread can carry the XID (by
+    # construction, not by a latency that a loaded machine stretches).
+    config = HealthConfig(poll_interval_s=3600.0, event_wait_s=0.2)
     with HealthMonitor(fake, config, devices="all") as monitor:
         monitor.subscribe(on_change)
-        assert seen.wait(5.0)
-        latency = fake.clock() - 0.3
+        assert seen.wait(60.0)  # a hang guard
         names = {t.name for t in threading.enumerate()}
         assert {"gpuguard-nvml-poll", "gpuguard-nvml-events"} <= names
         assert monitor.snapshot().devices[1].state is HealthState.FAILING
         assert monitor.snapshot().devices[0].state is HealthState.HEALTHY
-    # The event thread, not the 1 s poll, carried it.
-    assert latency < 0.9
     assert not any(t.name.startswith("gpuguard-nvml") for t in threading.enumerate())
     assert changes[-1].current.index == 1
 
