@@ -438,9 +438,12 @@ class Guard:
                         self.world_size, agreed.fastest_rank, agreed.fastest_step_s, *self.slowest
                     )
             if step % c.sync_every == 0 and not agreed.action:
-                # the median of the recent window: one rank's wait at an agreement is not its speed
-                recent = self.steps.recent(c.step_window_steps)
-                self.agreement.begin(action, self._periodic_due, statistics.median(recent) if recent else 0.0)
+                # the median of the recent window (one rank's wait at an agreement is not its speed), which the
+                # guard's thread keeps; the last step's time until it has one
+                measured = self.slowdown.latest
+                recent = self.steps.recent(1) if measured is None else ()
+                step_s = measured.step_s if measured is not None else (recent[0] if recent else 0.0)
+                self.agreement.begin(action, self._periodic_due, step_s)
                 if "bound" not in self._reported and self.steps.count >= c.step_warmup_steps + 20:
                     self._reported.add("bound")
                     check_preemption_bound(c, statistics.median(self.steps.recent(20)))
@@ -564,6 +567,7 @@ class Guard:
         assert self.monitor is not None
         snapshot = self.monitor.snapshot()
         extra: dict[str, list[Reason]] = {}
+        self.slowdown.measure()  # for the agreement and the metrics, with or without devices to judge
         for device in snapshot.devices:
             slow = self.slowdown.check(device, self.world_size)
             if slow is not None:
