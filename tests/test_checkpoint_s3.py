@@ -72,7 +72,7 @@ def test_throttling_that_outlasts_the_retries_fails_the_save_and_commits_nothing
             store.save({"w": torch.full((4,), 2.0)}, step=2).wait()
         assert failed.value.transient and failed.value.operation == "writing"
         assert proxy.requests("PUT", MANIFEST) == [200] + [503] * QUICK.attempts  # bounded: the policy's tries
-        assert [c.id for c in store.list()] == [first.id] if first else False
+        assert first is not None and [c.id for c in store.list()] == [first.id]
         target = {"w": torch.zeros(4)}
         assert store.load(target) == 1 and torch.equal(target["w"], torch.ones(4))
 
