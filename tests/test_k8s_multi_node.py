@@ -110,22 +110,3 @@ def test_a_jobset_gang_end_to_end(kube: KubeEmulator, tmp_path: Path) -> None:
     assert len(kube.events) == 2 * NODES
     assert not [r for r in kube.requests if r.status in (403, 409, 422)]
     assert kube.rbac is not None and kube.used(SA) <= kube.rbac.granted(SA, "research")
-
-
-def test_restart_rules_on_1_34_would_be_dropped_silently(tmp_path: Path) -> None:
-    """Why the manifests refuse --restart-in-place on 1.34 without the gate: the server drops the fields."""
-    kube = KubeEmulator(release="1.34")
-    kube.url = kube.start()  # type: ignore[attr-defined]
-    try:
-        spec = JobSpec(
-            name="llm",
-            image="t:1",
-            gpus=1,
-            restart_in_place=True,
-            feature_gates=frozenset({"ContainerRestartRules"}),  # said to be on, but this server has the default
-        )
-        apply(kube, spec, tmp_path)
-        (container,) = kube.objects[("Job", "default", "llm")]["spec"]["template"]["spec"]["containers"]
-        assert "restartPolicyRules" not in container
-    finally:
-        kube.stop()

@@ -35,9 +35,14 @@ def add_parser(subparsers: Any) -> None:
         help="job (one node), jobset or trainjob (a gang: Kubeflow Trainer v2); auto: job for one node, jobset "
         "for more; pytorchjob is refused (exit codes 1-127 are permanent there)",
     )
-    m.add_argument("--namespace", default="default")
+    m.add_argument("--namespace", default="default", help="the namespace the job runs in")
     m.add_argument("--checkpoint-dir", help="GPUGUARD_CHECKPOINT_DIR, e.g. s3://bucket/run1")
-    m.add_argument("--kubernetes-version", default=SUPPORTED_VERSIONS[0], choices=SUPPORTED_VERSIONS)
+    m.add_argument(
+        "--kubernetes-version",
+        default=SUPPORTED_VERSIONS[0],
+        choices=SUPPORTED_VERSIONS,
+        help="the cluster's minor version: which API versions and fields the manifests may use",
+    )
     m.add_argument(
         "--jobset-version", default="0.10", help=f"the JobSet release installed: {', '.join(JOBSET_VERSIONS)}"
     )
@@ -75,10 +80,21 @@ def add_parser(subparsers: Any) -> None:
         default=10,
         help="health evacuations allowed across restarts and recreations (a ConfigMap); -1: none",
     )
-    m.add_argument("--runtime-kind", choices=("TrainingRuntime", "ClusterTrainingRuntime"), default="TrainingRuntime")
+    m.add_argument(
+        "--runtime-kind",
+        choices=("TrainingRuntime", "ClusterTrainingRuntime"),
+        default="TrainingRuntime",
+        help="--kind trainjob: the runtime's kind (a cluster-scoped one is shared by every namespace)",
+    )
     m.add_argument("--no-node-check", action="store_true", help="no node agent DaemonSet (needs --marker pod)")
     m.add_argument("--node-agent-image", help="the node agent's image (default: --image); no torch needed")
-    m.add_argument("--node-check-quiet-period", type=int, default=600, metavar="SECONDS")
+    m.add_argument(
+        "--node-check-quiet-period",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="how long a node's GPUs must stay healthy before the node agent lifts gpuguard's taint",
+    )
     m.add_argument("--script", default="train.py", help="the training script and its arguments")
     m.set_defaults(handler=run_manifests)
 

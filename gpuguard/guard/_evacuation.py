@@ -141,7 +141,10 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
             report.resume_from = {"id": info.id, "step": info.step, "reason": info.reason}
             log.warning("gpuguard: %s", describe(report.resume_from))
     except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
-        report.error = str(exc)
+        # A GpuGuardError (storage, a commit that timed out) is expected and says what failed; anything else
+        # is a bug: named by its type, and logged with its traceback below.
+        expected = isinstance(exc, GpuGuardError)
+        report.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         _settle_periodic(guard.periodic)  # so that the resume point named now is the one a rerun finds
         report.resume_from = guard._resume_point()
         evidence["emergency_checkpoint_error"] = report.error
@@ -149,7 +152,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         where = describe(report.resume_from)
         decision = dataclasses.replace(
             decision,
-            message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
+            message=f"{decision.message}; emergency checkpoint failed ({report.error}); {where}",
             evidence={
                 **decision.evidence,
                 "resume_from": report.resume_from,
@@ -159,8 +162,9 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         log.error(
             "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
             step,
-            exc,
+            report.error,
             describe(report.resume_from),
+            exc_info=None if expected else exc,
         )
     guard.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
     guard.plugins.hook.gpuguard_checkpoint_finished(
