@@ -365,8 +365,11 @@ class Guard:
             return
         # The state's size is known now: warn at once when its save would not fit the preemption
         # deadline (rank 0 speaks for the job; a measured save's time is checked again later).
-        if self.rank == 0 and estimate_save_against_deadline(self.config, self.store):
-            self._reported.add("deadline")
+        try:
+            if self.rank == 0 and estimate_save_against_deadline(self.config, self.store):
+                self._reported.add("deadline")
+        except Exception as exc:  # the probe's storage errors are handled inside; this is a bug, said once
+            self.failures.failed("estimating the emergency checkpoint's time", exc)
 
     # -- resume ---------------------------------------------------------------------------------
 

@@ -28,6 +28,13 @@ from gpuguard.health.signals import EVENT_TYPES
 log = logging.getLogger("gpuguard.health")
 
 WATCHED_EVENTS: Final[int] = sum(EVENT_TYPES.values())
+# A GPU lost in the event wait is registered again (it may be back after a reset) no sooner than this.
+# Each rebuild of the event set leaves a moment in which no set exists and the other GPUs' events are
+# not queued anywhere (a new set sees only later events): retrying on every poll, which a lost GPU's
+# own wake-up triggers at once, would reopen that window every few milliseconds (a GPU that registers
+# but fails the wait) and lose a healthy GPU's XID in it. Short enough that a GPU back after a reset
+# has its events again within a poll or two.
+LOST_EVENTS_RETRY_S: Final = 5.0
 # nvmlEventData_t.gpuInstanceId for an event that concerns the whole GPU, not one MIG instance.
 _WHOLE_GPU: Final = 0xFFFFFFFF
 
@@ -65,10 +72,14 @@ class EventPath:
             return 0
         return sum(self._register(device) for device in targets)
 
-    def retry_events(self) -> list[DeviceInfo]:
+    def retry_events(self, now: float) -> list[DeviceInfo]:
         """On each poll: register the GPUs whose registration failed (or create the set); returns those
         that got their events now (the monitor then starts its event thread if none runs)."""
-        waiting = [d for d in self.devices if d.handle is not None and not d.events and "events" not in d.signals_off]
+        waiting = [
+            d
+            for d in self.devices
+            if d.handle is not None and not d.events and "events" not in d.signals_off and now >= d.events_retry_at
+        ]
         if not waiting:
             return []
         if self._event_set is None:
@@ -114,7 +125,7 @@ class EventPath:
                 self.nvml.nvmlEventSetFree(self._event_set)
             self._event_set = None
 
-    def find_lost_in_events(self) -> list[DeviceInfo]:
+    def find_lost_in_events(self, now: float) -> list[DeviceInfo]:
         """After the event wait answered GPU_IS_LOST: which registered GPUs are gone.
 
         ``nvmlEventSetWait_v2`` answers for the whole set, so each GPU is tried in an event set of its
@@ -144,6 +155,7 @@ class EventPath:
         for device in lost:
             # not off for good: registration is retried on each poll (a lost GPU answers GPU_IS_LOST to it)
             device.events, device.events_error = False, "nvmlEventSetWait_v2: NVML_ERROR_GPU_IS_LOST"
+            device.events_retry_at = now + LOST_EVENTS_RETRY_S
         self.open_events([d for d in self.devices if d not in lost])
         return lost
 

@@ -49,6 +49,7 @@ class DeviceInfo:
     nvlink_known: bool = False
     events: bool = False
     events_error: str | None = None
+    events_retry_at: float = float("-inf")  # the monitor's clock before which registration is not retried
     open_code: int | None = None
     open_error: str | None = None
     open_call: str | None = None

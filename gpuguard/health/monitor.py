@@ -196,7 +196,7 @@ class HealthMonitor:
                 with self._lock:
                     self._rules[device.key].limits = device.limits
                     self._rules[device.key].own_instances = frozenset(device.mig_instances)
-        registered = self.source.retry_events()
+        registered = self.source.retry_events(self.clock())
         if registered:
             self._events_registered(registered)
             if self._threaded:
@@ -271,8 +271,8 @@ class HealthMonitor:
 
     def _events_lost(self, exc: NvmlError) -> None:
         """The event wait answered GPU_IS_LOST: mark the GPUs that are gone, keep events for the others."""
-        lost = self.source.find_lost_in_events()
         now = self.clock()
+        lost = self.source.find_lost_in_events(now)
         with self._lock:
             for device in lost:
                 self._rules[device.key].lost_in_event_wait(now)
