@@ -78,7 +78,12 @@ def test_an_unanswering_s3_endpoint_fails_within_a_short_deadline(
         assert error.timed_out and "within the 2.0s deadline" in str(error)
 
 
-@pytest.mark.parametrize("endpoint", ["black_hole", "refused"])
+@pytest.mark.parametrize(
+    # an unanswering endpoint takes the whole default deadline (20 s): the slow step; the short-deadline
+    # black-hole tests above run in the main suite
+    "endpoint",
+    [pytest.param("black_hole", marks=pytest.mark.slow), "refused"],
+)
 def test_the_default_deadline_bounds_every_operation(request: pytest.FixtureRequest, endpoint: str) -> None:
     """With the defaults, the three operations run at once (so the test takes one deadline, not three)."""
     url = request.getfixturevalue(endpoint)

@@ -43,6 +43,7 @@ def test_plain_loop(tmp_path: Path) -> None:
     assert "finished step 299" in out
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; the Lightning evacuate/resume path runs in tests/test_lightning.py in the main suite
 def test_lightning_example(tmp_path: Path) -> None:
     step, out = evacuate_then_resume([sys.executable, str(EXAMPLES / "lightning_example.py")], tmp_path)
     match = re.search(r"finished at global step (\d+) \(resumed from step-(\d+)-", out)

@@ -128,6 +128,7 @@ def test_four_ranks_replicated_reschedule_and_resume_identically(tmp_path: Path,
     assert_identical(final_weights(tmp_path / "job"), reference(4))
 
 
+@pytest.mark.slow  # 30 s on 2 cores: the two-rank 75 run above takes the same path; 76 itself is tested in test_guard
 def test_a_restart_class_fault_exits_76_and_resumes_identically(tmp_path: Path, reference: Any) -> None:
     ended = evacuate_then_resume(tmp_path, 2, {"at": 1.5, "gpu": 1, "xid": 94}, 76)
     assert ended[1]["exit_code"] == 76
