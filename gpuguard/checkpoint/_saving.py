@@ -60,6 +60,11 @@ class Saver:
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
 
+    @property
+    def staging(self) -> StagingPool:
+        """The staging buffers (a load borrows a free one to read into)."""
+        return self._staging
+
     def in_flight(self) -> set[str]:
         with self._lock:
             return set(self._in_flight)
@@ -99,7 +104,8 @@ class Saver:
         _check_args(step, reason, rank, world_size, checkpoint_id)
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
-        tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        doc = {"tree": flat.tree, "devices": flat.devices} | ({"storages": flat.storages} if flat.storages else {})
+        tree = json.dumps(doc).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
         # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
         if replicated and _sharding.holds_dtensors(flat):

@@ -73,7 +73,7 @@ class CheckpointStore:
         self._catalog = Catalog(self.storage, url)
         self._committer = Committer(self.storage, self._catalog)
         self._saver = Saver(self.storage, self._committer, staging_buffers, float(lease_s))
-        self._loader = Loader(self.storage, self._catalog)
+        self._loader = Loader(self.storage, self._catalog, self._saver.staging)
 
     @property
     def last_step_wait_s(self) -> float:
