@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import fsspec
 
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, is_transient, run_bounded
-from gpuguard.errors import StorageError
+from gpuguard.errors import ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 T = TypeVar("T")
@@ -55,13 +56,23 @@ class Storage:
         io_threads: int = 8,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        options = self.retry.backend_options(protocol, storage_options or {})
-        try:
-            self.fs, root = fsspec.core.url_to_fs(url, **options)
-        except (ImportError, ValueError, TypeError) as exc:
-            raise StorageError(f"cannot open {url!r}: {exc}", path=url, operation="opening") from exc
         self.url = url
+        protocol = _check_url(url)
+        options = self.retry.backend_options(protocol, storage_options or {})
+
+        def open_fs() -> tuple[Any, str]:
+            try:
+                return fsspec.core.url_to_fs(url, **options)  # type: ignore[no-any-return]
+            except ImportError as exc:  # the backend's package is not installed
+                raise ConfigError("url", url, f"its backend is not installed ({exc})") from exc
+            except ValueError as exc:  # fsspec: "Protocol not known: foo"; a backend refusing its arguments
+                raise ConfigError("url", url, f"{exc}; known protocols: {_known_protocols()}") from exc
+            except TypeError as exc:  # an option the backend's constructor does not take
+                raise ConfigError("storage_options", storage_options, f"{protocol}: {exc}") from exc
+
+        # Some backends connect in their constructor (FTP, SFTP, SMB, HDFS): opening is a storage call
+        # like any other, under the same deadline, retried when the error is transient.
+        self.fs, root = self.call("opening", url, open_fs)
         self.root = root.rstrip("/")
         protocol = self.fs.protocol
         self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
@@ -115,7 +126,7 @@ class Storage:
                 if remaining <= 0:
                     raise DeadlineExceeded(budget)
                 return run_bounded(fn, remaining, f"gpuguard-storage-{what.split(maxsplit=1)[0]}")
-            except StorageError:
+            except (StorageError, ConfigError):  # already ours: a usage error is neither retried nor wrapped
                 raise
             except FileNotFoundError as exc:
                 if missing_ok:
@@ -397,6 +408,28 @@ class Storage:
                 log.warning("could not abort the multipart upload of %s: %s", path, exc)
             raise
         self.fs.invalidate_cache(path)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(?!//)")
+
+
+def _check_url(url: str) -> str:
+    """The URL's protocol; `ConfigError` for what is not a URL or path at all (a usage error, not storage)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError("url", url, "a non-empty fsspec URL or path, e.g. s3://bucket/run or /mnt/ckpt")
+    if "://" not in url and "::" not in url and _SCHEME.match(url):
+        raise ConfigError("url", url, "a URL needs '://' after its protocol, e.g. s3://bucket/run")
+    last = url.rsplit("::", 1)[-1]
+    if "://" not in last:
+        return "file"
+    protocol, rest = last.split("://", 1)
+    if protocol not in ("file", "local") and not rest.strip("/"):
+        raise ConfigError("url", url, f"must name a bucket or folder after '{protocol}://', e.g. s3://bucket/run")
+    return protocol
+
+
+def _known_protocols() -> str:
+    return ", ".join(sorted(fsspec.available_protocols()))
 
 
 def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
