@@ -206,14 +206,9 @@ class Saver:
             try:
                 if meta["after_snapshot"]:
                     readiness.wait(readiness.total)  # raises the snapshot's error, if it failed
-                # The lease is the first write: from here on, no pruner anywhere collects this folder.
-                lease = leases.take(
-                    self.storage,
-                    name,
-                    rank=rank,
-                    attempt=meta["attempt"],
-                    lease_s=self.lease_s + meta["commit_timeout_s"],
-                )
+                # The lease is the first write: from here on, no pruner anywhere collects this folder. Its
+                # heartbeat renews it until the save ends, however long the writes and the commit wait take.
+                lease = leases.take(self.storage, name, rank=rank, attempt=meta["attempt"], lease_s=self.lease_s)
                 blocks = None
                 if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
                     args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
@@ -253,6 +248,10 @@ class Saver:
         except BaseException as exc:
             self._abort(name, rank, world_size, lease, exc)
             raise
+        finally:
+            # Committed (the commit released the leases), aborted, or this rank's part is done and rank 0
+            # commits: the folder is rank 0's to keep alive now. Its lease file expires if nobody releases it.
+            leases.stop(lease)
 
     def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
         """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.

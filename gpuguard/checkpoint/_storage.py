@@ -263,6 +263,39 @@ class Storage:
                 f"listing {self.url}: the container {container!r} does not exist", path=container, operation="listing"
             )
 
+    def list_uploads(self) -> list[tuple[str, str]]:
+        """Incomplete multipart uploads under the root, as (path under the root, upload id); S3 only.
+
+        A writer killed mid-upload leaves its parts on S3, invisible to listings and billed until the
+        upload is aborted. Other object stores expire theirs (GCS resumable sessions after a week).
+        """
+        if not self.is_s3:
+            return []
+        bucket, key, _ = self.fs.split_path(self.root)
+        prefix = f"{key}/" if key else ""
+
+        def ls() -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            markers: dict[str, str] = {}
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+                found += [(u["Key"][len(prefix) :], u["UploadId"]) for u in page.get("Uploads", [])]
+                if not page.get("IsTruncated"):
+                    return found
+                markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+        return self.call("listing uploads", self.root, ls)
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        """Abort an incomplete multipart upload (its parts are deleted); gone already is fine."""
+        bucket, key, _ = self.fs.split_path(self.path(path))
+
+        def abort() -> None:
+            with contextlib.suppress(FileNotFoundError):  # s3fs maps NoSuchUpload (404) to FileNotFoundError
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+        self.call("aborting upload", self.path(path), abort)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def makedirs(self, path: str) -> None:
@@ -282,7 +315,9 @@ class Storage:
         else:
             self.call("writing", path, lambda: self._write_stream(path, header, data, ready), nbytes=len(data))
 
-    def put_atomic(self, path: str, data: bytes, *, create_folder: bool = True) -> None:
+    def put_atomic(
+        self, path: str, data: bytes, *, create_folder: bool = True, deadline_s: float | None = None
+    ) -> None:
         """A small file that readers see whole or not at all.
 
         With ``create_folder`` False, a missing folder (on a local disk: removed by someone) fails
@@ -290,9 +325,9 @@ class Storage:
         whose shards are gone.
         """
         if self.is_local:
-            self.call("writing", path, lambda: self._put_local_atomic(path, data, create_folder))
+            self.call("writing", path, lambda: self._put_local_atomic(path, data, create_folder), deadline_s=deadline_s)
         else:
-            self.call("writing", path, lambda: self.fs.pipe_file(path, data))
+            self.call("writing", path, lambda: self.fs.pipe_file(path, data), deadline_s=deadline_s)
 
     def delete(self, path: str, *, recursive: bool = False, deadline_s: float | None = None) -> None:
         def rm() -> None:

@@ -36,8 +36,11 @@ class CheckpointStore:
         io_threads: concurrent writers per shard (threads for local disks, parts for S3).
         staging_buffers: snapshots that may be in flight at once.
         retry: backoff for transient storage errors, and the deadline of every storage operation.
-        lease_s: how long a save's lease keeps pruners (in any process) off its folder, on top of
-            its ``commit_timeout_s``; a crashed writer's leftovers are collected once it expires.
+        lease_s: how long a save's lease keeps pruners (in any process) off its folder without a
+            renewal. A save renews its lease every ``lease_s / 8`` for as long as it runs, so this
+            bounds nothing about the save itself: it is how soon a crashed writer's leftovers can be
+            collected by a pruner that cannot tell it died (one on another machine or in another
+            container; on the same machine and PID namespace they are collected at once).
 
     Example:
         >>> store = CheckpointStore("memory://example", keep=2)
@@ -57,7 +60,7 @@ class CheckpointStore:
         io_threads: int = 8,
         staging_buffers: int = 2,
         retry: RetryPolicy | None = None,
-        lease_s: float = 900.0,
+        lease_s: float = 120.0,
     ) -> None:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ConfigError("keep", keep, "must be a whole number, 1 or greater")

@@ -22,8 +22,11 @@ class GatedFileSystem(MemoryFileSystem):
     gate: ClassVar[threading.Event] = threading.Event()
     waiting: ClassVar[threading.Event] = threading.Event()
     hold: ClassVar[str] = ""  # only paths containing this wait
+    refuse_renewals: ClassVar[bool] = False  # a lease, once written, cannot be rewritten (a lost link)
 
     def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        if GatedFileSystem.refuse_renewals and "/.leases/" in path and self.exists(path):
+            raise PermissionError(f"{path}: refused")
         name = path.rsplit("/", 1)[-1]
         if name.startswith("rank-") and name.endswith("-of-00001.json") and GatedFileSystem.hold in path:
             GatedFileSystem.waiting.set()
@@ -40,3 +43,4 @@ def reset() -> None:
     GatedFileSystem.gate = threading.Event()
     GatedFileSystem.waiting = threading.Event()
     GatedFileSystem.hold = ""
+    GatedFileSystem.refuse_renewals = False
