@@ -191,15 +191,14 @@ def test_unsupported_placements_are_refused_before_anything_is_written(runs: tup
 
 def test_a_reshard_reads_about_the_ranks_share_not_every_chunk(runs: tuple[Path, Path]) -> None:
     out, _ = runs
-    from gpuguard.checkpoint._sharding import BLOCK_BYTES
-
     big = 1024 * 520 * 4  # model/big and its two AdamW moments dominate the checkpoint
+    # Saved on 2 ranks, big's chunks are 1.02 MB each, and a rank of 4 needs half of one; saved on 4, a
+    # rank of 2 needs two whole chunks. For chunks of 1 MiB and more the checksum blocks cost at most
+    # 1/64 of a chunk per edge; the small tensors (a few KiB, one block each) are read whole.
     for tag, world_size in (("two-to-four-loaded", 4), ("four-to-two-loaded", 2)):
         share = 3 * big // world_size
         for info in infos(out, tag, world_size):
-            # at most one checksum block more than the share at each edge of each tensor, plus the small ones
-            assert share <= info["bytes_read"] <= share + 3 * 2 * BLOCK_BYTES + 64 * 1024, (tag, info)
-            assert info["bytes_read"] < 3 * big * 0.6
+            assert share <= info["bytes_read"] <= 1.1 * share + 16 * 1024, (tag, info)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 9), (9,), (3,), (1, 4), (2, 3, 5)], ids=str)
