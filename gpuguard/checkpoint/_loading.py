@@ -187,6 +187,19 @@ class Loader:
                 self.staging.release(lent)
         return tensors
 
+    def read_whole(self, manifest: Manifest, rank: int = 0) -> tuple[StateDocument, dict[str, torch.Tensor]]:
+        """Rank ``rank``'s view of a checkpoint into host memory, every tensor whole and verified: a
+        sharded tensor's chunks assembled into its global shape (for an export)."""
+        if _reshard.is_sharded(manifest):
+            tensors, record, _ = _reshard.read_tensors(self.storage, manifest, {}, rank, manifest.world_size)
+            return self.read_tree(manifest.id, record), tensors
+        records = self._records(manifest, rank, manifest.world_size)
+        stored: dict[str, tuple[ShardRecord, _reading.StoredTensor]] = {}
+        for record in records:
+            for tensor in _reading.describe(self.storage, manifest.id, record):
+                stored[tensor.name] = (record, tensor)
+        return self.read_tree(manifest.id, records[-1]), self._read_into(manifest.id, stored, {}, {})
+
     def check_shard(self, name: str, record: ShardRecord, problems: list[CheckpointCorruptError]) -> None:
         """Re-read a shard and check every checksum, collecting what fails into ``problems`` (verify)."""
         try:

@@ -14,6 +14,7 @@ import torch
 
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
+from gpuguard.checkpoint._export import export
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pending import PendingSave, SaveTimings
 from gpuguard.checkpoint._pruning import prune
@@ -273,6 +274,40 @@ class CheckpointStore:
             StorageError: the storage failed.
         """
         return verify(self._catalog, self._loader, checkpoint_id, progress=progress)
+
+    def export(
+        self,
+        to: str,
+        out: str,
+        checkpoint_id: str | None = None,
+        *,
+        key: str | None = None,
+        rank: int = 0,
+    ) -> dict[str, Any]:
+        """Write a checkpoint (plain or sharded) in another format, to a local path: no lock-in.
+
+        Args:
+            to: ``torch`` (a file ``torch.load(out, weights_only=True)`` reads), ``safetensors`` (a file
+                of the tensors, the rest of the state as JSON in its metadata) or ``dcp`` (a folder
+                ``torch.distributed.checkpoint.load`` reads).
+            out: the file (or, for ``dcp``, the new folder) to write.
+            checkpoint_id: the newest committed one when None.
+            key: only ``state[key]``: with ``key="model"`` a safetensors export is the module's state dict.
+            rank: whose per-rank state to take (RNG states, per-rank tensors).
+
+        Every tensor is read whole (sharded chunks assembled) and verified first. See docs/FORMAT.md.
+
+        Example:
+            >>> store = CheckpointStore("memory://export")
+            >>> _ = store.save({"model": torch.nn.Linear(2, 2)}, step=1).wait()
+            >>> store.export("torch", "/tmp/gpuguard-export-example.pt")["step"]
+            1
+
+        Raises:
+            ConfigError: an unknown format or key, or a dtype the format cannot hold.
+            CheckpointNotFoundError, CheckpointCorruptError, StorageError: as for `load`.
+        """
+        return export(self._catalog, self._loader, to, out, checkpoint_id=checkpoint_id, key=key, rank=rank)
 
     # -- retention ------------------------------------------------------------------------------
 
