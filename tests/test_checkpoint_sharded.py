@@ -230,3 +230,49 @@ def test_chunk_arithmetic_matches_torch_chunk_for_every_coordinate(
             offsets, sizes = local_region(shape, mesh, coordinate, placements)
             got = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
             assert got.shape == expected.shape and torch.equal(got, expected), (placements, coordinate)
+
+
+def _by_state_dict_names(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A decoded or exported state's tensors under full_tensors' names (model.w0, optimizer.0.exp_avg)."""
+    out = {}
+    for name, value in tensors.items():
+        parts = name.removeprefix(prefix).split("/")
+        if parts[0] == "model":
+            out["model." + "/".join(parts[1:])] = value
+        elif parts[0] == "optimizer" and parts[1] == "state":
+            out[f"optimizer.{parts[2]}.{parts[3]}"] = value
+    return out
+
+
+def test_the_documented_decoder_assembles_a_sharded_checkpoint(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from helpers.format_decoder import decode_elsewhere
+
+    out, ckpt = runs
+    folder = next((ckpt / "four").glob("step-*"))
+    _, decoded = decode_elsewhere(folder, tmp_path / "decoded")  # no gpuguard in that process
+    assert_identical(tensors(out, "four-saved"), _by_state_dict_names(decoded))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors", "dcp"])
+def test_a_sharded_checkpoint_exports_whole_tensors(runs: tuple[Path, Path], tmp_path: Path, fmt: str) -> None:
+    out, ckpt = runs
+    target = tmp_path / f"export-{fmt}"
+    with CheckpointStore(str(ckpt / "fsdp")) as store:
+        assert store.export(fmt, str(target))["step"] == 3
+    expected = tensors(out, "fsdp-saved")
+    if fmt == "safetensors":
+        got = _by_state_dict_names(load_file(str(target)))
+    elif fmt == "torch":
+        state = torch.load(target, weights_only=True)
+        got = {f"model.{k}": v for k, v in state["model"].items()}
+        got |= {f"optimizer.{i}.{k}": v for i, per in state["optimizer"]["state"].items() for k, v in per.items()}
+    else:
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.GELU(), torch.nn.Linear(11, 3))
+        template = {"model": model.state_dict()}
+        load(template, checkpoint_id=str(target), no_dist=True)
+        got = {f"model.{k}": v for k, v in template["model"].items()}
+        expected = {k: v for k, v in expected.items() if k.startswith("model.")}
+    assert_identical(expected, got)
