@@ -135,47 +135,91 @@ class Loader:
         """Read every stored tensor, verified, into the memory it ends up in; the live state is written
         only once every byte has passed its checksum (a corrupt shard changes nothing).
 
-        A live host tensor of the same dtype and shape receives its bytes in place: they are read into
-        the staging buffer (memory already touched; a fresh block when none is free) and moved into the
-        live tensor at memory speed after the last check. Other tensors (a fresh optimizer's state, a
-        tensor the live state lacks) are read into memory the restored state keeps, and tensors bound
-        for a GPU are copied there through pinned memory while the next bytes are read.
+        Tensors the live state does not hold yet (a fresh optimizer's state, a tensor it lacks) are read
+        once into memory the restored state keeps, checksummed on the way; bound for a GPU, they go
+        through pinned memory while the next bytes are read. A live host tensor of the same dtype and
+        shape receives its bytes in place, after they verified: from a local disk, a first pass
+        checksums them (in a small buffer that stays in cache, beside the reads of the others) and a
+        second reads them straight into the live tensor, checksummed again; from other storage, they
+        are read into the staging buffer (memory already touched) and moved into the live tensor.
         """
         live = _live_tensors(state)
         in_place: list[tuple[_reading.StoredTensor, torch.Tensor]] = []
-        kept: list[_reading.StoredTensor] = []
+        tensors: dict[str, torch.Tensor] = {}
+        first: dict[str, list[_reading.Target]] = {}  # by file
         for _, tensor in stored.values():
+            file = stored[tensor.name][0].file
             target = live.get(tensor.name)
             if target is not None and _receives_in_place(target, tensor):
                 in_place.append((tensor, target))
+                tensors[tensor.name] = target
+                continue
+            device = _device_for(tensor.name, live, devices)
+            if device.type == "cpu":
+                value = _reading.fresh_tensor(tensor)
+                first.setdefault(file, []).append(_target(tensor, host=value))
             else:
-                kept.append(tensor)
+                value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                first.setdefault(file, []).append(_reading.Target(tensor, device=value))
+            tensors[tensor.name] = value
+        if self.storage.is_local:
+            self._read_local(checkpoint, stored, in_place, first)
+        else:
+            self._read_staged(checkpoint, stored, in_place, first)
+        return tensors
+
+    def _read_local(
+        self,
+        checkpoint: str,
+        stored: Mapping[str, tuple[ShardRecord, _reading.StoredTensor]],
+        in_place: list[tuple[_reading.StoredTensor, torch.Tensor]],
+        first: dict[str, list[_reading.Target]],
+    ) -> None:
+        for tensor, _ in in_place:  # checksummed only, in the pass that reads the others
+            first.setdefault(stored[tensor.name][0].file, []).append(_reading.Target(tensor))
+        for file, targets in first.items():
+            _reading.read(self.storage, checkpoint, file, targets)
+        second: dict[str, list[_reading.Target]] = {}
+        for tensor, target in in_place:
+            second.setdefault(stored[tensor.name][0].file, []).append(_target(tensor, host=target))
+        partly = "the live tensors read so far hold part of the checkpoint"
+        try:
+            for file, targets in second.items():
+                _reading.read(self.storage, checkpoint, file, targets)
+        except CheckpointCorruptError as exc:  # it verified a moment ago: something rewrote the file since
+            raise CheckpointCorruptError(
+                f"{exc} (it changed while it was being read: {partly})", shard=exc.shard, tensor=exc.tensor
+            ) from None
+        except StorageError as exc:  # the disk failed between two reads of the same bytes
+            raise StorageError(
+                f"{exc} ({partly})",
+                path=exc.path,
+                transient=exc.transient,
+                operation=exc.operation,
+                elapsed_s=exc.elapsed_s,
+                timed_out=exc.timed_out,
+            ) from exc
+
+    def _read_staged(
+        self,
+        checkpoint: str,
+        stored: Mapping[str, tuple[ShardRecord, _reading.StoredTensor]],
+        in_place: list[tuple[_reading.StoredTensor, torch.Tensor]],
+        first: dict[str, list[_reading.Target]],
+    ) -> None:
         scratch_bytes = sum(_reading.aligned(t.nbytes) for t, _ in in_place)
         lent = self.staging.lend(scratch_bytes) if scratch_bytes else None
         scratch = lent.data[:scratch_bytes] if lent is not None else _reading.fresh_host_bytes(scratch_bytes)
-        tensors: dict[str, torch.Tensor] = {}
-        targets: dict[str, list[_reading.Target]] = {}
         moves: list[tuple[torch.Tensor, torch.Tensor]] = []
         offset = 0
         for tensor, target in in_place:
             staged = _reading.tensor_at(scratch, offset, tensor)
             offset += _reading.aligned(tensor.nbytes)
             moves.append((target, staged))
-            tensors[tensor.name] = target
-            targets.setdefault(stored[tensor.name][0].file, []).append(_target(tensor, host=staged))
-        for tensor in kept:
-            device = _device_for(tensor.name, live, devices)
-            if device.type == "cpu":
-                value = _reading.fresh_tensor(tensor)
-                read_to = _target(tensor, host=value)
-            else:
-                value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                read_to = _reading.Target(tensor, device=value)
-            tensors[tensor.name] = value
-            targets.setdefault(stored[tensor.name][0].file, []).append(read_to)
+            first.setdefault(stored[tensor.name][0].file, []).append(_target(tensor, host=staged))
         try:
-            for file, file_targets in targets.items():
-                _reading.read(self.storage, checkpoint, file, file_targets)
+            for file, targets in first.items():
+                _reading.read(self.storage, checkpoint, file, targets)
             host_copy(moves)  # every byte verified: now the live tensors change
         except StorageError as exc:
             if lent is not None and exc.timed_out:  # that read may still write into the buffer: never reuse it
@@ -185,7 +229,6 @@ class Loader:
         finally:
             if lent is not None:
                 self.staging.release(lent)
-        return tensors
 
     def read_whole(self, manifest: Manifest, rank: int = 0) -> tuple[StateDocument, dict[str, torch.Tensor]]:
         """Rank ``rank``'s view of a checkpoint into host memory, every tensor whole and verified: a
