@@ -1,16 +1,17 @@
 """Reading a shard's tensors at the read floor: straight into the memory they end up in, verified on the way.
 
 A shard's header says where each tensor's bytes lie; the manifest holds each tensor's CRC-32C. A read
-splits the tensors into parts of at most `PART_BYTES`, reads the parts on the I/O threads (``preadv``
-into the destination on local disks, ranged reads elsewhere) and checksums each piece while it is still
-in the CPU's cache, so verifying costs little beyond the read. Nothing is viewed at the file's own
+groups the tensors into tasks of at most `PART_BYTES` (runs of small tensors that follow one another
+in the file, or parts of a big one), reads them on the I/O threads (``preadv`` into each destination on
+local disks, one ranged read per task elsewhere) and checksums each piece while it is still in the
+CPU's cache, so verifying costs little beyond the read. Nothing is viewed at the file's own
 offsets: every destination is memory gpuguard or the live state allocated, aligned for its dtype
 (format 1 files, whose tensors could lie 8 bytes off a complex128's alignment, load too).
 
-Destinations are chosen by the caller (`_loading`): memory that is already touched (the staging pool's
-buffer, or the live tensors' own memory once everything verified), memory the restored state keeps
-(a fresh optimizer's state), or a GPU tensor, filled through two pinned buffers per I/O thread so that
-the copy to the device overlaps the next read.
+Destinations are chosen by the caller (`_loading`): memory that is already touched (the live tensors'
+own memory once everything verified, or the staging pool's buffer), memory the restored state keeps
+(a fresh optimizer's state), nothing (a pass that only verifies), or a GPU tensor, filled through two
+pinned buffers per I/O thread so that the copy to the device overlaps the next read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,7 +33,7 @@ from gpuguard.errors import CheckpointCorruptError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
-PART_BYTES: Final = 32 << 20  # one read task at most: a big tensor is read by several threads at once
+PART_BYTES: Final = 32 << 20  # one read task at most: small tensors share one, a big one is split between several
 ALIGNMENT: Final = 64  # of every tensor gpuguard allocates for a load (a cache line; 16 is what complex128 needs)
 SLOT_BYTES: Final = 8 << 20  # each pinned buffer on the way to a GPU
 _MADV_HUGEPAGE: Final = 14  # linux/mman.h
@@ -155,17 +155,12 @@ def read(
     """
     path = storage.path(checkpoint, file)
     where = f"{checkpoint}/{file}"
-    parts: list[tuple[Target, int, int, Future[tuple[int, int]]]] = []
-    for target in targets:
-        t = target.stored
-        for start in range(t.offset, t.offset + t.nbytes, PART_BYTES):
-            end = min(t.offset + t.nbytes, start + PART_BYTES)
-            parts.append((target, start, end, storage.submit(_read_part, storage, path, target, start, end)))
+    batches = [(batch, storage.submit(_read_batch, storage, path, batch)) for batch in _batches(targets)]
     failure: BaseException | None = None
     crcs: dict[str, int] = {}
-    for target, start, end, future in parts:  # every part ends before this returns: none writes later
+    for batch, future in batches:  # every batch ends before this returns: none writes later
         try:
-            got, crc = future.result()
+            results = future.result()
         except FileNotFoundError:
             failure = failure or CheckpointCorruptError(f"{where}: missing", shard=file)
             continue
@@ -173,14 +168,15 @@ def read(
             failure = failure or exc
             continue
         if failure is not None:
-            continue  # waiting for the other parts only
-        name = target.stored.name
-        if got != end - start:
-            failure = failure or CheckpointCorruptError(
-                f"{where}: short read of tensor {name!r} ({got} of {end - start} bytes)", shard=file, tensor=name
-            )
-            continue
-        crcs[name] = crc if start == target.stored.offset else crc32c_combine(crcs[name], crc, end - start)
+            continue  # waiting for the other batches only
+        for (target, start, end), (got, crc) in zip(batch, results, strict=True):
+            name = target.stored.name
+            if got != end - start:
+                failure = CheckpointCorruptError(
+                    f"{where}: short read of tensor {name!r} ({got} of {end - start} bytes)", shard=file, tensor=name
+                )
+                break
+            crcs[name] = crc if start == target.stored.offset else crc32c_combine(crcs[name], crc, end - start)
     if isinstance(failure, CheckpointCorruptError) and problems is not None:
         problems.append(failure)
         return 0
@@ -201,13 +197,40 @@ def read(
     return sum(t.stored.nbytes for t in targets)
 
 
-def _read_part(storage: Storage, path: str, target: Target, start: int, end: int) -> tuple[int, int]:
-    if target.device is not None:
-        return _read_to_device(storage, path, target, start, end)
-    into = None
-    if target.host is not None:
-        into = target.host[start - target.stored.offset : end - target.stored.offset]
-    return storage.read_range(path, start, end, into)
+Segment = tuple[Target, int, int]  # a target and the file range [start, end) of its bytes to read
+
+
+def _batches(targets: Sequence[Target]) -> list[list[Segment]]:
+    """Read tasks: runs of tensors that follow one another in the file, up to `PART_BYTES` each (one
+    storage call, one GET on object stores); a bigger tensor is split into parts read in parallel."""
+    batches: list[list[Segment]] = []
+    size = 0
+    for target in sorted(targets, key=lambda t: t.stored.offset):
+        t = target.stored
+        for start in range(t.offset, t.offset + t.nbytes, PART_BYTES):
+            end = min(t.offset + t.nbytes, start + PART_BYTES)
+            last = batches[-1][-1] if batches else None
+            follows = last is not None and last[2] == start and last[0].device is None and target.device is None
+            if follows and size + end - start <= PART_BYTES:
+                batches[-1].append((target, start, end))
+                size += end - start
+            else:
+                batches.append([(target, start, end)])
+                size = end - start
+    return batches
+
+
+def _read_batch(storage: Storage, path: str, batch: list[Segment]) -> list[tuple[int, int]]:
+    if batch[0][0].device is not None:  # alone in its batch (see `_batches`)
+        target, start, end = batch[0]
+        return [_read_to_device(storage, path, target, start, end)]
+    segments = []
+    for target, start, end in batch:
+        into = None
+        if target.host is not None:
+            into = target.host[start - target.stored.offset : end - target.stored.offset]
+        segments.append((start, end, into))
+    return storage.read_segments(path, segments)
 
 
 class _Slots(threading.local):

@@ -15,7 +15,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -180,24 +180,46 @@ class Storage:
         """Bytes [start, end) of a file into ``into`` (only checksummed when None).
 
         Returns (bytes read, their CRC-32C continued from ``crc``); fewer bytes than asked means the
-        file is shorter. A local file is read with ``os.preadv`` straight into ``into``, in pieces of
-        `READ_PIECE_BYTES` that are checksummed while they are still in the CPU's cache; other
-        backends answer a ranged read (one GET on object stores). ``FileNotFoundError`` when absent.
+        file is shorter. ``FileNotFoundError`` when it is absent. See `read_segments`.
         """
+        return self.read_segments(path, [(start, end, into)], crc)[0]
+
+    def read_segments(
+        self, path: str, segments: Sequence[tuple[int, int, memoryview | None]], crc: int = 0
+    ) -> list[tuple[int, int]]:
+        """Consecutive byte ranges of a file, each into its own buffer (or only checksummed), in one call.
+
+        ``segments`` are (start, end, into) with each start the previous end. Returns, per segment,
+        (bytes read, CRC-32C; the first continued from ``crc``). A local file is read with ``os.preadv``
+        straight into each buffer, in pieces of `READ_PIECE_BYTES` that are checksummed while they are
+        still in the CPU's cache; other backends answer one ranged read (one GET on object stores) that
+        is split between the buffers. ``FileNotFoundError`` when the file is absent.
+        """
+        first, last = segments[0][0], segments[-1][1]
         if self.is_local:
 
-            def read() -> tuple[int, int]:
-                return _pread_checksummed(path, start, end, into, crc)
+            def read() -> list[tuple[int, int]]:
+                out, value = [], crc
+                for start, end, into in segments:
+                    got, value = _pread_checksummed(path, start, end, into, value)
+                    out.append((got, value))
+                    value = 0
+                return out
 
         else:
 
-            def read() -> tuple[int, int]:
-                data = self.fs.cat_file(path, start=start, end=end)
-                if into is not None:
-                    into[: len(data)] = data
-                return len(data), crc32c(data, crc)
+            def read() -> list[tuple[int, int]]:
+                data = memoryview(self.fs.cat_file(path, start=first, end=last))
+                out, value = [], crc
+                for start, end, into in segments:
+                    piece = data[start - first : end - first]
+                    if into is not None:
+                        into[: len(piece)] = piece
+                    out.append((len(piece), crc32c(piece, value)))
+                    value = 0
+                return out
 
-        return self.call("reading", path, read, nbytes=end - start, missing_ok=True)
+        return self.call("reading", path, read, nbytes=last - first, missing_ok=True)
 
     def cat(self, path: str) -> bytes:
         """A small file's bytes; ``FileNotFoundError`` when it is absent."""
