@@ -83,7 +83,8 @@ def test_a_format_1_checkpoint_with_a_misaligned_complex128_still_loads(tmp_path
     assert state["extra"][3] == "x" and state["extra"]["t"][:2] == (1, 2.5)
 
 
-def test_live_tensors_receive_the_bytes_in_place() -> None:
+@pytest.mark.parametrize("where", ["file", "memory"])  # a verifying pass then a direct read; staged and moved
+def test_live_tensors_receive_the_bytes_in_place(where: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 32)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -92,7 +93,7 @@ def test_live_tensors_receive_the_bytes_in_place() -> None:
     plain = torch.randn(1000)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
-    with CheckpointStore("memory://in-place") as store:
+    with CheckpointStore(f"file://{tmp_path}/ckpt" if where == "file" else "memory://in-place") as store:
         store.prepare({"model": model, "optimizer": optimizer, "plain": plain})
         store.save({"model": model, "optimizer": optimizer, "plain": plain}, step=1).wait()
         weight, moment, plain_before = model.weight, optimizer.state[model.weight]["exp_avg"], plain.clone()

@@ -234,10 +234,11 @@ def held(storage: Storage, lease: Lease) -> bool:
     return True
 
 
-def leased(storage: Storage, now: float | None = None) -> set[str]:
-    """The checkpoint ids with a live lease; expired leases and those of dead writers are removed on the way."""
+def sweep(storage: Storage, now: float | None = None) -> tuple[set[str], set[str]]:
+    """(ids with a live lease, ids with a lease that expired or whose writer is known dead); the leases
+    of the second kind are removed on the way."""
     now = time.time() if now is None else now
-    found = set()
+    live, gone = set(), set()
     for file in storage.list_files(FOLDER):
         name = file.split(".", 1)[0]
         try:
@@ -246,15 +247,21 @@ def leased(storage: Storage, now: float | None = None) -> set[str]:
         except FileNotFoundError:
             continue  # released while we looked
         except (ValueError, KeyError, TypeError):
-            found.add(name)  # written by something else; do not guess that it is stale
+            live.add(name)  # written by something else; do not guess that it is stale
             continue
         if expires > now and not writer_is_dead(body.get("process")):
-            found.add(name)
-        else:
-            if expires > now:
-                log.info("lease %s: its writer no longer runs; its save is a leftover", file)
-            storage.delete(storage.path(FOLDER, file))
-    return found
+            live.add(name)
+            continue
+        if expires > now:
+            log.info("lease %s: its writer no longer runs; its save is a leftover", file)
+        storage.delete(storage.path(FOLDER, file))
+        gone.add(name)
+    return live, gone - live
+
+
+def leased(storage: Storage, now: float | None = None) -> set[str]:
+    """The checkpoint ids with a live lease; expired leases and those of dead writers are removed on the way."""
+    return sweep(storage, now)[0]
 
 
 def release(storage: Storage, name: str, only: Lease | None = None, *, deadline_s: float | None = None) -> None:

@@ -33,6 +33,7 @@ from gpuguard.checkpoint._manifest import (
 )
 from gpuguard.checkpoint._owners import owned_by, partition
 from gpuguard.checkpoint._pending import PendingSave
+from gpuguard.checkpoint._pruning import collect_dead
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
@@ -59,6 +60,14 @@ class Saver:
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
+        self._collected = False  # dead writers' leftovers, looked for once, before the first save
+
+    def _collect_dead(self) -> None:
+        """At this store's first save: what writers that died here left (a crash loop's leftovers)."""
+        try:
+            collect_dead(self.committer.catalog, self.in_flight)
+        except Exception as exc:  # housekeeping: the save goes on, a later prune tries again
+            log.warning("could not collect the leftovers of dead writers: %s", exc)
 
     @property
     def staging(self) -> StagingPool:
@@ -206,6 +215,9 @@ class Saver:
             try:
                 if meta["after_snapshot"]:
                     readiness.wait(readiness.total)  # raises the snapshot's error, if it failed
+                if not self._collected and rank == 0:  # beside this save, never holding it up
+                    self._collected = True
+                    threading.Thread(target=self._collect_dead, name="gpuguard-ckpt-collect", daemon=True).start()
                 # The lease is the first write: from here on, no pruner anywhere collects this folder. Its
                 # heartbeat renews it until the save ends, however long the writes and the commit wait take.
                 lease = leases.take(self.storage, name, rank=rank, attempt=meta["attempt"], lease_s=self.lease_s)
