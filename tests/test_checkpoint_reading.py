@@ -9,7 +9,9 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,3 +158,30 @@ def test_views_of_one_storage_come_back_as_views_of_one_storage() -> None:
     assert isinstance(pair, dict)
     pair["x"][2] = 7.0
     assert pair["y"][1] == 7.0
+
+
+@pytest.fixture
+def counted() -> Iterator[type[Any]]:
+    from helpers import counting_fs
+
+    counting_fs.reset()
+    yield counting_fs.CountingFileSystem
+    counting_fs.reset()
+
+
+def test_tensors_that_follow_one_another_in_the_file_are_read_in_one_request(counted: type[Any]) -> None:
+    # 300 small tensors (a model's biases and norms, say): one ranged read for all their bytes, not one
+    # each (an object store would answer 300 GETs, each paying a round trip).
+    state = {f"t{i:03d}": torch.full((64 + i,), float(i)) for i in range(300)}
+    with CheckpointStore("counted://run") as store:
+        store.prepare(state)
+        info = store.save(state, step=1, rng=False).wait()
+        assert info is not None
+        for target in ({k: torch.zeros_like(v) for k, v in state.items()}, {k: None for k in state}):
+            counted.reads.clear()  # into live tensors (through the staging buffer), then into fresh ones
+            assert store.load(target) == 1
+            assert all(torch.equal(target[k], v) for k, v in state.items())
+            assert len(counted.reads) == 2, counted.reads[:4]  # the header, then every tensor's bytes at once
+            header, data = counted.reads
+            assert header[1] == 0 and data[1] == header[2], counted.reads
+            assert data[2] - data[1] == sum(v.numel() * 4 for v in state.values())

@@ -276,3 +276,30 @@ def test_a_sharded_checkpoint_exports_whole_tensors(runs: tuple[Path, Path], tmp
         got = {f"model.{k}": v for k, v in template["model"].items()}
         expected = {k: v for k, v in expected.items() if k.startswith("model.")}
     assert_identical(expected, got)
+
+
+def test_chunks_that_follow_one_another_in_a_file_are_read_in_one_request(runs: tuple[Path, Path]) -> None:
+    # Loaded whole by one process, each rank's file of ``four`` is needed whole but for the RNG states of
+    # the other ranks: a few ranged reads per file (one GET each on object stores), not one per chunk.
+    from helpers import counting_fs
+
+    out, ckpt = runs
+    counting_fs.reset()
+    try:
+        manifest = json.loads(next((ckpt / "four").glob("step-*/MANIFEST.json")).read_text())
+        chunks = sum(len(shard["chunks"]) for shard in manifest["shards"])
+        state = plain_state(seed=99)
+        with CheckpointStore("counted://four") as store:
+            store.storage.fs.put(str(ckpt / "four"), store.storage.root, recursive=True)
+            assert store.load(state) == 3
+            read = store.last_load_bytes_read
+        assert_identical(tensors(out, "four-saved"), sharded.full_tensors(state))
+        reads = counting_fs.CountingFileSystem.reads
+        headers = [r for r in reads if r[1] == 0]
+        data = [r for r in reads if r[1] != 0]
+        # 39 chunks in 4 files, each file read in at most 3 runs (the gaps: other ranks' RNG states)
+        assert len(data) <= 3 * len(manifest["shards"]) < chunks, (chunks, data)
+        assert sum(end - start for _, start, end in data) == read  # nothing read twice, nothing beyond
+        assert len(headers) <= len(manifest["shards"])
+    finally:
+        counting_fs.reset()
