@@ -32,12 +32,12 @@ from gpuguard.checkpoint._manifest import (
     state_file,
 )
 from gpuguard.checkpoint._owners import owned_by, partition
-from gpuguard.checkpoint._pending import PendingSave
+from gpuguard.checkpoint._pending import CommitGate, PendingSave
 from gpuguard.checkpoint._pruning import collect_dead
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
-from gpuguard.errors import CheckpointCorruptError, ConfigError, StorageError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -60,6 +60,7 @@ class Saver:
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
+        self.prepared_bytes = 0
         self._collected = False  # dead writers' leftovers, looked for once, before the first save
 
     def _collect_dead(self) -> None:
@@ -89,6 +90,7 @@ class Saver:
         flat = flatten(state, rng=rng)
         _sharding.localize(flat, process_rank())  # DTensors → their local chunks (refused early if unplaceable)
         layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
+        self.prepared_bytes = layout.data_bytes  # for estimating a save's time (the guard's deadline check)
         return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
 
     def save(
@@ -132,7 +134,7 @@ class Saver:
         readiness = Readiness(layout.data_bytes)
         with self._lock:
             self._in_flight.add(name)
-        meta = {
+        meta: dict[str, Any] = {
             "reason": reason,
             "evidence": dict(evidence or {}),
             "extra": dict(extra or {}),
@@ -148,6 +150,7 @@ class Saver:
         # CI machine that made the stall of 1 GiB 1.19x a bare memory copy instead of 1.34x (medians of 8
         # alternating saves), with time to durable unchanged: the disk, not the copy, bounds it.
         meta["after_snapshot"] = not on_gpu
+        gate = meta["gate"] = CommitGate()
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         future.add_done_callback(lambda _: self._finish(name))
         try:
@@ -160,7 +163,7 @@ class Saver:
             readiness.fail(exc)
             raise
         stall = time.perf_counter() - started
-        return PendingSave(name, step, future, stall, started)
+        return PendingSave(name, step, future, stall, started, gate)
 
     def _hold_steps(
         self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
@@ -225,7 +228,7 @@ class Saver:
                 if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
                     args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
                     blocks = self.storage.submit(_sharding.block_checksums, *args)
-                record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+                record = self._write_files(name, rank, world_size, buffer, readiness, tree, meta["gate"])
                 if blocks is not None:
                     described = _sharding.chunk_records(
                         buffer.layout, meta["chunks"], blocks.result(), _sharding.BLOCK_BYTES
@@ -236,6 +239,7 @@ class Saver:
                     readiness.wait(readiness.total)
                 self._staging.release(buffer)
             if world_size == 1:
+                _enter(meta["gate"], name)
                 return self.committer.commit(name, step, 1, {0: record}, meta, lease=lease)
             done = {"attempt": meta["attempt"], "record": record.to_dict()}
             self.storage.put_atomic(
@@ -255,6 +259,7 @@ class Saver:
                     timeout_s=meta["commit_timeout_s"],
                     attempt=meta["attempt"],
                     lease=lease,
+                    gate=meta["gate"],
                 )
             return None
         except BaseException as exc:
@@ -292,14 +297,27 @@ class Saver:
             log.warning("could not clean up after the failed save %s (%s); a prune collects it later", name, cleanup)
 
     def _write_files(
-        self, name: str, rank: int, world_size: int, buffer: StagingBuffer, readiness: Readiness, tree: bytes
+        self,
+        name: str,
+        rank: int,
+        world_size: int,
+        buffer: StagingBuffer,
+        readiness: Readiness,
+        tree: bytes,
+        gate: CommitGate,
     ) -> ShardRecord:
         layout = buffer.layout
+
+        def ready(end: int) -> None:  # called before each part: an abandoned save stops writing
+            if gate.closed:
+                raise CheckpointError(f"save {name} abandoned (its deadline passed): not written further")
+            readiness.wait(end)
+
         data = buffer.memoryview()
         shard_path = self.storage.path(name, shard_file(rank, world_size))
         # Checksums run on the I/O pool beside the writes: crc32c releases the GIL.
         checksums = self.storage.submit(_tensor_checksums, layout, data, readiness)
-        self.storage.write_shard(shard_path, layout.header, data, readiness.wait)
+        self.storage.write_shard(shard_path, layout.header, data, ready)
         tensor_crcs = checksums.result()
         shard_crc = crc32c(layout.header)
         for slot in layout.slots:
@@ -322,6 +340,11 @@ class Saver:
             state_bytes=len(tree),
             state_crc32c=crc32c(tree),
         )
+
+
+def _enter(gate: CommitGate, name: str) -> None:
+    if not gate.enter():
+        raise CheckpointError(f"save {name} abandoned (its deadline passed) before its commit: not committed")
 
 
 def _wants_pinned(flat: FlatState) -> bool:
