@@ -98,6 +98,7 @@ def test_sigkill_during_writes_never_leaves_a_valid_looking_partial(tmp_path: Pa
     assert seen["leftovers"] > 0
 
 
+@pytest.mark.slow  # 30 writer processes killed (15-30 s); tests/test_checkpoint_leases.py checks the mechanism fast
 def test_a_crash_loops_leftovers_stay_within_the_committed_size(tmp_path: Path) -> None:
     # Every writer is killed, most of them mid-save; each new one prunes after its first commit, and a
     # leftover whose writer is known dead goes then, not when its lease expires.

@@ -201,8 +201,9 @@ def test_a_bad_url_is_a_usage_error_not_a_storage_failure(url: str, why: str) ->
         CheckpointStore(url)
 
 
-def test_the_cli_exits_2_on_an_unknown_protocol(cli: Any) -> None:
-    done = cli("checkpoints", "list", "foo://run", "--json")
-    assert done.returncode == 2, done.stdout + done.stderr
-    report = json.loads(done.stdout)
+def test_the_cli_exits_2_on_an_unknown_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuguard.cli import main
+
+    assert main(["checkpoints", "list", "foo://run", "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "ConfigError" and "Protocol not known: foo" in report["error"]

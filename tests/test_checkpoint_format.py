@@ -86,22 +86,24 @@ def test_export_round_trips(fmt: str, tmp_path: Path) -> None:
     _assert_reloads(fmt, out, state)
 
 
-def test_the_cli_exports_and_a_corrupt_checkpoint_exits_1(tmp_path: Path, cli: Any) -> None:
+def test_the_cli_exports_and_a_corrupt_checkpoint_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuguard.cli import main  # in this process: a fresh one costs seconds of imports on a loaded machine
+
     state = make_state()
     url = f"file://{tmp_path}/ckpt"
     with CheckpointStore(url) as store:
         info = store.save(state, step=9).wait()
     assert info is not None
-    done = cli("checkpoints", "export", url, str(tmp_path / "export.pt"), "--to", "torch", "--json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["id"] == info.id
+    capsys.readouterr()
+    assert main(["checkpoints", "export", url, str(tmp_path / "export.pt"), "--to", "torch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == info.id
     _assert_reloads("torch", tmp_path / "export.pt", state)
     shard = tmp_path / "ckpt" / info.id / "rank-00000-of-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-7] ^= 0x01
     shard.write_bytes(bytes(data))
-    bad = cli("checkpoints", "export", url, str(tmp_path / "bad.pt"), "--to", "torch")
-    assert bad.returncode == 1 and "fails its checksum" in bad.stderr and not (tmp_path / "bad.pt").exists()
+    assert main(["checkpoints", "export", url, str(tmp_path / "bad.pt"), "--to", "torch"]) == 1
+    assert "fails its checksum" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
 
 
 def _assert_reloads(fmt: str, out: Path, state: dict[str, Any]) -> None:

@@ -23,14 +23,14 @@ from conftest import ROOT, TESTS
 V1 = TESTS / "data" / "checkpoint-v1"
 
 # In a fresh process: a misaligned complex128 tensor kills the process (SIGSEGV), which must fail the
-# test with a message, not take pytest down. For every name length from 1 to 32 (the header's length
-# moves with it), save, load into a fresh state, and run kernels on what came back.
+# test with a message, not take pytest down. For every name length from 1 to 16 (the header's length
+# moves with it, through every residue mod 16), save, load into a fresh state, and run kernels on it.
 _EVERY_NAME_LENGTH = """
 import struct, sys, torch
 from gpuguard import CheckpointStore
 url = sys.argv[1]
 with CheckpointStore(url, keep=100) as store:
-    for n in range(1, 33):  # two full turns of every header length mod 16
+    for n in range(1, 17):  # a full turn of every header length mod 16 (8 of these crashed in format 1)
         name = "z" * n
         value = torch.arange(5, dtype=torch.float64) * (1 + 2j)
         info = store.save({name: value, "step": n}, step=n, rng=False).wait()
