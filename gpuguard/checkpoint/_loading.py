@@ -5,20 +5,36 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gpuguard.checkpoint import _layout, _reshard
 from gpuguard.checkpoint._catalog import Catalog
+from gpuguard.checkpoint._collective import RankGroup, default_group
+from gpuguard.checkpoint._consensus import agree_newest
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
 from gpuguard.checkpoint._fit import misfits
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import restore
-from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 
 log = logging.getLogger("gpuguard.checkpoint")
+
+
+@dataclass
+class PreparedLoad:
+    """One rank's part of a checkpoint, read and checked, not yet applied to the live state."""
+
+    tree: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    devices: dict[str, str]
+    strict: bool
+
+    def apply(self, state: MutableMapping[str, Any]) -> None:
+        restore(state, self.tree, self.tensors, self.devices, strict=self.strict)
 
 
 class Loader:
@@ -39,30 +55,47 @@ class Loader:
         fallback: bool = False,
         strict: bool = True,
         world_size: int | None = None,
+        group: RankGroup | None = None,
     ) -> int:
-        """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API."""
-        if checkpoint_id is not None:
-            candidates = [self.catalog.manifest(checkpoint_id)]
-        else:
-            candidates = list(reversed(self.catalog.manifests()))
-            if not candidates:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.url}")
-        errors = []
-        for manifest in candidates:
-            assert manifest is not None
-            try:
-                self.load_one(manifest, state, rank, strict, _world_size() if world_size is None else world_size)
-                return manifest.step
-            except CheckpointCorruptError as exc:
-                if not fallback:
-                    raise
-                errors.append(f"{manifest.id}: {exc}")
-                log.warning("checkpoint %s is corrupt (%s); falling back to an older one", manifest.id, exc)
-        raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
+        """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API.
+
+        With a ``group`` of several ranks, every rank reads and checks its part of a candidate before
+        any rank changes its state, and all load the newest one every rank could (see `_consensus`).
+        """
+        live_world = _world_size() if world_size is None else world_size
+        group = default_group(live_world) if group is None else group
+
+        def listing() -> list[Manifest]:
+            if checkpoint_id is not None:
+                manifest = self.catalog.manifest(checkpoint_id)
+                assert manifest is not None
+                return [manifest]
+            return list(reversed(self.catalog.manifests()))
+
+        agreed = agree_newest(
+            group,
+            listing,
+            lambda manifest: self.prepare_one(manifest, state, rank, strict, live_world),
+            fallback=fallback,
+            nothing=f"no committed checkpoint under {self.url}",
+        )
+        agreed.value.apply(state)
+        return agreed.candidate.step
 
     def load_one(
         self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
     ) -> None:
+        self.prepare_one(manifest, state, rank, strict, world_size).apply(state)
+
+    def prepare_one(
+        self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
+    ) -> PreparedLoad:
+        """Read and check this rank's part of ``manifest`` against ``state``; changes nothing yet.
+
+        Raises:
+            CheckpointCorruptError: a file or tensor fails its checksum.
+            CheckpointMismatchError: the checkpoint does not fit ``state``.
+        """
         tensors: dict[str, torch.Tensor]
         if _reshard.applies(manifest, state):
             # Sharded checkpoints and DTensor state: resharded onto the live sharding, reading only the
@@ -104,7 +137,7 @@ class Loader:
             raise CheckpointMismatchError(
                 f"{manifest.id} does not fit the live state, which is left unchanged: {shown}", entries=problems
             )
-        restore(state, tree, tensors, devices, strict=strict)
+        return PreparedLoad(tree, tensors, devices, strict)
 
     def read_shard(
         self, name: str, record: ShardRecord, problems: list[CheckpointCorruptError] | None = None

@@ -28,6 +28,7 @@ import torch
 from gpuguard.checkpoint import _layout
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
+from gpuguard.checkpoint._optim_names import parameter_names
 from gpuguard.checkpoint._sharding import SavedChunk, is_dtensor, local_region
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import flatten
@@ -194,16 +195,23 @@ def _target(name: str, pieces: list[SavedChunk], live: Mapping[str, torch.Tensor
 
 
 def _optimizer_param(name: str, state: Mapping[str, Any]) -> Any:
-    """A fresh optimizer has no state yet: its state ``<key>/state/<i>/...`` is sharded like parameter i."""
+    """A fresh optimizer has no state yet: its state ``<key>/state/<i or name>/...`` is sharded like that parameter."""
     parts = name.split("/")
-    if len(parts) < 4 or parts[1] != "state" or not parts[2].isdigit():
+    if len(parts) < 4 or parts[1] != "state":
         return None
-    optimizer = state.get(parts[0].replace("~1", "/").replace("~0", "~"))
+    optimizer = state.get(_unescape(parts[0]))
     if not isinstance(optimizer, torch.optim.Optimizer):
         return None
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not parts[2].isdigit():  # keyed by parameter name (see _optim_names)
+        wanted = _unescape(parts[2])
+        return next((p for p in params if parameter_names(state).get(id(p)) == wanted), None)
     index = int(parts[2])
     return params[index] if index < len(params) else None
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def _fill(

@@ -224,8 +224,7 @@ class Guard:
             except Exception as exc:
                 log.error("gpuguard: periodic checkpoint %s (step %d) failed: %s", pending.id, pending.step, exc)
             else:
-                if info is not None or self.rank != 0:
-                    log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
+                log.info("gpuguard: periodic checkpoint %s (step %d) committed", info.id, pending.step)
         self.periodic = []
         return settled
 
@@ -332,11 +331,17 @@ class Guard:
             self.kubernetes.start()
 
     def _prepare(self) -> None:
+        """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.
+
+        Walking the state calls ``state_dict()`` and the hooks behind it: FSDP2's swap its parameters
+        between sharded and unsharded, so they must never run while forward or backward computes (on
+        another thread they crashed FSDP2 training). What the background thread gets is the layout.
+        """
+        assert self.store is not None
         try:
-            assert self.store is not None
-            seconds = self.store.prepare(checkpointable(self.state))
-            log.info("staging buffer ready in %.2fs", seconds)
-        except Exception as exc:  # the first checkpoint will allocate instead; training goes on
+            seconds = self.store.prepare(checkpointable(self.state), background=True)
+            log.info("staging buffer planned in %.3fs on the training thread; allocating in the background", seconds)
+        except GpuGuardError as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
 
     # -- resume ---------------------------------------------------------------------------------
@@ -344,7 +349,16 @@ class Guard:
     def resume(self) -> int:
         """Load the newest committed checkpoint into ``state``; returns the step to run next (0 if none).
 
-        A corrupt newest checkpoint falls back to the one before it.
+        With a process group, every rank calls it and every rank returns the same step: the newest
+        checkpoint whose part every rank read and verified. When some rank's part is corrupt, all
+        ranks fall back together to the same older one, and every rank logs which, whose part and
+        why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
+        all start from step 0.
+
+        Raises:
+            CheckpointCorruptError: no committed checkpoint could be loaded on every rank.
+            CheckpointError: another rank failed (its error's kind, naming the rank).
+            StorageError: the storage failed (never read as "no checkpoint").
         """
         if not self._started:
             self.start()
@@ -402,9 +416,10 @@ class Guard:
             )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
-            # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
+            # moments lazily): plan the staging buffer now, at this step boundary on the training thread
+            # (every rank is here: the plan may need a collective), and allocate it in the background.
             self._prepared = True
-            threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
+            self._prepare()
         agreed: Agreed = NOTHING
         action = max(self._local_action, self._forced_action)
         if self._distributed:
