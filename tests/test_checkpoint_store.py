@@ -118,9 +118,10 @@ def test_multi_rank_commit_waits_for_every_shard(store: CheckpointStore) -> None
     rank1_go.wait()
     assert store.latest() is None
     pending1 = store.save(states[1], step=50, rank=1, world_size=2, checkpoint_id=cid)
-    assert pending1.wait() is None  # rank 1 does not commit
+    # rank 1 does not commit, but its wait() returns only once it has read rank 0's manifest back
+    committed = pending1.wait(timeout=30)
     info = pending0.wait(timeout=30)
-    assert info is not None and info.world_size == 2
+    assert info.world_size == 2 and committed == info
     for r in range(2):
         target: dict[str, Any] = {"w": torch.zeros(8), "rank": None}
         store.load(target, rank=r, world_size=2)
