@@ -15,6 +15,7 @@ from helpers.training import assert_same, fresh_like, make_state, train_step
 
 from gpuguard import (
     CheckpointCorruptError,
+    CheckpointExistsError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointStore,
@@ -126,6 +127,17 @@ def test_multi_rank_commit_waits_for_every_shard(store: CheckpointStore) -> None
         target: dict[str, Any] = {"w": torch.zeros(8), "rank": None}
         store.load(target, rank=r, world_size=2)
         assert torch.equal(target["w"], torch.full((8,), float(r))) and target["rank"] == r
+
+
+def test_a_committed_checkpoint_is_never_overwritten(store: CheckpointStore) -> None:
+    """Ids derived from the step come back in a rerun: the second save is refused, the first stays whole."""
+    cid = "step-000000000070-0123abcd"
+    first = store.save({"w": torch.full((64,), 1.0)}, step=70, checkpoint_id=cid).wait(30)
+    with pytest.raises(CheckpointExistsError, match=f"checkpoint {cid} is already committed .*never overwritten"):
+        store.save({"w": torch.full((64,), 2.0)}, step=70, checkpoint_id=cid).wait(30)
+    assert [i.id for i in store.list()] == [first.id] and store.verify(cid).ok
+    target = {"w": torch.zeros(64)}
+    assert store.load(target) == 70 and torch.equal(target["w"], torch.full((64,), 1.0))
 
 
 def test_unsupported_state_is_refused_by_path(store: CheckpointStore) -> None:
