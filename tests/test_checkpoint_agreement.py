@@ -1,151 +1,169 @@
 """Every rank acts on the same answer about its checkpoints: real gloo ranks, one rank's view corrupt or dead.
 
-- One corrupt rank part: every rank resumes the same older step (through ``Guard.resume()`` and
-  ``CheckpointStore.load``) and every rank says which checkpoint it skipped, whose part and why;
-  nothing loadable on every rank: every rank raises; none at all: every rank starts at 0.
-- ``wait()`` means committed on every rank: after waiting on two saves, every rank loads the newer one;
-  a rank whose committing rank was killed never reports success.
-- A committed checkpoint is immutable: a second save under its id is refused on every rank, and a new
-  launch that reuses a crashed save's id commits its own files only (attempt tokens are drawn per save).
+One job of two ranks (a module fixture: one process group, then one more for the relaunch) covers:
+
+- one corrupt rank part: every rank resumes the same older step (``Guard.resume()`` and
+  ``CheckpointStore.load``), and every rank says which checkpoint it skipped, whose part and why; nothing
+  loadable on every rank: every rank raises; nothing at all: every rank starts at 0;
+- ``wait()`` means committed on every rank: after waiting on two saves every rank loads the newer one; a
+  rank whose committing rank was killed never reports success;
+- a committed checkpoint is immutable, and a relaunch that reuses a crashed save's id commits its own files;
+- FSDP2 (a GPT with tied embeddings, AdamW) trained 50 steps under the Guard with periodic checkpoints and
+  an emergency one, resumed: bitwise the run that was never interrupted;
+- DP×TP with TP of size 1 (every DP replica holds every TP shard: the layout that wrote each chunk twice):
+  each chunk written once, loaded bitwise on DP-only, on FSDP2 with the optimizer's groups reversed, on its
+  own layout (and training continues bitwise), and in one process.
+
+The slow step runs the agreement on four ranks and the crash-and-retry five times.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import socket
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import agreement_job
+from helpers import jobs
+from helpers.checks import (
+    assert_identical,
+    check_guarded,
+    guarded_plan,
+    plain_loaded,
+    reports,
+    run,
+    tensors,
+    written_chunks,
+)
 
 from gpuguard import CheckpointStore
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SKIPPED = jobs.checkpoint_id(21)
 
 
-def run(world: int, plan: list[dict[str, Any]], out: Path, *, dying: tuple[int, ...] = ()) -> None:
-    """Run ``plan`` on ``world`` gloo ranks; the ranks in ``dying`` are expected to be killed."""
-    context = multiprocessing.get_context("spawn")
-    port = _port()
-    procs = [
-        context.Process(target=agreement_job.worker, args=(rank, world, port, plan, str(out)), daemon=True)
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(240)
-    codes = [proc.exitcode for proc in procs]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    errors = "\n".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
-    expected = [None if r in dying else 0 for r in range(world)]
-    assert [None if r in dying else c for r, c in enumerate(codes)] == expected, f"exit codes {codes}\n{errors}"
-    assert all(codes[r] is not None and codes[r] != 0 for r in dying), codes
-
-
-def reports(out: Path, tag: str, world: int, first: int = 0) -> list[dict[str, Any]]:
-    return [json.loads((out / f"{tag}-rank{r}.json").read_text()) for r in range(first, world)]
-
-
-def corrupt(folder: Path, rank: int, world: int) -> None:
-    """Flip one byte in the middle of ``rank``'s tensor file of the checkpoint in ``folder``."""
-    shard = folder / f"rank-{rank:05d}-of-{world:05d}.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-
-
-def check_agreement(tmp_path: Path, world: int) -> None:
-    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    out.mkdir()
-    fallback, broken, empty, reused, crashed = (f"file://{ckpt / n}" for n in ("fb", "bad", "none", "reuse", "crash"))
-    run(
-        world,
-        [
-            {"action": "save_steps", "url": fallback, "steps": [11, 21], "tag": "fb-saved"},
-            {"action": "save_steps", "url": broken, "steps": [5, 6], "tag": "bad-saved"},
-        ],
-        out,
-    )
+def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
+    url = {name: f"file://{ckpt / name}" for name in ("fb", "bad", "none", "wait", "reuse", "crash")}
     last = world - 1
-    corrupt(ckpt / "fb" / agreement_job.checkpoint_id(21), last, world)  # only the last rank's part of step 21
-    corrupt(ckpt / "bad" / agreement_job.checkpoint_id(6), 0, world)
-    corrupt(ckpt / "bad" / agreement_job.checkpoint_id(5), last, world)
-    run(
-        world,
-        [
-            {"action": "resume", "url": fallback, "tag": "fb"},
-            {"action": "resume", "url": broken, "tag": "bad"},
-            {"action": "resume", "url": empty, "tag": "none"},
-            {"action": "committer_dies", "url": crashed, "step": 9, "tag": "dies"},
-        ],
-        out,
-        dying=(0,),
-    )
-    run(
-        world,
-        [
-            {"action": "retry_after_crash", "url": crashed, "step": 9, "tag": "retry"},
-            {"action": "wait_then_load", "url": f"file://{ckpt / 'wait'}", "trials": 3, "tag": "wait"},
-            {"action": "reuse", "url": reused, "tag": "reuse"},
-        ],
-        out,
-    )
-    skipped = agreement_job.checkpoint_id(21)
+    return [
+        {"action": "save_steps", "url": url["fb"], "steps": [11, 21], "tag": "fb-saved"},
+        {"action": "save_steps", "url": url["bad"], "steps": [5, 6], "tag": "bad-saved"},
+        {"action": "corrupt", "url": url["fb"], "parts": [[SKIPPED, last]], "tag": "fb"},  # only the last rank's
+        {
+            "action": "corrupt",
+            "url": url["bad"],
+            "parts": [[jobs.checkpoint_id(6), 0], [jobs.checkpoint_id(5), last]],
+            "tag": "bad",
+        },
+        {"action": "resume", "url": url["fb"], "tag": "fb"},
+        {"action": "resume", "url": url["bad"], "tag": "bad"},
+        {"action": "resume", "url": url["none"], "tag": "none"},
+        {"action": "wait_then_load", "url": url["wait"], "trials": 3, "tag": "wait"},
+        {"action": "reuse", "url": url["reuse"], "tag": "reuse"},
+    ]
 
-    # one corrupt part: every rank resumes step 11 (the step after it: 12), each with its own values, and says why
+
+def run_agreement(root: Path, world: int, training: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
+    out, ckpt = root / "out", root / "ckpt"
+    out.mkdir()
+    crashed = f"file://{ckpt / 'crash'}"
+    dies = {"action": "committer_dies", "url": crashed, "step": 9, "tag": "dies"}  # last: rank 0 is gone after it
+    run(world, [*agreement_plan(ckpt, world), *(training or []), dies], out, dying=(0,))
+    run(world, [{"action": "retry_after_crash", "url": crashed, "step": 9, "tag": "retry"}], out)
+    return out, ckpt
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("agreement2")
+    ckpt = root / "ckpt"
+    training = guarded_plan("fsdp", 1, f"file://{ckpt / 'fsdp'}", "fsdp")
+    dptp = str(ckpt / "dptp")
+    training += [
+        {"action": "save", "url": dptp, "layout": "dp_tp", "tp": 1, "steps": 3, "tag": "dptp"},
+        {"action": "load", "url": dptp, "layout": "plain", "tp": 1, "tag": "dptp-to-dp"},
+        {"action": "load", "url": dptp, "layout": "dp_tp", "tp": 1, "tag": "dptp-to-dptp"},
+        {"action": "load", "url": dptp, "layout": "fsdp", "tp": 1, "tag": "dptp-to-fsdp", "groups_reversed": True},
+    ]
+    yield run_agreement(root, 2, training)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def check_fallback(out: Path, world: int) -> None:
+    last = world - 1
     for rank, report in enumerate(reports(out, "fb", world)):
+        # every rank resumes step 11 (the step after it: 12), each with its own values
         assert report["guard"] == {"value": 12} and report["guard_w"] == 100 * 11 + rank, report
         assert report["load"] == {"value": 11} and report["load_w"] == 100 * 11 + rank, report
-        assert report["load_newest"]["error"] == "CheckpointCorruptError", report  # no fallback: every rank raises
-        said = [line for line in report["log"] if skipped in line and f"rank {last}:" in line]
+        assert report["load_newest"]["error"] == "CheckpointCorruptError", report  # without fallback: every rank raises
+        said = [line for line in report["log"] if SKIPPED in line and f"rank {last}:" in line]
         assert said and "fails its checksum" in said[0], report["log"]
-        assert any(f"every rank loads {agreement_job.checkpoint_id(11)}" in line for line in report["log"])
-    # nothing loadable on every rank: every rank raises, none starts at 0
-    for report in reports(out, "bad", world):
+        assert any(f"every rank loads {jobs.checkpoint_id(11)}" in line for line in report["log"]), report["log"]
+    for report in reports(out, "bad", world):  # nothing loadable on every rank: every rank raises, none starts at 0
         assert report["guard"]["error"] == "CheckpointCorruptError", report
         assert "no checkpoint could be loaded on every rank" in report["guard"]["message"]
         assert report["load"]["error"] == "CheckpointCorruptError"
-    # no checkpoint anywhere: every rank starts at 0
-    for report in reports(out, "none", world):
+    for report in reports(out, "none", world):  # no checkpoint anywhere: every rank starts at 0
         assert report["guard"] == {"value": 0} and report["load"]["error"] == "CheckpointNotFoundError"
 
-    # the committing rank was killed: no other rank reports success
-    for report in reports(out, "dies", world, first=1):
-        assert report.get("error") == "CommitError" and "no manifest within" in report["message"], report
-    # the next launch reuses that id: it commits its own files whole, and every rank loads them
-    for rank, report in enumerate(reports(out, "retry", world)):
-        assert report["committed"] == agreement_job.checkpoint_id(9, "dead") and report["loaded"] == 9
-        assert report["w"] == 100 * 9 + rank
-    assert reports(out, "retry", world)[0]["verify_ok"] is True
-    # wait() then load() on every rank gives the new step, in every trial
-    for rank, report in enumerate(reports(out, "wait", world)):
+
+def check_commits(out: Path, ckpt: Path, world: int) -> None:
+    for rank, report in enumerate(reports(out, "wait", world)):  # wait() then load() gives the new step
         for trial, got in enumerate(report["trials"]):
             assert got["waited"] == [10 * trial + 1, 10 * trial + 2] and got["loaded"] == 10 * trial + 2, report
             assert got["w"] == 100 * (10 * trial + 2) + rank
-    # a committed id is refused on every rank; what was committed stays and loads
-    for rank, report in enumerate(reports(out, "reuse", world)):
+    for report in reports(out, "dies", world, first=1):  # the committing rank was killed: nobody succeeds
+        assert report.get("error") == "CommitError" and "no manifest within" in report["message"], report
+
+
+def check_ids(out: Path, ckpt: Path, world: int) -> None:
+    for rank, report in enumerate(reports(out, "reuse", world)):  # a committed id is refused on every rank
         assert report["again"]["error"] == "CheckpointExistsError" and "already committed" in report["again"]["message"]
         assert report["loaded"] == 5 and report["w"] == 100 * 5 + rank
-    with CheckpointStore(reused) as store:
+    with CheckpointStore(f"file://{ckpt / 'reuse'}") as store:
         assert store.verify().ok
+    for rank, report in enumerate(reports(out, "retry", world)):  # the relaunch commits its own files whole
+        assert report["committed"] == jobs.checkpoint_id(9, "dead") and report["loaded"] == 9
+        assert report["w"] == 100 * 9 + rank
+    assert reports(out, "retry", world)[0]["verify_ok"] is True
 
 
-def test_every_rank_agrees_on_resume_commit_and_ids_two_ranks(tmp_path: Path) -> None:
-    check_agreement(tmp_path, 2)
+def test_one_corrupt_part_every_rank_resumes_the_same_older_step(two_ranks: tuple[Path, Path]) -> None:
+    check_fallback(two_ranks[0], 2)
+
+
+def test_wait_means_committed_on_every_rank(two_ranks: tuple[Path, Path]) -> None:
+    check_commits(two_ranks[0], two_ranks[1], 2)
+
+
+def test_committed_ids_are_immutable_and_attempts_unique(two_ranks: tuple[Path, Path]) -> None:
+    check_ids(two_ranks[0], two_ranks[1], 2)
+
+
+def test_fsdp2_trains_under_the_guard_and_resumes_bitwise(two_ranks: tuple[Path, Path]) -> None:
+    out, ckpt = two_ranks
+    check_guarded(out, ckpt / "fsdp", "fsdp", 2)
+
+
+def test_dp_tp_writes_each_chunk_once_and_reshards_bitwise(two_ranks: tuple[Path, Path]) -> None:
+    out, ckpt = two_ranks
+    written = written_chunks(ckpt / "dptp")
+    assert written, "the TP weights are DTensors"
+    for name, chunks in written.items():
+        assert len(chunks) == len(set(chunks)), f"{name} written {len(chunks)} times: {chunks}"
+    saved = tensors(out, "dptp-saved")
+    for tag in ("dptp-to-dp", "dptp-to-dptp", "dptp-to-fsdp"):
+        assert_identical(saved, tensors(out, f"{tag}-loaded"))
+        assert [i["step"] for i in reports(out, f"{tag}-loaded", 2)] == [3, 3]
+    assert_identical(tensors(out, "dptp-after"), tensors(out, "dptp-to-dptp-after"))  # continues bitwise
+    assert_identical(saved, plain_loaded(str(ckpt / "dptp")))  # 2 → 1 process
 
 
 @pytest.mark.slow
-def test_every_rank_agrees_on_resume_commit_and_ids_four_ranks(tmp_path: Path) -> None:
-    check_agreement(tmp_path, 4)
+def test_every_rank_agrees_four_ranks(tmp_path: Path) -> None:
+    out, ckpt = run_agreement(tmp_path, 4)
+    check_fallback(out, 4)
+    check_commits(out, ckpt, 4)
+    check_ids(out, ckpt, 4)
 
 
 @pytest.mark.slow
