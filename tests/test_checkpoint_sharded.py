@@ -154,7 +154,7 @@ def test_each_replica_chunk_is_written_once_with_its_global_offsets(runs: tuple[
     assert sorted(written["model/w1"]) == [([0, 0], [5, 5]), ([0, 5], [5, 4])]
     assert sorted(written["model/w2"]) == [([0], [5]), ([5], [4])]
     assert written["model/b"] == [([0], [3])]  # fully replicated: one copy in all
-    assert sorted(written["optimizer/state/0/exp_avg"]) == sorted(written["model/w0"])
+    assert sorted(written["optimizer/state/model.w0/exp_avg"]) == sorted(written["model/w0"])  # by parameter name
 
 
 def test_a_flipped_byte_in_a_chunk_fails_the_load_naming_shard_and_tensor(

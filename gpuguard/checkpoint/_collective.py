@@ -31,6 +31,10 @@ class RankGroup(Protocol):
         """``value`` (JSON-able) from every rank, in rank order. A collective."""
         ...
 
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        """A few int64 values from every rank (the same count on each), in rank order: one collective."""
+        ...
+
 
 class _Solo:
     rank = 0
@@ -38,6 +42,9 @@ class _Solo:
 
     def all_gather(self, value: Any) -> list[Any]:
         return [json.loads(json.dumps(value))]  # the same copy semantics as the collective
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [[int(v) for v in values]]
 
 
 class TorchGroup:
@@ -71,6 +78,12 @@ class TorchGroup:
             host = tensor[:n].cpu().contiguous()
             out.append(json.loads(ctypes.string_at(host.data_ptr(), n) if n else b"null"))
         return out
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        mine = torch.tensor(values, dtype=torch.int64, device=self._device)
+        everyone = [torch.empty_like(mine) for _ in range(self.size)]
+        self._dist.all_gather(everyone, mine, group=self._group)
+        return [[int(v) for v in t.tolist()] for t in everyone]
 
 
 solo: RankGroup = _Solo()

@@ -133,15 +133,16 @@ class Saver:
         if group is None or group.size == 1 or not collective:
             return (default_attempt() if attempt is None else attempt), set(specs)
         held = _sharding.held(specs)
-        first = group.all_gather({"token": secrets.token_hex(8), "held": _sharding.fingerprint(held)})
-        key = tuple(int(entry["held"]) for entry in first)
+        # One collective of two int64 per rank in the steady state (it synchronises the ranks, like any).
+        first = group.all_gather_ints([secrets.randbits(63), _sharding.fingerprint(held)])
+        key = tuple(fingerprint for _, fingerprint in first)
         writes = self._writers.get(key)
         if writes is None:
             writes = _sharding.assign_writers(group.all_gather(held))[group.rank]
             if len(self._writers) > 8:  # layouts change rarely; keep the cache small
                 self._writers.clear()
             self._writers[key] = writes
-        return (str(first[0]["token"]) if attempt is None else attempt), writes
+        return (f"{first[0][0]:016x}" if attempt is None else attempt), writes
 
     def save(
         self,
@@ -324,9 +325,10 @@ class Saver:
                 name,
                 attempt=meta["attempt"],
                 timeout_s=meta["commit_timeout_s"] + max(took, self.storage.retry.deadline_s),
+                world_size=world_size,
             )
         except BaseException as exc:
-            if rank == 0 and world_size > 1 and posted:
+            if rank == 0 and world_size > 1 and not isinstance(exc, CheckpointExistsError):
                 self.committer.note_failure(name, meta["attempt"], exc)  # the other ranks stop waiting
             if not (posted and rank != 0):
                 self._abort(name, rank, world_size, lease, exc)
