@@ -5,8 +5,11 @@ One job of two ranks (a module fixture: one process group, then one more for the
 - one corrupt rank part: every rank resumes the same older step (``Guard.resume()`` and
   ``CheckpointStore.load``), and every rank says which checkpoint it skipped, whose part and why; nothing
   loadable on every rank: every rank raises; nothing at all: every rank starts at 0;
-- ``wait()`` means committed on every rank: after waiting on two saves every rank loads the newer one; a
-  rank whose committing rank was killed never reports success;
+- ``wait()`` means committed on every rank: after waiting on two saves every rank loads the newer one; with
+  the committing rank late, the others' ``wait()`` returns once the manifest is there; a rank whose
+  committing rank was killed never reports success;
+- ranks that hold only empty pieces of a DTensor (one element over every rank) take part in ``prepare``'s
+  agreement like the others (otherwise the job hangs), and save and load with them;
 - a committed checkpoint is immutable, and a relaunch that reuses a crashed save's id commits its own files;
 - FSDP2 (a GPT with tied embeddings, AdamW) trained 50 steps under the Guard with periodic checkpoints and
   an emergency one, resumed: bitwise the run that was never interrupted;
@@ -42,7 +45,8 @@ SKIPPED = jobs.checkpoint_id(21)
 
 
 def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
-    url = {name: f"file://{ckpt / name}" for name in ("fb", "bad", "none", "wait", "reuse", "crash")}
+    names = ("fb", "bad", "none", "wait", "slow", "reuse", "small")
+    url = {name: f"file://{ckpt / name}" for name in names}
     last = world - 1
     return [
         {"action": "save_steps", "url": url["fb"], "steps": [11, 21], "tag": "fb-saved"},
@@ -58,7 +62,9 @@ def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
         {"action": "resume", "url": url["bad"], "tag": "bad"},
         {"action": "resume", "url": url["none"], "tag": "none"},
         {"action": "wait_then_load", "url": url["wait"], "trials": 3, "tag": "wait"},
+        {"action": "slow_committer", "url": url["slow"], "delay_s": 1.0, "tag": "slow"},
         {"action": "reuse", "url": url["reuse"], "tag": "reuse"},
+        {"action": "prepare_small", "url": url["small"], "tag": "small"},
     ]
 
 
@@ -111,6 +117,8 @@ def check_commits(out: Path, ckpt: Path, world: int) -> None:
         for trial, got in enumerate(report["trials"]):
             assert got["waited"] == [10 * trial + 1, 10 * trial + 2] and got["loaded"] == 10 * trial + 2, report
             assert got["w"] == 100 * (10 * trial + 2) + rank
+    for report in reports(out, "slow", world):  # a late committer: wait() returns once its manifest is there
+        assert report == {"committed": jobs.checkpoint_id(7, "510e"), "manifest_there": True}, report
     for report in reports(out, "dies", world, first=1):  # the committing rank was killed: nobody succeeds
         assert report.get("error") == "CommitError" and "no manifest within" in report["message"], report
 
@@ -127,6 +135,13 @@ def check_ids(out: Path, ckpt: Path, world: int) -> None:
     assert reports(out, "retry", world)[0]["verify_ok"] is True
 
 
+def check_empty_pieces(out: Path, world: int) -> None:
+    for rank, report in enumerate(reports(out, "small", world)):  # prepare, save, load with empty pieces
+        assert report["committed"] == jobs.checkpoint_id(3, "71ce") and report["loaded"] == 3, report
+        assert report["local_numel"] == (1 if rank == 0 else 0) and report["tiny"] == [42.0], report
+        assert report["w"] == 100 * 3 + rank, report
+
+
 def test_one_corrupt_part_every_rank_resumes_the_same_older_step(two_ranks: tuple[Path, Path]) -> None:
     check_fallback(two_ranks[0], 2)
 
@@ -137,6 +152,10 @@ def test_wait_means_committed_on_every_rank(two_ranks: tuple[Path, Path]) -> Non
 
 def test_committed_ids_are_immutable_and_attempts_unique(two_ranks: tuple[Path, Path]) -> None:
     check_ids(two_ranks[0], two_ranks[1], 2)
+
+
+def test_ranks_holding_only_empty_pieces_prepare_and_save_with_the_others(two_ranks: tuple[Path, Path]) -> None:
+    check_empty_pieces(two_ranks[0], 2)
 
 
 def test_fsdp2_trains_under_the_guard_and_resumes_bitwise(two_ranks: tuple[Path, Path]) -> None:
@@ -164,6 +183,7 @@ def test_every_rank_agrees_four_ranks(tmp_path: Path) -> None:
     check_fallback(out, 4)
     check_commits(out, ckpt, 4)
     check_ids(out, ckpt, 4)
+    check_empty_pieces(out, 4)
 
 
 @pytest.mark.slow

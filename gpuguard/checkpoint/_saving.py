@@ -79,8 +79,11 @@ class Saver:
         started = time.perf_counter()
         flat = flatten(state, rng=rng)  # state_dict() runs here, on the calling thread
         rank = process_rank()
+        # With DTensors, the ranks agree on who writes what (a collective): decided on holding DTensors at
+        # all, never on holding non-empty pieces, which differs between ranks (small tensors, many ranks).
+        sharded = _sharding.holds_dtensors(flat)
         specs = _sharding.chunk_specs(flat, rank)  # DTensors → their pieces (refused early if unplaceable)
-        _, writes = self._agree(specs, rank, process_world_size(), None, collective=bool(specs))
+        _, writes = self._agree(specs, rank, process_world_size(), None, sharded=sharded, collective=sharded)
         _sharding.localize(flat, specs, writes)
         # The same metadata as a save's, so that the save finds this very layout.
         layout = _layout.plan(
@@ -106,6 +109,7 @@ class Saver:
         world_size: int,
         attempt: str | None,
         *,
+        sharded: bool,
         collective: bool = True,
     ) -> tuple[str, set[str]]:
         """The save's attempt token and the DTensor chunks this rank writes, the same answer on every rank.
@@ -119,7 +123,7 @@ class Saver:
         every piece it holds.
         """
         group = default_group(world_size) if world_size > 1 else None
-        if specs:
+        if sharded:
             import torch.distributed as dist
 
             live = dist.get_world_size() if dist.is_initialized() else 1
@@ -169,11 +173,12 @@ class Saver:
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
         # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
-        if replicated and _sharding.holds_dtensors(flat):
+        sharded = _sharding.holds_dtensors(flat)
+        if replicated and sharded:
             log.info("replicated=True ignored: the state holds DTensors, whose placements say who writes what")
             replicated = False
         specs = _sharding.chunk_specs(flat, rank)
-        attempt, writes = self._agree(specs, rank, world_size, attempt)
+        attempt, writes = self._agree(specs, rank, world_size, attempt, sharded=sharded)
         chunks = _sharding.localize(flat, specs, writes)
         if replicated and world_size > 1:
             flat.tensors = partition(flat.tensors, rank, world_size)

@@ -156,6 +156,51 @@ def retry_after_crash(out: Path, url: str, step: int, tag: str) -> None:
     _write(out, tag, report)
 
 
+def slow_committer(out: Path, url: str, delay_s: float, tag: str) -> None:
+    """Rank 0 starts its commit ``delay_s`` late: the other ranks' ``wait()`` returns only once the manifest is there."""
+    rank = dist.get_rank()
+    folder = Path(url.removeprefix("file://")) / checkpoint_id(7, "510e")
+    with CheckpointStore(url) as store:
+        if rank == 0:  # this process's committer only: the other ranks run the library as it is
+            gather = store._committer.gather
+
+            def late(*args: Any, **kwargs: Any) -> Any:
+                time.sleep(delay_s)
+                return gather(*args, **kwargs)
+
+            store._committer.gather = late  # type: ignore[method-assign]
+        info = _save(store, 7, token="510e").wait(60)
+        report = {"committed": info.id, "manifest_there": (folder / "MANIFEST.json").exists()}
+    _write(out, tag, report)
+
+
+def prepare_small(out: Path, url: str, tag: str) -> None:
+    """A DTensor of one element over every rank: the ranks past 0 hold only an empty piece of it.
+
+    ``prepare`` (what the Guard runs at its first step) agrees with the other ranks on who writes
+    what whether or not this rank's pieces are empty; then a save and a load on every rank.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    state = {"tiny": distribute_tensor(torch.tensor([42.0]), mesh, [Shard(0)]), "w": values(3, rank)["w"]}
+    with CheckpointStore(url) as store:
+        store.prepare(state)
+        info = store.save(state, 3, rank=rank, world_size=world, checkpoint_id=checkpoint_id(3, "71ce")).wait(60)
+        target = {"tiny": distribute_tensor(torch.zeros(1), mesh, [Shard(0)]), "w": torch.zeros(4096)}
+        step = store.load(target, rank=rank)
+        report = {
+            "committed": info.id,
+            "loaded": step,
+            "local_numel": target["tiny"].to_local().numel(),
+            "tiny": target["tiny"].full_tensor().tolist(),
+            "w": float(target["w"][0]),
+        }
+    _write(out, tag, report)
+
+
 def corrupt(out: Path, url: str, parts: list[list[Any]], tag: str) -> None:
     """Rank 0 flips one byte in the middle of each (checkpoint id, rank) part's tensor file."""
     if dist.get_rank() != 0:
@@ -277,6 +322,8 @@ ACTIONS = {
     "reuse": reuse,
     "committer_dies": committer_dies,
     "retry_after_crash": retry_after_crash,
+    "slow_committer": slow_committer,
+    "prepare_small": prepare_small,
 }
 
 
