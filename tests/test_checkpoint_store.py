@@ -171,7 +171,7 @@ def test_bad_keep_is_refused() -> None:
 def test_load_with_nothing_committed(store: CheckpointStore) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
         store.load({"w": torch.zeros(1)})
-    with pytest.raises(CheckpointNotFoundError):
+    with pytest.raises(CheckpointNotFoundError, match="step-000000000001-0123abcd"):
         store.load({"w": torch.zeros(1)}, "step-000000000001-0123abcd")
 
 

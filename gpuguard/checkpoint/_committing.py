@@ -15,9 +15,10 @@ from gpuguard._version import __version__
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._manifest import COMMIT_FAILED, MANIFEST, Manifest, ShardRecord, shard_record_file
+from gpuguard.checkpoint._pending import CommitGate
 from gpuguard.checkpoint._sharding import tiling_problems
 from gpuguard.checkpoint._storage import Storage
-from gpuguard.errors import CheckpointCorruptError, CheckpointExistsError, CommitError, StorageError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError, CommitError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -42,8 +43,11 @@ class Committer:
         timeout_s: float = 600.0,
         attempt: str = "",
         lease: leases.Lease | None = None,
+        gate: CommitGate | None = None,
     ) -> CheckpointInfo:
         """Wait for every rank's record of this ``attempt``, then commit (rank 0 of a multi-rank save).
+
+        A ``gate`` closed meanwhile (the save was abandoned) ends the wait: nothing is committed.
 
         A record from another attempt (a crashed run that used the same checkpoint id) is not this
         save's: it is never committed over, and the wait goes on for the record of this attempt.
@@ -70,6 +74,8 @@ class Committer:
                     continue
             if len(records) == world_size:
                 break
+            if gate is not None and gate.closed:
+                raise CheckpointError(f"{checkpoint_id}: abandoned (its deadline passed) while waiting for every rank")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(records))
                 why = "".join(
@@ -86,6 +92,8 @@ class Committer:
             "layout": layout,
             "attempt": attempt,
         }
+        if gate is not None and not gate.enter():
+            raise CheckpointError(f"{checkpoint_id}: abandoned (its deadline passed) before its commit: not committed")
         return self.commit(checkpoint_id, step, world_size, records, meta, lease=lease)
 
     def commit(

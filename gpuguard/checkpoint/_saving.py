@@ -33,11 +33,11 @@ from gpuguard.checkpoint._manifest import (
     state_file,
 )
 from gpuguard.checkpoint._owners import owned_by, partition
-from gpuguard.checkpoint._pending import PendingSave
+from gpuguard.checkpoint._pending import CommitGate, PendingSave
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
-from gpuguard.errors import CheckpointCorruptError, CheckpointExistsError, ConfigError, StorageError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError, ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -62,6 +62,7 @@ class Saver:
         self.last_step_wait_s = 0.0
         # Who writes which DTensor chunk, by every rank's fingerprint of what it holds (see `_agree`).
         self._writers: dict[tuple[int, ...], set[str]] = {}
+        self.prepared_bytes = 0
 
     def in_flight(self) -> set[str]:
         with self._lock:
@@ -90,6 +91,7 @@ class Saver:
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
             metadata={"format": "pt", "gpuguard": __version__},
         )
+        self.prepared_bytes = layout.data_bytes  # for estimating a save's time (the guard's deadline check)
         pin = _wants_pinned(flat)
         if not background:
             return self._staging.prepare(layout, pin=pin).alloc_s
@@ -191,7 +193,7 @@ class Saver:
         readiness = Readiness(layout.data_bytes)
         with self._lock:
             self._in_flight.add(name)
-        meta = {
+        meta: dict[str, Any] = {
             "reason": reason,
             "evidence": dict(evidence or {}),
             "extra": dict(extra or {}),
@@ -207,6 +209,7 @@ class Saver:
         # CI machine that made the stall of 1 GiB 1.19x a bare memory copy instead of 1.34x (medians of 8
         # alternating saves), with time to durable unchanged: the disk, not the copy, bounds it.
         meta["after_snapshot"] = not on_gpu
+        gate = meta["gate"] = CommitGate()
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         future.add_done_callback(lambda _: self._finish(name))
         try:
@@ -219,7 +222,7 @@ class Saver:
             readiness.fail(exc)
             raise
         stall = time.perf_counter() - started
-        return PendingSave(name, step, future, stall, started)
+        return PendingSave(name, step, future, stall, started, gate)
 
     def _hold_steps(
         self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
@@ -290,7 +293,7 @@ class Saver:
                 if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
                     args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
                     blocks = self.storage.submit(_sharding.block_checksums, *args)
-                record = self._write_files(name, rank, world_size, buffer, readiness, tree)
+                record = self._write_files(name, rank, world_size, buffer, readiness, tree, meta["gate"])
                 if blocks is not None:
                     described = _sharding.chunk_records(
                         buffer.layout, meta["chunks"], blocks.result(), _sharding.BLOCK_BYTES
@@ -301,7 +304,14 @@ class Saver:
                     readiness.wait(readiness.total)
                 self._staging.release(buffer)
             if world_size == 1:
+                _enter(meta["gate"], name)
                 return self.committer.commit(name, step, 1, {0: record}, meta, lease=lease)
+            if rank != 0:
+                # This rank's record is its part of the commit: the committing rank commits only with every
+                # rank's record. So a save abandoned here never commits on any rank (its record never comes),
+                # and once the record is out, `abandon()` says the commit has begun and `wait()` tells how it
+                # ended (the committing rank's own gate, or its failure note, decides).
+                _enter(meta["gate"], name)
             done = {"attempt": meta["attempt"], "record": record.to_dict()}
             self.storage.put_atomic(
                 self.storage.path(name, shard_record_file(rank, world_size)),
@@ -321,6 +331,7 @@ class Saver:
                     timeout_s=meta["commit_timeout_s"],
                     attempt=meta["attempt"],
                     lease=lease,
+                    gate=meta["gate"],
                 )
             # Success here means committed: the manifest of this very save is there to read. The
             # committing rank may be as slow to write its own files as this one was: it gets that long
@@ -370,14 +381,27 @@ class Saver:
             log.warning("could not clean up after the failed save %s (%s); a prune collects it later", name, cleanup)
 
     def _write_files(
-        self, name: str, rank: int, world_size: int, buffer: StagingBuffer, readiness: Readiness, tree: bytes
+        self,
+        name: str,
+        rank: int,
+        world_size: int,
+        buffer: StagingBuffer,
+        readiness: Readiness,
+        tree: bytes,
+        gate: CommitGate,
     ) -> ShardRecord:
         layout = buffer.layout
+
+        def ready(end: int) -> None:  # called before each part: an abandoned save stops writing
+            if gate.closed:
+                raise CheckpointError(f"save {name} abandoned (its deadline passed): not written further")
+            readiness.wait(end)
+
         data = buffer.memoryview()
         shard_path = self.storage.path(name, shard_file(rank, world_size))
         # Checksums run on the I/O pool beside the writes: crc32c releases the GIL.
         checksums = self.storage.submit(_tensor_checksums, layout, data, readiness)
-        self.storage.write_shard(shard_path, layout.header, data, readiness.wait)
+        self.storage.write_shard(shard_path, layout.header, data, ready)
         tensor_crcs = checksums.result()
         shard_crc = crc32c(layout.header)
         for slot in layout.slots:
@@ -400,6 +424,11 @@ class Saver:
             state_bytes=len(tree),
             state_crc32c=crc32c(tree),
         )
+
+
+def _enter(gate: CommitGate, name: str) -> None:
+    if not gate.enter():
+        raise CheckpointError(f"save {name} abandoned (its deadline passed) before its commit: not committed")
 
 
 def _wants_pinned(flat: FlatState) -> bool:

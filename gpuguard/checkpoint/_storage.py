@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, is_transient, run_bounded
+from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, from_backend, is_transient, run_bounded
 from gpuguard.errors import StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
@@ -102,7 +102,8 @@ class Storage:
             deadline_s: instead of the policy's.
 
         Raises:
-            StorageError: naming the URL, the operation, the path and how long it tried.
+            StorageError: naming the URL, the operation, the path and how long it tried, for what storage
+                backends raise (`from_backend`); anything else (a bug) goes through untouched.
         """
         budget = deadline_s if deadline_s is not None else self.retry.deadline_for(nbytes)
         started = time.monotonic()
@@ -126,6 +127,8 @@ class Storage:
                     what, path, f"no answer within the {budget:.1f}s deadline", exc, started, attempts, timed_out=True
                 ) from None
             except Exception as exc:
+                if not from_backend(exc):
+                    raise  # a bug, not a storage failure: it keeps its type and its traceback
                 transient = is_transient(exc)
                 delay = next(delays, None) if transient else None
                 remaining = budget - (time.monotonic() - started)

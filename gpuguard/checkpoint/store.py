@@ -17,6 +17,7 @@ from gpuguard.checkpoint._collective import TorchGroup, solo
 from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pending import PendingSave, SaveTimings
+from gpuguard.checkpoint._probe import measure_write_rate
 from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
 from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
@@ -108,6 +109,16 @@ class CheckpointStore:
             The seconds the calling thread spent.
         """
         return self._saver.prepare(state, rng=rng, background=background)
+
+    @property
+    def prepared_bytes(self) -> int:
+        """Tensor bytes of this rank's shard, as the last `prepare` laid it out (0 before one)."""
+        return self._saver.prepared_bytes
+
+    def measure_write_rate(self, nbytes: int) -> float:
+        """Bytes per second this store takes ``nbytes`` durably, written as a shard is (a probe file
+        under the store's URL, removed afterwards). For estimating a save's time before one is needed."""
+        return measure_write_rate(self.storage, nbytes)
 
     def save(
         self,
