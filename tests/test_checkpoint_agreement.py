@@ -10,6 +10,8 @@ One job of two ranks (a module fixture: one process group, then one more for the
   committing rank was killed never reports success;
 - ranks that hold only empty pieces of a DTensor (one element over every rank) take part in ``prepare``'s
   agreement like the others (otherwise the job hangs), and save and load with them;
+- ``PendingSave.abandon()`` (the preemption deadline's) on one rank: a save it says will not commit
+  commits on no rank, and one whose commit had begun anywhere is not called abandoned on any rank;
 - a committed checkpoint is immutable, and a relaunch that reuses a crashed save's id commits its own files;
 - FSDP2 (a GPT with tied embeddings, AdamW) trained 50 steps under the Guard with periodic checkpoints and
   an emergency one, resumed: bitwise the run that was never interrupted;
@@ -45,7 +47,7 @@ SKIPPED = jobs.checkpoint_id(21)
 
 
 def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
-    names = ("fb", "bad", "none", "wait", "slow", "reuse", "small")
+    names = ("fb", "bad", "none", "wait", "slow", "reuse", "small", "abandon")
     url = {name: f"file://{ckpt / name}" for name in names}
     last = world - 1
     return [
@@ -65,6 +67,7 @@ def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
         {"action": "slow_committer", "url": url["slow"], "delay_s": 1.0, "tag": "slow"},
         {"action": "reuse", "url": url["reuse"], "tag": "reuse"},
         {"action": "prepare_small", "url": url["small"], "tag": "small"},
+        {"action": "abandon", "url": url["abandon"], "tag": "abandon"},
     ]
 
 
@@ -142,6 +145,27 @@ def check_empty_pieces(out: Path, world: int) -> None:
         assert report["w"] == 100 * 3 + rank, report
 
 
+def check_abandon(out: Path, world: int) -> None:
+    """When any rank's ``abandon()`` says a save will not commit, no rank commits it; every rank agrees."""
+    got = reports(out, "abandon", world)
+    posted, held, committer = (jobs.checkpoint_id(s) for s in (2, 3, 4))
+    for rank, report in enumerate(got):
+        assert report["posted"] == {"value": posted}, report  # committed: the last rank's abandon() said so
+        if rank == world - 1:
+            assert report["posted_abandon"] is False and report["held_abandon"] is True, report
+            assert report["held"]["error"] == "CheckpointError" and "abandoned" in report["held"]["message"]
+        elif rank == 0:  # did not abandon: its commit waited for the abandoned rank's record, in vain
+            assert report["held"]["error"] == "TimeoutError" and f"rank(s) [{world - 1}]" in report["held"]["message"]
+        else:  # the others' wait() for the manifest: the committing rank's failure note
+            assert report["held"]["error"] == "CommitError", report
+        assert report["committer_abandon"] is (rank == 0), report  # elsewhere the record was out: committing
+        assert report["committer"]["error"] == ("CheckpointError" if rank == 0 else "CommitError"), report
+        assert "abandoned" in report["committer"]["message"], report
+        assert report["manifests"] == [jobs.checkpoint_id(1), posted], report  # neither held nor committer
+        assert report["loaded"] == 2 and report["w"] == 100 * 2 + rank, report
+    assert held not in got[0]["manifests"] and committer not in got[0]["manifests"]
+
+
 def test_one_corrupt_part_every_rank_resumes_the_same_older_step(two_ranks: tuple[Path, Path]) -> None:
     check_fallback(two_ranks[0], 2)
 
@@ -156,6 +180,10 @@ def test_committed_ids_are_immutable_and_attempts_unique(two_ranks: tuple[Path, 
 
 def test_ranks_holding_only_empty_pieces_prepare_and_save_with_the_others(two_ranks: tuple[Path, Path]) -> None:
     check_empty_pieces(two_ranks[0], 2)
+
+
+def test_an_abandoned_save_never_commits_on_any_rank(two_ranks: tuple[Path, Path]) -> None:
+    check_abandon(two_ranks[0], 2)
 
 
 def test_fsdp2_trains_under_the_guard_and_resumes_bitwise(two_ranks: tuple[Path, Path]) -> None:
@@ -184,6 +212,7 @@ def test_every_rank_agrees_four_ranks(tmp_path: Path) -> None:
     check_commits(out, ckpt, 4)
     check_ids(out, ckpt, 4)
     check_empty_pieces(out, 4)
+    check_abandon(out, 4)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -174,6 +175,88 @@ def slow_committer(out: Path, url: str, delay_s: float, tag: str) -> None:
     _write(out, tag, report)
 
 
+def _until(done: Any, what: str) -> None:
+    limit = time.monotonic() + 120  # a guard against hangs, not a timing: each wait is on an event
+    while not done():
+        assert time.monotonic() < limit, f"never: {what}"
+        time.sleep(0.01)
+
+
+def abandon(out: Path, url: str, tag: str) -> None:
+    """``abandon()`` on one rank of a multi-rank save: when it says the save will not commit, no rank commits it.
+
+    - ``posted``: the last rank abandons after its record is out, the committing rank starts its commit only
+      then: ``abandon()`` says the commit has begun (False), and every rank's ``wait()`` gives the checkpoint;
+    - ``held``: the last rank abandons while its writer is held before its files: True, and the committing
+      rank, which did not abandon, never commits (its wait for the record times out);
+    - ``committer``: rank 0 abandons once its own record is out, before its commit: True; the others' ``wait()`` raises (the failure
+      note), and their ``abandon()`` afterwards says the commit had begun there (their record was out).
+
+    Afterwards every rank loads the newest committed step, the ``posted`` one.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    last = world - 1
+    root = Path(url.removeprefix("file://"))
+    go = out / f"{tag}-go"
+    report: dict[str, Any] = {}
+    with CheckpointStore(url, keep=100) as store:
+        _save(store, 1).wait(60)
+        gather = store._committer.gather
+
+        def after_go(*args: Any, **kwargs: Any) -> Any:  # rank 0's commit starts once the test says go
+            _until(go.exists, "go")
+            return gather(*args, **kwargs)
+
+        # posted
+        if rank == 0:
+            store._committer.gather = after_go  # type: ignore[method-assign]
+        pending = _save(store, 2)
+        if rank == last:
+            record = root / checkpoint_id(2) / f"rank-{last:05d}-of-{world:05d}.done.json"
+            _until(record.exists, "the record")
+            report["posted_abandon"] = pending.abandon()
+            go.touch()
+        report["posted"] = _outcome(lambda: pending.wait(60).id)
+        store._committer.gather = gather  # type: ignore[method-assign]
+        dist.barrier()
+        go.unlink(missing_ok=True)
+        dist.barrier()
+        # held
+        write_files, release = store._saver._write_files, threading.Event()
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            release.wait(120)
+            return write_files(*args, **kwargs)
+
+        if rank == last:
+            store._saver._write_files = held  # type: ignore[method-assign]
+        pending = _save(store, 3, commit_timeout_s=1.0)
+        if rank == last:
+            report["held_abandon"] = pending.abandon()
+            release.set()
+        report["held"] = _outcome(lambda: pending.wait(60).id)
+        store._saver._write_files = write_files  # type: ignore[method-assign]
+        dist.barrier()
+        # committer
+        if rank == 0:
+            store._committer.gather = after_go  # type: ignore[method-assign]
+        pending = _save(store, 4)
+        if rank == 0:
+            _until((root / checkpoint_id(4) / f"rank-00000-of-{world:05d}.done.json").exists, "rank 0's record")
+            report["committer_abandon"] = pending.abandon()
+            go.touch()
+        report["committer"] = _outcome(lambda: pending.wait(60).id)
+        if rank != 0:
+            report["committer_abandon"] = pending.abandon()
+        store._committer.gather = gather  # type: ignore[method-assign]
+        dist.barrier()
+        report["manifests"] = sorted(p.parent.name for p in root.glob("*/MANIFEST.json"))
+        target: dict[str, Any] = {"w": torch.zeros(4096), "step": -1}
+        report["loaded"] = store.load(target, rank=rank)
+        report["w"] = float(target["w"][0])
+    _write(out, tag, report)
+
+
 def prepare_small(out: Path, url: str, tag: str) -> None:
     """A DTensor of one element over every rank: the ranks past 0 hold only an empty piece of it.
 
@@ -324,6 +407,7 @@ ACTIONS = {
     "retry_after_crash": retry_after_crash,
     "slow_committer": slow_committer,
     "prepare_small": prepare_small,
+    "abandon": abandon,
 }
 
 
