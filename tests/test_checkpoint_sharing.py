@@ -15,7 +15,7 @@ import torch
 from helpers import gated_fs
 from helpers.gated_fs import GatedFileSystem
 
-from gpuguard import CheckpointStore, StorageError
+from gpuguard import CheckpointStore, CommitError, StorageError
 
 from conftest import ROOT, TESTS
 
@@ -79,9 +79,12 @@ def test_a_commit_never_resurrects_a_removed_folder(tmp_path: Path) -> None:
         while not (folder / "rank-00000-of-00002.done.json").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         shutil.rmtree(folder)  # another process collected it (say its lease had expired)
-        assert rank1.save({"w": torch.ones(8)}, step=3, rank=1, world_size=2, checkpoint_id=name).wait(30) is None
+        second = rank1.save({"w": torch.ones(8)}, step=3, rank=1, world_size=2, checkpoint_id=name)
         with pytest.raises(StorageError, match=r"lease .* is gone|is missing"):
             first.wait(30)
+        # rank 1 never reports success for a save rank 0 could not commit: rank 0 told it why
+        with pytest.raises(CommitError, match=r"not committed: the committing rank failed: StorageError"):
+            second.wait(30)
         assert not (folder / "MANIFEST.json").exists()
         assert rank0.list() == []
 
@@ -91,8 +94,17 @@ def test_a_stale_rank_record_from_another_attempt_is_refused() -> None:
     name = "step-000000000007-0000beef"
     with CheckpointStore(url) as rank0, CheckpointStore(url) as rank1:
         # attempt "a": rank 1 finished, rank 0 crashed before committing
-        old = rank1.save({"w": torch.full((4,), 1.0)}, step=7, rank=1, world_size=2, checkpoint_id=name, attempt="a")
-        assert old.wait() is None
+        old = rank1.save(
+            {"w": torch.full((4,), 1.0)},
+            step=7,
+            rank=1,
+            world_size=2,
+            checkpoint_id=name,
+            attempt="a",
+            commit_timeout_s=0.2,
+        )
+        with pytest.raises(CommitError, match="no manifest within"):  # rank 0 of attempt a is gone
+            old.wait(30)
         # attempt "b" reuses the id; rank 0 alone must not commit over attempt a's record
         alone = rank0.save(
             {"w": torch.full((4,), 2.0)},
@@ -117,9 +129,8 @@ def test_a_stale_rank_record_from_another_attempt_is_refused() -> None:
             commit_timeout_s=30,
         )
         second = rank1.save({"w": torch.full((4,), 3.0)}, step=7, rank=1, world_size=2, checkpoint_id=name, attempt="c")
-        assert second.wait(30) is None
         info = first.wait(30)
-        assert info is not None and info.id == name
+        assert info.id == name and second.wait(30) == info
         assert rank0.verify(name).ok
         target = {"w": torch.zeros(4)}
         rank1.load(target, rank=1, world_size=2)

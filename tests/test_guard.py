@@ -141,6 +141,33 @@ def test_the_training_thread_makes_no_nvml_call_after_start(tmp_path: Any) -> No
     assert callers <= {"gpuguard-nvml-poll", "gpuguard-nvml-events"}
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["snapshot", "overlapped"])
+def test_state_dict_and_its_hooks_run_only_on_the_training_thread(tmp_path: Any, overlap: bool) -> None:
+    """FSDP2 swaps parameters in its state-dict hooks: run off the training thread while it computes, they
+    crashed training (issue 17). Every state_dict()/load_state_dict() of the guard's runs on the loop's thread."""
+    state, nvml = make_state(), fake({"at": 4.0, "gpu": 0, "xid": 48})
+    threads: list[str] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        threads.append(threading.current_thread().name)
+
+    state["model"].register_state_dict_pre_hook(record)
+    state["model"].register_load_state_dict_pre_hook(record)
+    state["optimizer"].register_state_dict_pre_hook(record)
+    state["optimizer"].register_load_state_dict_pre_hook(record)
+    settings: dict[str, Any] = {"checkpoint_every_steps": 5, "checkpoint_every_s": 0, "overlap_snapshot": overlap}
+    with pytest.raises(Evacuation) as caught, guard_for(f"file://{tmp_path}", state, nvml, **settings) as guard:
+        assert guard.resume() == 0
+        train(guard, state, nvml, steps=100)
+    resumed = fresh_like()
+    for hooked in (resumed["model"], resumed["optimizer"]):
+        hooked.register_load_state_dict_pre_hook(record)
+    with guard_for(f"file://{tmp_path}", resumed, fake(), **settings) as guard:
+        assert guard.resume() == caught.value.step + 1
+    # prepare, periodic saves, the emergency save and the resume: each walked the state on this thread
+    assert len(threads) >= 8 and set(threads) == {threading.current_thread().name}, threads
+
+
 def test_a_failed_emergency_checkpoint_still_leaves(tmp_path: Any) -> None:
     flaky_fs.reset()
     state, nvml = make_state(), fake({"at": 1.0, "gpu": 0, "xid": 48})

@@ -18,6 +18,7 @@ import torch
 
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._loading import Loader
+from gpuguard.checkpoint._optim_names import encoded_in_saved_order
 from gpuguard.checkpoint._tree import RNG_KEY, decode
 from gpuguard.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
@@ -66,7 +67,12 @@ def export(
     if not 0 <= rank < manifest.world_size:
         raise ConfigError("rank", rank, f"from 0 to {manifest.world_size - 1}: {manifest.id} has that many ranks")
     doc, tensors = loader.read_whole(manifest, rank)
-    state = {k: decode(v, tensors) for k, v in doc.tree.items()}
+    # Optimizer state keyed by parameter name (see _optim_names) is exported in the saving optimizer's
+    # own numbering, which torch's load_state_dict and DCP read.
+    tree = dict(doc.tree)
+    for name in list(tree):
+        tree[name], tensors = encoded_in_saved_order(name, tree[name], tensors)
+    state = {k: decode(v, tensors) for k, v in tree.items()}
     names = list(tensors)
     prefix = ""
     if key is not None:
@@ -78,7 +84,7 @@ def export(
     if to == "torch":
         torch.save(_loadable(state), out)
     elif to == "safetensors":
-        _save_safetensors({n[len(prefix) :]: tensors[n] for n in names}, doc.tree, manifest.id, manifest.step, key, out)
+        _save_safetensors({n[len(prefix) :]: tensors[n] for n in names}, tree, manifest.id, manifest.step, key, out)
     else:
         _save_dcp(state if isinstance(state, dict) else {"value": state}, out)
     written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs) if to == "dcp" else 0

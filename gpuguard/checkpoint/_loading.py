@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,8 @@ import torch
 
 from gpuguard.checkpoint import _reading, _reshard
 from gpuguard.checkpoint._catalog import Catalog
+from gpuguard.checkpoint._collective import RankGroup, default_group
+from gpuguard.checkpoint._consensus import agree_newest
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._fit import misfits
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
@@ -22,12 +24,47 @@ from gpuguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
-    CheckpointNotFoundError,
     StorageError,
     UnsupportedStateError,
 )
 
 log = logging.getLogger("gpuguard.checkpoint")
+
+
+@dataclass
+class Completion:
+    """What is left of a verified read once every rank may load: moving the bytes into the live
+    tensors (``finish``), and giving back the staging memory they wait in (``release``)."""
+
+    finish: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+
+    def discard(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
+@dataclass
+class PreparedLoad:
+    """One rank's part of a checkpoint, read and checked, not yet applied to the live state."""
+
+    doc: StateDocument
+    tensors: dict[str, torch.Tensor]
+    strict: bool
+    completion: Completion
+
+    def apply(self, state: MutableMapping[str, Any]) -> None:
+        try:
+            if self.completion.finish is not None:
+                self.completion.finish()
+        finally:
+            self.completion.discard()
+        restore(state, self.doc.tree, self.tensors, self.doc.devices, strict=self.strict, storages=self.doc.storages)
+
+    def discard(self) -> None:
+        """Not applied (another rank could not load this checkpoint): frees what it holds."""
+        self.completion.discard()
 
 
 class Loader:
@@ -49,30 +86,58 @@ class Loader:
         fallback: bool = False,
         strict: bool = True,
         world_size: int | None = None,
+        group: RankGroup | None = None,
     ) -> int:
-        """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API."""
-        if checkpoint_id is not None:
-            candidates = [self.catalog.manifest(checkpoint_id)]
-        else:
-            candidates = list(reversed(self.catalog.manifests()))
-            if not candidates:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.url}")
-        errors = []
-        for manifest in candidates:
-            assert manifest is not None
-            try:
-                self.load_one(manifest, state, rank, strict, _world_size() if world_size is None else world_size)
-                return manifest.step
-            except CheckpointCorruptError as exc:
-                if not fallback:
-                    raise
-                errors.append(f"{manifest.id}: {exc}")
-                log.warning("checkpoint %s is corrupt (%s); falling back to an older one", manifest.id, exc)
-        raise CheckpointCorruptError("every committed checkpoint is corrupt: " + "; ".join(errors))
+        """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API.
+
+        With a ``group`` of several ranks, every rank reads and checks its part of a candidate before
+        any rank changes its state, and all load the newest one every rank could (see `_consensus`).
+        """
+        live_world = _world_size() if world_size is None else world_size
+        group = default_group(live_world) if group is None else group
+
+        def listing() -> list[Manifest]:
+            if checkpoint_id is not None:
+                manifest = self.catalog.manifest(checkpoint_id)
+                assert manifest is not None
+                return [manifest]
+            return list(reversed(self.catalog.manifests()))
+
+        prepared: list[PreparedLoad] = []
+
+        def check(manifest: Manifest) -> PreparedLoad:
+            part = self.prepare_one(manifest, state, rank, strict, live_world)
+            prepared.append(part)
+            return part
+
+        try:
+            agreed = agree_newest(
+                group, listing, check, fallback=fallback, nothing=f"no committed checkpoint under {self.url}"
+            )
+        except BaseException:
+            for part in prepared:
+                part.discard()
+            raise
+        for part in prepared:
+            if part is not agreed.value:
+                part.discard()
+        agreed.value.apply(state)
+        return agreed.candidate.step
 
     def load_one(
         self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
     ) -> None:
+        self.prepare_one(manifest, state, rank, strict, world_size).apply(state)
+
+    def prepare_one(
+        self, manifest: Manifest, state: MutableMapping[str, Any], rank: int, strict: bool, world_size: int
+    ) -> PreparedLoad:
+        """Read and check this rank's part of ``manifest`` against ``state``; changes nothing yet.
+
+        Raises:
+            CheckpointCorruptError: a file or tensor fails its checksum.
+            CheckpointMismatchError: the checkpoint does not fit ``state``.
+        """
         if _reshard.applies(manifest, state):
             # Sharded checkpoints and DTensor state: resharded onto the live sharding, reading only the
             # chunks' byte ranges that overlap this rank's shards.
@@ -80,8 +145,7 @@ class Loader:
             self.last_bytes_read = stats.bytes_read
             doc = self.read_tree(manifest.id, record)
             self._check_fit(manifest, state, doc, tensors, strict)
-            restore(state, doc.tree, tensors, doc.devices, strict=strict, storages=doc.storages)
-            return
+            return PreparedLoad(doc, tensors, strict, Completion())
         records = self._records(manifest, rank, world_size)
         stored: dict[str, tuple[ShardRecord, _reading.StoredTensor]] = {}
         for record in records:  # this rank's file last: its per-rank tensors (RNG states) win
@@ -90,8 +154,8 @@ class Loader:
         doc = self.read_tree(manifest.id, records[-1])
         # Everything that can be checked without the tensors' bytes is, before any is read.
         self._check_fit(manifest, state, doc, {name: t.meta() for name, (_, t) in stored.items()}, strict)
-        tensors = self._read_into(manifest.id, stored, state, doc.devices)
-        restore(state, doc.tree, tensors, doc.devices, strict=strict, storages=doc.storages)
+        tensors, completion = self._read_into(manifest.id, stored, state, doc.devices)
+        return PreparedLoad(doc, tensors, strict, completion)
 
     def _records(self, manifest: Manifest, rank: int, world_size: int) -> list[ShardRecord]:
         """The files an unsharded load reads, this rank's last."""
@@ -131,9 +195,10 @@ class Loader:
         stored: Mapping[str, tuple[ShardRecord, _reading.StoredTensor]],
         state: Mapping[str, Any],
         devices: Mapping[str, str],
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], Completion]:
         """Read every stored tensor, verified, into the memory it ends up in; the live state is written
-        only once every byte has passed its checksum (a corrupt shard changes nothing).
+        only once every byte has passed its checksum (a corrupt shard changes nothing), by the returned
+        `Completion`'s ``finish``, which runs once every rank has verified its part.
 
         Tensors the live state does not hold yet (a fresh optimizer's state, a tensor it lacks) are read
         once into memory the restored state keeps, checksummed on the way; bound for a GPU, they go
@@ -163,10 +228,8 @@ class Loader:
                 first.setdefault(file, []).append(_reading.Target(tensor, device=value))
             tensors[tensor.name] = value
         if self.storage.is_local:
-            self._read_local(checkpoint, stored, in_place, first)
-        else:
-            self._read_staged(checkpoint, stored, in_place, first)
-        return tensors
+            return tensors, self._read_local(checkpoint, stored, in_place, first)
+        return tensors, self._read_staged(checkpoint, stored, in_place, first)
 
     def _read_local(
         self,
@@ -174,7 +237,7 @@ class Loader:
         stored: Mapping[str, tuple[ShardRecord, _reading.StoredTensor]],
         in_place: list[tuple[_reading.StoredTensor, torch.Tensor]],
         first: dict[str, list[_reading.Target]],
-    ) -> None:
+    ) -> Completion:
         for tensor, _ in in_place:  # checksummed only, in the pass that reads the others
             first.setdefault(stored[tensor.name][0].file, []).append(_reading.Target(tensor))
         for file, targets in first.items():
@@ -182,23 +245,30 @@ class Loader:
         second: dict[str, list[_reading.Target]] = {}
         for tensor, target in in_place:
             second.setdefault(stored[tensor.name][0].file, []).append(_target(tensor, host=target))
-        partly = "the live tensors read so far hold part of the checkpoint"
-        try:
-            for file, targets in second.items():
-                _reading.read(self.storage, checkpoint, file, targets)
-        except CheckpointCorruptError as exc:  # it verified a moment ago: something rewrote the file since
-            raise CheckpointCorruptError(
-                f"{exc} (it changed while it was being read: {partly})", shard=exc.shard, tensor=exc.tensor
-            ) from None
-        except StorageError as exc:  # the disk failed between two reads of the same bytes
-            raise StorageError(
-                f"{exc} ({partly})",
-                path=exc.path,
-                transient=exc.transient,
-                operation=exc.operation,
-                elapsed_s=exc.elapsed_s,
-                timed_out=exc.timed_out,
-            ) from exc
+        if not second:
+            return Completion()
+        storage = self.storage
+
+        def finish() -> None:
+            partly = "the live tensors read so far hold part of the checkpoint"
+            try:
+                for file, targets in second.items():
+                    _reading.read(storage, checkpoint, file, targets)
+            except CheckpointCorruptError as exc:  # it verified a moment ago: something rewrote the file since
+                raise CheckpointCorruptError(
+                    f"{exc} (it changed while it was being read: {partly})", shard=exc.shard, tensor=exc.tensor
+                ) from None
+            except StorageError as exc:  # the disk failed between two reads of the same bytes
+                raise StorageError(
+                    f"{exc} ({partly})",
+                    path=exc.path,
+                    transient=exc.transient,
+                    operation=exc.operation,
+                    elapsed_s=exc.elapsed_s,
+                    timed_out=exc.timed_out,
+                ) from exc
+
+        return Completion(finish=finish)
 
     def _read_staged(
         self,
@@ -206,7 +276,7 @@ class Loader:
         stored: Mapping[str, tuple[ShardRecord, _reading.StoredTensor]],
         in_place: list[tuple[_reading.StoredTensor, torch.Tensor]],
         first: dict[str, list[_reading.Target]],
-    ) -> None:
+    ) -> Completion:
         scratch_bytes = sum(_reading.aligned(t.nbytes) for t, _ in in_place)
         lent = self.staging.lend(scratch_bytes) if scratch_bytes else None
         scratch = lent.data[:scratch_bytes] if lent is not None else _reading.fresh_host_bytes(scratch_bytes)
@@ -220,15 +290,21 @@ class Loader:
         try:
             for file, targets in first.items():
                 _reading.read(self.storage, checkpoint, file, targets)
-            host_copy(moves)  # every byte verified: now the live tensors change
-        except StorageError as exc:
-            if lent is not None and exc.timed_out:  # that read may still write into the buffer: never reuse it
-                self.staging.discard(lent)
-                lent = None
-            raise
-        finally:
+        except BaseException as exc:
             if lent is not None:
-                self.staging.release(lent)
+                if isinstance(exc, StorageError) and exc.timed_out:  # that read may still write into the buffer
+                    self.staging.discard(lent)  # never reused
+                else:
+                    self.staging.release(lent)
+            raise
+        staging = self.staging
+
+        def release() -> None:
+            if lent is not None:
+                staging.release(lent)
+
+        # every byte verified: the live tensors change once every rank may load
+        return Completion(finish=lambda: host_copy(moves), release=release)
 
     def read_whole(self, manifest: Manifest, rank: int = 0) -> tuple[StateDocument, dict[str, torch.Tensor]]:
         """Rank ``rank``'s view of a checkpoint into host memory, every tensor whole and verified: a
@@ -241,7 +317,9 @@ class Loader:
         for record in records:
             for tensor in _reading.describe(self.storage, manifest.id, record):
                 stored[tensor.name] = (record, tensor)
-        return self.read_tree(manifest.id, records[-1]), self._read_into(manifest.id, stored, {}, {})
+        tensors, completion = self._read_into(manifest.id, stored, {}, {})  # no live tensor: nothing to finish
+        completion.discard()
+        return self.read_tree(manifest.id, records[-1]), tensors
 
     def check_shard(self, name: str, record: ShardRecord, problems: list[CheckpointCorruptError]) -> None:
         """Re-read a shard and check every checksum, collecting what fails into ``problems`` (verify)."""

@@ -17,6 +17,8 @@ FORMAT: Final = "gpuguard-checkpoint"
 FORMAT_VERSION: Final = 2
 READABLE_VERSIONS: Final = (1, 2)  # format 1 is read into aligned memory, so its misaligned tensors load too
 MANIFEST: Final = "MANIFEST.json"
+# Written by the committing rank when a multi-rank commit fails, so the other ranks stop waiting at once.
+COMMIT_FAILED: Final = "COMMIT-FAILED.json"
 CHECKPOINT_DIR: Final = re.compile(r"^step-(\d{12})-([0-9a-f]{8,32})$")
 
 
@@ -99,6 +101,7 @@ class Manifest:
     shards: tuple[ShardRecord, ...]
     extra: dict[str, Any] = field(default_factory=dict)
     layout: str = "per_rank"  # or "replicated": the shards split one state between them
+    attempt: str = ""  # the save attempt whose files these are: a rank that did not commit checks it is its own
 
     @property
     def total_bytes(self) -> int:
@@ -120,6 +123,8 @@ class Manifest:
             "extra": self.extra,
             "layout": self.layout,
         }
+        if self.attempt:
+            body["attempt"] = self.attempt
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         # A self-checksum: on storage without atomic puts, a torn manifest must not read as valid.
         body["manifest_crc32c"] = f"{crc32c(canonical.encode()):08x}"
@@ -157,6 +162,7 @@ class Manifest:
                 shards=shards,
                 extra=dict(body.get("extra", {})),
                 layout=str(body.get("layout", "per_rank")),
+                attempt=str(body.get("attempt", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointCorruptError(f"{where}: not a valid manifest ({exc})", shard=MANIFEST) from None

@@ -29,7 +29,8 @@ import torch
 from gpuguard.checkpoint import _layout
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
-from gpuguard.checkpoint._sharding import SavedChunk, is_dtensor, local_region
+from gpuguard.checkpoint._optim_names import parameter_names
+from gpuguard.checkpoint._sharding import NotABoxError, SavedChunk, is_dtensor, local_region, tiling_problems
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import flatten
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
@@ -78,6 +79,9 @@ def read_tensors(
     """
     saved_ws = manifest.world_size
     sharded = is_sharded(manifest)
+    tiling = tiling_problems(manifest.shards)  # chunks twice or missing: no placement could be right
+    if tiling:
+        raise CheckpointCorruptError(f"{manifest.id}: {tiling[0]}", shard=tiling[0].shard, tensor=tiling[0].tensor)
     if rank >= saved_ws and not sharded and saved_ws != 1:
         raise CheckpointError(f"{manifest.id} was saved by {saved_ws} rank(s); there is no rank {rank}")
     source = manifest.shards[rank % saved_ws]
@@ -189,22 +193,35 @@ def _target(name: str, pieces: list[SavedChunk], live: Mapping[str, torch.Tensor
         if coordinate is None:
             offsets, sizes = (0,) * len(global_shape), (0,) * len(global_shape)
         else:
-            offsets, sizes = local_region(global_shape, tuple(mesh.shape), coordinate, current.placements)
+            try:
+                offsets, sizes = local_region(global_shape, tuple(mesh.shape), coordinate, current.placements)
+            except NotABoxError as exc:
+                raise UnsupportedStateError(
+                    f"tensor {name!r}: the live placements {tuple(current.placements)} give this rank a piece "
+                    f"that is not a box of {global_shape} ({exc})"
+                ) from None
         return _Target(name, global_shape, offsets, sizes, dtensor=current)
     return _Target(name, global_shape, (0,) * len(global_shape), global_shape)
 
 
 def _optimizer_param(name: str, state: Mapping[str, Any]) -> Any:
-    """A fresh optimizer has no state yet: its state ``<key>/state/<i>/...`` is sharded like parameter i."""
+    """A fresh optimizer has no state yet: its state ``<key>/state/<i or name>/...`` is sharded like that parameter."""
     parts = name.split("/")
-    if len(parts) < 4 or parts[1] != "state" or not parts[2].isdigit():
+    if len(parts) < 4 or parts[1] != "state":
         return None
-    optimizer = state.get(parts[0].replace("~1", "/").replace("~0", "~"))
+    optimizer = state.get(_unescape(parts[0]))
     if not isinstance(optimizer, torch.optim.Optimizer):
         return None
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not parts[2].isdigit():  # keyed by parameter name (see _optim_names)
+        wanted = _unescape(parts[2])
+        return next((p for p in params if parameter_names(state).get(id(p)) == wanted), None)
     index = int(parts[2])
     return params[index] if index < len(params) else None
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def _fill(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gpuguard.checkpoint._layout import DTYPE_CODES
+from gpuguard.checkpoint._optim_names import by_name, is_by_name, parameter_names, to_positions
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
 
 RNG_KEY = "__gpuguard_rng__"
@@ -48,10 +49,11 @@ def _escape(key: str) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, names: dict[int, str] | None = None) -> None:
         self.flat = FlatState()
         self.aliases: dict[tuple[Any, ...], str] = {}
         self.plain: list[str] = []  # plain tensors under "$tensor": the ones whose storage sharing is kept
+        self.names = names or {}  # parameter names, for top-level optimizers (see _optim_names)
 
     def tensor(self, value: torch.Tensor, path: list[str], marker: str = "$tensor") -> dict[str, str]:
         # This runs on the training thread for every tensor of every save: a few hundred per model, so
@@ -90,7 +92,10 @@ class _Flattener:
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path)
         if hasattr(value, "state_dict") and hasattr(value, "load_state_dict") and not isinstance(value, type):
-            return {"$stateful": self.encode(value.state_dict(), path)}
+            inner = value.state_dict()
+            if len(path) == 1 and isinstance(value, torch.optim.Optimizer):
+                inner = by_name(value, inner, self.names)  # keyed by parameter name when all have one
+            return {"$stateful": self.encode(inner, path)}
         if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
@@ -162,7 +167,8 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
     """
     if not isinstance(state, Mapping):
         raise UnsupportedStateError(f"state: a {type(state).__name__}; must be a mapping of names to objects")
-    flattener = _Flattener()
+    has_optimizer = any(isinstance(v, torch.optim.Optimizer) for v in state.values())
+    flattener = _Flattener(parameter_names(state) if has_optimizer else None)
     for key, value in state.items():
         if not isinstance(key, str) or key == RNG_KEY:
             raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
@@ -255,6 +261,7 @@ def restore(
     # Decode everything first: a reference to a tensor the shard lacks fails before any write.
     decoded = {key: decode(encoded, tensors) for key, encoded in tree.items()}
     memo = _Owner(devices, storages)
+    names: dict[int, str] | None = None
     for key, encoded in tree.items():
         if key == RNG_KEY:
             continue
@@ -266,6 +273,8 @@ def restore(
             and isinstance(encoded, dict)
             and "$stateful" in encoded
         ):
+            if isinstance(live, torch.optim.Optimizer) and is_by_name(value):
+                value = to_positions(live, value, names if names is not None else (names := parameter_names(state)))
             live.load_state_dict(value)
         elif isinstance(live, torch.Tensor) and isinstance(value, torch.Tensor):
             if live.shape != value.shape:

@@ -35,7 +35,7 @@ class Evacuation(SystemExit):
         code: the exit code.
         decision: why.
         step: the step every rank checkpointed.
-        checkpoint: the committed checkpoint (on the committing rank), or None.
+        checkpoint: the committed checkpoint (on every rank: `wait()` means committed), or None when it failed.
     """
 
     def __init__(self, code: int, decision: Decision, step: int, checkpoint: CheckpointInfo | None) -> None:

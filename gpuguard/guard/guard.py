@@ -248,8 +248,7 @@ class Guard:
                     exc_info=None if expected else exc,
                 )
             else:
-                if info is not None or self.rank != 0:
-                    log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
+                log.info("gpuguard: periodic checkpoint %s (step %d) committed", info.id, pending.step)
         self.periodic = []
         return settled
 
@@ -353,30 +352,51 @@ class Guard:
             self.kubernetes.start()
 
     def _prepare(self) -> None:
+        """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.
+
+        Walking the state calls ``state_dict()`` and the hooks behind it: FSDP2's swap its parameters
+        between sharded and unsharded, so they must never run while forward or backward computes (on
+        another thread they crashed FSDP2 training). What the background threads get is the layout
+        (to allocate) and its size (to estimate a save's time against the preemption deadline).
+        """
         assert self.store is not None
         try:
-            seconds = self.store.prepare(checkpointable(self.state))
-            log.info("staging buffer ready in %.2fs", seconds)
+            seconds = self.store.prepare(checkpointable(self.state), background=True)
+            log.info("staging buffer planned in %.3fs on the training thread; allocating in the background", seconds)
         except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # the first save allocates instead
             log.warning("could not prepare the staging buffer: %s", exc)
             return
-        except Exception as exc:  # a background thread: said with its traceback, never raised into training
+        except Exception as exc:  # a bug: said with its traceback, and training goes on (the first save plans)
             self.failures.failed("preparing the staging buffer", exc)
             return
-        # The state's size is known now: warn at once when its save would not fit the preemption
-        # deadline (rank 0 speaks for the job; a measured save's time is checked again later).
+        if self.rank == 0:  # rank 0 speaks for the job; the probe writes to storage: never on the training thread
+            threading.Thread(target=self._estimate_save_time, name="gpuguard-estimate", daemon=True).start()
+
+    def _estimate_save_time(self) -> None:
+        """The state's size is known now: warn at once when its save would not fit the preemption
+        deadline (a measured save's time is checked again later)."""
+        assert self.store is not None
         try:
-            if self.rank == 0 and estimate_save_against_deadline(self.config, self.store):
+            if estimate_save_against_deadline(self.config, self.store):
                 self._reported.add("deadline")
-        except Exception as exc:  # the probe's storage errors are handled inside; this is a bug, said once
-            self.failures.failed("estimating the emergency checkpoint's time", exc)
+        except Exception as exc:  # a background thread: said with its traceback, never raised into training
+            self.failures.failed("estimating a checkpoint's save time", exc)
 
     # -- resume ---------------------------------------------------------------------------------
 
     def resume(self) -> int:
         """Load the newest committed checkpoint into ``state``; returns the step to run next (0 if none).
 
-        A corrupt newest checkpoint falls back to the one before it.
+        With a process group, every rank calls it and every rank returns the same step: the newest
+        checkpoint whose part every rank read and verified. When some rank's part is corrupt, all
+        ranks fall back together to the same older one, and every rank logs which, whose part and
+        why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
+        all start from step 0.
+
+        Raises:
+            CheckpointCorruptError: no committed checkpoint could be loaded on every rank.
+            CheckpointError: another rank failed (its error's kind, naming the rank).
+            StorageError: the storage failed (never read as "no checkpoint").
         """
         if not self._started:
             self.start()
@@ -434,9 +454,10 @@ class Guard:
             )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
-            # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
+            # moments lazily): plan the staging buffer now, at this step boundary on the training thread
+            # (every rank is here: the plan may need a collective), and allocate it in the background.
             self._prepared = True
-            threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
+            self._prepare()
         agreed: Agreed = NOTHING
         action = max(self._local_action, self._forced_action)
         if self._distributed:
