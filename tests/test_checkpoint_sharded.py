@@ -191,15 +191,14 @@ def test_unsupported_placements_are_refused_before_anything_is_written(runs: tup
 
 def test_a_reshard_reads_about_the_ranks_share_not_every_chunk(runs: tuple[Path, Path]) -> None:
     out, _ = runs
-    from gpuguard.checkpoint._sharding import BLOCK_BYTES
-
     big = 1024 * 520 * 4  # model/big and its two AdamW moments dominate the checkpoint
+    # Saved on 2 ranks, big's chunks are 1.02 MB each, and a rank of 4 needs half of one; saved on 4, a
+    # rank of 2 needs two whole chunks. For chunks of 1 MiB and more the checksum blocks cost at most
+    # 1/64 of a chunk per edge; the small tensors (a few KiB, one block each) are read whole.
     for tag, world_size in (("two-to-four-loaded", 4), ("four-to-two-loaded", 2)):
         share = 3 * big // world_size
         for info in infos(out, tag, world_size):
-            # at most one checksum block more than the share at each edge of each tensor, plus the small ones
-            assert share <= info["bytes_read"] <= share + 3 * 2 * BLOCK_BYTES + 64 * 1024, (tag, info)
-            assert info["bytes_read"] < 3 * big * 0.6
+            assert share <= info["bytes_read"] <= 1.1 * share + 16 * 1024, (tag, info)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 9), (9,), (3,), (1, 4), (2, 3, 5)], ids=str)
@@ -231,3 +230,76 @@ def test_chunk_arithmetic_matches_torch_chunk_for_every_coordinate(
             offsets, sizes = local_region(shape, mesh, coordinate, placements)
             got = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
             assert got.shape == expected.shape and torch.equal(got, expected), (placements, coordinate)
+
+
+def _by_state_dict_names(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A decoded or exported state's tensors under full_tensors' names (model.w0, optimizer.0.exp_avg)."""
+    out = {}
+    for name, value in tensors.items():
+        parts = name.removeprefix(prefix).split("/")
+        if parts[0] == "model":
+            out["model." + "/".join(parts[1:])] = value
+        elif parts[0] == "optimizer" and parts[1] == "state":
+            out[f"optimizer.{parts[2]}.{parts[3]}"] = value
+    return out
+
+
+def test_the_documented_decoder_assembles_a_sharded_checkpoint(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from helpers.format_decoder import decode_elsewhere
+
+    out, ckpt = runs
+    folder = next((ckpt / "four").glob("step-*"))
+    _, decoded = decode_elsewhere(folder, tmp_path / "decoded")  # no gpuguard in that process
+    assert_identical(tensors(out, "four-saved"), _by_state_dict_names(decoded))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors", "dcp"])
+def test_a_sharded_checkpoint_exports_whole_tensors(runs: tuple[Path, Path], tmp_path: Path, fmt: str) -> None:
+    out, ckpt = runs
+    target = tmp_path / f"export-{fmt}"
+    with CheckpointStore(str(ckpt / "fsdp")) as store:
+        assert store.export(fmt, str(target))["step"] == 3
+    expected = tensors(out, "fsdp-saved")
+    if fmt == "safetensors":
+        got = _by_state_dict_names(load_file(str(target)))
+    elif fmt == "torch":
+        state = torch.load(target, weights_only=True)
+        got = {f"model.{k}": v for k, v in state["model"].items()}
+        got |= {f"optimizer.{i}.{k}": v for i, per in state["optimizer"]["state"].items() for k, v in per.items()}
+    else:
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.GELU(), torch.nn.Linear(11, 3))
+        template = {"model": model.state_dict()}
+        load(template, checkpoint_id=str(target), no_dist=True)
+        got = {f"model.{k}": v for k, v in template["model"].items()}
+        expected = {k: v for k, v in expected.items() if k.startswith("model.")}
+    assert_identical(expected, got)
+
+
+def test_chunks_that_follow_one_another_in_a_file_are_read_in_one_request(runs: tuple[Path, Path]) -> None:
+    # Loaded whole by one process, each rank's file of ``four`` is needed whole but for the RNG states of
+    # the other ranks: a few ranged reads per file (one GET each on object stores), not one per chunk.
+    from helpers import counting_fs
+
+    out, ckpt = runs
+    counting_fs.reset()
+    try:
+        manifest = json.loads(next((ckpt / "four").glob("step-*/MANIFEST.json")).read_text())
+        chunks = sum(len(shard["chunks"]) for shard in manifest["shards"])
+        state = plain_state(seed=99)
+        with CheckpointStore("counted://four") as store:
+            store.storage.fs.put(str(ckpt / "four"), store.storage.root, recursive=True)
+            assert store.load(state) == 3
+            read = store.last_load_bytes_read
+        assert_identical(tensors(out, "four-saved"), sharded.full_tensors(state))
+        reads = counting_fs.CountingFileSystem.reads
+        headers = [r for r in reads if r[1] == 0]
+        data = [r for r in reads if r[1] != 0]
+        # 39 chunks in 4 files, each file read in at most 3 runs (the gaps: other ranks' RNG states)
+        assert len(data) <= 3 * len(manifest["shards"]) < chunks, (chunks, data)
+        assert sum(end - start for _, start, end in data) == read  # nothing read twice, nothing beyond
+        assert len(headers) <= len(manifest["shards"])
+    finally:
+        counting_fs.reset()

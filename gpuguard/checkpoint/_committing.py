@@ -132,7 +132,8 @@ class Committer:
     def _check_files(self, name: str, records: dict[int, ShardRecord], lease: leases.Lease | None) -> None:
         if lease is not None and not leases.held(self.storage, lease):
             raise StorageError(
-                f"committing {name}: its lease {lease.file} is gone (another process collected the save as a leftover)",
+                f"committing {name}: its lease {lease.file} is gone (another process collected the save as a leftover)"
+                " or lapsed (it could not be renewed in time)",
                 path=self.storage.path(name),
                 operation="committing",
             )

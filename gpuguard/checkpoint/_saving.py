@@ -33,6 +33,7 @@ from gpuguard.checkpoint._manifest import (
 )
 from gpuguard.checkpoint._owners import owned_by, partition
 from gpuguard.checkpoint._pending import CommitGate, PendingSave
+from gpuguard.checkpoint._pruning import collect_dead
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
@@ -60,6 +61,19 @@ class Saver:
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
         self.prepared_bytes = 0
+        self._collected = False  # dead writers' leftovers, looked for once, before the first save
+
+    def _collect_dead(self) -> None:
+        """At this store's first save: what writers that died here left (a crash loop's leftovers)."""
+        try:
+            collect_dead(self.committer.catalog, self.in_flight)
+        except Exception as exc:  # housekeeping: the save goes on, a later prune tries again
+            log.warning("could not collect the leftovers of dead writers: %s", exc)
+
+    @property
+    def staging(self) -> StagingPool:
+        """The staging buffers (a load borrows a free one to read into)."""
+        return self._staging
 
     def in_flight(self) -> set[str]:
         with self._lock:
@@ -101,7 +115,8 @@ class Saver:
         _check_args(step, reason, rank, world_size, checkpoint_id)
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
-        tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        doc = {"tree": flat.tree, "devices": flat.devices} | ({"storages": flat.storages} if flat.storages else {})
+        tree = json.dumps(doc).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
         # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
         if replicated and _sharding.holds_dtensors(flat):
@@ -203,14 +218,12 @@ class Saver:
             try:
                 if meta["after_snapshot"]:
                     readiness.wait(readiness.total)  # raises the snapshot's error, if it failed
-                # The lease is the first write: from here on, no pruner anywhere collects this folder.
-                lease = leases.take(
-                    self.storage,
-                    name,
-                    rank=rank,
-                    attempt=meta["attempt"],
-                    lease_s=self.lease_s + meta["commit_timeout_s"],
-                )
+                if not self._collected and rank == 0:  # beside this save, never holding it up
+                    self._collected = True
+                    threading.Thread(target=self._collect_dead, name="gpuguard-ckpt-collect", daemon=True).start()
+                # The lease is the first write: from here on, no pruner anywhere collects this folder. Its
+                # heartbeat renews it until the save ends, however long the writes and the commit wait take.
+                lease = leases.take(self.storage, name, rank=rank, attempt=meta["attempt"], lease_s=self.lease_s)
                 blocks = None
                 if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
                     args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
@@ -252,6 +265,10 @@ class Saver:
         except BaseException as exc:
             self._abort(name, rank, world_size, lease, exc)
             raise
+        finally:
+            # Committed (the commit released the leases), aborted, or this rank's part is done and rank 0
+            # commits: the folder is rank 0's to keep alive now. Its lease file expires if nobody releases it.
+            leases.stop(lease)
 
     def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
         """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.

@@ -14,6 +14,7 @@ import torch
 
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._committing import Committer
+from gpuguard.checkpoint._export import export
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pending import PendingSave, SaveTimings
 from gpuguard.checkpoint._probe import measure_write_rate
@@ -37,8 +38,11 @@ class CheckpointStore:
         io_threads: concurrent writers per shard (threads for local disks, parts for S3).
         staging_buffers: snapshots that may be in flight at once.
         retry: backoff for transient storage errors, and the deadline of every storage operation.
-        lease_s: how long a save's lease keeps pruners (in any process) off its folder, on top of
-            its ``commit_timeout_s``; a crashed writer's leftovers are collected once it expires.
+        lease_s: how long a save's lease keeps pruners (in any process) off its folder without a
+            renewal. A save renews its lease every ``lease_s / 8`` for as long as it runs, so this
+            bounds nothing about the save itself: it is how soon a crashed writer's leftovers can be
+            collected by a pruner that cannot tell it died (one on another machine or in another
+            container; on the same machine and PID namespace they are collected at once).
 
     Example:
         >>> store = CheckpointStore("memory://example", keep=2)
@@ -58,7 +62,7 @@ class CheckpointStore:
         io_threads: int = 8,
         staging_buffers: int = 2,
         retry: RetryPolicy | None = None,
-        lease_s: float = 900.0,
+        lease_s: float = 120.0,
     ) -> None:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ConfigError("keep", keep, "must be a whole number, 1 or greater")
@@ -74,7 +78,7 @@ class CheckpointStore:
         self._catalog = Catalog(self.storage, url)
         self._committer = Committer(self.storage, self._catalog)
         self._saver = Saver(self.storage, self._committer, staging_buffers, float(lease_s))
-        self._loader = Loader(self.storage, self._catalog)
+        self._loader = Loader(self.storage, self._catalog, self._saver.staging)
 
     @property
     def last_step_wait_s(self) -> float:
@@ -281,6 +285,40 @@ class CheckpointStore:
             StorageError: the storage failed.
         """
         return verify(self._catalog, self._loader, checkpoint_id, progress=progress)
+
+    def export(
+        self,
+        to: str,
+        out: str,
+        checkpoint_id: str | None = None,
+        *,
+        key: str | None = None,
+        rank: int = 0,
+    ) -> dict[str, Any]:
+        """Write a checkpoint (plain or sharded) in another format, to a local path: no lock-in.
+
+        Args:
+            to: ``torch`` (a file ``torch.load(out, weights_only=True)`` reads), ``safetensors`` (a file
+                of the tensors, the rest of the state as JSON in its metadata) or ``dcp`` (a folder
+                ``torch.distributed.checkpoint.load`` reads).
+            out: the file (or, for ``dcp``, the new folder) to write.
+            checkpoint_id: the newest committed one when None.
+            key: only ``state[key]``: with ``key="model"`` a safetensors export is the module's state dict.
+            rank: whose per-rank state to take (RNG states, per-rank tensors).
+
+        Every tensor is read whole (sharded chunks assembled) and verified first. See docs/FORMAT.md.
+
+        Example:
+            >>> store = CheckpointStore("memory://export")
+            >>> _ = store.save({"model": torch.nn.Linear(2, 2)}, step=1).wait()
+            >>> store.export("torch", "/tmp/gpuguard-export-example.pt")["step"]
+            1
+
+        Raises:
+            ConfigError: an unknown format or key, or a dtype the format cannot hold.
+            CheckpointNotFoundError, CheckpointCorruptError, StorageError: as for `load`.
+        """
+        return export(self._catalog, self._loader, to, out, checkpoint_id=checkpoint_id, key=key, rank=rank)
 
     # -- retention ------------------------------------------------------------------------------
 

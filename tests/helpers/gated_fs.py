@@ -23,9 +23,12 @@ class GatedFileSystem(MemoryFileSystem):
     gate: ClassVar[threading.Event] = threading.Event()
     waiting: ClassVar[threading.Event] = threading.Event()
     hold: ClassVar[str] = ""  # only paths containing this wait
+    refuse_renewals: ClassVar[bool] = False  # a lease, once written, cannot be rewritten (a lost link)
     hold_manifest: ClassVar[bool] = False
 
     def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        if GatedFileSystem.refuse_renewals and "/.leases/" in path and self.exists(path):
+            raise PermissionError(f"{path}: refused")
         name = path.rsplit("/", 1)[-1]
         if GatedFileSystem.hold_manifest:
             held = name == "MANIFEST.json"
@@ -46,4 +49,5 @@ def reset() -> None:
     GatedFileSystem.gate = threading.Event()
     GatedFileSystem.waiting = threading.Event()
     GatedFileSystem.hold = ""
+    GatedFileSystem.refuse_renewals = False
     GatedFileSystem.hold_manifest = False
