@@ -38,16 +38,15 @@ def on_files(files: Files, config: Any) -> Files:
             repo_path = _outside_target(page.src_uri, target)
             if repo_path and (ROOT / repo_path).is_file() and repo_path not in _published:
                 _published.add(repo_path)
-                files.append(
-                    File(
-                        f"{SITE_PREFIX}/{repo_path}",
-                        src_dir=None,
-                        dest_dir=config["site_dir"],
-                        use_directory_urls=False,
-                        dest_uri=f"{SITE_PREFIX}/{repo_path}",
-                    )
+                published = File(
+                    f"{SITE_PREFIX}/{repo_path}",
+                    src_dir=None,
+                    dest_dir=config["site_dir"],
+                    use_directory_urls=False,
+                    dest_uri=f"{SITE_PREFIX}/{repo_path}",
                 )
-                files.get_file_from_path(f"{SITE_PREFIX}/{repo_path}").abs_src_path = str(ROOT / repo_path)  # type: ignore[union-attr]
+                published.abs_src_path = str(ROOT / repo_path)  # copied from the checkout, not from docs/
+                files.append(published)
     return files
 
 

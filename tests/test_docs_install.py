@@ -66,7 +66,9 @@ def test_pip_install_s3_lightning_in_a_fresh_venv_runs_the_lightning_example(tmp
         extras = _run([*pip, *pins, f"{source}[s3,lightning]"], tmp_path, env)
         assert extras.returncode == 0, extras.stderr[-3000:]
 
-        which = _run([python, "-c", "import gpuguard, torch, s3fs; print(gpuguard.__file__, torch.__version__)"], tmp_path, env)
+        which = _run(
+            [python, "-c", "import gpuguard, torch, s3fs; print(gpuguard.__file__, torch.__version__)"], tmp_path, env
+        )
         assert which.returncode == 0, which.stderr[-2000:]
         where, version = which.stdout.split()
         assert where.startswith(str(venv)), f"gpuguard imported from {where}, not the fresh venv"
@@ -76,7 +78,9 @@ def test_pip_install_s3_lightning_in_a_fresh_venv_runs_the_lightning_example(tmp
         # the Lightning example, as the docs run it: the fault (exit 75, an emergency checkpoint), then the resume
         url = f"file://{tmp_path / 'ckpt'}"
         example = [python, str(source / "examples" / "lightning_example.py"), "--checkpoint-dir", url]
-        faulted = _run([*example, "--scenario-seconds-per-step", "0.25"], tmp_path, env | {"GPUGUARD_FAKE_NVML": str(FAULT)})
+        faulted = _run(
+            [*example, "--scenario-seconds-per-step", "0.25"], tmp_path, env | {"GPUGUARD_FAKE_NVML": str(FAULT)}
+        )
         assert faulted.returncode == 75, faulted.stdout[-2000:] + faulted.stderr[-3000:]
         resumed = _run(example, tmp_path, env | {"GPUGUARD_FAKE_NVML": "h200"})
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

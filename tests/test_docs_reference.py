@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 
 import gpuguard
+
 from conftest import ROOT
 
 
