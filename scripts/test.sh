@@ -15,6 +15,11 @@ fi
 "$PY" -m ruff check gpuguard tests benchmarks examples
 "$PY" -m ruff format --check gpuguard tests benchmarks examples
 "$PY" -m mypy
+# The documentation site (mkdocs.yml; the API reference from the docstrings): any warning fails, a broken link
+# or a docstring mkdocstrings cannot read among them. Built into a scratch folder, removed afterwards.
+site=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "$site" || { rm -rf "$site"; exit 1; }
+rm -rf "$site"
 "$PY" -m pytest -m "not slow and not gpu" -q "$@"
 
 # The lowest nvidia-ml-py that pyproject admits (nvidia-ml-py>=12.535): the health tests run against it

@@ -128,6 +128,7 @@ class RetryPolicy:
     Args:
         attempts: tries per operation, the first included.
         base_delay_s: the first backoff; doubles at each retry, up to ``max_delay_s``, with jitter.
+        max_delay_s: the longest backoff between two tries.
         deadline_s: every operation (connect, list, read, write), its retries included, ends by then.
         attempt_timeout_s: the connect and read timeout given to the backend for one try.
         min_bytes_per_s: an operation that moves data gets ``bytes / min_bytes_per_s`` more seconds.
