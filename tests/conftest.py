@@ -80,6 +80,30 @@ def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
 
 
+@pytest.fixture
+def cli_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The command line's ``main`` in this process: what it prints and its exit code, without the
+    seconds a fresh interpreter spends importing torch (for tests of what a command says, not of how it
+    starts; `cli` runs the installed command in a fresh process)."""
+    from gpuguard.cli import main
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        with monkeypatch.context() as patched:
+            for name, value in (env or {}).items():
+                patched.setenv(name, value)
+            capsys.readouterr()
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["gpuguard", *args], code, out, err)
+
+    return run
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""``gpuguard checkpoints list|verify`` in a fresh process."""
+"""``gpuguard checkpoints list|verify``: in a fresh process, and (what each says) through its ``main``."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_list_table_and_json(cli: Any, tmp_path: Path) -> None:
     ]
 
 
-def test_verify_passes_then_names_the_corrupt_tensor(cli: Any, tmp_path: Path) -> None:
+def test_verify_passes_then_names_the_corrupt_tensor(cli_here: Any, tmp_path: Path) -> None:
+    cli = cli_here
     url = _saved(tmp_path)
     ok = cli("checkpoints", "verify", url)
     assert ok.returncode == 0 and "OK" in ok.stdout
@@ -59,19 +60,22 @@ def test_verify_passes_then_names_the_corrupt_tensor(cli: Any, tmp_path: Path) -
     assert cli("checkpoints", "verify", url, older).returncode == 0
 
 
-def test_verify_without_checkpoints_exits_2(cli: Any, tmp_path: Path) -> None:
+def test_verify_without_checkpoints_exits_2(cli_here: Any, tmp_path: Path) -> None:
+    cli = cli_here
     result = cli("checkpoints", "verify", f"file://{tmp_path}/empty")
     assert result.returncode == 2
     assert result.stderr.strip() == f"gpuguard: error: no committed checkpoint under file://{tmp_path}/empty"
 
 
-def test_bad_storage_options_exit_2(cli: Any, tmp_path: Path) -> None:
+def test_bad_storage_options_exit_2(cli_here: Any, tmp_path: Path) -> None:
+    cli = cli_here
     result = cli("checkpoints", "list", str(tmp_path), "--storage-options", "{nope")
     assert result.returncode == 2
     assert result.stderr.startswith("gpuguard: error: --storage-options: '{nope' is not valid; must be a JSON object")
 
 
-def test_verify_reports_a_garbage_manifest_with_exit_1_and_json(cli: Any, tmp_path: Path) -> None:
+def test_verify_reports_a_garbage_manifest_with_exit_1_and_json(cli_here: Any, tmp_path: Path) -> None:
+    cli = cli_here
     url = _saved(tmp_path)
     older, newest = _folders(tmp_path)
     (newest / "MANIFEST.json").write_bytes(b"{garbage")
@@ -92,7 +96,8 @@ def test_verify_reports_a_garbage_manifest_with_exit_1_and_json(cli: Any, tmp_pa
     assert f"{newest.name}: CORRUPT MANIFEST.json" in text.stdout and f"{older.name}: OK" in text.stdout
 
 
-def test_storage_failures_exit_3_with_json(cli: Any, tmp_path: Path) -> None:
+def test_storage_failures_exit_3_with_json(cli_here: Any, tmp_path: Path) -> None:
+    cli = cli_here
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the checkpoint folder should be")
     result = cli("checkpoints", "list", f"file://{blocked}/run", "--json")
