@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 from pathlib import Path
@@ -272,6 +273,25 @@ def test_prepare_allocates_ahead(tmp_path: Path) -> None:
         pending = store.save(state, step=1)
         pending.wait()
         assert pending.timings.stall_s < pending.timings.durable_s
+
+
+def test_a_replicated_save_finds_the_buffer_prepared_for_its_part(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # replicated=True stages only this rank's part: prepared for the whole state, the buffer would not
+    # fit the save's layout and the first save (an emergency one, perhaps) would allocate while training waits
+    state = make_state()
+    url, name = f"file://{tmp_path}/ckpt", "step-000000000005-0000beef"
+    caplog.set_level(logging.WARNING, "gpuguard")
+    with CheckpointStore(url) as rank0, CheckpointStore(url) as rank1:
+        for rank, store in enumerate((rank0, rank1)):
+            store.prepare(state, replicated=True, rank=rank, world_size=2)
+        pending = [
+            store.save(state, step=5, rank=rank, world_size=2, checkpoint_id=name, replicated=True)
+            for rank, store in enumerate((rank0, rank1))
+        ]
+        assert all(p.wait() is not None for p in pending)
+    assert not [r for r in caplog.records if "no staging buffer was prepared" in r.getMessage()]
 
 
 def test_s3_multipart_upload(s3_bucket: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,7 +85,16 @@ class Saver:
     def close(self) -> None:
         self._saver.shutdown(wait=True)
 
-    def prepare(self, state: Mapping[str, Any], *, rng: bool = True, background: bool = False) -> float:
+    def prepare(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        background: bool = False,
+        replicated: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
         See `CheckpointStore.prepare`, the documented API. Returns the seconds it took (with
@@ -93,13 +102,16 @@ class Saver:
         """
         started = time.perf_counter()
         flat = flatten(state, rng=rng)  # state_dict() runs here, on the calling thread
-        rank = process_rank()
+        rank = process_rank() if rank is None else rank
+        world_size = process_world_size() if world_size is None else world_size
         # With DTensors, the ranks agree on who writes what (a collective): decided on holding DTensors at
         # all, never on holding non-empty pieces, which differs between ranks (small tensors, many ranks).
         sharded = _sharding.holds_dtensors(flat)
         specs = _sharding.chunk_specs(flat, rank)  # DTensors → their pieces (refused early if unplaceable)
-        _, writes = self._agree(specs, rank, process_world_size(), None, sharded=sharded, collective=sharded)
+        _, writes = self._agree(specs, rank, world_size, None, sharded=sharded, collective=sharded)
         _sharding.localize(flat, specs, writes)
+        if replicated and not sharded and world_size > 1:  # a replicated save stages only this rank's part
+            flat.tensors = partition(flat.tensors, rank, world_size)
         # The same metadata as a save's, so that the save finds this very layout.
         layout = _layout.plan(
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],

@@ -97,7 +97,16 @@ class CheckpointStore:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def prepare(self, state: Mapping[str, Any], *, rng: bool = True, background: bool = False) -> float:
+    def prepare(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        background: bool = False,
+        replicated: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
         Run it when training starts, at a step boundary, on the training thread: it walks the state
@@ -108,11 +117,16 @@ class CheckpointStore:
         Args:
             background: return once the layout is planned and allocate the buffer (pinning may take
                 seconds) on a thread; the training thread then pays only for the walk.
+            replicated: the saves will pass ``replicated=True``: the buffer holds this rank's part
+                only, as theirs do.
+            rank, world_size: as the saves will pass them (default: torch.distributed's).
 
         Returns:
             The seconds the calling thread spent.
         """
-        return self._saver.prepare(state, rng=rng, background=background)
+        return self._saver.prepare(
+            state, rng=rng, background=background, replicated=replicated, rank=rank, world_size=world_size
+        )
 
     @property
     def prepared_bytes(self) -> int:

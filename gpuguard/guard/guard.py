@@ -361,7 +361,7 @@ class Guard:
         """
         assert self.store is not None
         try:
-            seconds = self.store.prepare(checkpointable(self.state), background=True)
+            seconds = self.store.prepare(checkpointable(self.state), background=True, replicated=self.config.replicated)
             log.info("staging buffer planned in %.3fs on the training thread; allocating in the background", seconds)
         except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # the first save allocates instead
             log.warning("could not prepare the staging buffer: %s", exc)
