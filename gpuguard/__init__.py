@@ -21,6 +21,7 @@ from gpuguard.errors import (
     NvmlError,
     NvmlUnavailableError,
     ScenarioError,
+    SideChannelError,
     StorageError,
     UnsupportedStateError,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "RetryPolicy",
     "SaveTimings",
     "ScenarioError",
+    "SideChannelError",
     "StorageError",
     "UnsupportedStateError",
     "VerifyReport",

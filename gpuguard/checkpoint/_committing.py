@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._manifest import MANIFEST, Manifest, ShardRecord, shard_record_file
 from gpuguard.checkpoint._storage import Storage
-from gpuguard.errors import StorageError
+from gpuguard.errors import CheckpointError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -41,11 +41,13 @@ class Committer:
         timeout_s: float = 600.0,
         attempt: str = "",
         lease: leases.Lease | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         """Wait for every rank's record of this ``attempt``, then commit (rank 0 of a multi-rank save).
 
         A record from another attempt (a crashed run that used the same checkpoint id) is not this
         save's: it is never committed over, and the wait goes on for the record of this attempt.
+        ``abandoned`` ends the wait early with `CheckpointError` (a rank it waits for died).
         """
         deadline = time.monotonic() + timeout_s
         records: dict[int, ShardRecord] = {}
@@ -69,6 +71,9 @@ class Committer:
                     continue
             if len(records) == world_size:
                 break
+            if abandoned is not None and abandoned():
+                missing = sorted(set(range(world_size)) - set(records))
+                raise CheckpointError(f"{checkpoint_id}: abandoned: rank(s) {missing} are gone; nothing committed")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(records))
                 why = "".join(

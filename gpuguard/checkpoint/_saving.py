@@ -58,6 +58,7 @@ class Saver:
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
+        self._abandoned: set[str] = set()
         self.last_step_wait_s = 0.0
 
     def in_flight(self) -> set[str]:
@@ -66,6 +67,13 @@ class Saver:
 
     def close(self) -> None:
         self._saver.shutdown(wait=True)
+
+    def abandon(self) -> list[str]:
+        """Saves in flight now will not commit: a rank they wait for is gone. Their commit waits end at once."""
+        with self._lock:
+            names = sorted(self._in_flight)
+            self._abandoned.update(names)
+        return names
 
     def prepare(self, state: Mapping[str, Any], *, rng: bool = True) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
@@ -97,8 +105,46 @@ class Saver:
         """Snapshot ``state`` and write it in the background; see `CheckpointStore.save`, the documented API."""
         started = time.perf_counter()
         _check_args(step, reason, rank, world_size, checkpoint_id)
-        name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
+        return self.save_flat(
+            flat,
+            step,
+            reason=reason,
+            evidence=evidence,
+            rank=rank,
+            world_size=world_size,
+            checkpoint_id=checkpoint_id,
+            extra=extra,
+            replicated=replicated,
+            commit_timeout_s=commit_timeout_s,
+            overlap_with=overlap_with,
+            attempt=attempt,
+            started=started,
+        )
+
+    def save_flat(
+        self,
+        flat: FlatState,
+        step: int,
+        *,
+        reason: Reason = "manual",
+        evidence: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        checkpoint_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        replicated: bool = False,
+        commit_timeout_s: float = 600.0,
+        overlap_with: Sequence[torch.optim.Optimizer] = (),
+        attempt: str | None = None,
+        started: float | None = None,
+    ) -> PendingSave:
+        """`save` of a state already taken apart. ``rank`` may be another rank than this process's: the
+        survivors of a sudden loss write the files of a dead rank (`gpuguard.peers`) from their own replica
+        of its tensors; its DTensor chunks are then this process's own, which must be that rank's."""
+        started = time.perf_counter() if started is None else started
+        _check_args(step, reason, rank, world_size, checkpoint_id)
+        name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
         # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
@@ -242,6 +288,7 @@ class Saver:
                     timeout_s=meta["commit_timeout_s"],
                     attempt=meta["attempt"],
                     lease=lease,
+                    abandoned=lambda: name in self._abandoned,
                 )
             return None
         except BaseException as exc:

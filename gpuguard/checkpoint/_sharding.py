@@ -112,9 +112,13 @@ def localize(flat: FlatState, rank: int) -> dict[str, ChunkSpec]:
 
     Returns the chunks this rank writes, by tensor name. Copies no tensor data.
 
+    ``rank`` is this process's rank, or (the survivors of a sudden loss writing a dead rank's files)
+    another rank whose chunks this process holds too: the same coordinate on every ``Shard`` mesh dim,
+    so the same local shards. Whether a chunk is written is then decided by ``rank``'s coordinate.
+
     Raises:
         UnsupportedStateError: a placement or mesh gpuguard cannot checkpoint, naming the tensor.
-        ConfigError: ``rank`` is not this process's rank in the default process group.
+        ConfigError: ``rank`` is neither this process's rank nor a replica of its shards.
     """
     specs: dict[str, ChunkSpec] = {}
     names = [name for name, t in flat.tensors.items() if is_dtensor(t)]
@@ -122,13 +126,14 @@ def localize(flat: FlatState, rank: int) -> dict[str, ChunkSpec]:
         return specs
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_rank() != rank:
-        raise ConfigError("rank", rank, f"must be this process's rank in the process group, {dist.get_rank()}")
+    me = dist.get_rank() if dist.is_initialized() else rank
     for name in names:
         value: Any = flat.tensors.pop(name)
         check_placements(name, value)
         mesh = value.device_mesh
         coordinate = mesh.get_coordinate()
+        if rank != me:
+            coordinate = _replica_coordinate(name, value, rank, coordinate)
         if coordinate is None:  # this rank is outside the tensor's mesh: it holds none of it
             continue
         offsets, sizes = local_region(tuple(value.shape), tuple(mesh.shape), coordinate, value.placements)
@@ -143,6 +148,24 @@ def localize(flat: FlatState, rank: int) -> dict[str, ChunkSpec]:
             flat.tensors[name] = local
             specs[name] = ChunkSpec(tuple(value.shape), value.dtype, offsets, sizes)
     return specs
+
+
+def _replica_coordinate(name: str, value: Any, rank: int, mine: Sequence[int] | None) -> list[int] | None:
+    """``rank``'s coordinate on ``value``'s mesh, checked to hold the same shards as this process's."""
+    found = (value.device_mesh.mesh == rank).nonzero()
+    theirs = None if found.numel() == 0 else [int(c) for c in found[0]]
+    same = (theirs is None and mine is None) or (
+        theirs is not None
+        and mine is not None
+        and all(t == m for t, m, p in zip(theirs, mine, value.placements, strict=True) if isinstance(p, Shard))
+    )
+    if not same:
+        raise ConfigError(
+            "rank",
+            rank,
+            f"must be this process's rank or hold the same shards of {name!r} (coordinate {theirs} vs {mine})",
+        )
+    return theirs
 
 
 def block_checksums(

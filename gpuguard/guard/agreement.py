@@ -87,6 +87,10 @@ class Agreement:
         decided, periodic, slowest = (int(v) for v in self._buffer.tolist())
         return Agreed(decided >> 16, decided & 0xFFFF, bool(periodic), slowest & 0xFFFF, (slowest >> 16) / 1e6)
 
+    def abandon(self) -> None:
+        """A peer is gone: the agreement in flight will never finish, and nothing waits for it."""
+        self._work = None
+
     def close(self) -> None:
         if self._work is not None:
             with contextlib.suppress(Exception):  # a peer is gone: nothing left to agree on

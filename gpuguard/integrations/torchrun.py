@@ -12,18 +12,27 @@ It composes ``torch.distributed.run`` (same arguments) rather than copying it:
    emergency checkpoint and exit 75; the wrapper waits for them and exits with their code. (torchrun's
    own handling would terminate the workers, SIGKILL them after ``--shutdown-timeout``, and raise a
    traceback without their exit codes, so SIGTERM is taken out of its ``--signals-to-handle``.)
+5. a worker SIGKILLed (its node, GPU or process lost without warning): its survivors save the last
+   step every rank completed and exit 75, but torchrun's error lists only the first failure (the dead
+   worker's -9), so the survivors record their code in ``GPUGUARD_RUN_DIR`` (a folder the wrapper
+   creates) and the wrapper exits with it, naming the lost rank and the checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+
+from gpuguard.integrations.exits import ENV, read_exits
 
 log = logging.getLogger("gpuguard.run")
 
@@ -126,12 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         s for s in (n.strip() for n in str(args.signals_to_handle).split(",")) if s and s not in ours
     )
     forwarder.install()
+    exits = tempfile.mkdtemp(prefix="gpuguard-run-")
+    atexit.register(shutil.rmtree, exits, True)
+    os.environ[ENV] = exits  # the workers inherit it: where they say why they leave
     while True:
         try:
             run(args)  # type: ignore[no-untyped-call]
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
+            for said in read_exits(exits, clear=True):  # survivors of a worker torchrun saw die first
+                codes.add(said["exit_code"])
+                print(f"gpuguard-run: rank {said.get('rank')}: {said.get('message')}", file=sys.stderr)
             if forwarder.received is not None and reschedule not in codes:
                 # Workers without a guard die by the signal: say so in one line, exit as the signal would.
                 ended = f"workers ended by {forwarder.received.name}: exits {sorted(codes)}"

@@ -93,6 +93,8 @@ class KubernetesActions:
         report: bool = True,
         mark: bool = True,
         leave: bool = True,
+        condition: bool | None = None,
+        event_reason: str = "GPUUnhealthy",
     ) -> list[ActionOutcome]:
         """Run every enabled action within ``deadline_s``; never raises.
 
@@ -105,12 +107,22 @@ class KubernetesActions:
             report: set the condition and create the Event (the rank that decided does).
             mark: mark the node or device (only the rank whose GPU is bad should).
             leave: run the leave action (once per pod).
+            condition: set the pod condition (default: ``report``; not for a peer's loss, the GPU is fine).
+            event_reason: the Event's reason (``PeerLost`` after a peer's sudden loss).
         """
         c = self.config
         deadline = time.monotonic() + c.deadline_s
         steps: list[tuple[str, bool, Callable[[float], str]]] = [
-            ("condition", report and c.condition, lambda d: self.set_condition(state, message, device, d)),
-            ("event", report and c.event, lambda d: self.create_event(message, device, evidence, action, d)),
+            (
+                "condition",
+                (report if condition is None else condition) and c.condition,
+                lambda d: self.set_condition(state, message, device, d),
+            ),
+            (
+                "event",
+                report and c.event,
+                lambda d: self.create_event(message, device, evidence, action, d, reason=event_reason),
+            ),
             (
                 "node-" + c.mark,
                 mark and c.mark != "none" and device is not None and action == "reschedule",
@@ -171,7 +183,14 @@ class KubernetesActions:
         return f"{condition['type']}=False ({condition['reason']})"
 
     def create_event(
-        self, message: str, device: str | None, evidence: dict[str, Any], action: str, deadline: float
+        self,
+        message: str,
+        device: str | None,
+        evidence: dict[str, Any],
+        action: str,
+        deadline: float,
+        *,
+        reason: str = "GPUUnhealthy",
     ) -> str:
         from kubernetes import client
 
@@ -186,7 +205,7 @@ class KubernetesActions:
             "metadata": {"generateName": f"{cl.pod}.gpuguard-", "namespace": cl.namespace},
             "eventTime": micro_time(),
             "type": "Warning",
-            "reason": "GPUUnhealthy",
+            "reason": reason,
             "action": "RestartInPlace" if action == "restart" else "Reschedule",
             "note": truncate_bytes(note, NOTE_LIMIT_BYTES),
             "regarding": {
@@ -208,7 +227,7 @@ class KubernetesActions:
             group="events.k8s.io",
             deadline=deadline,
         )
-        return "Warning GPUUnhealthy"
+        return f"Warning {reason}"
 
     def mark_node(
         self, device: str, deadline: float, *, state: str = "FAILING", reasons: list[str] | None = None

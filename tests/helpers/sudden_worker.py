@@ -1,0 +1,197 @@
+"""A data-parallel job under gpuguard-run (gloo, CPU) in which one rank dies without warning.
+
+``--layout ddp``: ``DistributedDataParallel`` with ``replicated=True``; ``hsdp``: FSDP2 ``fully_shard`` on a
+2 x 2 (replicate, shard) mesh; ``fsdp``: FSDP2 on a 1-D mesh (no replicas). With ``--kill-rank R
+--kill-step S --kill-phase P`` rank R SIGKILLs itself during step S:
+
+- ``forward``: inside the model's forward (a hook on a hidden layer);
+- ``backward``: inside backward, as its first gradient is ready (DDP's all-reduce of the later buckets
+  is running on the other ranks, which wait for this rank's);
+- ``between``: after ``guard.step(S)`` returned, before the next forward;
+- ``periodic``: a few milliseconds after ``guard.step(S)`` started a periodic checkpoint (S a
+  multiple of ``--periodic-every``), while it is being written;
+- ``optimizer``: inside ``optimizer.step()`` of step S.
+
+Before dying it writes ``killed.json`` (rank, step, phase, wall time). Every other rank writes
+``rank-N.json`` (how it ended); rank 0 writes the final weights after an uninterrupted finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import gpuguard
+
+
+def build(layout: str, rank: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 1),
+    )
+    if layout == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        model.register_comm_hook(None, reduce_each_gradient)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        world = dist.get_world_size()
+        if layout == "hsdp":
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
+        for layer in (model[0], model[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.7)
+    return model, optimizer, scheduler
+
+
+def reduce_each_gradient(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations it finds
+    """DDP's all-reduce, one gradient at a time, in the bucket's order (the same on every rank).
+
+    DDP re-buckets its gradients after the first step of every launch, and a ring all-reduce over
+    more than two ranks rounds a bucket's sums differently when its layout changes: a resumed run would
+    differ from an uninterrupted one in the last bits. Reducing each gradient alone makes every sum
+    independent of the bucketing.
+    """
+    if KILL_IN_ALLREDUCE["armed"]:
+        KILL_IN_ALLREDUCE["armed"] = False
+        KILL_IN_ALLREDUCE["die"]()
+    world = dist.get_world_size()
+    for gradient in bucket.gradients():
+        dist.all_reduce(gradient)
+        gradient.div_(world)
+    future = torch.futures.Future()  # type: ignore[var-annotated]
+    future.set_result(bucket.buffer())
+    return future
+
+
+KILL_IN_ALLREDUCE: dict[str, Any] = {"armed": False, "die": None}
+
+
+def die(folder: Path, rank: int, step: int, phase: str) -> None:
+    (folder / "killed.json").write_text(json.dumps({"rank": rank, "step": step, "phase": phase, "at": time.time()}))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--layout", choices=("ddp", "hsdp", "fsdp"), default="ddp")
+    p.add_argument("--periodic-every", type=int, default=0)
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-step", type=int, default=-1)
+    p.add_argument("--kill-phase", default="forward")
+    p.add_argument("--step-sleep", type=float, default=0.01)
+    args = p.parse_args()
+    folder = args.dir
+    folder.mkdir(parents=True, exist_ok=True)
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(name)s: %(message)s")
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, optimizer, scheduler = build(args.layout, rank)
+    torch.manual_seed(1000 + rank)  # dropout differs between ranks: each rank's RNG must come back as its own
+    progress = {"batches": 0}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    victim = rank == args.kill_rank
+    current = {"step": -1}
+    if victim and args.kill_phase == "forward":
+        model_layers = model.module if args.layout == "ddp" else model
+        model_layers[3].register_forward_pre_hook(
+            lambda m, a: die(folder, rank, current["step"], "forward") if current["step"] == args.kill_step else None
+        )
+    if victim and args.kill_phase == "backward":
+        if args.layout == "ddp":  # inside DDP's all-reduce of the first bucket: the others wait in theirs
+            KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], "backward")
+        else:  # as a gradient is ready: FSDP's reduce-scatter of the later layers is running
+            first = next(iter(model.parameters()))
+            first.register_hook(
+                lambda g: die(folder, rank, current["step"], "backward") if current["step"] == args.kill_step else None
+            )
+    if victim and args.kill_phase == "optimizer":
+        optimizer.register_step_pre_hook(
+            lambda o, a, k: (
+                die(folder, rank, current["step"], "optimizer") if current["step"] == args.kill_step else None
+            )
+        )
+    report: dict[str, Any] = {"rank": rank, "world_size": world}
+    out = folder / f"rank-{rank}.json"
+    try:
+        with gpuguard.Guard(
+            checkpoint_dir=f"file://{folder / 'checkpoints'}",
+            state=state,
+            sync_every=5,
+            checkpoint_every_steps=args.periodic_every or None,
+            checkpoint_every_s=0,
+            replicated=args.layout == "ddp",
+            commit_timeout_s=20,
+        ) as guard:
+            report["resumed_at"] = guard.resume()
+            for step in range(report["resumed_at"], args.steps):
+                current["step"] = step
+                KILL_IN_ALLREDUCE["armed"] = KILL_IN_ALLREDUCE["die"] is not None and step == args.kill_step
+                g = torch.Generator().manual_seed(step * 1000 + rank)
+                x = torch.randn(32, 16, generator=g)
+                loss = torch.nn.functional.mse_loss(model(x), x[:, :1].cos())
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress["batches"] += 1
+                time.sleep(args.step_sleep)
+                guard.step(step)
+                if victim and step == args.kill_step and args.kill_phase == "between":
+                    die(folder, rank, step, "between")
+                if victim and step == args.kill_step and args.kill_phase == "periodic":
+                    threading.Timer(0.003, die, (folder, rank, step, "periodic")).start()
+        report["exit_code"] = 0
+        report["batches"] = progress["batches"]
+    except gpuguard.Evacuation as evacuation:
+        ev = guard.last_evacuation
+        report |= {
+            "exit_code": evacuation.code,
+            "evacuated_at": evacuation.step,
+            "message": evacuation.decision.message,
+        }
+        report["sudden_loss"] = (ev.evidence or {}).get("sudden_loss") if ev else None
+        report["left_at"] = time.time()
+        out.write_text(json.dumps(report))
+        raise
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        weights = model.state_dict()
+        if args.layout != "ddp":
+            weights = {k: v.full_tensor() for k, v in weights.items()}
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / "final.safetensors"))
+    elif args.layout != "ddp":
+        for value in model.state_dict().values():
+            value.full_tensor()  # a collective: every rank takes part
+    out.write_text(json.dumps(report))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
