@@ -100,6 +100,9 @@ class _Flattener:
                         "keys must be str, int, float, bool or None"
                     )
             return {"$dict": [[k, self.encode(v, [*path, str(k)])] for k, v in items]}
+        if isinstance(value, (list, tuple)) and _plain_ints(value):
+            # Python's RNG state is 625 ints: encoded at every step for the sudden-loss mirror (gpuguard.peers).
+            return list(value) if isinstance(value, list) else {"$tuple": list(value)}
         if isinstance(value, list):
             return [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]
         if isinstance(value, torch.Size):
@@ -117,6 +120,11 @@ class _Flattener:
         raise UnsupportedStateError(
             f"{_where(path)}: cannot checkpoint a {type(value).__name__} without pickling it; {_ALLOWED}"
         )
+
+
+def _plain_ints(values: list[Any] | tuple[Any, ...]) -> bool:
+    """Every item an int (not a bool, not a subclass): JSON holds them as they are."""
+    return len(values) > 8 and all(type(v) is int for v in values)
 
 
 def _where(path: list[str]) -> str:

@@ -69,8 +69,17 @@ def agree(
             if not waiting or now - started >= checkin_s:
                 lost = [r for r in range(world_size) if r not in checkins]
                 mirrored = {r: tuple(records.mirrored_records(r)) for r in lost}
+                provisional = {r: getattr(records.mirrored_provisional(r), "step", None) for r in lost}
                 attempt = f"survivors-{secrets.token_hex(6)}"
-                decision = decide(checkins, world_size, groups, mirrored, checkpoint_id=checkpoint_id, attempt=attempt)
+                decision = decide(
+                    checkins,
+                    world_size,
+                    groups,
+                    mirrored,
+                    checkpoint_id=checkpoint_id,
+                    attempt=attempt,
+                    mirrored_provisional=provisional,
+                )
                 return parse(channel.first("plan", json.dumps(decision.to_dict()).encode()))
         if now >= deadline:
             raise TimeoutError(f"the survivors did not agree on a plan within {deadline - started:.1f}s")

@@ -30,24 +30,41 @@ from typing import Any
 @dataclass(frozen=True)
 class CheckIn:
     """A survivor's report: the last step it completed, the step its live tensors hold (None inside an
-    optimizer step), and the steps of its own per-rank records."""
+    optimizer step), the steps of its own per-rank records, the step of its provisional record (taken as
+    its last optimizer step began) and the steps whose provisional record equalled the final one or not."""
 
     rank: int
     last_step: int
     holds: int | None
     records: tuple[int, ...]
+    provisional: int | None = None
+    exact: tuple[int, ...] = ()
+    differed: tuple[int, ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"rank": self.rank, "last_step": self.last_step, "holds": self.holds, "records": list(self.records)}
-        ).encode()
+        doc = {
+            "rank": self.rank,
+            "last_step": self.last_step,
+            "holds": self.holds,
+            "records": list(self.records),
+            "provisional": self.provisional,
+            "exact": list(self.exact),
+            "differed": list(self.differed),
+        }
+        return json.dumps(doc).encode()
 
     @classmethod
     def parse(cls, data: bytes) -> CheckIn:
         doc = json.loads(data)
-        holds = doc["holds"]
+        holds, pre = doc["holds"], doc.get("provisional")
         return cls(
-            int(doc["rank"]), int(doc["last_step"]), None if holds is None else int(holds), tuple(doc["records"])
+            int(doc["rank"]),
+            int(doc["last_step"]),
+            None if holds is None else int(holds),
+            tuple(int(s) for s in doc["records"]),
+            None if pre is None else int(pre),
+            tuple(int(s) for s in doc.get("exact", ())),
+            tuple(int(s) for s in doc.get("differed", ())),
         )
 
 
@@ -61,6 +78,7 @@ class Plan:
     members: tuple[int, ...]
     lost: tuple[int, ...]
     writers: dict[int, int]
+    provisional: tuple[int, ...] = ()  # ranks whose state at ``step`` is their provisional record
 
     @property
     def committer(self) -> int:
@@ -79,6 +97,7 @@ class Plan:
             "members": list(self.members),
             "lost": list(self.lost),
             "writers": {str(v): w for v, w in self.writers.items()},
+            "provisional": list(self.provisional),
         }
 
 
@@ -100,7 +119,8 @@ def parse(data: bytes) -> Plan | Cannot:
     if doc["plan"] == "cannot":
         return Cannot(str(doc["reason"]), members, lost)
     writers = {int(v): int(w) for v, w in doc["writers"].items()}
-    return Plan(str(doc["checkpoint_id"]), int(doc["step"]), str(doc["attempt"]), members, lost, writers)
+    provisional = tuple(int(r) for r in doc.get("provisional", ()))
+    return Plan(str(doc["checkpoint_id"]), int(doc["step"]), str(doc["attempt"]), members, lost, writers, provisional)
 
 
 def decide(
@@ -111,6 +131,7 @@ def decide(
     *,
     checkpoint_id: Any,
     attempt: str,
+    mirrored_provisional: Mapping[int, int | None] | None = None,
 ) -> Plan | Cannot:
     """The plan, or why there is none.
 
@@ -119,6 +140,10 @@ def decide(
         world_size: the job's number of ranks.
         groups: (label, ranks) of each replica group; together they cover every rank once.
         mirrored: for each lost rank, the steps of its records on the side channel.
+        mirrored_provisional: for each lost rank, the step of its provisional record, if any. A rank
+            without a final record of a step may use its provisional one when the survivors show it
+            exact: some survivor's provisional record of that step equalled its final one, and none
+            differed (the loop changes no per-rank state after ``optimizer.step()``).
         checkpoint_id: called with the step: the id of the checkpoint to write.
         attempt: the commit's attempt token (unique to this plan).
     """
@@ -126,8 +151,20 @@ def decide(
     lost = tuple(r for r in range(world_size) if r not in checkins)
     group_of = {rank: i for i, (_, ranks) in enumerate(groups) for rank in ranks}
 
+    pre_of = dict(mirrored_provisional or {})
+    pre_of.update({c.rank: c.provisional for c in checkins.values()})
+
+    def exact(step: int) -> bool:
+        # Survivors that completed ``step`` and compared their provisional record of it: exact on every one.
+        return any(step in c.exact for c in checkins.values()) and not any(
+            step in c.differed for c in checkins.values()
+        )
+
     def records_of(rank: int) -> set[int]:
         return set(checkins[rank].records) if rank in checkins else set(mirrored.get(rank, ()))
+
+    def usable(rank: int, step: int) -> bool:
+        return step in records_of(rank) or (pre_of.get(rank) == step and exact(step))
 
     candidates = sorted({c.holds for c in checkins.values() if c.holds is not None}, reverse=True)
     if not candidates:
@@ -135,18 +172,22 @@ def decide(
     first_problem = ""
     for step in candidates:
         holders = {m for m in members if checkins[m].holds == step}
-        problem = _missing_group(step, groups, holders, checkins, lost) or _missing_record(step, world_size, records_of)
+        problem = _missing_group(step, groups, holders, checkins, lost) or _missing_record(
+            step, world_size, records_of, usable
+        )
         if problem:
             first_problem = first_problem or problem
             continue
-        writers: dict[int, int] = {}
-        load = dict.fromkeys(holders, 0)
+        # Each holder writes its own files; the others' go to the least loaded holder of their group.
+        writers = {rank: rank for rank in holders}
+        load = dict.fromkeys(holders, 1)
         for rank in range(world_size):
-            eligible = sorted(m for m in holders if group_of[m] == group_of[rank])
-            writer = rank if rank in eligible else min(eligible, key=lambda m: (load[m], m))
-            writers[rank] = writer
-            load[writer] += 1
-        return Plan(checkpoint_id(step), step, attempt, members, lost, writers)
+            if rank not in writers:
+                eligible = [m for m in holders if group_of[m] == group_of[rank]]
+                writers[rank] = min(eligible, key=lambda m: (load[m], m))
+                load[writers[rank]] += 1
+        provisional = tuple(r for r in range(world_size) if step not in records_of(r))
+        return Plan(checkpoint_id(step), step, attempt, members, lost, dict(sorted(writers.items())), provisional)
     return Cannot(first_problem, members, lost)
 
 
@@ -176,10 +217,10 @@ def _missing_group(
     return ""
 
 
-def _missing_record(step: int, world_size: int, records_of: Any) -> str:
+def _missing_record(step: int, world_size: int, records_of: Any, usable: Any) -> str:
     for rank in range(world_size):
         steps = records_of(rank)
-        if step not in steps:
+        if not usable(rank, step):
             have = ", ".join(map(str, sorted(steps))) or "none"
             return f"rank {rank}'s per-rank state (RNG, data position) at step {step} was not mirrored (it has: {have})"
     return ""

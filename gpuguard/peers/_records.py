@@ -8,6 +8,12 @@ tensors copied) and written to the side channel before ``step`` returns, so the 
 rank completed is readable by the others after its death. The two newest steps are kept: a survivor
 may be one step ahead of another.
 
+A rank may also die inside its optimizer step, after its gradients were exchanged: its peers then
+complete that step, and its record of the step never comes. So as each optimizer step begins, a
+*provisional* record of the step is taken and mirrored too (``pre/<rank>``). It is the step's final
+state unless the loop changes per-rank state after ``optimizer.step()``; whether it does is seen on
+every survivor, which compares its own provisional record with its final one (`same_state`).
+
 A record is a safetensors blob whose metadata holds the JSON tree: parsed without pickling.
 """
 
@@ -76,6 +82,15 @@ def capture(rank: int, step: int, entries: Mapping[str, Any], *, rng: bool = Tru
     return StepRecord(rank, step, flat.tree, tensors, dict(flat.devices))
 
 
+def same_state(a: StepRecord, b: StepRecord) -> bool:
+    """The same per-rank state: tree, tensor names and every tensor's bytes."""
+    return (
+        a.tree == b.tree
+        and a.tensors.keys() == b.tensors.keys()
+        and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    )
+
+
 class StepRecords:
     """This rank's records of its last completed steps, and the others' from the side channel.
 
@@ -92,19 +107,37 @@ class StepRecords:
         self.rank = rank
         self.max_bytes = max_bytes
         self.mirrored = True  # False once a push failed or a record was too big: said once
+        self.exact: set[int] = set()  # steps whose provisional record equalled the final one, here
+        self.differed: set[int] = set()  # steps whose provisional record did not
         self._mine: dict[int, StepRecord] = {}
+        self._provisional: StepRecord | None = None
 
     def keep(self, record: StepRecord) -> None:
         """Keep ``record`` and mirror it (synchronously: a completed step's state is out before ``step`` returns)."""
         self._mine[record.step] = record
         for old in sorted(self._mine)[:-KEEP]:
             del self._mine[old]
+        provisional = self._provisional
+        if provisional is not None and provisional.step == record.step:
+            (self.exact if same_state(provisional, record) else self.differed).add(record.step)
+        self.exact.intersection_update(self._mine)
+        self.differed.intersection_update(self._mine)
+        self._mirror(f"rec/{self.rank}/{record.step % KEEP}", record)
+
+    def keep_provisional(self, record: StepRecord) -> None:
+        """Keep and mirror the state as an optimizer step begins (see the module docstring)."""
+        self._provisional = record
+        self._mirror(f"pre/{self.rank}", record)
+
+    def _mirror(self, key: str, record: StepRecord) -> None:
+        if not self.mirrored:
+            return
         data = record.to_bytes()
         if len(data) > self.max_bytes:
             self._stop_mirroring(f"its per-rank state is {len(data)} bytes, over the mirror's {self.max_bytes}")
             return
         try:
-            self.channel.set(f"rec/{self.rank}/{record.step % KEEP}", data)
+            self.channel.set(key, data)
         except SideChannelError as exc:
             self._stop_mirroring(str(exc))
 
@@ -141,8 +174,28 @@ class StepRecords:
                 found[record.step] = record
         return found
 
-    def record(self, rank: int, step: int) -> StepRecord | None:
-        """``rank``'s record of ``step``: this rank's own, or the mirror's."""
+    def provisional(self) -> StepRecord | None:
+        """This rank's provisional record (of the step whose optimizer step it began last)."""
+        return self._provisional
+
+    def mirrored_provisional(self, rank: int) -> StepRecord | None:
+        data = self.channel.get(f"pre/{rank}")
+        if data is None:
+            return None
+        try:
+            record = StepRecord.from_bytes(data)
+        except CheckpointCorruptError as exc:
+            log.error("gpuguard: rank %d's mirrored provisional state: %s", rank, exc)
+            return None
+        return record if record.rank == rank else None
+
+    def record(self, rank: int, step: int, *, provisional: bool = False) -> StepRecord | None:
+        """``rank``'s record of ``step``: this rank's own, or the mirror's; with ``provisional``, the one
+        taken as that step's optimizer step began when there is no final one."""
         if rank == self.rank and step in self._mine:
             return self._mine[step]
-        return self.mirrored_records(rank).get(step)
+        found = self.mirrored_records(rank).get(step) if rank != self.rank else None
+        if found is None and provisional:
+            pre = self._provisional if rank == self.rank else self.mirrored_provisional(rank)
+            found = pre if pre is not None and pre.step == step else None
+        return found

@@ -98,6 +98,7 @@ class SuddenLoss:
         self.abandoned: str | None = None
         self.buffers: BufferKeeper | None = None
         self._per_rank: list[str] = []
+        self._view: Mapping[str, Any] | None = None
         self._on_alarm: list[Callable[[Alarm], None]] = []
         self._abandoning = threading.Lock()  # the watch thread and the training thread both may
 
@@ -156,6 +157,7 @@ class SuddenLoss:
         return part
 
     def _hook(self, view: Mapping[str, Any]) -> None:
+        self._view = view
         replicated, self._per_rank = split(view)
         for value in view.values():
             if isinstance(value, torch.optim.Optimizer):
@@ -164,8 +166,15 @@ class SuddenLoss:
         self.buffers = BufferKeeper(modules)
 
     def _optimizer_starting(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # From here until the next completed step, this rank's parameters are no completed step's.
+        # From here until the next completed step, this rank's parameters are no completed step's. Its
+        # gradients are exchanged: should it die now, its peers complete this step without it, so its
+        # state as the step began goes out first (see gpuguard.peers._records).
+        if self.in_optimizer_step:  # a second optimizer in the same step
+            return
         self.in_optimizer_step = True
+        if self._view is not None:
+            entries = {k: self._view[k] for k in self._per_rank if k in self._view}
+            self.records.keep_provisional(capture(self.rank, self.last_step + 1, entries))
 
     def subscribe(self, callback: Callable[[Alarm], None]) -> None:
         """``callback(alarm)`` on the watch thread when a peer is lost (the guard wakes its training thread)."""
@@ -200,6 +209,7 @@ class SuddenLoss:
     def completed(self, step: int, view: Mapping[str, Any]) -> None:
         """This rank completed ``step``: keep and mirror its per-rank state (before `guard.step` returns)."""
         self.records.keep(capture(self.rank, step, {k: view[k] for k in self._per_rank if k in view}))
+        self._view = view
         self.last_step = step
         self.in_optimizer_step = False
         self.watch.step = step
@@ -230,7 +240,16 @@ class SuddenLoss:
         if abandoned:
             log.warning("gpuguard: saves in flight that will never commit: %s", ", ".join(abandoned))
         holds = None if self.in_optimizer_step else self.last_step
-        checkin = CheckIn(self.rank, self.last_step, holds, self.records.held())
+        pre = self.records.provisional()
+        checkin = CheckIn(
+            self.rank,
+            self.last_step,
+            holds,
+            self.records.held(),
+            None if pre is None else pre.step,
+            tuple(sorted(self.records.exact)),
+            tuple(sorted(self.records.differed)),
+        )
         timings = {"alarm_at": alarm.at, "survive_at": started}
         try:
             replicated_view = self._replicated_view(view)
@@ -276,7 +295,7 @@ class SuddenLoss:
         evidence: Mapping[str, Any] | None,
     ) -> SurvivorOutcome:
         lost_text = _ranks(plan.lost)
-        replayed = self._steps_completed_beyond(plan)
+        replayed = self._steps_replayed(plan)
         facts = {
             "sudden_loss": {
                 "lost": list(plan.lost),
@@ -286,11 +305,18 @@ class SuddenLoss:
             },
             **dict(evidence or {}),
         }
+        if plan.provisional:
+            log.warning(
+                "gpuguard: rank(s) %s left step %d inside its optimizer step: their per-rank state is the copy taken "
+                "as that optimizer step began, which on every survivor equalled the state at the step's end",
+                _ranks(plan.provisional),
+                plan.step,
+            )
         info = None
         try:
             pendings = []
             for virtual in plan.assigned(self.rank):
-                record = self.records.record(virtual, plan.step)
+                record = self.records.record(virtual, plan.step, provisional=virtual in plan.provisional)
                 if record is None:
                     raise CheckpointError(f"rank {virtual}'s per-rank state at step {plan.step} is not readable")
                 tree: dict[str, Any] = {}
@@ -360,14 +386,15 @@ class SuddenLoss:
             timings=timings,
         )
 
-    def _steps_completed_beyond(self, plan: Plan) -> int:
-        """Steps some rank completed after the saved one: a resume computes them again (at most 1)."""
+    def _steps_replayed(self, plan: Plan) -> int:
+        """Steps a resume computes again: the one the job was in when the peer died, and any step some rank
+        completed after the saved one (none, unless a rank died before its state of that step was out)."""
         newest = plan.step
         for rank in range(self.world_size):
             heard = self.watch.last_heard.get(rank)
             if heard is not None:
                 newest = max(newest, int(heard.get("step", -1)))
-        return max(newest, self.last_step) - plan.step
+        return max(newest, self.last_step) - plan.step + 1
 
 
 def _ranks(ranks: tuple[int, ...] | list[int]) -> str:

@@ -1,4 +1,6 @@
-"""A data-parallel job under gpuguard-run (gloo, CPU) in which one rank dies without warning.
+"""``gpuguard demo --sudden``'s training job, under gpuguard-run (gloo, CPU): one rank may die without warning.
+
+Run as ``gpuguard-run --standalone --nproc-per-node N -m gpuguard.demo.sudden_worker --dir D ...``.
 
 ``--layout ddp``: ``DistributedDataParallel`` with ``replicated=True``; ``hsdp``: FSDP2 ``fully_shard`` on a
 2 x 2 (replicate, shard) mesh; ``fsdp``: FSDP2 on a 1-D mesh (no replicas). With ``--kill-rank R
@@ -35,9 +37,10 @@ import torch.distributed as dist
 import gpuguard
 
 
-def build(layout: str, rank: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+def build(layout: str) -> tuple[torch.nn.Module, torch.nn.Sequential, torch.optim.Optimizer, Any]:
+    """(the model as trained, its layers, the optimizer, the scheduler)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    layers = torch.nn.Sequential(
         torch.nn.Linear(16, 32),
         torch.nn.Tanh(),
         torch.nn.Dropout(0.1),
@@ -45,9 +48,11 @@ def build(layout: str, rank: int) -> tuple[torch.nn.Module, torch.optim.Optimize
         torch.nn.Tanh(),
         torch.nn.Linear(32, 1),
     )
+    model: torch.nn.Module = layers
     if layout == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
-        model.register_comm_hook(None, reduce_each_gradient)
+        ddp = torch.nn.parallel.DistributedDataParallel(layers)
+        ddp.register_comm_hook(None, reduce_each_gradient)
+        model = ddp
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -57,15 +62,15 @@ def build(layout: str, rank: int) -> tuple[torch.nn.Module, torch.optim.Optimize
             mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
-        for layer in (model[0], model[3]):
+        for layer in (layers[0], layers[3]):
             fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard(layers, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.7)
-    return model, optimizer, scheduler
+    return model, layers, optimizer, scheduler
 
 
-def reduce_each_gradient(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations it finds
+def reduce_each_gradient(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations it cannot read
     """DDP's all-reduce, one gradient at a time, in the bucket's order (the same on every rank).
 
     DDP re-buckets its gradients after the first step of every launch, and a ring all-reduce over
@@ -93,7 +98,7 @@ def die(folder: Path, rank: int, step: int, phase: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=30)
@@ -103,22 +108,22 @@ def main() -> int:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--kill-phase", default="forward")
     p.add_argument("--step-sleep", type=float, default=0.01)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     folder = args.dir
     folder.mkdir(parents=True, exist_ok=True)
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(name)s: %(message)s")
+    started = time.time()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s pid %(process)d %(name)s: %(message)s")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, optimizer, scheduler = build(args.layout, rank)
+    model, layers, optimizer, scheduler = build(args.layout)
     torch.manual_seed(1000 + rank)  # dropout differs between ranks: each rank's RNG must come back as its own
     progress = {"batches": 0}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
     victim = rank == args.kill_rank
     current = {"step": -1}
     if victim and args.kill_phase == "forward":
-        model_layers = model.module if args.layout == "ddp" else model
-        model_layers[3].register_forward_pre_hook(
+        layers[3].register_forward_pre_hook(
             lambda m, a: die(folder, rank, current["step"], "forward") if current["step"] == args.kill_step else None
         )
     if victim and args.kill_phase == "backward":
@@ -126,7 +131,7 @@ def main() -> int:
             KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], "backward")
         else:  # as a gradient is ready: FSDP's reduce-scatter of the later layers is running
             first = next(iter(model.parameters()))
-            first.register_hook(
+            first.register_hook(  # type: ignore[no-untyped-call]
                 lambda g: die(folder, rank, current["step"], "backward") if current["step"] == args.kill_step else None
             )
     if victim and args.kill_phase == "optimizer":
@@ -135,7 +140,7 @@ def main() -> int:
                 die(folder, rank, current["step"], "optimizer") if current["step"] == args.kill_step else None
             )
         )
-    report: dict[str, Any] = {"rank": rank, "world_size": world}
+    report: dict[str, Any] = {"rank": rank, "world_size": world, "started_at": started}
     out = folder / f"rank-{rank}.json"
     try:
         with gpuguard.Guard(
@@ -148,17 +153,18 @@ def main() -> int:
             commit_timeout_s=20,
         ) as guard:
             report["resumed_at"] = guard.resume()
+            report["training_at"] = time.time()
             for step in range(report["resumed_at"], args.steps):
                 current["step"] = step
                 KILL_IN_ALLREDUCE["armed"] = KILL_IN_ALLREDUCE["die"] is not None and step == args.kill_step
                 g = torch.Generator().manual_seed(step * 1000 + rank)
                 x = torch.randn(32, 16, generator=g)
+                progress["batches"] += 1  # the data position advances as a batch is drawn
                 loss = torch.nn.functional.mse_loss(model(x), x[:, :1].cos())
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress["batches"] += 1
                 time.sleep(args.step_sleep)
                 guard.step(step)
                 if victim and step == args.kill_step and args.kill_phase == "between":
