@@ -7,11 +7,20 @@ The model, per policy (one `Policy`):
 - Between failures the job repeats: ``interval_s`` of training, then ``stall_s`` blocked while a
   checkpoint is snapshotted. A checkpoint becomes usable (durable) ``durable_lag_s`` after its
   snapshot; blocking saves such as ``torch.save`` have a lag of 0 (the stall covers the write).
-- A failure preceded by detectable degradation (a share ``detectable_share`` of them, gpuguard
-  only) triggers an emergency checkpoint of the current step: no training is lost, the job spends
-  ``emergency_s`` writing it, then leaves.
-- Any other failure rolls back to the newest durable checkpoint: the training since then is lost.
-- Every failure then costs ``downtime_s``: restart, reschedule onto another node, restore.
+- Three kinds of failure, by share:
+  * *detectable* (``detectable_share``): preceded by degradation gpuguard sees; it takes an
+    emergency checkpoint of the current step: no training is lost, the job spends ``emergency_s``
+    writing it, then leaves;
+  * *sudden with a surviving replica* (``jit_share``, gpuguard with just-in-time saves): the
+    survivors save the last completed step after ``jit_s`` (detection + the save); the step in
+    progress is computed again (``jit_replay_s``);
+  * everything else rolls back to the newest durable checkpoint: the training since then is lost.
+- Every failure then costs its kind's downtime: restart (on the same node when a restart in place
+  clears it, else after a reschedule onto another node) and restore.
+
+The costs are charged as the hardware bounds them: each checkpoint, emergency save and restore moves
+the whole job's state through one storage system, so none is faster than its bytes over the
+aggregate storage bandwidth — which bounds the best interval from below.
 
 `closed_form` is exact for this model (renewal-reward: expected kept training per failure cycle over
 its expected wall time, with the geometric sums done in closed form); `monte_carlo` samples failure
@@ -22,7 +31,7 @@ interruptions in 54 days on 16,384 H100 GPUs.
 Example:
     >>> inputs = GoodputInputs(nodes=128, gpus_per_node=8)
     >>> report = compare(inputs)
-    >>> report.gpuguard.goodput > report.periodic.goodput
+    >>> report.gpuguard_jit.goodput > report.gpuguard.goodput > report.periodic.goodput
     True
 """
 
@@ -37,6 +46,7 @@ from typing import Any, Final
 from gpuguard.errors import ConfigError
 
 DAY_S: Final = 86_400.0
+GIB: Final = 1024**3
 _MIN_INTERVAL_S: Final = 1.0  # checkpointing more often than once a second is not a setting anyone uses
 
 # NVIDIA, GeForce NOW fleet: 19 remediation requests per 1,000 GPU nodes per day (see DESIGN.md).
@@ -46,6 +56,17 @@ NVIDIA_PER_NODE_DAY: Final = 19 / 1000
 LLAMA3_PER_GPU_DAY: Final = 419 / (54 * 16_384)
 FAILURE_SOURCES: Final = ("nvidia", "llama3")
 
+# Meta, "The Llama 3 Herd of Models" (2024), section 3.3.1: the Tectonic storage fabric behind Llama 3's
+# 16,384 GPUs "supports a sustainable throughput of 2 TB/s and a peak throughput of 7 TB/s". The default
+# aggregate bandwidth is that sustained figure per GPU (122 MB/s), times the job's GPUs.
+TECTONIC_BYTES_PER_S: Final = 2e12
+TECTONIC_GPUS: Final = 16_384
+
+# Meta, Llama 3 report, Table 5: of 419 interruptions, 54 software bugs and 7 NCCL watchdog timeouts
+# (14.6%) need no new hardware: a restart in place clears them. The rest (GPUs, HBM, network, hosts)
+# need another node.
+LLAMA3_INPLACE_SHARE: Final = 61 / 419
+
 # Costs measured on one H200 for a 6 GiB state (fp32 model + AdamW), per GiB
 # (/work/shared/fixtures/h200-checkpoint-baseline.json, DESIGN.md "Checkpoints"):
 H200_TORCH_SAVE_S_PER_GIB: Final = 12.55 / 6  # torch.save with fsync: blocks training throughout
@@ -53,10 +74,17 @@ H200_TORCH_LOAD_S_PER_GIB: Final = 4.699 / 6  # torch.load to the GPU
 H200_PINNED_COPY_S_PER_GIB: Final = 0.117 / 6  # gpuguard's stall: copy into pinned buffers on a side stream
 H200_PARALLEL_WRITE_S_PER_GIB: Final = 3.25 / 6  # 8 threads writing the staged bytes with fsync
 
+# gpuguard's default bound on noticing a dead peer: peer_timeout_s + 2 x peer_heartbeat_s (3 + 2 x 0.5 s).
+DEFAULT_JIT_DETECT_S: Final = 4.0
+
 
 @dataclass(frozen=True)
 class Policy:
-    """One checkpointing policy in the model (see the module docstring for what each field means)."""
+    """One checkpointing policy in the model (see the module docstring for what each field means).
+
+    ``downtime_s`` is what a failure the policy does not save costs; ``detected_downtime_s`` and
+    ``jit_downtime_s`` (default: the same) are those of the detectable and the just-in-time-saved kinds.
+    """
 
     name: str
     failures_per_s: float
@@ -66,6 +94,21 @@ class Policy:
     downtime_s: float
     detectable_share: float = 0.0
     emergency_s: float = 0.0
+    jit_share: float = 0.0
+    jit_s: float = 0.0
+    jit_replay_s: float = 0.0
+    detected_downtime_s: float | None = None
+    jit_downtime_s: float | None = None
+
+    @property
+    def rolled_back_share(self) -> float:
+        return 1.0 - self.detectable_share - self.jit_share
+
+    def downtimes(self) -> tuple[float, float, float]:
+        """(detectable, just-in-time saved, rolled back)."""
+        detected = self.downtime_s if self.detected_downtime_s is None else self.detected_downtime_s
+        jit = self.downtime_s if self.jit_downtime_s is None else self.jit_downtime_s
+        return detected, jit, self.downtime_s
 
 
 @dataclass(frozen=True)
@@ -76,8 +119,8 @@ class Outcome:
     goodput: float  # kept training time / wall time
     training_h_per_day: float
     checkpoint_overhead: float  # share of running time spent stalled in periodic saves
-    work_lost_per_failure_s: float  # training redone, averaged over every failure (detected or not)
-    wall_lost_per_failure_s: float  # training redone + emergency save + downtime
+    work_lost_per_failure_s: float  # training redone, averaged over every failure (whatever its kind)
+    wall_lost_per_failure_s: float  # training redone + saves after the failure + downtime
     best_interval_s: float  # the interval that maximises goodput under the same costs
     best_goodput: float
 
@@ -107,7 +150,8 @@ class Check:
 @dataclass(frozen=True)
 class GoodputInputs:
     """A job and its costs. Seconds throughout; ``None`` costs come from the H200 measurements, scaled
-    by ``state_gib`` (the checkpoint size per GPU, written by every rank in parallel)."""
+    by ``state_gib`` (the checkpoint size per GPU, written by every rank in parallel), and never below
+    what the aggregate storage bandwidth allows for the whole job's bytes."""
 
     nodes: int = 128
     gpus_per_node: int = 8
@@ -119,11 +163,18 @@ class GoodputInputs:
     failure_source: str = "nvidia"
     failures_per_node_day: float | None = None  # overrides failure_source
     detectable_share: float = 0.2
+    sudden_replicated_share: float = 0.6
+    inplace_share_detectable: float = 0.0
+    inplace_share_sudden: float = LLAMA3_INPLACE_SHARE
+    storage_gbps: float | None = None
     periodic_stall_s: float | None = None
     periodic_restore_s: float | None = None
     gpuguard_stall_s: float | None = None
     gpuguard_durable_s: float | None = None
     gpuguard_restore_s: float | None = None
+    jit_detect_s: float = DEFAULT_JIT_DETECT_S
+    jit_save_s: float | None = None
+    jit_replay_steps: float = 1.0
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,13 +188,20 @@ class GoodputInputs:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f.name, value, "must be a finite number")
-            positive = f.name in ("step_time_s", "state_gib", "interval_s", "failures_per_node_day")
+            positive = f.name in ("step_time_s", "state_gib", "interval_s", "failures_per_node_day", "storage_gbps")
             if (positive and value <= 0) or value < 0:
                 raise ConfigError(f.name, value, "must be greater than 0" if positive else "must be 0 or greater")
         if self.failure_source not in FAILURE_SOURCES:
             raise ConfigError("failure_source", self.failure_source, "allowed: " + ", ".join(FAILURE_SOURCES))
-        if not 0 <= self.detectable_share <= 1:
-            raise ConfigError("detectable_share", self.detectable_share, "must be from 0 to 1")
+        for name in ("detectable_share", "sudden_replicated_share", "inplace_share_detectable", "inplace_share_sudden"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, getattr(self, name), "must be from 0 to 1")
+        if self.detectable_share + self.sudden_replicated_share > 1 + 1e-12:
+            raise ConfigError(
+                "sudden_replicated_share",
+                self.sudden_replicated_share,
+                f"must be at most 1 - detectable_share = {1 - self.detectable_share:g}: the shares are of all failures",
+            )
         lag = self.gpuguard_durable - self.gpuguard_stall
         if lag < 0:
             raise ConfigError("gpuguard_durable_s", self.gpuguard_durable, "must be at least gpuguard_stall_s")
@@ -151,18 +209,35 @@ class GoodputInputs:
             raise ConfigError(
                 "interval_s",
                 self.interval_s,
-                f"must be at least gpuguard's time to durable after the snapshot ({lag:g} s): "
-                "checkpoints would queue behind each other",
+                f"must be at least gpuguard's time to durable after the snapshot ({lag:g} s, bounded by the storage "
+                "bandwidth): checkpoints would queue behind each other",
             )
 
-    # Resolved costs: the explicit value, or the H200 figure scaled to the state's size.
+    # The storage bound: the whole job's checkpoint bytes through the aggregate bandwidth.
+    @property
+    def storage_bytes_per_s(self) -> float:
+        if self.storage_gbps is not None:
+            return self.storage_gbps * 1e9
+        return TECTONIC_BYTES_PER_S * self.gpus / TECTONIC_GPUS
+
+    @property
+    def checkpoint_bytes(self) -> float:
+        """One checkpoint of the whole job: every GPU's ``state_gib``."""
+        return self.state_gib * GIB * self.gpus
+
+    @property
+    def storage_floor_s(self) -> float:
+        """The least time one checkpoint (or restore) of the whole job can take through the storage."""
+        return self.checkpoint_bytes / self.storage_bytes_per_s
+
+    # Resolved costs: the explicit value or the H200 figure scaled to the state, never below the storage floor.
     @property
     def periodic_stall(self) -> float:
-        return _or(self.periodic_stall_s, H200_TORCH_SAVE_S_PER_GIB * self.state_gib)
+        return max(_or(self.periodic_stall_s, H200_TORCH_SAVE_S_PER_GIB * self.state_gib), self.storage_floor_s)
 
     @property
     def periodic_restore(self) -> float:
-        return _or(self.periodic_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib)
+        return max(_or(self.periodic_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib), self.storage_floor_s)
 
     @property
     def gpuguard_stall(self) -> float:
@@ -170,11 +245,16 @@ class GoodputInputs:
 
     @property
     def gpuguard_durable(self) -> float:
-        return _or(self.gpuguard_durable_s, H200_PARALLEL_WRITE_S_PER_GIB * self.state_gib)
+        return max(_or(self.gpuguard_durable_s, H200_PARALLEL_WRITE_S_PER_GIB * self.state_gib), self.storage_floor_s)
 
     @property
     def gpuguard_restore(self) -> float:
-        return _or(self.gpuguard_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib)
+        return max(_or(self.gpuguard_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib), self.storage_floor_s)
+
+    @property
+    def jit_save(self) -> float:
+        """The survivors write the whole job's state: as long as any gpuguard save, at least."""
+        return max(_or(self.jit_save_s, self.gpuguard_durable), self.storage_floor_s)
 
     @property
     def gpus(self) -> int:
@@ -189,15 +269,23 @@ class GoodputInputs:
             return LLAMA3_PER_GPU_DAY * self.gpus
         return NVIDIA_PER_NODE_DAY * self.nodes
 
-    def policies(self) -> tuple[Policy, Policy]:
+    def _downtime(self, inplace_share: float, restore_s: float) -> float:
+        return self.restart_s + (1 - inplace_share) * self.reschedule_s + restore_s
+
+    def policies(self) -> tuple[Policy, Policy, Policy]:
+        """Periodic checkpoints alone, gpuguard (emergency saves of detected failures), and gpuguard with
+        just-in-time saves of sudden failures that leave a replica."""
         rate = self.failures_per_day / DAY_S
+        sudden = self.inplace_share_sudden
         periodic = Policy(
             name="periodic only",
             failures_per_s=rate,
             interval_s=self.interval_s,
             stall_s=self.periodic_stall,
             durable_lag_s=0.0,  # a blocking save is durable when it returns
-            downtime_s=self.restart_s + self.reschedule_s + self.periodic_restore,
+            downtime_s=self._downtime(sudden, self.periodic_restore),
+            # Detectable failures are failures like any other here; their kind decides where they restart.
+            detectable_share=0.0,
         )
         guarded = Policy(
             name="gpuguard",
@@ -205,12 +293,32 @@ class GoodputInputs:
             interval_s=self.interval_s,
             stall_s=self.gpuguard_stall,
             durable_lag_s=self.gpuguard_durable - self.gpuguard_stall,
-            downtime_s=self.restart_s + self.reschedule_s + self.gpuguard_restore,
+            downtime_s=self._downtime(sudden, self.gpuguard_restore),
             detectable_share=self.detectable_share,
             # The job stops at the detected step and leaves once the emergency checkpoint is durable.
             emergency_s=self.gpuguard_durable,
+            detected_downtime_s=self._downtime(self.inplace_share_detectable, self.gpuguard_restore),
         )
-        return periodic, guarded
+        jit = Policy(
+            **{
+                **asdict(guarded),
+                "name": "gpuguard + just-in-time",
+                "jit_share": self.sudden_replicated_share,
+                "jit_s": self.jit_detect_s + self.jit_save,
+                "jit_replay_s": self.jit_replay_steps * self.step_time_s,
+                "jit_downtime_s": self._downtime(sudden, self.gpuguard_restore),
+            }
+        )
+        if self.detectable_share:  # periodic-only restarts detectable failures where their kind says
+            p = self.detectable_share
+            periodic = Policy(
+                **{
+                    **asdict(periodic),
+                    "downtime_s": p * self._downtime(self.inplace_share_detectable, self.periodic_restore)
+                    + (1 - p) * periodic.downtime_s,
+                }
+            )
+        return periodic, guarded, jit
 
     def assumptions(self) -> dict[str, Any]:
         """Every figure the result depends on, with where it comes from."""
@@ -222,6 +330,13 @@ class GoodputInputs:
             else "NVIDIA: 19 remediations per 1,000 nodes per day"
         )
         h200 = "H200 measurement scaled to the state size"
+        floor = f", at least the storage floor {self.storage_floor_s:.4g} s"
+        bandwidth = (
+            f"{self.storage_gbps:g} GB/s (given)"
+            if self.storage_gbps is not None
+            else f"{self.storage_bytes_per_s / 1e9:.4g} GB/s (Meta's Tectonic for Llama 3: 2 TB/s sustained for "
+            "16,384 GPUs, scaled to this job's GPUs)"
+        )
         return {
             "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
@@ -232,19 +347,37 @@ class GoodputInputs:
             "failures_per_day": round(self.failures_per_day, 4),
             "mean_time_between_failures_h": round(24 / self.failures_per_day, 3),
             "detectable_share": self.detectable_share,
+            "sudden_replicated_share": self.sudden_replicated_share,
+            "sudden_unreplicated_share": round(1 - self.detectable_share - self.sudden_replicated_share, 6),
+            "inplace_share_detectable": self.inplace_share_detectable,
+            "inplace_share_sudden": _share_source(self.inplace_share_sudden),
             "restart_s": self.restart_s,
             "reschedule_s": self.reschedule_s,
-            "periodic_stall_s": _cost(self.periodic_stall_s, self.periodic_stall, f"torch.save, {h200}"),
-            "periodic_restore_s": _cost(self.periodic_restore_s, self.periodic_restore, f"torch.load, {h200}"),
+            "storage_bandwidth": bandwidth,
+            "checkpoint_bytes_per_job": f"{self.checkpoint_bytes / 1e12:.4g} TB",
+            "storage_floor_s": round(self.storage_floor_s, 4),
+            "periodic_stall_s": _cost(self.periodic_stall_s, self.periodic_stall, f"torch.save, {h200}{floor}"),
+            "periodic_restore_s": _cost(self.periodic_restore_s, self.periodic_restore, f"torch.load, {h200}{floor}"),
             "gpuguard_stall_s": _cost(self.gpuguard_stall_s, self.gpuguard_stall, f"pinned copy, {h200}"),
             "gpuguard_durable_s": _cost(
-                self.gpuguard_durable_s, self.gpuguard_durable, f"8-thread write with fsync, {h200}"
+                self.gpuguard_durable_s, self.gpuguard_durable, f"8-thread write with fsync, {h200}{floor}"
             ),
-            "gpuguard_restore_s": _cost(self.gpuguard_restore_s, self.gpuguard_restore, f"torch.load, {h200}"),
-            "model": "Poisson failures while running; periodic saves every interval; an undetected failure "
-            "rolls back to the newest durable checkpoint; a detected one costs an emergency save and no "
-            "training; every failure costs restart + reschedule + restore; no false alarms, no failures "
-            "during downtime or during an emergency save; the storage bandwidth of frequent checkpoints is not charged",
+            "gpuguard_restore_s": _cost(self.gpuguard_restore_s, self.gpuguard_restore, f"torch.load, {h200}{floor}"),
+            "jit_detect_s": _cost(
+                None if self.jit_detect_s == DEFAULT_JIT_DETECT_S else self.jit_detect_s,
+                self.jit_detect_s,
+                "gpuguard's bound: peer_timeout_s + 2 x peer_heartbeat_s",
+            ),
+            "jit_save_s": _cost(
+                self.jit_save_s, self.jit_save, "as gpuguard_durable_s: the survivors write every rank's part"
+            ),
+            "jit_replay_steps": self.jit_replay_steps,
+            "model": "Poisson failures while running; periodic saves every interval; a detected failure costs an "
+            "emergency save and no training; a sudden one with a surviving replica (gpuguard + just-in-time) costs "
+            "detection + the survivors' save + the steps replayed; any other rolls back to the newest durable "
+            "checkpoint; every failure costs restart (+ reschedule unless a restart in place clears it) + restore; "
+            "saves and restores are bounded by the aggregate storage bandwidth; no false alarms, no failures during "
+            "downtime or during a save",
         }
 
 
@@ -253,18 +386,60 @@ class Report:
     inputs: GoodputInputs
     periodic: Outcome
     gpuguard: Outcome
+    gpuguard_jit: Outcome
     checks: tuple[Check, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        gpus = self.inputs.gpus
         return {
             "assumptions": self.inputs.assumptions(),
             "periodic": self.periodic.to_dict(),
             "gpuguard": self.gpuguard.to_dict(),
-            "gpu_hours_saved_per_day": round(
-                (self.gpuguard.goodput - self.periodic.goodput) * 24 * self.inputs.gpus, 2
-            ),
+            "gpuguard_jit": self.gpuguard_jit.to_dict(),
+            "gpu_hours_saved_per_day": round((self.gpuguard.goodput - self.periodic.goodput) * 24 * gpus, 2),
+            "gpu_hours_saved_per_day_jit": round((self.gpuguard_jit.goodput - self.periodic.goodput) * 24 * gpus, 2),
+            "per_failure": per_failure(self.inputs),
             "monte_carlo": [c.to_dict() for c in self.checks],
         }
+
+
+def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
+    """Per kind of failure and policy, what one failure costs: the save after it, the training lost
+    (about half an interval plus the durable lag on a roll back), and the downtime (restart, reschedule
+    unless a restart in place clears it, restore)."""
+    rows = []
+    for policy in inputs.policies():
+        restore = inputs.periodic_restore if policy.name == "periodic only" else inputs.gpuguard_restore
+        kinds = [
+            ("detectable", inputs.detectable_share, inputs.inplace_share_detectable, policy.detectable_share > 0),
+            (
+                "sudden, a replica survives",
+                inputs.sudden_replicated_share,
+                inputs.inplace_share_sudden,
+                policy.jit_share > 0,
+            ),
+            (
+                "sudden, no replica",
+                1 - inputs.detectable_share - inputs.sudden_replicated_share,
+                inputs.inplace_share_sudden,
+                False,
+            ),
+        ]
+        for kind, share, inplace, saved in kinds:
+            save = (policy.emergency_s if kind == "detectable" else policy.jit_s) if saved else 0.0
+            replay = policy.jit_replay_s if saved and kind != "detectable" else 0.0
+            rows.append(
+                {
+                    "policy": policy.name,
+                    "kind": kind,
+                    "share": round(share, 6),
+                    "saved": saved,
+                    "save_s": round(save, 3),
+                    "training_lost_s": round(replay if saved else policy.interval_s / 2 + policy.durable_lag_s, 3),
+                    "downtime_s": round(inputs.restart_s + (1 - inplace) * inputs.reschedule_s + restore, 3),
+                }
+            )
+    return rows
 
 
 def _or(value: float | None, default: float) -> float:
@@ -272,7 +447,15 @@ def _or(value: float | None, default: float) -> float:
 
 
 def _cost(given: float | None, value: float, default_source: str) -> str:
+    if given is not None and value > given:
+        return f"{value:.4g} (given {given:g}, raised to the storage floor)"
     return f"{value:.4g} (given)" if given is not None else f"{value:.4g} ({default_source})"
+
+
+def _share_source(share: float) -> str:
+    if share == LLAMA3_INPLACE_SHARE:
+        return f"{share:.4g} (Meta Llama 3, Table 5: software bugs and NCCL watchdog timeouts, 61 of 419)"
+    return f"{share:g} (given)"
 
 
 def expected_cycle(policy: Policy) -> tuple[float, float, float]:
@@ -288,9 +471,10 @@ def expected_cycle(policy: Policy) -> tuple[float, float, float]:
     stalled = math.exp(-lam * t) * -math.expm1(-lam * c) / (lam * -math.expm1(-lam * period))
     trained = 1 / lam - stalled  # all the training done before the failure
     kept_if_missed = t * math.exp(-lam * policy.durable_lag_s) * q / -math.expm1(-lam * period)
-    p = policy.detectable_share
-    kept = p * trained + (1 - p) * kept_if_missed
-    wall = 1 / lam + policy.downtime_s + p * policy.emergency_s
+    p_d, p_j, p_u = policy.detectable_share, policy.jit_share, policy.rolled_back_share
+    kept = p_d * trained + p_j * (trained - policy.jit_replay_s) + p_u * kept_if_missed
+    detected, jit, rolled = policy.downtimes()
+    wall = 1 / lam + p_d * (detected + policy.emergency_s) + p_j * (jit + policy.jit_s) + p_u * rolled
     return kept, trained - kept, wall
 
 
@@ -300,7 +484,8 @@ def goodput(policy: Policy) -> float:
 
 
 def best_interval(policy: Policy) -> tuple[float, float]:
-    """The checkpoint interval with the highest goodput (golden-section search on its logarithm)."""
+    """The checkpoint interval with the highest goodput (golden-section search on its logarithm); never
+    shorter than the time a checkpoint takes to become durable (the storage bounds it)."""
     lo = math.log(max(policy.durable_lag_s, _MIN_INTERVAL_S))
     hi = math.log(30 * DAY_S)
 
@@ -334,7 +519,7 @@ def outcome(policy: Policy) -> Outcome:
         training_h_per_day=24 * kept / wall,
         checkpoint_overhead=policy.stall_s / (policy.interval_s + policy.stall_s),
         work_lost_per_failure_s=lost,
-        wall_lost_per_failure_s=lost + policy.downtime_s + policy.detectable_share * policy.emergency_s,
+        wall_lost_per_failure_s=lost + wall - 1 / policy.failures_per_s,
         best_interval_s=best_t,
         best_goodput=best_g,
     )
@@ -344,11 +529,12 @@ def monte_carlo(policy: Policy, *, failures: int = 200_000, batches: int = 20, s
     """Sample ``failures`` failure cycles and walk each through its checkpoints.
 
     Independent of the closed form's sums: each cycle draws the running time to the failure, counts
-    the snapshots taken and which of them were durable by then, and whether the failure was detected.
+    the snapshots taken and which of them were durable by then, and the failure's kind.
     """
     rng = random.Random(seed)
     t, c, lag = policy.interval_s, policy.stall_s, policy.durable_lag_s
     period = t + c
+    detected, jit, rolled = policy.downtimes()
     per_batch = max(1, failures // batches)
     estimates = []
     for _ in range(batches):
@@ -357,13 +543,17 @@ def monte_carlo(policy: Policy, *, failures: int = 200_000, batches: int = 20, s
             x = rng.expovariate(policy.failures_per_s)
             snapshots = int(x // period)
             trained = snapshots * t + min(x - snapshots * period, t)
-            wall = x + policy.downtime_s
-            if rng.random() < policy.detectable_share:
+            kind = rng.random()
+            if kind < policy.detectable_share:
                 kept = trained  # the emergency checkpoint holds the failing step
-                wall += policy.emergency_s
+                wall = x + policy.emergency_s + detected
+            elif kind < policy.detectable_share + policy.jit_share:
+                kept = trained - policy.jit_replay_s  # the survivors hold the last completed step
+                wall = x + policy.jit_s + jit
             else:
                 durable = 0 if x < lag else int((x - lag) // period)
                 kept = min(durable, snapshots) * t
+                wall = x + rolled
             kept_sum += kept
             wall_sum += wall
         estimates.append(kept_sum / wall_sum)
@@ -373,9 +563,11 @@ def monte_carlo(policy: Policy, *, failures: int = 200_000, batches: int = 20, s
 
 
 def compare(inputs: GoodputInputs, *, check: bool = False, failures: int = 200_000, seed: int = 0) -> Report:
-    """Periodic checkpoints alone against gpuguard, for one job; ``check`` adds the Monte Carlo runs."""
-    periodic, guarded = inputs.policies()
+    """Periodic checkpoints alone, gpuguard, and gpuguard with just-in-time saves, for one job; ``check``
+    adds the Monte Carlo runs."""
+    policies = inputs.policies()
     checks: tuple[Check, ...] = ()
     if check:
-        checks = tuple(monte_carlo(p, failures=failures, seed=seed + i) for i, p in enumerate((periodic, guarded)))
-    return Report(inputs, outcome(periodic), outcome(guarded), checks)
+        checks = tuple(monte_carlo(p, failures=failures, seed=seed + i) for i, p in enumerate(policies))
+    periodic, guarded, jit = (outcome(p) for p in policies)
+    return Report(inputs, periodic, guarded, jit, checks)

@@ -135,7 +135,10 @@ def test_modules_optimizers_and_schedulers_are_replicated_everything_else_is_per
     assert replica_groups({"w": torch.zeros(2)}, 3, replicated=True) == [
         ("the replicated state (parameters, optimizer state)", (0, 1, 2))
     ]
-    assert replica_groups({"w": torch.zeros(2)}, 2, replicated=False) == [("rank 0's tensors", (0,)), ("rank 1's tensors", (1,))]
+    assert replica_groups({"w": torch.zeros(2)}, 2, replicated=False) == [
+        ("rank 0's tensors", (0,)),
+        ("rank 1's tensors", (1,)),
+    ]
 
 
 # -- per-rank records ------------------------------------------------------------------------------
@@ -156,7 +159,9 @@ def test_a_record_holds_the_per_rank_entries_and_rngs_and_reads_back_without_pic
     progress["loss"].fill_(9.0)  # the record holds a copy
     back = StepRecord.from_bytes(record.to_bytes())
     assert (back.rank, back.step, back.tree) == (2, 41, record.tree)
-    assert back.tensors.keys() == record.tensors.keys() and all(back.tensors[k].equal(record.tensors[k]) for k in back.tensors)
+    assert back.tensors.keys() == record.tensors.keys() and all(
+        back.tensors[k].equal(record.tensors[k]) for k in back.tensors
+    )
     assert float(back.tensors["progress/loss"]) == 0.25
     assert back.tensors["__gpuguard_rng__/torch"].equal(torch.get_rng_state())
     with pytest.raises(CheckpointCorruptError, match="malformed"):
@@ -206,7 +211,7 @@ def test_a_store_that_is_gone_fails_with_side_channel_error_at_once() -> None:
     side.set("k", b"v")
     del server  # the launcher's agent is gone
     started = time.monotonic()
-    with pytest.raises(SideChannelError, match="side channel \\(agent store\\): (get|check) k failed") as caught:
+    with pytest.raises(SideChannelError, match=r"side channel \(agent store\): (get|check) k failed") as caught:
         side.get("k")
     assert caught.value.operation in ("check k", "get k")
     assert time.monotonic() - started < 10

@@ -16,7 +16,7 @@ def add_parser(subparsers: Any) -> None:
         description="Runs on CPU with the fake NVML; exits 0 only when the resumed run is bitwise identical.",
     )
     p.add_argument("--dir", type=Path, help="where to keep checkpoints and reports (default: a temporary folder)")
-    p.add_argument("--steps", type=int, default=200, help="training steps")
+    p.add_argument("--steps", type=int, help="training steps (default: 200; 30 with --sudden)")
     p.add_argument("--fault-step", type=int, default=120, help="the step at which the GPU reports XID 48")
     p.add_argument(
         "--sudden",
@@ -40,6 +40,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.sudden:
         return run_sudden(args)
+    args.steps = args.steps or 200
     from gpuguard.demo import run_demo
 
     if not 0 < args.fault_step < args.steps:
@@ -57,7 +58,7 @@ def run_sudden(args: argparse.Namespace) -> int:
     from gpuguard.demo.sudden import Kill, run_sudden_demo
     from gpuguard.errors import ConfigError
 
-    steps = args.steps if args.steps != 200 else 30  # the default of the one-process demo is long for several ranks
+    steps = args.steps or 30
     if args.ranks < 2:
         raise ConfigError("--ranks", args.ranks, "must be 2 or more: a survivor saves the lost rank's state")
     if not 0 <= args.kill_rank < args.ranks:
