@@ -83,11 +83,13 @@ def test_every_survivor_past_the_dead_ranks_last_mirrored_step_cannot_save_and_s
 
 
 def test_per_rank_state_has_no_other_copy() -> None:
-    groups = [(f"rank {r}'s tensors", (r,)) for r in range(2)]
+    groups = replica_groups({"w": torch.zeros(2)}, 2, replicated=False)
     found = plan([CheckIn(0, 5, 5, (4, 5))], 2, groups, {1: (4, 5)})
     assert isinstance(found, Cannot)
-    assert found.reason.startswith("rank 1's tensors at step 5 has no other copy: rank 1 is lost")
-    assert "replicated=True" in found.reason
+    assert found.reason == (
+        "no survivor holds rank 1's tensors (the state is per rank: set replicated=True for data-parallel replicas) "
+        "at step 5: rank(s) 1 lost"
+    )
 
 
 HSDP = [("the shard at [0]", (0, 2)), ("the shard at [1]", (1, 3))]
@@ -135,10 +137,8 @@ def test_modules_optimizers_and_schedulers_are_replicated_everything_else_is_per
     assert replica_groups({"w": torch.zeros(2)}, 3, replicated=True) == [
         ("the replicated state (parameters, optimizer state)", (0, 1, 2))
     ]
-    assert replica_groups({"w": torch.zeros(2)}, 2, replicated=False) == [
-        ("rank 0's tensors", (0,)),
-        ("rank 1's tensors", (1,)),
-    ]
+    per_rank = replica_groups({"w": torch.zeros(2)}, 2, replicated=False)
+    assert [ranks for _, ranks in per_rank] == [(0,), (1,)] and per_rank[1][0].startswith("rank 1's tensors")
 
 
 # -- per-rank records ------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Kill:
             "between": "between two steps",
             "periodic": "while a periodic checkpoint was being written",
             "optimizer": "inside its optimizer step",
+            "stop": "stopped (SIGSTOP) inside its gradient all-reduce: a hang, its sockets open",
         }[self.phase]
         return f"rank {self.rank} SIGKILLed {where} (step {self.step})"
 
@@ -67,6 +68,8 @@ def launch(
     periodic_every: int = 0,
     timeout_s: float = 600,
     env: dict[str, str] | None = None,
+    ballast_mib: float = 0.0,
+    trace: bool = False,
 ) -> Launch:
     """One run of the job under gpuguard-run; every rank's report (``rank-N.json``) read back."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,10 @@ def launch(
         "--periodic-every",
         str(periodic_every),
     ]
+    if ballast_mib:
+        cmd += ["--ballast-mib", str(ballast_mib)]
+    if trace:
+        cmd.append("--trace")
     if kill is not None:
         cmd += ["--kill-rank", str(kill.rank), "--kill-step", str(kill.step), "--kill-phase", kill.phase]
     environment = {**os.environ, "GPUGUARD_FAKE_NVML": "h200", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -202,21 +209,34 @@ def run_trial(
     reference: dict[str, torch.Tensor] | None = None,
     resume: bool = True,
     timeout_s: float = 600,
+    ballast_mib: float = 0.0,
+    trace: bool = False,
 ) -> SuddenTrial:
     """Launch with ``kill``, then (``resume``) launch again and compare with ``reference``'s final weights."""
-    first = launch(
-        folder, nproc, steps=steps, layout=layout, kill=kill, periodic_every=periodic_every, timeout_s=timeout_s
-    )
+    options: dict[str, Any] = {
+        "steps": steps,
+        "layout": layout,
+        "periodic_every": periodic_every,
+        "timeout_s": timeout_s,
+        "ballast_mib": ballast_mib,
+        "trace": trace,
+    }
+    first = launch(folder, nproc, kill=kill, **options)
     killed_file = folder / "killed.json"
     killed = json.loads(killed_file.read_text()) if killed_file.exists() else {"at": float("nan"), "step": -1}
     trial = SuddenTrial(kill, first, killed)
     if resume:
-        trial.resume = launch(
-            folder, nproc, steps=steps, layout=layout, periodic_every=periodic_every, timeout_s=timeout_s
-        )
+        trial.resume = launch(folder, nproc, **options)
         if reference is not None and trial.resume.code == 0:
             trial.identical = identical(final_weights(folder), reference)
     return trial
+
+
+def traced(folder: Path, rank: int) -> dict[int, str]:
+    """A rank's digest of its state at each step it completed (``trace`` launches)."""
+    path = folder / f"trace-rank-{rank}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {int(d["step"]): str(d["digest"]) for d in map(json.loads, lines)}
 
 
 def summarize(values: list[float | None]) -> dict[str, float | None]:

@@ -93,9 +93,39 @@ def reduce_each_gradient(state, bucket):  # type: ignore[no-untyped-def]  # DDP 
 KILL_IN_ALLREDUCE: dict[str, Any] = {"armed": False, "die": None}
 
 
+def digest(state: dict[str, Any]) -> str:
+    """A fingerprint of everything a resume must bring back: parameters, optimizer and scheduler state,
+    this rank's RNG and data position."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("model", "optimizer", "scheduler"):
+        flat = _leaves(state[name].state_dict())
+        for key, value in flat:
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                h.update(local.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    h.update(torch.get_rng_state().numpy().tobytes())
+    h.update(json.dumps(state["progress"], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{prefix}/{k}")]
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{prefix}/{i}")]
+    return [(prefix, value)]
+
+
 def die(folder: Path, rank: int, step: int, phase: str) -> None:
-    (folder / "killed.json").write_text(json.dumps({"rank": rank, "step": step, "phase": phase, "at": time.time()}))
-    os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this rank (phase ``stop``: SIGSTOP it, a hang whose sockets stay open, as a vanished node's do)."""
+    record = {"rank": rank, "step": step, "phase": phase, "at": time.time(), "pid": os.getpid()}
+    (folder / ("stopped.json" if phase == "stop" else "killed.json")).write_text(json.dumps(record))
+    os.kill(os.getpid(), signal.SIGSTOP if phase == "stop" else signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--kill-phase", default="forward")
     p.add_argument("--step-sleep", type=float, default=0.01)
+    p.add_argument("--ballast-mib", type=float, default=0.0, help="replicated state that never changes, to size saves")
+    p.add_argument("--trace", action="store_true", help="write a digest of each rank's state at every step")
     args = p.parse_args(argv)
     folder = args.dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,16 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     model, layers, optimizer, scheduler = build(args.layout)
     torch.manual_seed(1000 + rank)  # dropout differs between ranks: each rank's RNG must come back as its own
     progress = {"batches": 0}
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    if args.ballast_mib:
+        state["ballast"] = torch.nn.Linear(1, int(args.ballast_mib * 2**18), bias=False)
     victim = rank == args.kill_rank
     current = {"step": -1}
     if victim and args.kill_phase == "forward":
         layers[3].register_forward_pre_hook(
             lambda m, a: die(folder, rank, current["step"], "forward") if current["step"] == args.kill_step else None
         )
-    if victim and args.kill_phase == "backward":
+    if victim and args.kill_phase in ("backward", "stop"):
         if args.layout == "ddp":  # inside DDP's all-reduce of the first bucket: the others wait in theirs
-            KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], "backward")
+            KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], args.kill_phase)
         else:  # as a gradient is ready: FSDP's reduce-scatter of the later layers is running
             first = next(iter(model.parameters()))
             first.register_hook(  # type: ignore[no-untyped-call]
@@ -154,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         ) as guard:
             report["resumed_at"] = guard.resume()
             report["training_at"] = time.time()
+            if args.trace:
+                report["resumed_digest"] = digest(state)
             for step in range(report["resumed_at"], args.steps):
                 current["step"] = step
                 KILL_IN_ALLREDUCE["armed"] = KILL_IN_ALLREDUCE["die"] is not None and step == args.kill_step
@@ -167,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 time.sleep(args.step_sleep)
                 guard.step(step)
+                if args.trace:
+                    with (folder / f"trace-rank-{rank}.jsonl").open("a") as trace:
+                        trace.write(json.dumps({"step": step, "digest": digest(state)}) + "\n")
                 if victim and step == args.kill_step and args.kill_phase == "between":
                     die(folder, rank, step, "between")
                 if victim and step == args.kill_step and args.kill_phase == "periodic":

@@ -53,7 +53,8 @@ def replica_groups(tensors: Mapping[str, Any], world_size: int, replicated: bool
     if not layouts:
         if replicated:
             return [("the replicated state (parameters, optimizer state)", tuple(range(world_size)))]
-        return [(f"rank {r}'s tensors", (r,)) for r in range(world_size)]
+        per_rank = "(the state is per rank: set replicated=True for data-parallel replicas)"
+        return [(f"rank {r}'s tensors {per_rank}", (r,)) for r in range(world_size)]
     keys: dict[int, list[Any]] = {r: [] for r in range(world_size)}
     described: list[str] = []
     for name, tensor in layouts.values():

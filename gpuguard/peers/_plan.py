@@ -203,16 +203,10 @@ def _missing_group(
             continue
         gone = sorted(set(ranks) & set(lost))
         ahead = sorted(r for r in ranks if r in checkins and checkins[r].holds != step)
-        if len(ranks) == 1 and gone:
-            return (
-                f"{label} at step {step} has no other copy: rank {gone[0]} is lost and the state is per rank "
-                "(set replicated=True for data-parallel replicas)"
-            )
         why = f"rank(s) {', '.join(map(str, gone))} lost" if gone else ""
         if ahead:
-            why += (
-                "; " if why else ""
-            ) + f"rank(s) {', '.join(map(str, ahead))} already past it or inside an optimizer step"
+            past = f"rank(s) {', '.join(map(str, ahead))} already past it or inside an optimizer step"
+            why += ("; " if why else "") + past
         return f"no survivor holds {label} at step {step}: {why}"
     return ""
 
