@@ -99,6 +99,13 @@ class Policy:
     jit_replay_s: float = 0.0
     detected_downtime_s: float | None = None
     jit_downtime_s: float | None = None
+    write_s: float = 0.0  # the storage's time to write one checkpoint of the whole job
+    max_storage_share: float = 1.0  # of the storage's time, the most checkpoints may take
+
+    @property
+    def min_interval_s(self) -> float:
+        """No shorter interval: checkpoints would queue (durable lag), or take more of the storage than allowed."""
+        return max(self.durable_lag_s, self.write_s / self.max_storage_share - self.stall_s, _MIN_INTERVAL_S)
 
     @property
     def rolled_back_share(self) -> float:
@@ -123,6 +130,8 @@ class Outcome:
     wall_lost_per_failure_s: float  # training redone + saves after the failure + downtime
     best_interval_s: float  # the interval that maximises goodput under the same costs
     best_goodput: float
+    storage_busy: float = 0.0  # share of the storage's time spent writing checkpoints, at this interval
+    best_storage_busy: float = 0.0  # the same at the best interval
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +184,7 @@ class GoodputInputs:
     jit_detect_s: float = DEFAULT_JIT_DETECT_S
     jit_save_s: float | None = None
     jit_replay_steps: float = 1.0
+    max_storage_share: float = 0.5
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +206,8 @@ class GoodputInputs:
         for name in ("detectable_share", "sudden_replicated_share", "inplace_share_detectable", "inplace_share_sudden"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, getattr(self, name), "must be from 0 to 1")
+        if not 0 < self.max_storage_share <= 1:
+            raise ConfigError("max_storage_share", self.max_storage_share, "must be greater than 0 and at most 1")
         if self.detectable_share + self.sudden_replicated_share > 1 + 1e-12:
             raise ConfigError(
                 "sudden_replicated_share",
@@ -284,6 +296,8 @@ class GoodputInputs:
             stall_s=self.periodic_stall,
             durable_lag_s=0.0,  # a blocking save is durable when it returns
             downtime_s=self._downtime(sudden, self.periodic_restore),
+            write_s=self.periodic_stall,
+            max_storage_share=self.max_storage_share,
             # Detectable failures are failures like any other here; their kind decides where they restart.
             detectable_share=0.0,
         )
@@ -298,6 +312,8 @@ class GoodputInputs:
             # The job stops at the detected step and leaves once the emergency checkpoint is durable.
             emergency_s=self.gpuguard_durable,
             detected_downtime_s=self._downtime(self.inplace_share_detectable, self.gpuguard_restore),
+            write_s=self.gpuguard_durable,
+            max_storage_share=self.max_storage_share,
         )
         jit = Policy(
             **{
@@ -356,6 +372,8 @@ class GoodputInputs:
             "storage_bandwidth": bandwidth,
             "checkpoint_bytes_per_job": f"{self.checkpoint_bytes / 1e12:.4g} TB",
             "storage_floor_s": round(self.storage_floor_s, 4),
+            "max_storage_share": f"{self.max_storage_share:g} (an assumption: the rest of the storage's time is the "
+            "data loader's and other jobs')",
             "periodic_stall_s": _cost(self.periodic_stall_s, self.periodic_stall, f"torch.save, {h200}{floor}"),
             "periodic_restore_s": _cost(self.periodic_restore_s, self.periodic_restore, f"torch.load, {h200}{floor}"),
             "gpuguard_stall_s": _cost(self.gpuguard_stall_s, self.gpuguard_stall, f"pinned copy, {h200}"),
@@ -485,8 +503,8 @@ def goodput(policy: Policy) -> float:
 
 def best_interval(policy: Policy) -> tuple[float, float]:
     """The checkpoint interval with the highest goodput (golden-section search on its logarithm); never
-    shorter than the time a checkpoint takes to become durable (the storage bounds it)."""
-    lo = math.log(max(policy.durable_lag_s, _MIN_INTERVAL_S))
+    shorter than `Policy.min_interval_s` (the storage bounds it)."""
+    lo = math.log(policy.min_interval_s)
     hi = math.log(30 * DAY_S)
 
     def value(log_t: float) -> float:
@@ -522,6 +540,8 @@ def outcome(policy: Policy) -> Outcome:
         wall_lost_per_failure_s=lost + wall - 1 / policy.failures_per_s,
         best_interval_s=best_t,
         best_goodput=best_g,
+        storage_busy=policy.write_s / (policy.interval_s + policy.stall_s),
+        best_storage_busy=policy.write_s / (best_t + policy.stall_s),
     )
 
 

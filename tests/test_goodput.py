@@ -185,3 +185,17 @@ def test_the_command_in_json_uses_the_given_costs(capsys: pytest.CaptureFixture[
 def test_the_command_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["goodput", "--detectable-share", "2", "--no-check"]) == 2
     assert "detectable_share" in capsys.readouterr().err
+
+
+def test_checkpoints_take_at_most_their_share_of_the_storage() -> None:
+    inputs = GoodputInputs(nodes=128, gpus_per_node=8, max_storage_share=0.25)
+    report = compare(inputs)
+    write = inputs.gpuguard_durable  # 52.8 s for 6.6 TB at 125 GB/s
+    assert report.gpuguard.best_interval_s == pytest.approx(write / 0.25 - inputs.gpuguard_stall, rel=1e-3)
+    assert report.gpuguard.best_storage_busy == pytest.approx(0.25, rel=1e-3)
+    assert report.gpuguard.storage_busy == pytest.approx(write / (1800 + inputs.gpuguard_stall))
+    loose = compare(dataclasses.replace(inputs, max_storage_share=1.0))
+    assert loose.gpuguard.best_interval_s < report.gpuguard.best_interval_s
+    assert loose.gpuguard.best_goodput >= report.gpuguard.best_goodput
+    with pytest.raises(ConfigError, match=r"max_storage_share.*1\.5.*at most 1"):
+        GoodputInputs(max_storage_share=1.5)

@@ -139,9 +139,7 @@ def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_f
     assert trial.first.code == 75, trial.first.stderr[-4000:]
     outcome = trial.first.reports[0]["sudden_loss"]
     assert outcome["result"] == "cannot"
-    assert outcome["message"].startswith(
-        "peer rank(s) 1 lost; no survivor checkpoint: no survivor holds the shard at [1]"
-    )
+    assert outcome["message"].startswith("peer rank 1 lost; no survivor checkpoint: no survivor holds the shard at [1]")
     assert "rank(s) 1 lost" in outcome["message"]
     store = CheckpointStore(f"file://{tmp_path / 'checkpoints'}")
     assert [c.step for c in store.list()] == [4]  # the periodic one; nothing half-written was committed

@@ -68,6 +68,12 @@ def add_parser(subparsers: Any) -> None:
         help="aggregate storage bandwidth in GB/s that every checkpoint and restore of the whole job shares "
         "(default: Meta's Tectonic for Llama 3, 2 TB/s sustained for 16,384 GPUs, scaled to this job's GPUs)",
     )
+    p.add_argument(
+        "--max-storage-share",
+        type=float,
+        default=d.max_storage_share,
+        help="the most of the storage's time checkpoints may take (bounds the best interval)",
+    )
     costs = p.add_argument_group("measured costs, seconds (default: the H200 measurements scaled to --state-gib)")
     for name, what in (
         ("periodic-stall-s", "a periodic-only save (torch.save: blocks until durable)"),
@@ -107,6 +113,7 @@ def inputs_from(args: argparse.Namespace) -> GoodputInputs:
         inplace_share_detectable=args.inplace_share_detectable,
         inplace_share_sudden=args.inplace_share_sudden,
         storage_gbps=args.storage_gbps,
+        max_storage_share=args.max_storage_share,
         jit_detect_s=args.jit_detect_s,
         jit_save_s=args.jit_save_s,
         jit_replay_steps=args.jit_replay_steps,
@@ -189,8 +196,10 @@ def render(report: Report, sensitivity: list[dict[str, float]]) -> str:
         ),
         row("wall time lost per failure", lambda o: _duration(o.wall_lost_per_failure_s)),
         row("GPU-hours lost per failure", lambda o: f"{o.wall_lost_per_failure_s * i.gpus / 3600:,.0f}"),
+        row("storage busy with checkpoints", lambda o: f"{o.storage_busy:.1%}"),
         row("best interval (same costs)", lambda o: _duration(o.best_interval_s)),
         row("goodput at the best interval", lambda o: f"{o.best_goodput:.2%}"),
+        row("storage busy at the best interval", lambda o: f"{o.best_storage_busy:.1%}"),
     ]
     p = report.periodic
     for o in outcomes[1:]:

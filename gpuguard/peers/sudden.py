@@ -270,12 +270,12 @@ class SuddenLoss:
             return SurvivorOutcome("failed", f"the survivors could not agree: {exc}", alarm, timings=timings)
         timings["agreed_at"] = time.time()
         if isinstance(decision, Cannot):
-            message = f"peer rank(s) {_ranks(decision.lost)} lost; no survivor checkpoint: {decision.reason}"
+            message = f"{_peers(decision.lost)} lost; no survivor checkpoint: {decision.reason}"
             return SurvivorOutcome(
                 "cannot", message, alarm, members=decision.members, lost=decision.lost, timings=timings
             )
         if self.rank not in decision.members:
-            message = f"peer rank(s) {_ranks(decision.lost)} lost; this rank checked in too late to take part"
+            message = f"{_peers(decision.lost)} lost; this rank checked in too late to take part"
             return SurvivorOutcome("excluded", message, alarm, lost=decision.lost, timings=timings)
         return self._write(store, decision, flat, list(view), alarm, timings, deadline, evidence)
 
@@ -294,7 +294,6 @@ class SuddenLoss:
         deadline: float,
         evidence: Mapping[str, Any] | None,
     ) -> SurvivorOutcome:
-        lost_text = _ranks(plan.lost)
         replayed = self._steps_replayed(plan)
         facts = {
             "sudden_loss": {
@@ -349,7 +348,7 @@ class SuddenLoss:
                 _agree.announce(self.channel, {"committed": False, "error": str(exc)})
             return SurvivorOutcome(
                 "failed",
-                f"peer rank(s) {lost_text} lost; the survivors' checkpoint of step {plan.step} failed: {exc}",
+                f"{_peers(plan.lost)} lost; the survivors' checkpoint of step {plan.step} failed: {exc}",
                 alarm,
                 members=plan.members,
                 lost=plan.lost,
@@ -366,12 +365,12 @@ class SuddenLoss:
         if not word or not word.get("committed"):
             why = (word or {}).get("error", "the committing rank did not say it committed in time")
             message = (
-                f"peer rank(s) {lost_text} lost; the survivors' checkpoint of step {plan.step} was not committed: {why}"
+                f"{_peers(plan.lost)} lost; the survivors' checkpoint of step {plan.step} was not committed: {why}"
             )
             return SurvivorOutcome("failed", message, alarm, members=plan.members, lost=plan.lost, timings=timings)
         message = (
-            f"peer rank {lost_text} lost at step {plan.step}, checkpoint of step {plan.step} committed by ranks "
-            f"{_ranks(plan.members)}"
+            f"{_peers(plan.lost)} lost at step {plan.step}, checkpoint of step {plan.step} committed by "
+            f"{_peers(plan.members, 'rank')}"
         )
         return SurvivorOutcome(
             "saved",
@@ -399,3 +398,8 @@ class SuddenLoss:
 
 def _ranks(ranks: tuple[int, ...] | list[int]) -> str:
     return ", ".join(map(str, ranks))
+
+
+def _peers(ranks: tuple[int, ...] | list[int], word: str = "peer rank") -> str:
+    """``peer rank 2``, ``peer ranks 0, 3``."""
+    return f"{word}{'s' if len(ranks) != 1 else ''} {_ranks(ranks)}"
