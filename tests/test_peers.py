@@ -220,23 +220,45 @@ def test_a_store_that_is_gone_fails_with_side_channel_error_at_once() -> None:
 # -- the watch -------------------------------------------------------------------------------------
 
 
+def beat_once(side: SideChannel, rank: int, pid: int) -> None:
+    """A rank that registered and beat once, then fell silent (a hang, or a node that vanished)."""
+    me = {"rank": rank, "host": socket.gethostname(), "pid": pid, "start": process_start(pid), "listeners": []}
+    side.set(f"reg/{rank}", json.dumps(me).encode())
+    side.set(f"hb/{rank}", json.dumps({"seq": 1, "step": 3, "health": "", "t": 0}).encode())
+
+
 def test_a_silent_rank_is_declared_dead_and_every_rank_hears_one_alarm() -> None:
     side = channel()
-    watches = [PeerWatch(side, r, 3, heartbeat_s=0.05, timeout_s=0.4) for r in range(3)]
+    beat_once(side, 1, os.getpid())  # its process lives: only the silence tells
+    watches = [PeerWatch(side, r, 3, heartbeat_s=0.05, timeout_s=0.4) for r in (0, 2)]
     heard: list[tuple[int, int]] = []
     for w in watches:
         w.subscribe(lambda alarm, w=w: heard.append((w.rank, alarm.lost)))
         w.start()
     try:
-        watches[1].stop()  # rank 1 stops beating, as a hung or vanished process does
-        alarms = [w.wait_for_alarm(30) for w in (watches[0], watches[2])]
+        alarms = [w.wait_for_alarm(30) for w in watches]
         assert all(a is not None and a.lost == 1 and a.by == 0 for a in alarms)
         assert "sent no heartbeat" in str(alarms[0].why if alarms[0] else "")
-        assert sorted(heard) == [(0, 1), (2, 1)]  # rank 1 is not running its watch: it never hears
-        assert 1 in watches[0].dead and 1 in watches[2].dead
+        assert sorted(heard) == [(0, 1), (2, 1)]
+        assert 1 in watches[0].dead and 1 in watches[1].dead
     finally:
         for w in watches:
             w.stop()
+
+
+def test_a_rank_that_closed_its_guard_is_not_lost() -> None:
+    side = channel()
+    watches = [PeerWatch(side, r, 2, heartbeat_s=0.05, timeout_s=0.3) for r in range(2)]
+    for w in watches:
+        w.start()
+    try:
+        watches[1].stop()  # the loop ended on rank 1 first: it says goodbye before it falls silent
+        deadline = time.monotonic() + 30
+        while 1 not in watches[0].left and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 1 in watches[0].left and watches[0].alarm is None and not watches[0].dead
+    finally:
+        watches[0].stop()
 
 
 def test_a_rank_whose_process_is_gone_on_this_host_is_dead_at_once() -> None:

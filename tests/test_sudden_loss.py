@@ -185,3 +185,18 @@ def _launch_and_stop(folder: Path, *, steps: int, env: dict[str, str]) -> Any:
     done = launch(folder, 2, steps=steps, kill=Kill(rank=1, step=5, phase="stop"), env=env)
     watcher.join(5)
     return done
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_is_saved_from_but_the_launcher_exit_counts(tmp_path: Path) -> None:
+    """A bug is not a lost node: the survivors still save, but exit 75 would restart it forever uncounted."""
+    steps, kill = 8, Kill(rank=1, step=5, phase="raise")
+    trial = run_trial(tmp_path, 2, kill, steps=steps, resume=False)
+    assert trial.first.code == 1, trial.first.stderr[-4000:]
+    assert (
+        "a worker failed with exit 1 (its own error, not a lost rank): exit 1 so that it counts" in trial.first.stderr
+    )
+    outcome = trial.first.reports[0]["sudden_loss"]
+    assert outcome["result"] == "saved" and outcome["step"] == 4
+    info = CheckpointStore(f"file://{tmp_path / 'checkpoints'}").latest()
+    assert info is not None and info.step == 4

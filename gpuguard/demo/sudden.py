@@ -45,6 +45,7 @@ class Kill:
             "periodic": "while a periodic checkpoint was being written",
             "optimizer": "inside its optimizer step",
             "stop": "stopped (SIGSTOP) inside its gradient all-reduce: a hang, its sockets open",
+            "raise": "raising an error of its own inside its forward pass",
         }[self.phase]
         return f"rank {self.rank} SIGKILLed {where} (step {self.step})"
 

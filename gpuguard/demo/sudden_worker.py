@@ -121,6 +121,12 @@ def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
+def _raise(folder: Path, rank: int, step: int) -> None:
+    record = {"rank": rank, "step": step, "phase": "raise", "at": time.time(), "pid": os.getpid()}
+    (folder / "killed.json").write_text(json.dumps(record))
+    raise RuntimeError(f"a bug in rank {rank}'s step {step}")
+
+
 def die(folder: Path, rank: int, step: int, phase: str) -> None:
     """SIGKILL this rank (phase ``stop``: SIGSTOP it, a hang whose sockets stay open, as a vanished node's do)."""
     record = {"rank": rank, "step": step, "phase": phase, "at": time.time(), "pid": os.getpid()}
@@ -156,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         state["ballast"] = torch.nn.Linear(1, int(args.ballast_mib * 2**18), bias=False)
     victim = rank == args.kill_rank
     current = {"step": -1}
+    if victim and args.kill_phase == "raise":  # not a loss: the rank's own error, as a bug would raise
+        layers[3].register_forward_pre_hook(
+            lambda m, a: _raise(folder, rank, current["step"]) if current["step"] == args.kill_step else None
+        )
     if victim and args.kill_phase == "forward":
         layers[3].register_forward_pre_hook(
             lambda m, a: die(folder, rank, current["step"], "forward") if current["step"] == args.kill_step else None

@@ -449,8 +449,9 @@ class Guard:
         if step.__class__ is not int or step <= self._last_step:
             step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
         self._last_step = step
-        if self._sudden is not None:  # this rank's per-rank state of the step, mirrored before step() returns
-            self._sudden.completed(step, checkpointable(self.state))
+        # This rank's per-rank state of the step, mirrored before step() returns; a lost peer takes the slow path.
+        if self._sudden is not None and self._started and self._sudden.completed(step, checkpointable(self.state)):
+            self._urgent = True
         if step < self._next_check and not self._urgent:
             return
         self._slow_path(step)

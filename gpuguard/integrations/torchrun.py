@@ -144,9 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
-            for said in read_exits(exits, clear=True):  # survivors of a worker torchrun saw die first
+            crashed = sorted(c for c in codes if c > 0 and c not in (reschedule, restart))
+            survivors = read_exits(exits, clear=True)  # survivors of a worker torchrun saw die first
+            for said in survivors:
                 codes.add(said["exit_code"])
                 print(f"gpuguard-run: rank {said.get('rank')}: {said.get('message')}", file=sys.stderr)
+            if survivors and crashed:
+                # A worker that raised (exit 1), not one lost to a signal: the survivors saved its peers' work, but
+                # the failure must count (podFailurePolicy), or a bug would restart forever without counting.
+                print(
+                    f"gpuguard-run: a worker failed with exit {crashed[0]} (its own error, not a lost rank): exit "
+                    f"{EXIT_FAILED} so that it counts; the next run resumes from the survivors' checkpoint",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             if forwarder.received is not None and reschedule not in codes:
                 # Workers without a guard die by the signal: say so in one line, exit as the signal would.
                 ended = f"workers ended by {forwarder.received.name}: exits {sorted(codes)}"

@@ -134,14 +134,14 @@ class StepRecords:
             return
         data = record.to_bytes()
         if len(data) > self.max_bytes:
-            self._stop_mirroring(f"its per-rank state is {len(data)} bytes, over the mirror's {self.max_bytes}")
+            self.stop_mirroring(f"its per-rank state is {len(data)} bytes, over the mirror's {self.max_bytes}")
             return
         try:
             self.channel.set(key, data)
         except SideChannelError as exc:
-            self._stop_mirroring(str(exc))
+            self.stop_mirroring(str(exc))
 
-    def _stop_mirroring(self, why: str) -> None:
+    def stop_mirroring(self, why: str) -> None:
         if self.mirrored:
             self.mirrored = False
             log.warning(

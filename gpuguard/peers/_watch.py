@@ -107,6 +107,7 @@ class PeerWatch:
         self.step = -1  # the last step this rank completed, written by the training thread
         self.alarm: Alarm | None = None
         self.dead: dict[int, str] = {}  # rank -> why, once confirmed
+        self.left: set[int] = set()  # ranks that closed their guard normally
         self.last_heard: dict[int, dict[str, Any]] = {}  # rank -> its last heartbeat
         self.listeners: tuple[int, ...] = ()
         self._alarmed = threading.Event()
@@ -137,6 +138,12 @@ class PeerWatch:
         self._thread.start()
 
     def stop(self) -> None:
+        """Say goodbye, then stop beating: a rank that leaves normally (its guard closed) is not a lost one."""
+        if self._thread is not None and not self._stop.is_set():
+            try:
+                self.channel.set(f"bye/{self.rank}", b"1")
+            except SideChannelError as exc:  # the others may take this rank for lost: said, nothing else to do
+                log.warning("gpuguard: could not say goodbye on the side channel: %s", exc)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2 * self.heartbeat_s + 1)
@@ -214,7 +221,7 @@ class PeerWatch:
     def _watched(self) -> list[int]:
         """The next live rank in the ring; every rank once an alarm is up."""
         others = [(self.rank + i) % self.world_size for i in range(1, self.world_size)]
-        alive = [r for r in others if r not in self.dead]
+        alive = [r for r in others if r not in self.dead and r not in self.left]
         if self.alarm is not None:
             return alive
         return alive[:1]
@@ -239,7 +246,10 @@ class PeerWatch:
             self._declare(rank, f"rank {rank} sent no heartbeat for {quiet:.1f}s (peer_timeout_s={self.timeout_s:g})")
 
     def _declare(self, rank: int, why: str) -> None:
-        if rank in self.dead:
+        if rank in self.dead or rank in self.left:
+            return
+        if self.channel.get(f"bye/{rank}") is not None:  # it closed its guard: the job is ending, not losing it
+            self.left.add(rank)
             return
         log.error("gpuguard: %s", why)
         if self.alarm is None:

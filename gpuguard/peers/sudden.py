@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten
-from gpuguard.errors import CheckpointError, GpuGuardError, SideChannelError
+from gpuguard.errors import CheckpointError, GpuGuardError, SideChannelError, UnsupportedStateError
 from gpuguard.peers import _agree
 from gpuguard.peers._abandon import abandon_collectives
 from gpuguard.peers._buffers import BufferKeeper
@@ -206,15 +206,23 @@ class SuddenLoss:
 
     # -- the training thread --------------------------------------------------------------------
 
-    def completed(self, step: int, view: Mapping[str, Any]) -> None:
-        """This rank completed ``step``: keep and mirror its per-rank state (before `guard.step` returns)."""
-        self.records.keep(capture(self.rank, step, {k: view[k] for k in self._per_rank if k in view}))
+    def completed(self, step: int, view: Mapping[str, Any]) -> bool:
+        """This rank completed ``step``: keep and mirror its per-rank state (before `guard.step` returns).
+
+        Returns whether a peer is lost (the guard leaves through `survive` then).
+        """
+        try:
+            self.records.keep(capture(self.rank, step, {k: view[k] for k in self._per_rank if k in view}))
+        except UnsupportedStateError as exc:  # the state changed since the guard checked it: said once
+            if self.records.mirrored:
+                self.records.stop_mirroring(str(exc))
         self._view = view
         self.last_step = step
         self.in_optimizer_step = False
         self.watch.step = step
         if self.buffers is not None:
             self.buffers.completed()
+        return self.watch.alarm is not None
 
     def lost_a_peer(self, wait_s: float) -> bool:
         """Whether a peer is lost, waiting up to ``wait_s`` for the watch to tell (after a collective's error)."""
