@@ -47,6 +47,31 @@ def start_sudden_loss(
     )
 
 
+def peer_lost_behind(exc: BaseException, sudden: SuddenLoss, config: GuardConfig) -> bool:
+    """Whether ``exc`` (leaving the guard's ``with`` block) came with a peer's loss.
+
+    A collective's error (RuntimeError, torch's DistError) may come before the watch has told: wait for its
+    verdict, at most one detection bound. Any other error is only checked against an alarm already up.
+    """
+    wait = config.peer_timeout_s + 2 * config.peer_heartbeat_s if isinstance(exc, RuntimeError) else 0.0
+    if wait:
+        log.warning(
+            "gpuguard: %s raised; waiting up to %.1fs to learn whether a peer was lost", type(exc).__name__, wait
+        )
+    return sudden.lost_a_peer(wait)
+
+
+def health_words(monitor: Any) -> str:
+    """This rank's GPUs in a few words, for its heartbeat (the monitor's memory: no NVML call)."""
+    if monitor is None:
+        return ""
+    from gpuguard.health.model import HealthState
+
+    snapshot = monitor.snapshot()
+    bad = [f"{d.uuid} {d.state.value}" for d in snapshot.devices if d.state is not HealthState.HEALTHY]
+    return "; ".join(bad) if bad else f"{len(snapshot.devices)} GPU(s) healthy"
+
+
 def survive(
     sudden: SuddenLoss,
     store: Any,

@@ -23,12 +23,12 @@ from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, e
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
-from gpuguard.guard._sudden import start_sudden_loss, survive
+from gpuguard.guard._sudden import health_words, peer_lost_behind, start_sudden_loss, survive
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
 from gpuguard.guard.steptime import SlowdownDetector, StepClock
-from gpuguard.health.model import HealthChange, HealthState, Reason
+from gpuguard.health.model import HealthChange, Reason
 from gpuguard.health.monitor import HealthMonitor
 from gpuguard.peers.sudden import SuddenLoss
 from gpuguard.plugins import plugin_manager
@@ -124,6 +124,7 @@ class Guard:
         self._reported: set[str] = set()
         self._evacuating = False
         self._sudden: SuddenLoss | None = None  # with several ranks: surviving a peer's sudden death
+        self._failed = False  # leaving on an error of this rank's own: its peers must see it as lost
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ class Guard:
                 world_size=self.world_size,
                 token=self._token,
                 checkpoint_id=lambda step: self._checkpoint_id(step, "survivors"),
-                health=self._health_words,
+                health=lambda: health_words(self.monitor),
             )
             if self._sudden is not None:
                 self._sudden.subscribe(lambda alarm: self._wake_for_peer_loss())
@@ -191,7 +192,7 @@ class Guard:
         if self._thread:
             self._thread.join(5)
         if self._sudden is not None:
-            self._sudden.stop()
+            self._sudden.stop(goodbye=not self._failed)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
         if self.agreement:
             self.agreement.close()
@@ -268,6 +269,7 @@ class Guard:
             # checkpoint and exit 75 replace the error.
             if isinstance(exc, BaseException) and self._peer_was_lost(exc):
                 self._leave_after_sudden_loss()
+            self._failed = isinstance(exc, BaseException) and not isinstance(exc, Evacuation)
         finally:
             # Leaving on an evacuation (or any error): the GPU may be bad and the pod may be going away,
             # so periodic saves still in flight get a short bound; the emergency one is already durable.
@@ -276,15 +278,7 @@ class Guard:
     def _peer_was_lost(self, exc: BaseException) -> bool:
         if self._sudden is None or self._evacuating or not self._started or isinstance(exc, Evacuation):
             return False
-        # A collective's error (RuntimeError, torch's DistError) may come before the watch has told:
-        # wait for its verdict, at most one detection bound.
-        c = self.config
-        wait = c.peer_timeout_s + 2 * c.peer_heartbeat_s if isinstance(exc, RuntimeError) else 0.0
-        if wait:
-            log.warning(
-                "gpuguard: %s raised; waiting up to %.1fs to learn whether a peer was lost", type(exc).__name__, wait
-            )
-        return self._sudden.lost_a_peer(wait)
+        return peer_lost_behind(exc, self._sudden, self.config)
 
     def _leave_after_sudden_loss(self) -> NoReturn:
         assert self._sudden is not None and self.store is not None
@@ -307,14 +301,6 @@ class Guard:
         # On the watch thread: the training thread takes the slow path at its next step().
         self._urgent = True
         self._next_check = 0
-
-    def _health_words(self) -> str:
-        """This rank's GPUs in a few words, for its heartbeat (the monitor's memory: no NVML call)."""
-        if self.monitor is None:
-            return ""
-        snapshot = self.monitor.snapshot()
-        bad = [f"{d.uuid} {d.state.value}" for d in snapshot.devices if d.state is not HealthState.HEALTHY]
-        return "; ".join(bad) if bad else f"{len(snapshot.devices)} GPU(s) healthy"
 
     # -- acting from outside the training loop -------------------------------------------------
 

@@ -137,9 +137,10 @@ class PeerWatch:
         self._thread = threading.Thread(target=self._run, name="gpuguard-peers", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Say goodbye, then stop beating: a rank that leaves normally (its guard closed) is not a lost one."""
-        if self._thread is not None and not self._stop.is_set():
+    def stop(self, *, goodbye: bool = True) -> None:
+        """Stop beating. ``goodbye``: say first that this rank leaves normally (its guard closed), so that no
+        peer takes it for lost; a rank leaving on an error of its own says nothing, and its peers save."""
+        if goodbye and self._thread is not None and not self._stop.is_set():
             try:
                 self.channel.set(f"bye/{self.rank}", b"1")
             except SideChannelError as exc:  # the others may take this rank for lost: said, nothing else to do

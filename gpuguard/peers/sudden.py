@@ -201,8 +201,9 @@ class SuddenLoss:
     def alarmed(self) -> bool:
         return self.watch.alarm is not None
 
-    def stop(self) -> None:
-        self.watch.stop()
+    def stop(self, *, goodbye: bool = True) -> None:
+        """Stop watching; ``goodbye`` unless this rank is leaving on an error of its own (see `PeerWatch.stop`)."""
+        self.watch.stop(goodbye=goodbye)
 
     # -- the training thread --------------------------------------------------------------------
 
