@@ -349,3 +349,52 @@ def test_a_worker_records_its_exit_for_the_launcher(tmp_path: Path, monkeypatch:
     ]
     read_exits(tmp_path, clear=True)
     assert read_exits(tmp_path) == []
+
+
+# -- a rank that died inside its optimizer step ------------------------------------------------------
+
+
+def test_a_provisional_record_is_exact_when_nothing_per_rank_changes_after_the_optimizer_step() -> None:
+    side = channel()
+    progress = {"batch": 7}
+    records = StepRecords(side, 0)
+    records.keep_provisional(capture(0, 8, {"progress": progress}))
+    records.keep(capture(0, 8, {"progress": progress}))
+    assert records.exact == {8} and records.differed == set()
+    records.keep_provisional(capture(0, 9, {"progress": progress}))
+    progress["batch"] = 8  # this loop counts its batches after optimizer.step(): the provisional copy is stale
+    records.keep(capture(0, 9, {"progress": progress}))
+    assert records.exact == {8} and records.differed == {9}
+    pre = StepRecords(side, 1).mirrored_provisional(0)
+    assert pre is not None and pre.step == 9 and pre.tree["progress"] == {"batch": 7}
+
+
+def test_a_rank_lost_inside_its_optimizer_step_is_saved_from_its_provisional_record_only_when_exact() -> None:
+    # Every survivor completed step 12; the dead rank 1 had exchanged its gradients of step 12 and died in
+    # its optimizer step: its final record stops at 11, its provisional one is of step 12.
+    survivors = [CheckIn(r, 12, 12, (11, 12), provisional=12, exact=(11, 12)) for r in (0, 2)]
+    found = decide(
+        {c.rank: c for c in survivors},
+        3,
+        ALL3,
+        {1: (10, 11)},
+        checkpoint_id=name,
+        attempt="a",
+        mirrored_provisional={1: 12},
+    )
+    assert isinstance(found, Plan) and found.step == 12 and found.provisional == (1,)
+    stale = [CheckIn(0, 12, 12, (11, 12), provisional=12, differed=(12,)), CheckIn(2, 12, 12, (11, 12), exact=(12,))]
+    refused = decide(
+        {c.rank: c for c in stale},
+        3,
+        ALL3,
+        {1: (10, 11)},
+        checkpoint_id=name,
+        attempt="a",
+        mirrored_provisional={1: 12},
+    )
+    assert isinstance(refused, Cannot)
+    assert refused.reason == (
+        "rank 1's per-rank state at step 12 is known only as its optimizer step began, and the loop changes "
+        "per-rank state after optimizer.step() (seen on rank 0)"
+    )

@@ -173,7 +173,7 @@ def decide(
     for step in candidates:
         holders = {m for m in members if checkins[m].holds == step}
         problem = _missing_group(step, groups, holders, checkins, lost) or _missing_record(
-            step, world_size, records_of, usable
+            step, world_size, records_of, usable, pre_of, checkins
         )
         if problem:
             first_problem = first_problem or problem
@@ -211,10 +211,24 @@ def _missing_group(
     return ""
 
 
-def _missing_record(step: int, world_size: int, records_of: Any, usable: Any) -> str:
+def _missing_record(
+    step: int,
+    world_size: int,
+    records_of: Any,
+    usable: Any,
+    pre_of: Mapping[int, int | None],
+    checkins: Mapping[int, CheckIn],
+) -> str:
     for rank in range(world_size):
         steps = records_of(rank)
-        if not usable(rank, step):
-            have = ", ".join(map(str, sorted(steps))) or "none"
-            return f"rank {rank}'s per-rank state (RNG, data position) at step {step} was not mirrored (it has: {have})"
+        if usable(rank, step):
+            continue
+        differed = sorted(c.rank for c in checkins.values() if step in c.differed)
+        if pre_of.get(rank) == step and differed:
+            return (
+                f"rank {rank}'s per-rank state at step {step} is known only as its optimizer step began, and the loop "
+                f"changes per-rank state after optimizer.step() (seen on rank {differed[0]})"
+            )
+        have = ", ".join(map(str, sorted(steps))) or "none"
+        return f"rank {rank}'s per-rank state (RNG, data position) at step {step} was not mirrored (it has: {have})"
     return ""
