@@ -21,13 +21,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from gpuguard.checkpoint._tree import flatten
 from gpuguard.errors import CheckpointCorruptError, SideChannelError
 from gpuguard.integrations.exits import ENV, read_exits, record_exit
 from gpuguard.peers._channel import SideChannel
 from gpuguard.peers._layout import replica_groups, split
 from gpuguard.peers._plan import Cannot, CheckIn, Plan, decide, parse
 from gpuguard.peers._procfs import process_alive, process_start, shut_down_connections
-from gpuguard.peers._records import StepRecord, StepRecords, capture
+from gpuguard.peers._records import StepRecord, StepRecords, capture, same_state
 from gpuguard.peers._watch import PeerWatch
 
 ALL3 = [("the replicated state", (0, 1, 2))]
@@ -159,13 +160,19 @@ def test_a_record_holds_the_per_rank_entries_and_rngs_and_reads_back_without_pic
     progress["loss"].fill_(9.0)  # the record holds a copy
     back = StepRecord.from_bytes(record.to_bytes())
     assert (back.rank, back.step, back.tree) == (2, 41, record.tree)
-    assert back.tensors.keys() == record.tensors.keys() and all(
-        back.tensors[k].equal(record.tensors[k]) for k in back.tensors
-    )
+    assert back.tensors.keys() == record.tensors.keys() == {"progress/loss", "gen/state"}
     assert float(back.tensors["progress/loss"]) == 0.25
-    assert back.tensors["__gpuguard_rng__/torch"].equal(torch.get_rng_state())
+    assert same_state(back, record) and back.rng["torch"].equal(torch.get_rng_state())
+    # As a checkpoint holds it: the RNGs under the checkpoint's own key, encoded as a save would encode them.
+    progress["loss"].fill_(0.25)
+    part, saved = back.checkpoint_part(), flatten(view, rng=True, rng_state=record.rng)
+    assert part.tree == saved.tree and part.tensors.keys() == saved.tensors.keys()
+    assert all(torch.equal(part.tensors[k], saved.tensors[k]) for k in part.tensors)
     with pytest.raises(CheckpointCorruptError, match="malformed"):
         StepRecord.from_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    cut = record.to_bytes()[:-100]  # a blob that runs past the end
+    with pytest.raises(CheckpointCorruptError, match="runs past the end"):
+        StepRecord.from_bytes(cut)
 
 
 def test_records_keep_two_steps_here_and_on_the_side_channel() -> None:

@@ -155,8 +155,10 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
         numpy.random.set_state(tuple(rng["numpy"]))
 
 
-def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
+def flatten(state: Mapping[str, Any], *, rng: bool = True, rng_state: Mapping[str, Any] | None = None) -> FlatState:
     """Take a training state apart. Calls ``state_dict()``; copies no tensor data.
+
+    ``rng_state``: RNG states captured earlier (`capture_rng`) to store instead of the current ones.
 
     Raises:
         UnsupportedStateError: naming the path of the first value that cannot be stored.
@@ -169,7 +171,7 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
             raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
         flattener.flat.tree[key] = flattener.encode(value, [key])
     if rng:
-        flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng(), [RNG_KEY])
+        flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng() if rng_state is None else rng_state, [RNG_KEY])
     return flattener.flat
 
 

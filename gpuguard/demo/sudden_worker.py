@@ -12,7 +12,7 @@ Run as ``gpuguard-run --standalone --nproc-per-node N -m gpuguard.demo.sudden_wo
 - ``between``: after ``guard.step(S)`` returned, before the next forward;
 - ``periodic``: a few milliseconds after ``guard.step(S)`` started a periodic checkpoint (S a
   multiple of ``--periodic-every``), while it is being written;
-- ``optimizer``: inside ``optimizer.step()`` of step S.
+- ``optimizer``: as ``optimizer.step()`` of step S returns (after its gradients were exchanged).
 
 Before dying it writes ``killed.json`` (rank, step, phase, wall time). Every other rank writes
 ``rank-N.json`` (how it ended); rank 0 writes the final weights after an uninterrupted finish.
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             first.register_hook(  # type: ignore[no-untyped-call]
                 lambda g: die(folder, rank, current["step"], "backward") if current["step"] == args.kill_step else None
             )
-    if victim and args.kill_phase == "optimizer":
-        optimizer.register_step_pre_hook(
+    if victim and args.kill_phase == "optimizer":  # its parameters updated, its step not yet completed
+        optimizer.register_step_post_hook(
             lambda o, a, k: (
                 die(folder, rank, current["step"], "optimizer") if current["step"] == args.kill_step else None
             )

@@ -3,10 +3,9 @@
 Data-parallel replicas hold the same parameters and optimizer state, so a dead rank's copy of those
 lives on. What is its own is small: its random number generators and the entries of the state that
 are not modules, optimizers or schedulers (a data loader's position, a progress dict). At every
-``guard.step`` that part is captured (the same JSON tree and tensors a checkpoint holds for it, the
-tensors copied) and written to the side channel before ``step`` returns, so the state of every step a
-rank completed is readable by the others after its death. The two newest steps are kept: a survivor
-may be one step ahead of another.
+``guard.step`` that part is captured and written to the side channel before ``step`` returns, so the
+state of every step a rank completed is readable by the others after its death. The two newest steps
+are kept: a survivor may be one step ahead of another.
 
 A rank may also die inside its optimizer step, after its gradients were exchanged: its peers then
 complete that step, and its record of the step never comes. So as each optimizer step begins, a
@@ -14,62 +13,125 @@ complete that step, and its record of the step never comes. So as each optimizer
 state unless the loop changes per-rank state after ``optimizer.step()``; whether it does is seen on
 every survivor, which compares its own provisional record with its final one (`same_state`).
 
-A record is a safetensors blob whose metadata holds the JSON tree: parsed without pickling.
+This runs on the training thread every step, so a record is compact: the entries as the checkpoint's
+JSON tree encodes them (small), and the RNG states raw — Python's 625-word Mersenne Twister and numpy's
+as packed integers, not 625 JSON numbers. The format is this module's own: an 8-byte little-endian
+header length, a JSON header naming each blob's dtype, shape and place, then the blobs. Nothing is
+unpickled; dtypes come from the checkpoint format's own table.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import torch
 
-from gpuguard.checkpoint._tree import flatten
+from gpuguard.checkpoint._layout import DTYPE_CODES, DTYPES_BY_CODE
+from gpuguard.checkpoint._tree import FlatState, capture_rng, flatten
 from gpuguard.errors import CheckpointCorruptError, SideChannelError
 from gpuguard.peers._channel import SideChannel
 
 log = logging.getLogger("gpuguard.peers")
 
 KEEP: Final = 2  # steps kept per rank: survivors are at most one step apart
-_META: Final = "gpuguard_record"
+FORMAT: Final = "gpuguard-step-record-1"
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One rank's per-rank state after one completed step: JSON tree entries and the tensors they name."""
+    """One rank's per-rank state after one completed step: its entries (JSON tree and the tensors it names)
+    and its RNG states as `capture_rng` returns them."""
 
     rank: int
     step: int
     tree: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint_part(self) -> FlatState:
+        """The entries and RNGs as a checkpoint of this rank holds them (tree, tensors, devices)."""
+        part = flatten({}, rng=True, rng_state=self.rng)
+        part.tree = {**self.tree, **part.tree}
+        part.tensors = {**self.tensors, **part.tensors}
+        part.devices = {**self.devices, **part.devices}
+        return part
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        meta = json.dumps({"rank": self.rank, "step": self.step, "tree": self.tree, "devices": self.devices})
-        return bytes(save(self.tensors, metadata={_META: meta}))
+        blobs: list[tuple[str, str, list[int], bytes]] = []
+        for name, tensor in self.tensors.items():
+            blobs.append((f"t/{name}", DTYPE_CODES[tensor.dtype], list(tensor.shape), _raw(tensor)))
+        rng = self.rng
+        blobs.append(("rng/torch", "U8", list(rng["torch"].shape), _raw(rng["torch"])))
+        for i, state in enumerate(rng.get("cuda", [])):
+            blobs.append((f"rng/cuda/{i}", "U8", list(state.shape), _raw(state)))
+        version, internal, gauss = rng["python"]
+        blobs.append(("rng/python", "I64", [len(internal)], array.array("q", internal).tobytes()))
+        numpy_meta = None
+        if "numpy" in rng:
+            name, key, pos, has_gauss, cached = rng["numpy"]
+            blobs.append(("rng/numpy", "U32", [len(key)], key.astype("<u4").tobytes()))
+            numpy_meta = [str(name), int(pos), int(has_gauss), float(cached)]
+        places, offset = [], 0
+        for blob_name, code, shape, data in blobs:
+            places.append([blob_name, code, shape, offset, len(data)])
+            offset += len(data)
+        header = {
+            "format": FORMAT,
+            "rank": self.rank,
+            "step": self.step,
+            "tree": self.tree,
+            "devices": self.devices,
+            "python": [version, gauss],
+            "numpy": numpy_meta,
+            "blobs": places,
+        }
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        return b"".join([len(encoded).to_bytes(8, "little"), encoded, *(data for *_, data in blobs)])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StepRecord:
-        """Parse a record (safetensors; no pickling). Raises `CheckpointCorruptError` on anything malformed."""
-        from safetensors.torch import load
-
+        """Parse a record. Raises `CheckpointCorruptError` on anything malformed."""
         try:
             size = int.from_bytes(data[:8], "little")
             header = json.loads(bytes(data[8 : 8 + size]))
-            meta = json.loads(header["__metadata__"][_META])
-            tensors = load(bytes(data))
-            return cls(int(meta["rank"]), int(meta["step"]), dict(meta["tree"]), tensors, dict(meta["devices"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            if header["format"] != FORMAT:
+                raise ValueError(f"format {header['format']!r}")
+            base = 8 + size
+            blobs: dict[str, torch.Tensor] = {}
+            for name, code, shape, offset, nbytes in header["blobs"]:
+                start = base + int(offset)
+                if start + int(nbytes) > len(data):
+                    raise ValueError(f"blob {name!r} runs past the end")
+                flat = torch.frombuffer(bytearray(data[start : start + int(nbytes)]), dtype=DTYPES_BY_CODE[code])
+                blobs[str(name)] = flat.reshape([int(d) for d in shape])
+            rng: dict[str, Any] = {"torch": blobs["rng/torch"]}
+            cuda = sorted((n for n in blobs if n.startswith("rng/cuda/")), key=lambda n: int(n.rsplit("/", 1)[1]))
+            if cuda:
+                rng["cuda"] = [blobs[n] for n in cuda]
+            version, gauss = header["python"]
+            rng["python"] = (int(version), tuple(int(v) for v in blobs["rng/python"].tolist()), gauss)
+            if header["numpy"] is not None:
+                import numpy
+
+                name, pos, has_gauss, cached = header["numpy"]
+                key = numpy.asarray(blobs["rng/numpy"].numpy(), dtype=numpy.uint32)
+                rng["numpy"] = (str(name), key, int(pos), int(has_gauss), float(cached))
+            tensors = {n[2:]: t for n, t in blobs.items() if n.startswith("t/")}
+            tree, devices = dict(header["tree"]), dict(header["devices"])
+            return cls(int(header["rank"]), int(header["step"]), tree, tensors, devices, rng)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             raise CheckpointCorruptError(f"a mirrored per-rank state record is malformed ({exc})") from None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    return bytes(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def capture(rank: int, step: int, entries: Mapping[str, Any], *, rng: bool = True) -> StepRecord:
@@ -77,18 +139,33 @@ def capture(rank: int, step: int, entries: Mapping[str, Any], *, rng: bool = Tru
 
     Runs on the training thread at a step boundary: it calls the entries' ``state_dict()``.
     """
-    flat = flatten(entries, rng=rng)
+    flat = flatten(entries, rng=False)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in flat.tensors.items()}
-    return StepRecord(rank, step, flat.tree, tensors, dict(flat.devices))
+    return StepRecord(rank, step, flat.tree, tensors, dict(flat.devices), capture_rng() if rng else {})
 
 
 def same_state(a: StepRecord, b: StepRecord) -> bool:
-    """The same per-rank state: tree, tensor names and every tensor's bytes."""
+    """The same per-rank state: entries (tree and every tensor's bytes) and every RNG."""
     return (
         a.tree == b.tree
         and a.tensors.keys() == b.tensors.keys()
         and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        and _same_rng(a.rng, b.rng)
     )
+
+
+def _same_rng(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if a.keys() != b.keys() or not torch.equal(a["torch"], b["torch"]) or a["python"] != b["python"]:
+        return False
+    if len(a.get("cuda", [])) != len(b.get("cuda", [])):
+        return False
+    if not all(torch.equal(x, y) for x, y in zip(a.get("cuda", []), b.get("cuda", []), strict=True)):
+        return False
+    if "numpy" in a:
+        numpy = sys.modules["numpy"]
+        (n1, k1, *r1), (n2, k2, *r2) = a["numpy"], b["numpy"]
+        return bool(n1 == n2 and numpy.array_equal(k1, k2) and r1 == r2)
+    return True
 
 
 class StepRecords:

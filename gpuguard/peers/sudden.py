@@ -327,16 +327,17 @@ class SuddenLoss:
                 record = self.records.record(virtual, plan.step, provisional=virtual in plan.provisional)
                 if record is None:
                     raise CheckpointError(f"rank {virtual}'s per-rank state at step {plan.step} is not readable")
+                part = record.checkpoint_part()
                 tree: dict[str, Any] = {}
                 for key in order:
-                    source = flat.tree if key in flat.tree else record.tree
+                    source = flat.tree if key in flat.tree else part.tree
                     if key not in source:
                         raise CheckpointError(f"rank {virtual}'s state at step {plan.step} has no entry {key!r}")
                     tree[key] = source[key]
-                tree[RNG_KEY] = record.tree[RNG_KEY]
+                tree[RNG_KEY] = part.tree[RNG_KEY]
                 pendings.append(
                     store._save_flat(
-                        FlatState({**flat.tensors, **record.tensors}, tree, {**flat.devices, **record.devices}),
+                        FlatState({**flat.tensors, **part.tensors}, tree, {**flat.devices, **part.devices}),
                         plan.step,
                         reason="emergency",
                         evidence=facts,
