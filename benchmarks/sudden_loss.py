@@ -87,6 +87,59 @@ def mirror_cost(calls: int) -> dict[str, float]:
     }
 
 
+def _step_cost_worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
+    import logging
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from gpuguard import Guard
+
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(1)  # two processes on a few cores: no oversubscribed thread pools
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUGUARD_FAKE_NVML="h200")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for sudden in (False, True, False, True):  # interleaved: the machine's load moves
+        model = torch.nn.Linear(64, 64)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        state = {"model": model, "optimizer": optimizer, "progress": {"epoch": 0, "batch": 0}}
+        folder = tempfile.mkdtemp(prefix="gpuguard-bench-")
+        samples = []
+        with Guard(checkpoint_dir=folder, state=state, checkpoint_every_s=0, sudden_loss=sudden, sync_every=10**6) as g:
+            for step in range(steps):
+                model(torch.ones(4, 64)).sum().backward()
+                started = time.perf_counter()
+                optimizer.step()  # with sudden_loss, its pre-hook mirrors the provisional state
+                state["progress"]["batch"] = step
+                g.step(step)  # with sudden_loss, mirrors this rank's state of the step
+                samples.append(time.perf_counter() - started)
+                optimizer.zero_grad()
+        shutil.rmtree(folder, ignore_errors=True)
+        results.setdefault(str(sudden), []).extend(samples[steps // 10 :])
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def step_cost(steps: int) -> dict[str, float]:
+    """Median µs of ``optimizer.step()`` + ``guard.step()`` on 2 gloo ranks with sudden-loss protection off and
+    on (a 64 x 64 model, AdamW, a progress dict): the difference is what mirroring costs each step."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tempfile.mktemp(prefix="gpuguard-bench-", suffix=".json")
+    mp.spawn(_step_cost_worker, args=(2, port, steps, out), nprocs=2, join=True)  # type: ignore[no-untyped-call]
+    found = json.loads(Path(out).read_text())
+    Path(out).unlink()
+    off, on = (statistics.median(found[k]) * 1e6 for k in ("False", "True"))
+    return {"off_us": round(off, 1), "on_us": round(on, 1), "added_us": round(on - off, 1)}
+
+
 def goodput(detect_s: float | None) -> dict[str, Any]:
     base = compare(GoodputInputs(nodes=128, gpus_per_node=8), check=True, failures=100_000).to_dict()
     out = {"defaults": base}
@@ -103,6 +156,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--ballast-mib", type=float, default=64.0)
     p.add_argument("--mirror-calls", type=int, default=2000)
+    p.add_argument("--cost-steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -123,6 +177,7 @@ def main() -> int:
         "restore_s": first.get("restore_s"),
         "launcher_exits": sorted({r["launcher_exit"] for r in runs}),
         "mirror_per_step": mirror_cost(args.mirror_calls),
+        "step_cost": step_cost(args.cost_steps),
         "runs": runs,
         "goodput": goodput(summary["detect_s"]["median"]),
     }
@@ -143,6 +198,11 @@ def main() -> int:
     print(f"launcher exit codes: {doc['launcher_exits']}; restart {doc['restart_s']} s, restore {doc['restore_s']} s")
     m = doc["mirror_per_step"]
     print(f"mirroring per step: {m['median_us']} µs median, {m['p90_us']} µs p90, {m['record_bytes']} bytes")
+    c = doc["step_cost"]
+    print(
+        f"optimizer.step() + guard.step(), 2 gloo ranks: {c['off_us']} µs without, {c['on_us']} µs with "
+        f"(+{c['added_us']})"
+    )
     for label, g in doc["goodput"].items():
         print(
             f"\ngoodput at 128 x 8 GPUs ({label.replace('_', ' ')}), storage {g['assumptions']['storage_bandwidth']}:"

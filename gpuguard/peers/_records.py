@@ -63,7 +63,11 @@ class StepRecord:
         part.devices = {**self.devices, **part.devices}
         return part
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, cache: dict[str, Any] | None = None) -> bytes:
+        """The record's bytes. ``cache`` (one per writer) keeps the packed RNG words of the last record: most
+        loops draw nothing from Python's or numpy's generator, and repacking 625 unchanged words each step
+        would cost more than comparing them."""
+        cache = {} if cache is None else cache
         blobs: list[tuple[str, str, list[int], bytes]] = []
         for name, tensor in self.tensors.items():
             blobs.append((f"t/{name}", DTYPE_CODES[tensor.dtype], list(tensor.shape), _raw(tensor)))
@@ -72,11 +76,16 @@ class StepRecord:
         for i, state in enumerate(rng.get("cuda", [])):
             blobs.append((f"rng/cuda/{i}", "U8", list(state.shape), _raw(state)))
         version, internal, gauss = rng["python"]
-        blobs.append(("rng/python", "I64", [len(internal)], array.array("q", internal).tobytes()))
+        if cache.get("python", (None,))[0] != internal:
+            cache["python"] = (internal, array.array("q", internal).tobytes())
+        blobs.append(("rng/python", "I64", [len(internal)], cache["python"][1]))
         numpy_meta = None
         if "numpy" in rng:
             name, key, pos, has_gauss, cached = rng["numpy"]
-            blobs.append(("rng/numpy", "U32", [len(key)], key.astype("<u4").tobytes()))
+            last = cache.get("numpy")
+            if last is None or last[0].shape != key.shape or not (last[0] == key).all():
+                cache["numpy"] = (key, key.astype("<u4").tobytes())
+            blobs.append(("rng/numpy", "U32", [len(key)], cache["numpy"][1]))
             numpy_meta = [str(name), int(pos), int(has_gauss), float(cached)]
         places, offset = [], 0
         for blob_name, code, shape, data in blobs:
@@ -188,6 +197,7 @@ class StepRecords:
         self.differed: set[int] = set()  # steps whose provisional record did not
         self._mine: dict[int, StepRecord] = {}
         self._provisional: StepRecord | None = None
+        self._packed: dict[str, Any] = {}  # the last packed RNG words (see StepRecord.to_bytes)
 
     def keep(self, record: StepRecord) -> None:
         """Keep ``record`` and mirror it (synchronously: a completed step's state is out before ``step`` returns)."""
@@ -209,7 +219,7 @@ class StepRecords:
     def _mirror(self, key: str, record: StepRecord) -> None:
         if not self.mirrored:
             return
-        data = record.to_bytes()
+        data = record.to_bytes(self._packed)
         if len(data) > self.max_bytes:
             self.stop_mirroring(f"its per-rank state is {len(data)} bytes, over the mirror's {self.max_bytes}")
             return
