@@ -98,7 +98,11 @@ def _step_cost_worker(rank: int, world: int, port: int, steps: int, out: str) ->
 
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)  # two processes on a few cores: no oversubscribed thread pools
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUGUARD_FAKE_NVML="h200")
+    # As under torchrun: the store lives in another process (the agent's, here the benchmark's), and every
+    # worker, rank 0 too, is a client of it.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUGUARD_FAKE_NVML="h200", TORCHELASTIC_USE_AGENT_STORE="True"
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for sudden in (False, True, False, True):  # interleaved: the machine's load moves
@@ -126,14 +130,21 @@ def _step_cost_worker(rank: int, world: int, port: int, steps: int, out: str) ->
 
 def step_cost(steps: int) -> dict[str, float]:
     """Median µs of ``optimizer.step()`` + ``guard.step()`` on 2 gloo ranks with sudden-loss protection off and
-    on (a 64 x 64 model, AdamW, a progress dict): the difference is what mirroring costs each step."""
+    on (a 64 x 64 model, AdamW, a progress dict; the store in another process, as torchrun's agent hosts it):
+    the difference is what mirroring costs each step (the provisional record in the optimizer's pre-hook,
+    the step's record in ``guard.step``)."""
+    import datetime as dt
+
     import torch.multiprocessing as mp
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    agent = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=60))
     out = tempfile.mktemp(prefix="gpuguard-bench-", suffix=".json")
     mp.spawn(_step_cost_worker, args=(2, port, steps, out), nprocs=2, join=True)  # type: ignore[no-untyped-call]
+    del agent
     found = json.loads(Path(out).read_text())
     Path(out).unlink()
     off, on = (statistics.median(found[k]) * 1e6 for k in ("False", "True"))
