@@ -93,7 +93,7 @@ def test_per_rank_state_has_no_other_copy() -> None:
     )
 
 
-HSDP = [("the shard at [0]", (0, 2)), ("the shard at [1]", (1, 3))]
+HSDP = [("the shard at shard=0", (0, 2)), ("the shard at shard=1", (1, 3))]
 
 
 def test_hsdp_a_lost_rank_is_written_by_the_replica_of_its_shard() -> None:
@@ -106,7 +106,7 @@ def test_hsdp_a_lost_rank_is_written_by_the_replica_of_its_shard() -> None:
 def test_hsdp_both_replicas_of_a_shard_lost_names_the_shard() -> None:
     found = plan([CheckIn(0, 7, 7, (6, 7)), CheckIn(2, 7, 7, (6, 7))], 4, HSDP, {1: (6, 7), 3: (6, 7)})
     assert isinstance(found, Cannot)
-    assert found.reason == "no survivor holds the shard at [1] at step 7: rank(s) 1, 3 lost"
+    assert found.reason == "no survivor holds the shard at shard=1 at step 7: rank(s) 1, 3 lost"
 
 
 def test_the_plan_is_the_same_whoever_computes_it() -> None:

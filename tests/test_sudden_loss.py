@@ -66,9 +66,9 @@ def check_trial(trial: SuddenTrial, folder: Path, nproc: int, steps: int, *, com
         )
     assert f"gpuguard-run: rank {survivors[0]}: peer rank {kill.rank} lost at step {saved}" in trial.first.stderr
     store = CheckpointStore(f"file://{folder / 'checkpoints'}")
-    info = store.latest()
-    assert info is not None and info.step == saved and info.reason == "emergency", where
-    assert info.id == trial.outcome["checkpoint_id"], where
+    (info,) = [c for c in store.list() if c.id == trial.outcome["checkpoint_id"]]  # the relaunch saved more since
+    assert info.step == saved and info.reason == "emergency", where
+    assert info.evidence["sudden_loss"]["survivors"] == survivors, where
     assert store.verify(info.id).ok, where
     assert trial.steps_replayed is not None and trial.steps_replayed <= 1, where
     assert trial.detect_s is not None and trial.committed_s is not None and trial.detect_s <= trial.committed_s
@@ -139,7 +139,9 @@ def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_f
     assert trial.first.code == 75, trial.first.stderr[-4000:]
     outcome = trial.first.reports[0]["sudden_loss"]
     assert outcome["result"] == "cannot"
-    assert outcome["message"].startswith("peer rank 1 lost; no survivor checkpoint: no survivor holds the shard at [1]")
+    assert outcome["message"].startswith(
+        "peer rank 1 lost; no survivor checkpoint: no survivor holds the shard at shard=1"
+    )
     assert "rank(s) 1 lost" in outcome["message"]
     store = CheckpointStore(f"file://{tmp_path / 'checkpoints'}")
     assert [c.step for c in store.list()] == [4]  # the periodic one; nothing half-written was committed
@@ -200,3 +202,61 @@ def test_a_rank_that_raises_is_saved_from_but_the_launcher_exit_counts(tmp_path:
     assert outcome["result"] == "saved" and outcome["step"] == 4
     info = CheckpointStore(f"file://{tmp_path / 'checkpoints'}").latest()
     assert info is not None and info.step == 4
+
+
+@pytest.mark.slow  # four spawned gloo processes
+def test_hsdp_survivors_write_the_lost_ranks_files_from_the_replica_of_its_shard(tmp_path: Path) -> None:
+    """The HSDP path of the survivors' save on its own (the end-to-end HSDP tests above need FSDP2 to train
+    under the guard): rank 1 of a 2 x 2 (replicate, shard) mesh is lost; rank 3 holds the same shard and
+    writes rank 1's files, chunks included, with no collective; the checkpoint is the job's whole state."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from helpers import hsdp_survivors
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(hsdp_survivors.worker, args=(port, str(tmp_path)), nprocs=4, join=True)
+    plan = json.loads((tmp_path / "plan-0.json").read_text())
+    assert plan["groups"] == [[0, 2], [1, 3]] and plan["writers"] == {"0": 0, "1": 3, "2": 2, "3": 3}
+    assert plan["labels"][1] == "the shard at shard=1 of 'model/w' on mesh ('replicate', 'shard')"
+    store = CheckpointStore(f"file://{tmp_path / 'checkpoints'}")
+    info = store.latest()
+    assert info is not None and (info.step, info.world_size, info.reason) == (2, 4, "emergency")
+    assert store.verify(info.id).ok
+    expected = load_file(str(tmp_path / "expected.safetensors"))
+    for rank in range(4):
+        plain = hsdp_survivors.state(None)
+        assert store.load(plain, rank=rank, world_size=4) == 2
+        got = {f"model.{k}": v for k, v in plain["model"].state_dict().items()}
+        for index, per in plain["optimizer"].state_dict()["state"].items():
+            got.update({f"optimizer.{index}.{key}": value for key, value in per.items()})
+        assert sorted(got) == sorted(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), rank
+        saved_rng = torch.frombuffer(bytearray((tmp_path / f"rng-{rank}.pt").read_bytes()), dtype=torch.uint8)
+        assert torch.equal(torch.get_rng_state(), saved_rng), f"rank {rank}'s RNG"  # the dead rank's too
+
+
+@pytest.mark.slow
+def test_no_copy_of_the_lost_ranks_state_the_survivors_say_which_and_the_rerun_uses_the_periodic(
+    tmp_path: Path,
+) -> None:
+    """DDP with replicated=False: the guard may not take one rank's tensors for another's, so nothing
+    survives of rank 1's part. One line says so; nothing is committed; the rerun resumes from the
+    newest periodic checkpoint."""
+    steps, kill = 10, Kill(rank=1, step=6, phase="backward")
+    trial = run_trial(tmp_path, 2, kill, steps=steps, layout="ddp-per-rank", periodic_every=4)
+    assert trial.first.code == 75, trial.first.stderr[-4000:]
+    outcome = trial.first.reports[0]["sudden_loss"]
+    assert outcome["result"] == "cannot" and outcome["lost"] == [1]
+    assert outcome["message"] == (
+        "peer rank 1 lost; no survivor checkpoint: no survivor holds rank 1's tensors (the state is per rank: set "
+        "replicated=True for data-parallel replicas) at step 5: rank(s) 1 lost"
+    )
+    assert f"gpuguard-run: rank 0: {outcome['message']}" in trial.first.stderr
+    committed = [c for c in CheckpointStore(f"file://{tmp_path / 'checkpoints'}").list() if c.step <= 6]
+    assert [(c.step, c.reason) for c in committed] == [(4, "periodic")]  # nothing of the survivors' committed
+    assert trial.resume is not None and trial.resume.code == 0
+    assert {r["resumed_at"] for r in trial.resume.reports.values()} == {5}

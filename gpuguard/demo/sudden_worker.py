@@ -2,8 +2,9 @@
 
 Run as ``gpuguard-run --standalone --nproc-per-node N -m gpuguard.demo.sudden_worker --dir D ...``.
 
-``--layout ddp``: ``DistributedDataParallel`` with ``replicated=True``; ``hsdp``: FSDP2 ``fully_shard`` on a
-2 x 2 (replicate, shard) mesh; ``fsdp``: FSDP2 on a 1-D mesh (no replicas). With ``--kill-rank R
+``--layout ddp``: ``DistributedDataParallel`` with ``replicated=True``; ``ddp-per-rank``: the same with
+``replicated=False`` (each rank's state its own); ``hsdp``: FSDP2 ``fully_shard`` on a 2 x 2 (replicate,
+shard) mesh; ``fsdp``: FSDP2 on a 1-D mesh (no replicas). With ``--kill-rank R
 --kill-step S --kill-phase P`` rank R SIGKILLs itself during step S:
 
 - ``forward``: inside the model's forward (a hook on a hidden layer);
@@ -49,7 +50,7 @@ def build(layout: str) -> tuple[torch.nn.Module, torch.nn.Sequential, torch.opti
         torch.nn.Linear(32, 1),
     )
     model: torch.nn.Module = layers
-    if layout == "ddp":
+    if layout.startswith("ddp"):
         ddp = torch.nn.parallel.DistributedDataParallel(layers)
         ddp.register_comm_hook(None, reduce_each_gradient)
         model = ddp
@@ -138,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--layout", choices=("ddp", "hsdp", "fsdp"), default="ddp")
+    p.add_argument(
+        "--layout",
+        choices=("ddp", "ddp-per-rank", "hsdp", "fsdp"),
+        default="ddp",
+        help="ddp-per-rank: DDP with replicated=False, so that no rank's state counts as another's copy",
+    )
     p.add_argument("--periodic-every", type=int, default=0)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=-1)
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda m, a: die(folder, rank, current["step"], "forward") if current["step"] == args.kill_step else None
         )
     if victim and args.kill_phase in ("backward", "stop"):
-        if args.layout == "ddp":  # inside DDP's all-reduce of the first bucket: the others wait in theirs
+        if args.layout.startswith("ddp"):  # inside DDP's all-reduce of the first bucket: the others wait in theirs
             KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], args.kill_phase)
         else:  # as a gradient is ready: FSDP's reduce-scatter of the later layers is running
             first = next(iter(model.parameters()))
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             sync_every=5,
             checkpoint_every_steps=args.periodic_every or None,
             checkpoint_every_s=0,
-            replicated=args.layout == "ddp",
+            replicated=args.layout == "ddp",  # ddp-per-rank: the guard is not told the ranks hold copies
             commit_timeout_s=20,
         ) as guard:
             report["resumed_at"] = guard.resume()
@@ -237,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         weights = model.state_dict()
-        if args.layout != "ddp":
+        if not args.layout.startswith("ddp"):
             weights = {k: v.full_tensor() for k, v in weights.items()}
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / "final.safetensors"))
-    elif args.layout != "ddp":
+    elif not args.layout.startswith("ddp"):
         for value in model.state_dict().values():
             value.full_tensor()  # a collective: every rank takes part
     out.write_text(json.dumps(report))

@@ -56,24 +56,24 @@ def replica_groups(tensors: Mapping[str, Any], world_size: int, replicated: bool
         per_rank = "(the state is per rank: set replicated=True for data-parallel replicas)"
         return [(f"rank {r}'s tensors {per_rank}", (r,)) for r in range(world_size)]
     keys: dict[int, list[Any]] = {r: [] for r in range(world_size)}
-    described: list[str] = []
+    words: dict[int, list[str]] = {r: [] for r in range(world_size)}
     for name, tensor in layouts.values():
         from torch.distributed.tensor import Shard
 
         mesh = tensor.device_mesh
+        dims = mesh.mesh_dim_names or tuple(f"dim{d}" for d in range(mesh.ndim))
         sharded = [d for d, p in enumerate(tensor.placements) if isinstance(p, Shard)]
         ranks = mesh.mesh
         coordinate_of = {int(ranks[index].item()): index for index in _indices(tuple(ranks.shape))}
         for rank in range(world_size):
             where = coordinate_of.get(rank)
             keys[rank].append(None if where is None else tuple(where[d] for d in sharded))
-        dims = mesh.mesh_dim_names or tuple(f"dim{d}" for d in range(mesh.ndim))
-        described.append(f"{name!r} on mesh {tuple(dims)}")
+            at = "outside the mesh" if where is None else ", ".join(f"{dims[d]}={where[d]}" for d in sharded)
+            words[rank].append(f"{at} of {name!r} on mesh {tuple(dims)}")
     groups: dict[tuple[Any, ...], list[int]] = {}
     for rank in range(world_size):
         groups.setdefault(tuple(keys[rank]), []).append(rank)
-    label = "; ".join(described)
-    return [(f"the shard at {list(key)} of {label}", tuple(members)) for key, members in groups.items()]
+    return [(f"the shard at {'; '.join(words[members[0]])}", tuple(members)) for members in groups.values()]
 
 
 def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
