@@ -71,6 +71,29 @@ def build(layout: str) -> tuple[torch.nn.Module, torch.nn.Sequential, torch.opti
     return model, layers, optimizer, scheduler
 
 
+class ReportOnLeaving:
+    """Writes this rank's report as the guard leaves, while its SIGTERM handler still stands: once the guard
+    has closed, the launcher's SIGTERM (sent as soon as the first rank exits) would end the process at once."""
+
+    def __init__(self, report: dict[str, Any], out: Path) -> None:
+        self.report = report
+        self.out = out
+
+    @gpuguard.hookimpl
+    def gpuguard_on_evacuation(self, decision: Any, exit_code: int, checkpoint: Any) -> None:
+        sudden = decision.evidence.get("sudden_loss")
+        self.report |= {
+            "exit_code": exit_code,
+            "evacuated_at": sudden.get("step") if sudden else None,
+            "message": decision.message,
+            "sudden_loss": sudden,
+            "left_at": time.time(),
+        }
+        partial = self.out.with_suffix(".partial")
+        partial.write_text(json.dumps(self.report))
+        os.replace(partial, self.out)
+
+
 def reduce_each_gradient(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations it cannot read
     """DDP's all-reduce, one gradient at a time, in the bucket's order (the same on every rank).
 
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every_s=0,
             replicated=args.layout == "ddp",  # ddp-per-rank: the guard is not told the ranks hold copies
             commit_timeout_s=20,
+            plugins=[ReportOnLeaving(report, out)],
         ) as guard:
             report["resumed_at"] = guard.resume()
             report["training_at"] = time.time()
@@ -228,17 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     threading.Timer(0.003, die, (folder, rank, step, "periodic")).start()
         report["exit_code"] = 0
         report["batches"] = progress["batches"]
-    except gpuguard.Evacuation as evacuation:
-        ev = guard.last_evacuation
-        report |= {
-            "exit_code": evacuation.code,
-            "evacuated_at": evacuation.step,
-            "message": evacuation.decision.message,
-        }
-        report["sudden_loss"] = (ev.evidence or {}).get("sudden_loss") if ev else None
-        report["left_at"] = time.time()
-        out.write_text(json.dumps(report))
-        raise
+    except gpuguard.Evacuation:
+        raise  # the report is written: ReportOnLeaving
     if rank == 0:
         from safetensors.torch import save_file
 
