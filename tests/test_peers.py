@@ -405,3 +405,44 @@ def test_a_rank_lost_inside_its_optimizer_step_is_saved_from_its_provisional_rec
         "rank 1's per-rank state at step 12 is known only as its optimizer step began, and the loop changes "
         "per-rank state after optimizer.step() (seen on rank 0)"
     )
+
+
+def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    from gpuguard.guard._state import checkpointable
+    from gpuguard.peers import SuddenLoss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    options: dict[str, Any] = {
+        "rank": 0,
+        "world_size": 2,
+        "prefix": "t",
+        "replicated": True,
+        "heartbeat_s": 0.5,
+        "timeout_s": 3.0,
+        "checkpoint_id": name,
+    }
+    model = torch.nn.Linear(4, 4)
+    big = checkpointable({"model": model, "ema": {"weights": torch.zeros(2_000_000)}})  # 8 MB, per rank
+    with caplog.at_level(logging.WARNING, "gpuguard.peers"):
+        assert SuddenLoss.start(big, **options) is None
+    assert "sudden-loss protection is off: the state entries 'ema'" in caplog.text and "8012914 bytes" in caplog.text
+    small = checkpointable({"model": model, "progress": {"batch": 3}})
+    part = SuddenLoss.start(small, **options)
+    try:
+        assert part is not None and part.watch.alarm is None
+        assert not part.completed(0, small)  # captured, mirrored, no peer lost
+        assert StepRecords(part.channel, 1).record(0, 0) is not None
+    finally:
+        if part is not None:
+            part.stop()
+        del server

@@ -33,6 +33,8 @@ from gpuguard.peers._watch import Alarm, PeerWatch
 
 log = logging.getLogger("gpuguard.peers")
 
+MAX_CAPTURE_S = 0.05  # a capture of the per-rank state slower than this at start: not done every step
+
 
 @dataclass
 class SurvivorOutcome:
@@ -151,10 +153,34 @@ class SuddenLoss:
             replicated=replicated,
             checkpoint_id=checkpoint_id,
         )
+        refusal = part._check_per_rank(view)
+        if refusal:
+            log.warning("gpuguard: sudden-loss protection is off: %s", refusal)
+            return None
         part._hook(view)
         watch.subscribe(part._alarm)
         watch.start()
         return part
+
+    def _check_per_rank(self, view: Mapping[str, Any]) -> str:
+        """Why this state's per-rank part cannot be mirrored every step ("" when it can): it is captured once
+        now, and must be small and quick, or every step would pay for it."""
+        _, per_rank = split(view)
+        entries = {k: view[k] for k in per_rank}
+        try:
+            capture(self.rank, -1, entries).to_bytes()  # the first one pays for what happens once
+            started = time.perf_counter()
+            size = len(capture(self.rank, -1, entries).to_bytes())
+        except GpuGuardError as exc:
+            return f"its per-rank state cannot be captured ({exc})"
+        took = time.perf_counter() - started
+        if size > self.records.max_bytes or took > MAX_CAPTURE_S:
+            return (
+                f"the state entries {', '.join(map(repr, per_rank))} (neither modules, optimizers nor schedulers) "
+                f"are this rank's own and would be written to the store at every step: {size} bytes in "
+                f"{took * 1000:.0f} ms (at most {self.records.max_bytes} bytes and {MAX_CAPTURE_S * 1000:.0f} ms)"
+            )
+        return ""
 
     def _hook(self, view: Mapping[str, Any]) -> None:
         self._view = view
