@@ -199,3 +199,19 @@ def test_checkpoints_take_at_most_their_share_of_the_storage() -> None:
     assert loose.gpuguard.best_goodput >= report.gpuguard.best_goodput
     with pytest.raises(ConfigError, match=r"max_storage_share.*1\.5.*at most 1"):
         GoodputInputs(max_storage_share=1.5)
+
+
+def test_the_h200_costs_are_the_ones_measured() -> None:
+    # The provenance of goodput's default costs lives in the repository, and the constants match it.
+    from pathlib import Path
+
+    from gpuguard import goodput as g
+
+    measured = json.loads((Path(__file__).parent / "data" / "h200-checkpoint-baseline.json").read_text())
+    gib = measured["state_gib"]
+    assert (measured["device"], gib) == ("NVIDIA H200", 6.0)
+    assert measured["torch_save_s"] / gib == g.H200_TORCH_SAVE_S_PER_GIB
+    assert measured["torch_load_to_gpu_s"] / gib == g.H200_TORCH_LOAD_S_PER_GIB
+    assert measured["hardware_bound_sketch"]["stall_s"][0] / gib == g.H200_PINNED_COPY_S_PER_GIB
+    eight = measured["hardware_bound_sketch"]["write_8_threads_s"]
+    assert min(eight) <= g.H200_PARALLEL_WRITE_S_PER_GIB * gib <= max(eight)

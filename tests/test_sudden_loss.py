@@ -60,9 +60,9 @@ def check_trial(trial: SuddenTrial, folder: Path, nproc: int, steps: int, *, com
         outcome = report["sudden_loss"]
         assert report["exit_code"] == 75 and outcome["result"] == "saved", (where, report)
         assert (outcome["lost"], outcome["members"], outcome["step"]) == ([kill.rank], survivors, saved), where
+        committers = f"rank{'s' if len(survivors) > 1 else ''} {', '.join(map(str, survivors))}"
         assert report["message"] == (
-            f"peer rank {kill.rank} lost at step {saved}, checkpoint of step {saved} committed by ranks "
-            f"{', '.join(map(str, survivors))}"
+            f"peer rank {kill.rank} lost at step {saved}, checkpoint of step {saved} committed by {committers}"
         )
     assert f"gpuguard-run: rank {survivors[0]}: peer rank {kill.rank} lost at step {saved}" in trial.first.stderr
     store = CheckpointStore(f"file://{folder / 'checkpoints'}")

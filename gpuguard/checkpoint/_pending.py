@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -18,16 +19,53 @@ class SaveTimings:
     durable_s: float = 0.0
 
 
+class CommitGate:
+    """Whether a save may still commit: the writer enters it right before the manifest write, and a
+    caller that gives up on the save closes it. Whichever comes first wins, so a closed save never
+    commits later, and a save whose commit has begun is known to be committing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "open"  # -> "committing" (the writer) or "closed" (the caller)
+
+    def enter(self) -> bool:
+        """The writer, before the manifest: False when the save was abandoned (do not commit)."""
+        with self._lock:
+            if self._state == "closed":
+                return False
+            self._state = "committing"
+            return True
+
+    def close(self) -> bool:
+        """The caller: True when the save can no longer commit; False when its commit has begun."""
+        with self._lock:
+            if self._state == "committing":
+                return False
+            self._state = "closed"
+            return True
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+
 class PendingSave:
-    """A save in flight. `wait` returns once it is durable and committed.
+    """A save in flight. `wait` returns once it is durable and committed, on every rank.
 
     The snapshot is already taken when you hold this: training may change its tensors freely.
     """
 
     def __init__(
-        self, checkpoint_id: str, step: int, future: Future[CheckpointInfo | None], stall_s: float, started: float
+        self,
+        checkpoint_id: str,
+        step: int,
+        future: Future[CheckpointInfo],
+        stall_s: float,
+        started: float,
+        gate: CommitGate | None = None,
     ) -> None:
         self.id = checkpoint_id
+        self._gate = gate or CommitGate()
         self.step = step
         self._future = future
         self._stall_s = stall_s
@@ -38,19 +76,40 @@ class PendingSave:
     def _mark(self) -> None:
         self._durable_at = time.perf_counter()
 
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until durable (and committed, unless another rank commits); re-raises the save's error.
+    def wait(self, timeout: float | None = None) -> CheckpointInfo:
+        """Block until the checkpoint is committed; re-raises the save's error.
+
+        On the committing rank (rank 0 of a multi-rank save), committed means it wrote the manifest;
+        on every other rank, that it read back the manifest of this very save (same attempt). A rank
+        whose committing rank failed, died or stalled never reports success: it raises `CommitError`.
 
         Returns:
-            The committed checkpoint, or None for a rank whose shard another rank commits.
+            The committed checkpoint.
         Raises:
             StorageError: the storage failed; the previous checkpoint is intact.
+            CommitError: a multi-rank save that the committing rank did not commit (failed, or no
+                manifest within ``commit_timeout_s``).
+            CheckpointExistsError: the id was already committed; nothing was written.
             TimeoutError: not done within ``timeout`` seconds.
         """
         return self._future.result(timeout)
 
     def done(self) -> bool:
         return self._future.done()
+
+    def abandon(self) -> bool:
+        """Give up on this save: from now on it never commits, and its writer stops at its next part.
+
+        In a multi-rank save, the same on every rank: a rank other than the committing one takes part
+        in the commit by posting its record, which the committing rank needs before it commits. So a
+        save any rank abandoned in time never commits on any rank; once it is committing anywhere, no
+        rank's ``abandon()`` returns True.
+
+        Returns:
+            True when the save will not commit (it had not begun to); False when its commit had
+            already begun or ended: `wait` then returns the committed checkpoint (or its error).
+        """
+        return self._gate.close()
 
     def add_done_callback(self, callback: Callable[[PendingSave], None]) -> None:
         """Call ``callback(self)`` when the save ends, on the writer's thread (at once if it has)."""

@@ -363,7 +363,12 @@ class SuddenLoss:
                 tree[RNG_KEY] = part.tree[RNG_KEY]
                 pendings.append(
                     store._save_flat(
-                        FlatState({**flat.tensors, **part.tensors}, tree, {**flat.devices, **part.devices}),
+                        FlatState(
+                            {**flat.tensors, **part.tensors},
+                            tree,
+                            {**flat.devices, **part.devices},
+                            [*flat.storages, *part.storages],
+                        ),
                         plan.step,
                         reason="emergency",
                         evidence=facts,
