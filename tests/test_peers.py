@@ -446,3 +446,28 @@ def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and
         if part is not None:
             part.stop()
         del server
+
+
+# -- saves in flight when a peer dies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_save_in_flight_that_waits_for_a_dead_peer_ends_at_once_when_abandoned_and_commits_nothing(
+    tmp_path: Path, rank: int
+) -> None:
+    """Rank 0 waits for the dead rank's record, rank 1 for a manifest the dead rank 0 will never write:
+    either wait would last commit_timeout_s (here 600 s); abandoning ends it, and nothing is committed."""
+    from gpuguard import CheckpointStore
+    from gpuguard.errors import CheckpointError, CommitError
+
+    state = {"w": torch.arange(8.0)}
+    with CheckpointStore(f"file://{tmp_path}") as store:
+        pending = store.save(
+            state, 3, rank=rank, world_size=2, checkpoint_id=name(3), attempt="a1", commit_timeout_s=600
+        )
+        assert store.abandon_in_flight() == [pending.id]
+        started = time.monotonic()
+        with pytest.raises(CommitError if rank else CheckpointError, match="abandoned"):
+            pending.wait(60)
+        assert time.monotonic() - started < 30  # the poll's pace, not the 600 s commit timeout
+        assert store.list() == []
