@@ -57,6 +57,7 @@ def benchmarks(quick: bool, cuda: bool) -> dict[str, list[str]]:
                 "0.1",
             ],
             "s3": [*py, str(HERE / "s3.py"), "--size-mib", "16", "--repeats", "1"],
+            "sudden_loss": [*py, str(HERE / "sudden_loss.py"), "--ranks", "2", "--trials", "1", "--ballast-mib", "1"],
         }
     runs = {
         "nvml_poll": [*py, str(HERE / "nvml_poll.py")],
@@ -64,6 +65,7 @@ def benchmarks(quick: bool, cuda: bool) -> dict[str, list[str]]:
         "checkpoint": [*py, str(HERE / "checkpoint.py"), "--size-mib", "1024", "--repeats", "5"],
         "overlap": [*py, str(HERE / "overlap.py")],
         "s3": [*py, str(HERE / "s3.py"), "--size-mib", "128", "--repeats", "3"],
+        "sudden_loss": [*py, str(HERE / "sudden_loss.py"), "--ranks", "4", "--trials", "5"],
     }
     if (HERE / "checkpoint_sharded.py").exists():  # FSDP2 / DTensor state on 2 and 4 gloo processes
         runs["sharded"] = [*py, str(HERE / "checkpoint_sharded.py"), "--size-mib", "256", "--repeats", "3"]
@@ -169,25 +171,29 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += _other_benchmarks(report["benchmarks"])
     for label, g in report.get("goodput", {}).items():
-        a, p, q = g["assumptions"], g["periodic"], g["gpuguard"]
+        a, p, q, j = g["assumptions"], g["periodic"], g["gpuguard"], g["gpuguard_jit"]
         lines += [
             f"## Goodput, {a['nodes']} nodes x {a['gpus_per_node']} GPUs, {label.replace('_', ' ')}",
             "",
             f"{a['failure_rate']} ({a['failures_per_day']} failures/day); interval {a['checkpoint_interval_s']:g} s; "
-            f"detectable share {a['detectable_share']}; restart {a['restart_s']:g} s + reschedule "
+            f"detectable share {a['detectable_share']}, sudden with a replica {a['sudden_replicated_share']}; "
+            f"storage {a['storage_bandwidth']}; restart {a['restart_s']:g} s + reschedule "
             f"{a['reschedule_s']:g} s; periodic stall {a['periodic_stall_s']}; gpuguard stall "
             f"{a['gpuguard_stall_s']}, durable {a['gpuguard_durable_s']}.",
             "",
-            "| | periodic only | gpuguard |",
-            "| --- | ---: | ---: |",
-            f"| goodput | {p['goodput']:.2%} | {q['goodput']:.2%} |",
-            f"| effective training per day (h) | {p['training_h_per_day']:.2f} | {q['training_h_per_day']:.2f} |",
+            "| | periodic only | gpuguard | gpuguard + just-in-time |",
+            "| --- | ---: | ---: | ---: |",
+            f"| goodput | {p['goodput']:.2%} | {q['goodput']:.2%} | {j['goodput']:.2%} |",
+            f"| effective training per day (h) | {p['training_h_per_day']:.2f} | {q['training_h_per_day']:.2f} "
+            f"| {j['training_h_per_day']:.2f} |",
             f"| training lost per failure (min) | {p['work_lost_per_failure_s'] / 60:.1f} "
-            f"| {q['work_lost_per_failure_s'] / 60:.1f} |",
+            f"| {q['work_lost_per_failure_s'] / 60:.1f} | {j['work_lost_per_failure_s'] / 60:.1f} |",
             f"| wall time lost per failure (min) | {p['wall_lost_per_failure_s'] / 60:.1f} "
-            f"| {q['wall_lost_per_failure_s'] / 60:.1f} |",
-            f"| best interval (min) | {p['best_interval_s'] / 60:.1f} | {q['best_interval_s'] / 60:.1f} |",
-            f"| goodput at the best interval | {p['best_goodput']:.2%} | {q['best_goodput']:.2%} |",
+            f"| {q['wall_lost_per_failure_s'] / 60:.1f} | {j['wall_lost_per_failure_s'] / 60:.1f} |",
+            f"| best interval (min) | {p['best_interval_s'] / 60:.1f} | {q['best_interval_s'] / 60:.1f} "
+            f"| {j['best_interval_s'] / 60:.1f} |",
+            f"| goodput at the best interval | {p['best_goodput']:.2%} | {q['best_goodput']:.2%} "
+            f"| {j['best_goodput']:.2%} |",
             "",
         ]
         for c in g["monte_carlo"]:
@@ -288,14 +294,25 @@ def plots(report: dict[str, Any], out: Path, name: str) -> list[str]:
 
         shares = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
         base = GoodputInputs(nodes=128, gpus_per_node=8)
-        rows = [compare(GoodputInputs(nodes=128, gpus_per_node=8, detectable_share=s)) for s in shares]
+        # The sudden rest keeps the default split: three quarters of it with a surviving replica.
+        split = base.sudden_replicated_share / (1 - base.detectable_share)
+        rows = [
+            compare(
+                GoodputInputs(nodes=128, gpus_per_node=8, detectable_share=s, sudden_replicated_share=(1 - s) * split)
+            )
+            for s in shares
+        ]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.axhline(rows[0].periodic.goodput * 100, color="tab:gray", label="periodic only (30 min)")
         ax.axhline(rows[0].periodic.best_goodput * 100, color="tab:gray", ls="--", label="periodic only, best interval")
         ax.plot([s * 100 for s in shares], [r.gpuguard.goodput * 100 for r in rows], "o-", color="tab:green")
         ax.plot([s * 100 for s in shares], [r.gpuguard.best_goodput * 100 for r in rows], "o--", color="tab:green")
+        ax.plot([s * 100 for s in shares], [r.gpuguard_jit.goodput * 100 for r in rows], "s-", color="tab:blue")
+        ax.plot([s * 100 for s in shares], [r.gpuguard_jit.best_goodput * 100 for r in rows], "s--", color="tab:blue")
         ax.lines[2].set_label("gpuguard (30 min)")
         ax.lines[3].set_label("gpuguard, best interval")
+        ax.lines[4].set_label("gpuguard + just-in-time (30 min)")
+        ax.lines[5].set_label("gpuguard + just-in-time, best interval")
         ax.set_xlabel("failures preceded by detectable degradation (%)")
         ax.set_ylabel("goodput (%)")
         ax.set_title(f"128 x 8 GPUs, {base.failures_per_day:.2f} failures/day (NVIDIA's rate), H200 costs")

@@ -23,6 +23,7 @@ from gpuguard.errors import (
     NvmlError,
     NvmlUnavailableError,
     ScenarioError,
+    SideChannelError,
     StorageError,
     UnsupportedStateError,
 )
@@ -120,6 +121,7 @@ __all__ = [
     "RetryPolicy",
     "SaveTimings",
     "ScenarioError",
+    "SideChannelError",
     "StorageError",
     "UnsupportedStateError",
     "VerifyReport",

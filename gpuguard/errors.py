@@ -18,9 +18,10 @@ library, and chained with ``raise ... from exc`` so the original stays visible.
     │   ├── CheckpointExistsError   a committed checkpoint already has this id: it is never overwritten
     │   ├── CommitError             a multi-rank save was not committed (the committing rank failed or is gone)
     │   └── StorageError            the storage failed: after retries (transient) or at once (permanent)
-    └── KubernetesError             an API call failed; ``.status`` is the HTTP status (0: unreachable)
-        ├── KubernetesForbiddenError  403: the message names the RBAC rule to add
-        └── KubernetesUnreachableError  no answer from the API server
+    ├── KubernetesError             an API call failed; ``.status`` is the HTTP status (0: unreachable)
+    │   ├── KubernetesForbiddenError  403: the message names the RBAC rule to add
+    │   └── KubernetesUnreachableError  no answer from the API server
+    └── SideChannelError            the ranks' side channel (the launcher's store) failed or did not answer
 """
 
 from __future__ import annotations
@@ -194,6 +195,18 @@ class KubernetesUnreachableError(KubernetesError):
     """The API server did not answer; gpuguard skips the remaining actions and still leaves."""
 
 
+class SideChannelError(GpuGuardError):
+    """The side channel the ranks share outside their collectives (the launcher's TCPStore) failed.
+
+    Attributes:
+        operation: what was being done, e.g. ``set hb/3``.
+    """
+
+    def __init__(self, message: str, *, operation: str = "") -> None:
+        super().__init__(message)
+        self.operation = operation
+
+
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
@@ -208,6 +221,7 @@ __all__ = [
     "NvmlError",
     "NvmlUnavailableError",
     "ScenarioError",
+    "SideChannelError",
     "StorageError",
     "UnsupportedStateError",
 ]

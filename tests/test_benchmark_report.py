@@ -78,8 +78,10 @@ def test_the_table_marks_each_goal_met_or_not(run_all: ModuleType) -> None:
 def test_goodput_uses_the_measured_costs(run_all: ModuleType) -> None:
     report = _report(run_all)
     measured = report["goodput"]["this_machine_costs"]["assumptions"]
-    assert measured["periodic_stall_s"] == "3 (given)"
+    # 1 GiB per GPU x 1,024 GPUs through 125 GB/s (the storage floor) is longer than this machine's 3 s torch.save.
+    assert measured["periodic_stall_s"] == "8.796 (given 3, raised to the storage floor)"
     assert measured["gpuguard_stall_s"] == "0.24 (given)"
+    assert "gpuguard + just-in-time" in run_all.markdown(report)
     assert report["goodput"]["h200_costs"]["assumptions"]["failures_per_day"] == pytest.approx(2.432)
     assert all(c["agrees"] for g in report["goodput"].values() for c in g["monte_carlo"])
 

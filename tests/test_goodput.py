@@ -38,8 +38,19 @@ def test_every_failure_seen_coming_and_written_instantly_loses_nothing() -> None
         {"stall_s": 12.0, "downtime_s": 400.0},
         {"stall_s": 0.1, "durable_lag_s": 30.0, "detectable_share": 0.3, "emergency_s": 3.0, "downtime_s": 400.0},
         {"failures_per_s": 1 / 150, "stall_s": 5.0, "durable_lag_s": 60.0, "detectable_share": 0.5},
+        {
+            "stall_s": 0.1,
+            "durable_lag_s": 50.0,
+            "detectable_share": 0.2,
+            "emergency_s": 50.0,
+            "jit_share": 0.6,
+            "jit_s": 55.0,
+            "jit_replay_s": 1.0,
+            "downtime_s": 430.0,
+            "detected_downtime_s": 470.0,
+        },
     ],
-    ids=["bare", "blocking-save", "gpuguard-like", "failures-every-few-intervals"],
+    ids=["bare", "blocking-save", "gpuguard-like", "failures-every-few-intervals", "just-in-time"],
 )
 def test_monte_carlo_agrees_with_the_closed_form(overrides: dict[str, float]) -> None:
     check = monte_carlo(policy(**overrides), failures=40_000, seed=1)
@@ -64,16 +75,53 @@ def test_the_default_failure_rates() -> None:
 
 def test_gpuguard_against_periodic_only_at_128_nodes() -> None:
     report = compare(GoodputInputs(nodes=128, gpus_per_node=8), check=True, failures=20_000)
-    p, g = report.periodic, report.gpuguard
-    assert g.goodput > p.goodput
-    assert g.work_lost_per_failure_s < p.work_lost_per_failure_s
+    p, g, j = report.periodic, report.gpuguard, report.gpuguard_jit
+    assert j.goodput > g.goodput > p.goodput
+    assert j.work_lost_per_failure_s < g.work_lost_per_failure_s < p.work_lost_per_failure_s
     # A cheap snapshot makes short intervals pay: gpuguard's best interval is far shorter.
     assert g.best_interval_s < p.best_interval_s / 3
-    assert g.best_goodput >= g.goodput
-    assert all(c.agrees for c in report.checks)
+    assert g.best_goodput >= g.goodput and j.best_goodput >= j.goodput
+    assert all(c.agrees for c in report.checks) and len(report.checks) == 3
     doc = report.to_dict()
     assert doc["assumptions"]["failures_per_day"] == pytest.approx(2.432)
-    assert "12.55 (torch.save" in doc["assumptions"]["periodic_stall_s"]
+    # 6 GiB x 1,024 GPUs through 2 TB/s x 1,024 / 16,384 = 125 GB/s: 52.8 s, longer than torch.save's 12.55 s.
+    assert doc["assumptions"]["storage_floor_s"] == pytest.approx(6 * 2**30 * 1024 / 125e9, rel=1e-3)
+    assert doc["assumptions"]["periodic_stall_s"].startswith("52.78 (torch.save")
+
+
+def test_the_storage_bandwidth_bounds_every_save_and_the_best_interval() -> None:
+    slow = GoodputInputs(nodes=128, gpus_per_node=8, storage_gbps=10.0)  # 6.6 TB at 10 GB/s: 660 s
+    floor = 6 * 2**30 * 1024 / 10e9
+    assert slow.storage_floor_s == pytest.approx(floor)
+    assert (
+        slow.gpuguard_durable == slow.periodic_stall == slow.jit_save == slow.gpuguard_restore == pytest.approx(floor)
+    )
+    report = compare(slow)
+    for o in (report.periodic, report.gpuguard, report.gpuguard_jit):
+        assert o.best_interval_s >= floor - slow.gpuguard_stall - 1e-6
+    fast = compare(GoodputInputs(nodes=128, gpus_per_node=8, storage_gbps=10_000.0))
+    assert fast.gpuguard.best_interval_s < report.gpuguard.best_interval_s
+    assert fast.gpuguard.goodput > report.gpuguard.goodput
+
+
+def test_just_in_time_saves_lose_only_the_replayed_steps() -> None:
+    everything = GoodputInputs(nodes=16, detectable_share=0.0, sudden_replicated_share=1.0, step_time_s=2.0)
+    jit = compare(everything).gpuguard_jit
+    assert jit.work_lost_per_failure_s == pytest.approx(2.0, rel=1e-6)  # one step of 2 s, computed again
+    none = compare(dataclasses.replace(everything, sudden_replicated_share=0.0))
+    assert none.gpuguard_jit.goodput == pytest.approx(none.gpuguard.goodput)
+
+
+def test_restart_in_place_costs_less_than_a_reschedule() -> None:
+    base = GoodputInputs(nodes=16, inplace_share_sudden=0.0)
+    assert (
+        compare(dataclasses.replace(base, inplace_share_sudden=1.0)).gpuguard.goodput > compare(base).gpuguard.goodput
+    )
+    rows = {(r["policy"], r["kind"]): r for r in compare(base).to_dict()["per_failure"]}
+    detected = rows[("gpuguard", "detectable")]
+    assert detected["saved"] and detected["training_lost_s"] == 0.0
+    assert detected["downtime_s"] == pytest.approx(120 + 300 + base.gpuguard_restore, abs=1e-3)
+    assert rows[("gpuguard + just-in-time", "sudden, a replica survives")]["training_lost_s"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -85,8 +133,14 @@ def test_gpuguard_against_periodic_only_at_128_nodes() -> None:
         ({"failure_source": "made-up"}, r"failure_source.*made-up.*nvidia, llama3"),
         ({"interval_s": 2.0, "gpuguard_durable_s": 10.0}, r"interval_s.*2.*queue"),
         ({"restart_s": float("nan")}, r"restart_s.*finite"),
+        (
+            {"detectable_share": 0.5, "sudden_replicated_share": 0.6},
+            r"sudden_replicated_share.*0\.6.*at most 1 - detectable",
+        ),
+        ({"storage_gbps": 0.0}, r"storage_gbps.*greater than 0"),
+        ({"interval_s": 30.0}, r"interval_s.*30.*storage bandwidth"),
     ],
-    ids=["share", "nodes", "interval", "source", "interval-below-lag", "nan"],
+    ids=["share", "nodes", "interval", "source", "interval-below-lag", "nan", "shares", "bandwidth", "below-storage"],
 )
 def test_bad_input_names_field_value_and_what_is_allowed(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -98,24 +152,53 @@ def test_the_command_prints_assumptions_and_both_policies(capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "NVIDIA: 19 remediations per 1,000 nodes per day" in out
     assert "detectable_share" in out and "restart_s" in out
-    assert "periodic only" in out and "gpuguard" in out
-    assert "Monte Carlo" in out
+    assert "periodic only" in out and "gpuguard + just-in-time" in out
+    assert "Monte Carlo" in out and "storage_bandwidth" in out and "Tectonic" in out
+    assert "sudden, a replica survives" in out
 
 
 def test_the_command_in_json_uses_the_given_costs(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["goodput", "--json", "--no-check", "--failure-rate", "llama3", "--periodic-stall-s", "20"]
+    argv = [
+        "goodput",
+        "--json",
+        "--no-check",
+        "--failure-rate",
+        "llama3",
+        "--periodic-stall-s",
+        "20",
+        "--storage-gbps",
+        "1e6",
+    ]
     assert main([*argv, "--gpuguard-stall-s", "0.5", "--gpuguard-durable-s", "4"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["assumptions"]["periodic_stall_s"] == "20 (given)"
     assert doc["assumptions"]["failure_rate"].startswith("Meta Llama 3")
     assert doc["periodic"]["checkpoint_overhead"] == pytest.approx(20 / 1820)
     assert doc["monte_carlo"] == []
+    assert main([*argv[:-2], "--gpuguard-stall-s", "0.5"]) == 0  # Tectonic's bandwidth: 52.8 s for the job's bytes
+    floored = json.loads(capsys.readouterr().out)["assumptions"]["periodic_stall_s"]
+    assert floored == "52.78 (given 20, raised to the storage floor)"
     assert [row["detectable_share"] for row in doc["sensitivity"]] == [0.0, 0.1, 0.2, 0.3, 0.5]
+    assert all(row["jit_goodput"] >= row["goodput"] for row in doc["sensitivity"])
 
 
 def test_the_command_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["goodput", "--detectable-share", "2", "--no-check"]) == 2
     assert "detectable_share" in capsys.readouterr().err
+
+
+def test_checkpoints_take_at_most_their_share_of_the_storage() -> None:
+    inputs = GoodputInputs(nodes=128, gpus_per_node=8, max_storage_share=0.25)
+    report = compare(inputs)
+    write = inputs.gpuguard_durable  # 52.8 s for 6.6 TB at 125 GB/s
+    assert report.gpuguard.best_interval_s == pytest.approx(write / 0.25 - inputs.gpuguard_stall, rel=1e-3)
+    assert report.gpuguard.best_storage_busy == pytest.approx(0.25, rel=1e-3)
+    assert report.gpuguard.storage_busy == pytest.approx(write / (1800 + inputs.gpuguard_stall))
+    loose = compare(dataclasses.replace(inputs, max_storage_share=1.0))
+    assert loose.gpuguard.best_interval_s < report.gpuguard.best_interval_s
+    assert loose.gpuguard.best_goodput >= report.gpuguard.best_goodput
+    with pytest.raises(ConfigError, match=r"max_storage_share.*1\.5.*at most 1"):
+        GoodputInputs(max_storage_share=1.5)
 
 
 def test_the_h200_costs_are_the_ones_measured() -> None:

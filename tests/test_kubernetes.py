@@ -334,6 +334,30 @@ def test_a_restart_in_place_does_not_mark_the_hardware(kube: KubeEmulator) -> No
     assert len(kube.nodes["node-a"]["spec"]["taints"]) == 1
 
 
+def test_a_peers_sudden_loss_is_an_event_of_the_survivors_pod_and_marks_nothing(kube: KubeEmulator) -> None:
+    from gpuguard.guard.policy import Action, Decision
+    from gpuguard.k8s.plugin import KubernetesPlugin
+
+    plugin = KubernetesPlugin(actions(kube, dra=False).cluster)
+    message = "peer rank 2 lost at step 41, checkpoint of step 41 committed by ranks 0, 1, 3"
+    evidence = {
+        "sudden_loss": {"lost": [2], "step": 41},
+        "report": True,
+        "lost_ranks_health": {"2": "1 GPU(s) healthy"},
+    }
+    plugin.gpuguard_on_evacuation(Decision(Action.RESCHEDULE, "reschedule", message, evidence=evidence), 75, None)
+    (event,) = kube.events
+    assert (event["type"], event["reason"], event["action"]) == ("Warning", "PeerLost", "Reschedule")
+    assert event["note"].startswith(message)
+    conditions = {c["type"] for c in kube.pods[("ml", "trainer-0")]["status"]["conditions"]}
+    assert "gpuguard.io/GPUHealthy" not in conditions  # this pod's GPU is fine
+    assert len(kube.nodes["node-a"]["spec"]["taints"]) == 1  # the dedicated one only: no evidence, no mark
+    assert not kube.received("PATCH", r"/nodes/")
+    quiet = dict(evidence, report=False)  # another survivor of the same pod: one Event per pod
+    plugin.gpuguard_on_evacuation(Decision(Action.RESCHEDULE, "reschedule", message, evidence=quiet), 75, None)
+    assert len(kube.events) == 1
+
+
 SETTINGS = {
     "default": {},
     "label": {"mark": "label"},

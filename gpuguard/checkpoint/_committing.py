@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class Committer:
         attempt: str = "",
         lease: leases.Lease | None = None,
         gate: CommitGate | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> CheckpointInfo:
         """Wait for every rank's record of this ``attempt``, then commit (rank 0 of a multi-rank save).
 
@@ -51,6 +52,7 @@ class Committer:
 
         A record from another attempt (a crashed run that used the same checkpoint id) is not this
         save's: it is never committed over, and the wait goes on for the record of this attempt.
+        ``abandoned`` ends the wait early with `CheckpointError` (a rank it waits for died).
         """
         deadline = time.monotonic() + timeout_s
         records: dict[int, ShardRecord] = {}
@@ -74,6 +76,9 @@ class Committer:
                     continue
             if len(records) == world_size:
                 break
+            if abandoned is not None and abandoned():
+                missing = sorted(set(range(world_size)) - set(records))
+                raise CheckpointError(f"{checkpoint_id}: abandoned: rank(s) {missing} are gone; nothing committed")
             if gate is not None and gate.closed:
                 raise CheckpointError(f"{checkpoint_id}: abandoned (its deadline passed) while waiting for every rank")
             if time.monotonic() > deadline:
@@ -179,12 +184,21 @@ class Committer:
         except Exception as cleanup:  # the other ranks then wait out their deadline
             log.warning("could not tell the other ranks that %s failed: %s", name, cleanup)
 
-    def wait_committed(self, name: str, *, attempt: str, timeout_s: float, world_size: int = 2) -> CheckpointInfo:
+    def wait_committed(
+        self,
+        name: str,
+        *,
+        attempt: str,
+        timeout_s: float,
+        world_size: int = 2,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> CheckpointInfo:
         """Wait for the manifest of this save (a rank that does not commit); returns it once it is there.
 
         Raises:
             CommitError: the committing rank reported a failure, or no manifest appeared in ``timeout_s``
-                (that rank is gone or stuck): this rank's save is not committed.
+                (that rank is gone or stuck), or ``abandoned()`` became true (a peer died: the committing
+                rank may be the one gone): this rank's save is not committed.
             CheckpointExistsError: another attempt committed this id meanwhile.
         """
         deadline = time.monotonic() + timeout_s
@@ -203,6 +217,11 @@ class Committer:
                         checkpoint_id=name,
                     )
                 return self.catalog.info(manifest)
+            if abandoned is not None and abandoned():
+                raise CommitError(
+                    f"checkpoint {name} is not committed: abandoned while waiting for its manifest (a peer is gone)",
+                    checkpoint_id=name,
+                )
             expired = time.monotonic() > deadline
             if polls % 4 == 3 or expired:
                 self._raise_noted_failure(name, attempt)

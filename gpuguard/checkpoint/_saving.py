@@ -60,6 +60,7 @@ class Saver:
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
+        self._abandoned: set[str] = set()
         self.last_step_wait_s = 0.0
         # Who writes which DTensor chunk, by every rank's fingerprint of what it holds (see `_agree`).
         self._writers: dict[tuple[int, ...], set[str]] = {}
@@ -84,6 +85,14 @@ class Saver:
 
     def close(self) -> None:
         self._saver.shutdown(wait=True)
+
+    def abandon(self) -> list[str]:
+        """Saves in flight now will not commit: a rank they wait for is gone. Their commit waits end at once
+        (the committing rank's wait for every record, another rank's wait for the manifest)."""
+        with self._lock:
+            names = sorted(self._in_flight)
+            self._abandoned.update(names)
+        return names
 
     def prepare(
         self,
@@ -196,8 +205,55 @@ class Saver:
         """Snapshot ``state`` and write it in the background; see `CheckpointStore.save`, the documented API."""
         started = time.perf_counter()
         _check_args(step, reason, rank, world_size, checkpoint_id)
-        name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
+        return self.save_flat(
+            flat,
+            step,
+            reason=reason,
+            evidence=evidence,
+            rank=rank,
+            world_size=world_size,
+            checkpoint_id=checkpoint_id,
+            extra=extra,
+            replicated=replicated,
+            commit_timeout_s=commit_timeout_s,
+            overlap_with=overlap_with,
+            attempt=attempt,
+            started=started,
+        )
+
+    def save_flat(
+        self,
+        flat: FlatState,
+        step: int,
+        *,
+        reason: Reason = "manual",
+        evidence: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        checkpoint_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        replicated: bool = False,
+        commit_timeout_s: float = 600.0,
+        overlap_with: Sequence[torch.optim.Optimizer] = (),
+        attempt: str | None = None,
+        started: float | None = None,
+        survivors: bool = False,
+    ) -> PendingSave:
+        """`save` of a state already taken apart.
+
+        With ``survivors`` (the survivors of a sudden loss, `gpuguard.peers`), no collective: a peer in
+        the process group is dead, so neither the attempt token nor the DTensor chunk writers can be
+        gathered. ``attempt`` is then required (the survivors agreed on it over the side channel), the
+        writers of every chunk are computed from the meshes alone (the same answer on every survivor),
+        and ``rank`` may be another rank than this process's: a dead rank whose files this process writes
+        from its own replica of that rank's tensors (its DTensor pieces must be that rank's).
+        """
+        started = time.perf_counter() if started is None else started
+        _check_args(step, reason, rank, world_size, checkpoint_id)
+        if survivors and attempt is None:
+            raise ConfigError("attempt", attempt, "must be given for the survivors' save (no collective can agree one)")
+        name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         doc = {"tree": flat.tree, "devices": flat.devices} | ({"storages": flat.storages} if flat.storages else {})
         tree = json.dumps(doc).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
@@ -206,8 +262,11 @@ class Saver:
         if replicated and sharded:
             log.info("replicated=True ignored: the state holds DTensors, whose placements say who writes what")
             replicated = False
-        specs = _sharding.chunk_specs(flat, rank)
-        attempt, writes = self._agree(specs, rank, world_size, attempt, sharded=sharded)
+        specs = _sharding.chunk_specs(flat, rank, replica=survivors)
+        if survivors:
+            writes = _survivor_writes(flat, specs, rank, world_size)
+        else:
+            attempt, writes = self._agree(specs, rank, world_size, attempt, sharded=sharded)
         chunks = _sharding.localize(flat, specs, writes)
         if replicated and world_size > 1:
             flat.tensors = partition(flat.tensors, rank, world_size)
@@ -357,6 +416,7 @@ class Saver:
                     attempt=meta["attempt"],
                     lease=lease,
                     gate=meta["gate"],
+                    abandoned=lambda: name in self._abandoned,
                 )
             # Success here means committed: the manifest of this very save is there to read. The
             # committing rank may be as slow to write its own files as this one was: it gets that long
@@ -367,6 +427,7 @@ class Saver:
                 attempt=meta["attempt"],
                 timeout_s=meta["commit_timeout_s"] + max(took, self.storage.retry.deadline_s),
                 world_size=world_size,
+                abandoned=lambda: name in self._abandoned,
             )
         except BaseException as exc:
             if rank == 0 and world_size > 1 and not isinstance(exc, CheckpointExistsError):
@@ -453,6 +514,17 @@ class Saver:
             state_bytes=len(tree),
             state_crc32c=crc32c(tree),
         )
+
+
+def _survivor_writes(
+    flat: FlatState, specs: Mapping[str, tuple[_sharding.ChunkSpec, torch.Tensor]], rank: int, world_size: int
+) -> set[str]:
+    """The DTensor chunks ``rank`` writes, as a healthy save's agreement would assign them, with no collective."""
+    writes = _sharding.assign_writers(_sharding.held_by_every_rank(flat, world_size))[rank]
+    missing = sorted(writes - set(specs))
+    if missing:
+        raise CheckpointError(f"rank {rank} is to write chunks of {missing} that this process does not hold")
+    return writes
 
 
 def _enter(gate: CommitGate, name: str) -> None:

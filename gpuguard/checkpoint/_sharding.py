@@ -192,10 +192,12 @@ def holds_dtensors(flat: FlatState) -> bool:
     return any(is_dtensor(t) for t in flat.tensors.values())
 
 
-def _spec(name: str, value: Any) -> tuple[ChunkSpec, torch.Tensor] | None:
+def _spec(name: str, value: Any, as_rank: int | None = None) -> tuple[ChunkSpec, torch.Tensor] | None:
     check_placements(name, value)
     mesh = value.device_mesh
     coordinate = mesh.get_coordinate()
+    if as_rank is not None:  # another rank's piece, which this process holds too (see `chunk_specs`)
+        coordinate = _replica_coordinate(name, value, as_rank, coordinate)
     if coordinate is None:  # this rank is outside the tensor's mesh: it holds none of it
         return None
     try:
@@ -214,28 +216,55 @@ def _spec(name: str, value: Any) -> tuple[ChunkSpec, torch.Tensor] | None:
     return ChunkSpec(tuple(value.shape), value.dtype, offsets, sizes), local
 
 
-def chunk_specs(flat: FlatState, rank: int) -> dict[str, tuple[ChunkSpec, torch.Tensor]]:
+def chunk_specs(flat: FlatState, rank: int, *, replica: bool = False) -> dict[str, tuple[ChunkSpec, torch.Tensor]]:
     """Every DTensor's piece on this rank (replicas included, empty ones left out), with its local tensor.
 
     Copies no tensor data; changes nothing.
 
+    ``rank`` is this process's rank, or with ``replica`` (the survivors of a sudden loss writing a dead
+    rank's files) another rank whose pieces this process holds too: the same coordinate on every
+    sharded mesh dim, so the same local shards, reported at ``rank``'s coordinate.
+
     Raises:
         UnsupportedStateError: a placement or mesh gpuguard cannot checkpoint, naming the tensor.
-        ConfigError: ``rank`` is not this process's rank in the default process group.
+        ConfigError: ``rank`` is not this process's rank (with ``replica``: nor a replica of its pieces).
     """
     names = [name for name, t in flat.tensors.items() if is_dtensor(t)]
     if not names:
         return {}
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_rank() != rank:
-        raise ConfigError("rank", rank, f"must be this process's rank in the process group, {dist.get_rank()}")
+    me = dist.get_rank() if dist.is_initialized() else rank
+    if me != rank and not replica:
+        raise ConfigError("rank", rank, f"must be this process's rank in the process group, {me}")
     specs = {}
     for name in names:
-        found = _spec(name, flat.tensors[name])
+        found = _spec(name, flat.tensors[name], None if me == rank else rank)
         if found is not None and found[1].numel():
             specs[name] = found
     return specs
+
+
+def _replica_coordinate(name: str, value: Any, rank: int, mine: Sequence[int] | None) -> list[int] | None:
+    """``rank``'s coordinate on ``value``'s mesh, checked to hold the same piece as this process's."""
+    found = (value.device_mesh.mesh == rank).nonzero()
+    theirs = None if found.numel() == 0 else [int(c) for c in found[0]]
+    same = (theirs is None and mine is None) or (
+        theirs is not None
+        and mine is not None
+        and all(
+            t == m
+            for t, m, p in zip(theirs, mine, value.placements, strict=True)
+            if isinstance(p, (Shard, _StridedShard))
+        )
+    )
+    if not same:
+        raise ConfigError(
+            "rank",
+            rank,
+            f"must be this process's rank or hold the same piece of {name!r} (coordinate {theirs} vs {mine})",
+        )
+    return theirs
 
 
 def localize(
@@ -253,6 +282,33 @@ def localize(
         flat.tensors[name] = local
         written[name] = spec
     return written
+
+
+def held_by_every_rank(flat: FlatState, world_size: int) -> list[list[list[Any]]]:
+    """Every rank's `held` report, computed here from the DTensors' meshes and placements, not gathered.
+
+    The survivors of a sudden loss cannot gather the dead rank's report (a collective over it would
+    hang), but every rank's pieces follow from the meshes alone; `assign_writers` over these reports
+    gives every survivor the same writers without a collective.
+    """
+    reports: list[list[list[Any]]] = [[] for _ in range(world_size)]
+    for name in sorted(n for n, t in flat.tensors.items() if is_dtensor(t)):
+        value: Any = flat.tensors[name]
+        check_placements(name, value)
+        mesh = value.device_mesh
+        for rank in range(world_size):
+            found = (mesh.mesh == rank).nonzero()
+            if found.numel() == 0:
+                continue
+            coordinate = [int(c) for c in found[0]]
+            try:
+                offsets, sizes = local_region(tuple(value.shape), tuple(mesh.shape), coordinate, value.placements)
+            except NotABoxError:
+                continue  # refused by `chunk_specs` on the rank that holds it
+            spec = ChunkSpec(tuple(value.shape), value.dtype, offsets, sizes)
+            if _volume(sizes):
+                reports[rank].append([name, list(offsets), list(sizes), spec.nbytes])
+    return reports
 
 
 def held(specs: Mapping[str, tuple[ChunkSpec, torch.Tensor]]) -> list[list[Any]]:

@@ -111,6 +111,9 @@ class _Flattener:
                         "keys must be str, int, float, bool or None"
                     )
             return {"$dict": [[k, self.encode(v, [*path, str(k)])] for k, v in items]}
+        if isinstance(value, (list, tuple)) and _plain_ints(value):
+            # Python's RNG state is 625 ints: encoded at every step for the sudden-loss mirror (gpuguard.peers).
+            return list(value) if isinstance(value, list) else {"$tuple": list(value)}
         if isinstance(value, list):
             return [self.encode(v, [*path, str(i)]) for i, v in enumerate(value)]
         if isinstance(value, torch.Size):
@@ -128,6 +131,11 @@ class _Flattener:
         raise UnsupportedStateError(
             f"{_where(path)}: cannot checkpoint a {type(value).__name__} without pickling it; {_ALLOWED}"
         )
+
+
+def _plain_ints(values: list[Any] | tuple[Any, ...]) -> bool:
+    """Every item an int (not a bool, not a subclass): JSON holds them as they are."""
+    return len(values) > 8 and all(type(v) is int for v in values)
 
 
 def _where(path: list[str]) -> str:
@@ -159,8 +167,10 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
         numpy.random.set_state(tuple(rng["numpy"]))
 
 
-def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
+def flatten(state: Mapping[str, Any], *, rng: bool = True, rng_state: Mapping[str, Any] | None = None) -> FlatState:
     """Take a training state apart. Calls ``state_dict()``; copies no tensor data.
+
+    ``rng_state``: RNG states captured earlier (`capture_rng`) to store instead of the current ones.
 
     Raises:
         UnsupportedStateError: naming the path of the first value that cannot be stored.
@@ -174,7 +184,7 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
             raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
         flattener.flat.tree[key] = flattener.encode(value, [key])
     if rng:
-        flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng(), [RNG_KEY])
+        flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng() if rng_state is None else rng_state, [RNG_KEY])
     flattener.flat.storages = _shared_storages(flattener.flat.tensors, flattener.plain)
     return flattener.flat
 

@@ -23,6 +23,7 @@ from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
 from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
 from gpuguard.checkpoint._storage import Storage
+from gpuguard.checkpoint._tree import FlatState
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
 from gpuguard.errors import ConfigError
 
@@ -219,6 +220,17 @@ class CheckpointStore:
             overlap_with=overlap_with,
             attempt=attempt,
         )
+
+    def _save_flat(self, flat: FlatState, step: int, **options: Any) -> PendingSave:
+        """`save` of a state already taken apart, possibly as another rank, with no collective: for the
+        survivors of a sudden loss (`gpuguard.peers`), who write a dead rank's files from their replica of
+        its state under an ``attempt`` they agreed on over the side channel (see `Saver.save_flat`)."""
+        return self._saver.save_flat(flat, step, survivors=True, **options)
+
+    def abandon_in_flight(self) -> builtins.list[str]:
+        """Saves in flight now will never commit (a rank they wait for is gone): their commit waits end at
+        once, nothing of theirs is committed, and their files are collected by a later prune. Returns their ids."""
+        return self._saver.abandon()
 
     def commit(
         self,

@@ -1,4 +1,5 @@
-"""``gpuguard goodput``: effective training time with periodic checkpoints alone against gpuguard.
+"""``gpuguard goodput``: effective training time with periodic checkpoints alone, gpuguard, and gpuguard
+with just-in-time saves of sudden failures.
 
 Every assumption is printed with the result; the closed form is checked by a Monte Carlo run.
 """
@@ -10,13 +11,13 @@ import dataclasses
 import json
 from typing import Any
 
-from gpuguard.goodput import FAILURE_SOURCES, GoodputInputs, Report, compare
+from gpuguard.goodput import FAILURE_SOURCES, GoodputInputs, Report, compare, per_failure
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "goodput",
-        help="model effective training time: periodic checkpoints alone vs gpuguard",
+        help="model effective training time: periodic checkpoints alone vs gpuguard (with just-in-time saves)",
         description=__doc__,
     )
     d = GoodputInputs()
@@ -40,6 +41,38 @@ def add_parser(subparsers: Any) -> None:
         default=d.detectable_share,
         help="share of failures preceded by degradation gpuguard detects (an assumption: no public figure)",
     )
+    p.add_argument(
+        "--sudden-replicated-share",
+        type=float,
+        default=d.sudden_replicated_share,
+        help="share of failures that strike without warning while a replica of the lost rank's state survives "
+        "(data-parallel or HSDP jobs losing one replica): the survivors save them (an assumption)",
+    )
+    p.add_argument(
+        "--inplace-share-detectable",
+        type=float,
+        default=d.inplace_share_detectable,
+        help="share of detectable failures a restart in place clears (no reschedule)",
+    )
+    p.add_argument(
+        "--inplace-share-sudden",
+        type=float,
+        default=round(d.inplace_share_sudden, 4),
+        help="share of sudden failures a restart in place clears (Llama 3, Table 5: software bugs and NCCL "
+        "watchdog timeouts, 61 of 419)",
+    )
+    p.add_argument(
+        "--storage-gbps",
+        type=float,
+        help="aggregate storage bandwidth in GB/s that every checkpoint and restore of the whole job shares "
+        "(default: Meta's Tectonic for Llama 3, 2 TB/s sustained for 16,384 GPUs, scaled to this job's GPUs)",
+    )
+    p.add_argument(
+        "--max-storage-share",
+        type=float,
+        default=d.max_storage_share,
+        help="the most of the storage's time checkpoints may take (bounds the best interval)",
+    )
     costs = p.add_argument_group("measured costs, seconds (default: the H200 measurements scaled to --state-gib)")
     for name, what in (
         ("periodic-stall-s", "a periodic-only save (torch.save: blocks until durable)"),
@@ -47,8 +80,15 @@ def add_parser(subparsers: Any) -> None:
         ("gpuguard-stall-s", "gpuguard's snapshot stall"),
         ("gpuguard-durable-s", "gpuguard's save, start to durable"),
         ("gpuguard-restore-s", "gpuguard's resume"),
+        ("jit-save-s", "the survivors' save after a sudden loss (default: as gpuguard-durable-s)"),
     ):
         costs.add_argument(f"--{name}", type=float, help=what)
+    costs.add_argument(
+        "--jit-detect-s", type=float, default=d.jit_detect_s, help="a sudden loss to every survivor knowing of it"
+    )
+    costs.add_argument(
+        "--jit-replay-steps", type=float, default=d.jit_replay_steps, help="steps computed again after such a resume"
+    )
     p.add_argument("--failures", type=int, default=100_000, help="failure cycles the Monte Carlo check samples")
     p.add_argument("--no-check", action="store_true", help="skip the Monte Carlo check")
     p.add_argument("--seed", type=int, default=0)
@@ -68,6 +108,14 @@ def inputs_from(args: argparse.Namespace) -> GoodputInputs:
         failure_source=args.failure_rate,
         failures_per_node_day=args.failures_per_node_day,
         detectable_share=args.detectable_share,
+        sudden_replicated_share=args.sudden_replicated_share,
+        inplace_share_detectable=args.inplace_share_detectable,
+        inplace_share_sudden=args.inplace_share_sudden,
+        storage_gbps=args.storage_gbps,
+        max_storage_share=args.max_storage_share,
+        jit_detect_s=args.jit_detect_s,
+        jit_save_s=args.jit_save_s,
+        jit_replay_steps=args.jit_replay_steps,
         periodic_stall_s=args.periodic_stall_s,
         periodic_restore_s=args.periodic_restore_s,
         gpuguard_stall_s=args.gpuguard_stall_s,
@@ -93,12 +141,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(inputs: GoodputInputs) -> list[dict[str, float]]:
-    """gpuguard's goodput as the detectable share varies, at the same interval and at its best one."""
+    """gpuguard's goodput (without and with just-in-time saves) as the detectable share varies, the rest of
+    the failures split between sudden-with-replica and sudden-without as given."""
     rows = []
+    sudden = 1 - inputs.detectable_share
+    replicated = inputs.sudden_replicated_share / sudden if sudden > 0 else 0.0
     for share in (0.0, 0.1, 0.2, 0.3, 0.5):
-        outcome = compare(dataclasses.replace(inputs, detectable_share=share)).gpuguard
+        varied = dataclasses.replace(inputs, detectable_share=share, sudden_replicated_share=(1 - share) * replicated)
+        report = compare(varied)
         rows.append(
-            {"detectable_share": share, "goodput": outcome.goodput, "best_interval_goodput": outcome.best_goodput}
+            {
+                "detectable_share": share,
+                "goodput": report.gpuguard.goodput,
+                "best_interval_goodput": report.gpuguard.best_goodput,
+                "jit_goodput": report.gpuguard_jit.goodput,
+                "jit_best_interval_goodput": report.gpuguard_jit.best_goodput,
+            }
         )
     return rows
 
@@ -120,30 +178,39 @@ def render(report: Report, sensitivity: list[dict[str, float]]) -> str:
     ]
     lines += [f"  {k:<30}{v}" for k, v in a.items() if k != "model"]
     lines += [f"  {'model':<30}{a['model']}", ""]
-    p, g = report.periodic, report.gpuguard
+    outcomes = (report.periodic, report.gpuguard, report.gpuguard_jit)
     steps = i.step_time_s
-    rows = [
-        ("goodput (kept training / wall)", f"{p.goodput:.2%}", f"{g.goodput:.2%}"),
-        ("effective training per day", f"{p.training_h_per_day:.2f} h", f"{g.training_h_per_day:.2f} h"),
-        ("checkpoint stall overhead", f"{p.checkpoint_overhead:.3%}", f"{g.checkpoint_overhead:.3%}"),
-        (
+
+    def row(name: str, cell: Any) -> str:
+        return f"{name:<34}" + "".join(f"{cell(o):>26}" for o in outcomes)
+
+    lines.append(f"{'':<34}" + "".join(f"{o.name:>26}" for o in outcomes))
+    lines += [
+        row("goodput (kept training / wall)", lambda o: f"{o.goodput:.2%}"),
+        row("effective training per day", lambda o: f"{o.training_h_per_day:.2f} h"),
+        row("checkpoint stall overhead", lambda o: f"{o.checkpoint_overhead:.3%}"),
+        row(
             "training lost per failure",
-            f"{_duration(p.work_lost_per_failure_s)} ({p.work_lost_per_failure_s / steps:,.0f} steps)",
-            f"{_duration(g.work_lost_per_failure_s)} ({g.work_lost_per_failure_s / steps:,.0f} steps)",
+            lambda o: f"{_duration(o.work_lost_per_failure_s)} ({o.work_lost_per_failure_s / steps:,.0f} steps)",
         ),
-        ("wall time lost per failure", _duration(p.wall_lost_per_failure_s), _duration(g.wall_lost_per_failure_s)),
-        (
-            "GPU-hours lost per failure",
-            f"{p.wall_lost_per_failure_s * i.gpus / 3600:,.0f}",
-            f"{g.wall_lost_per_failure_s * i.gpus / 3600:,.0f}",
-        ),
-        ("best interval (same costs)", _duration(p.best_interval_s), _duration(g.best_interval_s)),
-        ("goodput at the best interval", f"{p.best_goodput:.2%}", f"{g.best_goodput:.2%}"),
+        row("wall time lost per failure", lambda o: _duration(o.wall_lost_per_failure_s)),
+        row("GPU-hours lost per failure", lambda o: f"{o.wall_lost_per_failure_s * i.gpus / 3600:,.0f}"),
+        row("storage busy with checkpoints", lambda o: f"{o.storage_busy:.1%}"),
+        row("best interval (same costs)", lambda o: _duration(o.best_interval_s)),
+        row("goodput at the best interval", lambda o: f"{o.best_goodput:.2%}"),
+        row("storage busy at the best interval", lambda o: f"{o.best_storage_busy:.1%}"),
     ]
-    lines.append(f"{'':<34}{'periodic only':>22}{'gpuguard':>22}")
-    lines += [f"{name:<34}{x:>22}{y:>22}" for name, x, y in rows]
-    saved = (g.goodput - p.goodput) * 24 * i.gpus
-    lines.append(f"gpuguard keeps {saved:,.0f} more GPU-hours of training per day at this interval.")
+    p = report.periodic
+    for o in outcomes[1:]:
+        saved = (o.goodput - p.goodput) * 24 * i.gpus
+        lines.append(f"{o.name} keeps {saved:,.0f} more GPU-hours of training per day than periodic only.")
+    lines += ["", "per failure, by kind (training lost on a roll back: about half an interval plus the durable lag):"]
+    lines.append(f"  {'policy':<26}{'kind':<28}{'share':>7}{'save':>11}{'lost':>12}{'downtime':>11}")
+    for r in per_failure(i):
+        lines.append(
+            f"  {r['policy']:<26}{r['kind']:<28}{r['share']:>7.0%}{_duration(r['save_s']):>11}"
+            f"{_duration(r['training_lost_s']):>12}{_duration(r['downtime_s']):>11}"
+        )
     if report.checks:
         lines.append("")
         for c in report.checks:
@@ -152,10 +219,10 @@ def render(report: Report, sensitivity: list[dict[str, float]]) -> str:
                 f"Monte Carlo, {c.name}: {c.estimate:.4%} ± {c.stderr:.4%} over {c.failures:,} failures; "
                 f"closed form {c.closed_form:.4%} ({verdict})"
             )
-    lines += ["", "gpuguard's goodput by the share of failures it sees coming:"]
+    lines += ["", "gpuguard's goodput by the share of failures it sees coming (the sudden rest split as given):"]
     lines += [
-        f"  {row['detectable_share']:>4.0%}: {row['goodput']:.2%} at this interval, "
-        f"{row['best_interval_goodput']:.2%} at its best"
+        f"  {row['detectable_share']:>4.0%}: {row['goodput']:.2%} at this interval, {row['best_interval_goodput']:.2%} "
+        f"at its best; with just-in-time saves {row['jit_goodput']:.2%}, {row['jit_best_interval_goodput']:.2%}"
         for row in sensitivity
     ]
     return "\n".join(lines)

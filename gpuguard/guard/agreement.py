@@ -104,6 +104,10 @@ class Agreement:
             -(fastest >> 16) / 1e6,
         )
 
+    def abandon(self) -> None:
+        """A peer is gone: the agreement in flight will never finish, and nothing waits for it."""
+        self._work = None
+
     def close(self) -> None:
         if self._work is not None:
             with contextlib.suppress(Exception):  # a peer is gone: nothing left to agree on

@@ -28,8 +28,13 @@ ENV_PREFIX = "GPUGUARD_"
 
 # GPUGUARD_* variables that are not settings: read elsewhere, allowed by the unknown-variable check.
 # Add a variable here when a module starts reading one, or a job that sets it will be refused at start.
-# LEAVE_GRACE_S is gpuguard-run's; its workers inherit it.
-OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML", f"{ENV_PREFIX}LEAVE_GRACE_S"}
+# LEAVE_GRACE_S and RUN_DIR are gpuguard-run's; its workers inherit them.
+OTHER_ENV: set[str] = {
+    f"{ENV_PREFIX}CONFIG",
+    f"{ENV_PREFIX}FAKE_NVML",
+    f"{ENV_PREFIX}LEAVE_GRACE_S",
+    f"{ENV_PREFIX}RUN_DIR",
+}
 
 # Sudden faults (a GPU off the bus, a power loss) give no warning, so only periodic checkpoints
 # bound what they cost. Meta's Llama 3 run: 419 interruptions in 54 days on 16,384 GPUs, one every
@@ -80,6 +85,13 @@ class GuardConfig:
         overlap_snapshot: for periodic checkpoints, copy parameters and optimizer state while the next
             forward and backward run; only the next optimizer step waits for the copy.
         commit_timeout_s: how long the committing rank waits for the others' shards.
+        sudden_loss: with several ranks, survive a peer that dies without warning (SIGKILL, its node or
+            GPU gone): the survivors save the last step every rank completed from the replicas and exit
+            ``reschedule_exit_code``. Needs the launcher's store (torchrun, gpuguard-run); costs each
+            step the capture and mirroring of this rank's small per-rank state (RNGs, data position).
+        peer_heartbeat_s: seconds between a rank's heartbeats on the side channel.
+        peer_timeout_s: a rank whose heartbeat is silent this long is dead; every survivor knows
+            within ``peer_timeout_s + 2 x peer_heartbeat_s`` (under a heartbeat on one host).
         devices: ``job`` (this process's GPUs: CUDA's, ``CUDA_VISIBLE_DEVICES``, ``NVIDIA_VISIBLE_DEVICES``,
             ``LOCAL_RANK`` as an index into the visible list; docs/which-gpus.md), ``all``, or indices/UUIDs.
         health: the health rules' thresholds.
@@ -108,6 +120,9 @@ class GuardConfig:
     replicated: bool = False
     overlap_snapshot: bool = False
     commit_timeout_s: float = 300.0
+    sudden_loss: bool = True
+    peer_heartbeat_s: float = 0.5
+    peer_timeout_s: float = 3.0
     devices: Literal["job", "all"] | list[int | str] = "job"
     health: HealthConfig = field(default_factory=HealthConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
@@ -129,8 +144,14 @@ class GuardConfig:
         if self.checkpoint_every_steps is not None:
             _whole(self, "checkpoint_every_steps", 1)
         positive = ("degraded_grace_s", "retry_window_s", "commit_timeout_s", "step_slowdown", "preemption_deadline_s")
-        for name in positive:
+        for name in (*positive, "peer_heartbeat_s", "peer_timeout_s"):
             _positive(self, name)
+        if self.peer_timeout_s < 2 * self.peer_heartbeat_s:
+            raise ConfigError(
+                "peer_timeout_s",
+                self.peer_timeout_s,
+                f"must be at least twice peer_heartbeat_s ({self.peer_heartbeat_s:g}): one late beat is not a death",
+            )
         if self.checkpoint_every_s is not None:
             _positive(self, "checkpoint_every_s")
         if self.termination_grace_s is not None:

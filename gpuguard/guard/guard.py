@@ -32,12 +32,14 @@ from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
+from gpuguard.guard._sudden import health_words, peer_lost_behind, start_sudden_loss, survive
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
 from gpuguard.guard.steptime import Peers, SlowdownDetector, StepClock
 from gpuguard.health.model import HealthChange, Reason
 from gpuguard.health.monitor import HealthMonitor
+from gpuguard.peers.sudden import SuddenLoss
 from gpuguard.plugins import plugin_manager
 
 log = logging.getLogger("gpuguard")
@@ -130,6 +132,8 @@ class Guard:
         self._resumed_step: int | None = None
         self._reported: set[str] = set()
         self._evacuating = False
+        self._sudden: SuddenLoss | None = None  # with several ranks: surviving a peer's sudden death
+        self._failed = False  # leaving on an error of this rank's own: its peers must see it as lost
         self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -150,6 +154,18 @@ class Guard:
         self.monitor.start()
         self.monitor.subscribe(self._on_health_change)
         say_what_is_watched(self.monitor.snapshot(), c.health.fail_mode)
+        if self._distributed:
+            self._sudden = start_sudden_loss(
+                c,
+                checkpointable(self.state),
+                rank=self.rank,
+                world_size=self.world_size,
+                token=self._token,
+                checkpoint_id=lambda step: self._checkpoint_id(step, "survivors"),
+                health=lambda: health_words(self.monitor),
+            )
+            if self._sudden is not None:
+                self._sudden.subscribe(lambda alarm: self._wake_for_peer_loss())
         self._signals = PreemptionSignals(c.preemption_signals, self._on_preemption_signal)
         self._signals.install()
         if c.termination_grace_s is not None and c.preemption_deadline_s >= c.termination_grace_s:
@@ -189,6 +205,8 @@ class Guard:
             self._signals.restore()
         if self._thread:
             self._thread.join(5)
+        if self._sudden is not None:
+            self._sudden.stop(goodbye=not self._failed)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
         if self.last_evacuation is not None and self.last_evacuation.error is not None:
             settled = False  # an abandoned emergency save's writer may still be in a storage call
@@ -272,9 +290,43 @@ class Guard:
         return self.start()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        # Leaving on an evacuation (or any error): the GPU may be bad and the pod may be going away,
-        # so periodic saves still in flight get a short bound; the emergency one is already durable.
-        self.close(None if exc is None else min(10.0, self.config.commit_timeout_s))
+        try:
+            # A collective that failed because a peer died (or was abandoned when one did): the survivors'
+            # checkpoint and exit 75 replace the error.
+            if isinstance(exc, BaseException) and self._peer_was_lost(exc):
+                self._leave_after_sudden_loss()
+            self._failed = isinstance(exc, BaseException) and not isinstance(exc, Evacuation)
+        finally:
+            # Leaving on an evacuation (or any error): the GPU may be bad and the pod may be going away,
+            # so periodic saves still in flight get a short bound; the emergency one is already durable.
+            self.close(None if exc is None else min(10.0, self.config.commit_timeout_s))
+
+    def _peer_was_lost(self, exc: BaseException) -> bool:
+        if self._sudden is None or self._evacuating or not self._started or isinstance(exc, Evacuation):
+            return False
+        return peer_lost_behind(exc, self._sudden, self.config)
+
+    def _leave_after_sudden_loss(self) -> NoReturn:
+        assert self._sudden is not None and self.store is not None
+        self._evacuating = True
+        if self.agreement is not None:
+            self.agreement.abandon()
+        report, evacuation = survive(
+            self._sudden,
+            self.store,
+            checkpointable(self.state),
+            config=self.config,
+            plugins=self.plugins,
+            step=self._last_step,
+            preempted_at=self._preempted[1] if self._preempted is not None else None,
+        )
+        self.last_evacuation = report
+        raise evacuation
+
+    def _wake_for_peer_loss(self) -> None:
+        # On the watch thread: the training thread takes the slow path at its next step().
+        self._urgent = True
+        self._next_check = 0
 
     # -- acting from outside the training loop -------------------------------------------------
 
@@ -435,6 +487,9 @@ class Guard:
         if step.__class__ is not int or step <= self._last_step:
             step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
         self._last_step = step
+        # This rank's per-rank state of the step, mirrored before step() returns; a lost peer takes the slow path.
+        if self._sudden is not None and self._started and self._sudden.completed(step, checkpointable(self.state)):
+            self._urgent = True
         if step < self._next_check and not self._urgent:
             return
         self._slow_path(step)
@@ -452,6 +507,8 @@ class Guard:
                 "unprotected. Use `with gpuguard.Guard(...) as guard:`, or call guard.start() (or "
                 "guard.resume(), which starts it) before the loop, and do not call step() after close()"
             )
+        if self._sudden is not None and self._sudden.alarmed:  # before any collective: a peer is gone
+            self._leave_after_sudden_loss()
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
             # moments lazily): plan the staging buffer now, at this step boundary on the training thread

@@ -17,21 +17,30 @@ It composes ``torch.distributed.run`` (same arguments) rather than copying it:
    own before torchrun's agent signals them — their last lines (a report, a metrics push,
    ``destroy_process_group``) run — never past the pod's termination grace period when the pod is
    being stopped; one still running then is named, and stopped by torchrun (``_leave_grace``).
+6. a worker SIGKILLed (its node, GPU or process lost without warning): its survivors save the last
+   step every rank completed and exit 75, but torchrun's error lists only the first failure (the dead
+   worker's -9), so the survivors record their code in ``GPUGUARD_RUN_DIR`` (a folder the wrapper
+   creates) and the wrapper exits with it, naming the lost rank and the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+
+from gpuguard.integrations.exits import ENV, read_exits
 
 log = logging.getLogger("gpuguard.run")
 
@@ -212,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         s for s in (n.strip() for n in str(args.signals_to_handle).split(",")) if s and s not in ours
     )
     forwarder.install()
+    exits = tempfile.mkdtemp(prefix="gpuguard-run-")
+    atexit.register(shutil.rmtree, exits, True)
+    os.environ[ENV] = exits  # the workers inherit it: where they say why they leave
     termination_grace_s = _termination_grace_s()
 
     def pod_kill_at() -> float | None:
@@ -227,6 +239,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
+            crashed = sorted(c for c in codes if c > 0 and c not in (reschedule, restart))
+            survivors = read_exits(exits, clear=True)  # survivors of a worker torchrun saw die first
+            for said in survivors:
+                codes.add(said["exit_code"])
+                print(f"gpuguard-run: rank {said.get('rank')}: {said.get('message')}", file=sys.stderr)
+            if survivors and crashed:
+                # A worker that raised (exit 1), not one lost to a signal: the survivors saved its peers' work, but
+                # the failure must count (podFailurePolicy), or a bug would restart forever without counting.
+                print(
+                    f"gpuguard-run: a worker failed with exit {crashed[0]} (its own error, not a lost rank): exit "
+                    f"{EXIT_FAILED} so that it counts; the next run resumes from the survivors' checkpoint",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             if forwarder.received is not None and reschedule not in codes:
                 # Workers without a guard die by the signal: say so in one line, exit as the signal would.
                 ended = f"workers ended by {forwarder.received.name}: exits {sorted(codes)}"

@@ -95,6 +95,8 @@ class KubernetesActions:
         report: bool = True,
         mark: bool = True,
         leave: bool = True,
+        condition: bool | None = None,
+        event_reason: str = "GPUUnhealthy",
     ) -> list[ActionOutcome]:
         """Run every enabled action within ``deadline_s``; never raises.
 
@@ -107,12 +109,22 @@ class KubernetesActions:
             report: set the condition and create the Event (the rank that decided does).
             mark: mark the node or device (only the rank whose GPU is bad should).
             leave: run the leave action (once per pod).
+            condition: set the pod condition (default: ``report``; not for a peer's loss, the GPU is fine).
+            event_reason: the Event's reason (``PeerLost`` after a peer's sudden loss).
         """
         c = self.config
         deadline = time.monotonic() + c.deadline_s
         steps: list[tuple[str, bool, Callable[[float], str]]] = [
-            ("condition", report and c.condition, lambda d: self.set_condition(state, message, device, d)),
-            ("event", report and c.event, lambda d: self.create_event(message, device, evidence, action, d)),
+            (
+                "condition",
+                (report if condition is None else condition) and c.condition,
+                lambda d: self.set_condition(state, message, device, d),
+            ),
+            (
+                "event",
+                report and c.event,
+                lambda d: self.create_event(message, device, evidence, action, d, reason=event_reason),
+            ),
             (
                 "node-" + c.mark,
                 mark and c.mark != "none" and device is not None and action == "reschedule",
@@ -173,9 +185,15 @@ class KubernetesActions:
         return f"{condition['type']}=False ({condition['reason']})"
 
     def create_event(
-        self, message: str, device: str | None, evidence: dict[str, Any], action: str, deadline: float
+        self,
+        message: str,
+        device: str | None,
+        evidence: dict[str, Any],
+        action: str,
+        deadline: float,
+        *,
+        reason: str = "GPUUnhealthy",
     ) -> str:
-
         cl = self.cluster
         if not cl.pod_uid:
             cl.pod_uid = str(cl.get_pod_json(deadline).get("metadata", {}).get("uid", ""))
@@ -187,7 +205,7 @@ class KubernetesActions:
             "metadata": {"generateName": f"{cl.pod}.gpuguard-", "namespace": cl.namespace},
             "eventTime": micro_time(),
             "type": "Warning",
-            "reason": "GPUUnhealthy",
+            "reason": reason,
             "action": "RestartInPlace" if action == "restart" else "Reschedule",
             "note": truncate_bytes(note, NOTE_LIMIT_BYTES),
             "regarding": {
@@ -201,7 +219,7 @@ class KubernetesActions:
             "reportingInstance": cl.pod[:128],
         }
         cl.create_event(cl.namespace, body, deadline)  # raw JSON: eventTime keeps its six digits
-        return "Warning GPUUnhealthy"
+        return f"Warning {reason}"
 
     def mark_node(
         self, device: str, deadline: float, *, state: str = "FAILING", reasons: list[str] | None = None

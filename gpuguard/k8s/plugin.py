@@ -44,6 +44,12 @@ class KubernetesPlugin:
         checkpoint_id = getattr(checkpoint, "id", None)
         message = decision.message + (f"; emergency checkpoint {checkpoint_id}" if checkpoint_id else "")
         # The rank whose GPU failed marks it; one process per pod (local rank 0) does the leaving.
+        # After a peer's sudden loss one survivor per pod reports it, and nothing is marked: the survivors'
+        # GPUs are healthy, and the lost rank's node is marked only on health evidence (its own preflight,
+        # the node check), never on a peer's word.
+        sudden = "sudden_loss" in evidence
+        if sudden:
+            message = decision.message
         self.outcomes = self.actions.evacuate(
             device=decision.device,
             state=state,
@@ -51,7 +57,9 @@ class KubernetesPlugin:
             evidence={"reasons": evidence.get("reasons", []), "exit_code": exit_code, "rung": decision.rung},
             action=decision.action.name.lower(),
             exit_code=exit_code,
-            report=decision.device is not None,
-            mark=decision.device is not None,
+            report=bool(evidence.get("report")) if sudden else decision.device is not None,
+            mark=decision.device is not None and not sudden,
             leave=os.environ.get("LOCAL_RANK", "0") == "0",
+            condition=False if sudden else None,
+            event_reason="PeerLost" if sudden else "GPUUnhealthy",
         )

@@ -46,6 +46,9 @@ class GuardHooks:
         if not isinstance(resume, bool):
             raise ConfigError("resume", resume, "must be True (resume from gpuguard's newest checkpoint) or False")
         # Built now, so bad settings and misspelt plugin hooks fail when the callback is created.
+        # Lightning's state is one opaque dictionary (its checkpoint), not modules and optimizers the survivors of
+        # a sudden loss could save from a replica: that protection is for plain loops (gpuguard.peers).
+        settings.setdefault("sudden_loss", False)
         self.guard = Guard(checkpoint_dir, {}, config_file=config_file, nvml=nvml, plugins=plugins, **settings)
         self.resume = resume
         self.evacuation: Evacuation | None = None

@@ -1,0 +1,83 @@
+"""Which parts of the state are replicated across ranks, and which ranks hold the same tensors.
+
+- Replicated entries: modules (parameters and buffers), optimizers and learning-rate schedulers. Under
+  DDP and HSDP their values are the same on every replica, they change only in ``optimizer.step()``
+  and ``scheduler.step()`` (buffers also in forward: see `BufferKeeper`), and the survivors save a
+  dead rank's from their own copy.
+- Per-rank entries: everything else (data loaders, progress dicts, generators, plain values) and the
+  RNGs: each rank's own, mirrored every step (`gpuguard.peers._records`).
+
+Replica groups: every rank under DDP with ``replicated=True``; the ranks at one coordinate of the
+``Shard`` mesh dimensions for DTensors (HSDP's replicas of one shard); each rank alone otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from gpuguard.checkpoint._sharding import is_dtensor
+
+_REPLICATED_TYPES: tuple[type, ...] = (
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler,
+    torch.optim.lr_scheduler.ReduceLROnPlateau,
+)
+
+
+def is_replicated_entry(value: object) -> bool:
+    return isinstance(value, _REPLICATED_TYPES)
+
+
+def split(view: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(replicated keys, per-rank keys) of the guard's view of the state, in its order."""
+    replicated = [k for k, v in view.items() if is_replicated_entry(v)]
+    return replicated, [k for k in view if k not in replicated]
+
+
+def replica_groups(tensors: Mapping[str, Any], world_size: int, replicated: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(label, ranks) of each group of ranks that hold the same tensors; the groups cover every rank once.
+
+    Args:
+        tensors: the flattened replicated entries (DTensors decide the groups when there are any).
+        replicated: the guard's ``replicated`` setting (plain data parallelism).
+    """
+    layouts: dict[tuple[int, tuple[str, ...]], tuple[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if is_dtensor(tensor):
+            key = (id(tensor.device_mesh), tuple(repr(p) for p in tensor.placements))
+            layouts.setdefault(key, (name, tensor))
+    if not layouts:
+        if replicated:
+            return [("the replicated state (parameters, optimizer state)", tuple(range(world_size)))]
+        per_rank = "(the state is per rank: set replicated=True for data-parallel replicas)"
+        return [(f"rank {r}'s tensors {per_rank}", (r,)) for r in range(world_size)]
+    keys: dict[int, list[Any]] = {r: [] for r in range(world_size)}
+    words: dict[int, list[str]] = {r: [] for r in range(world_size)}
+    for name, tensor in layouts.values():
+        from torch.distributed.tensor import Shard
+
+        mesh = tensor.device_mesh
+        dims = mesh.mesh_dim_names or tuple(f"dim{d}" for d in range(mesh.ndim))
+        sharded = [d for d, p in enumerate(tensor.placements) if isinstance(p, Shard)]
+        ranks = mesh.mesh
+        coordinate_of = {int(ranks[index].item()): index for index in _indices(tuple(ranks.shape))}
+        for rank in range(world_size):
+            where = coordinate_of.get(rank)
+            keys[rank].append(None if where is None else tuple(where[d] for d in sharded))
+            at = "outside the mesh" if where is None else ", ".join(f"{dims[d]}={where[d]}" for d in sharded)
+            words[rank].append(f"{at} of {name!r} on mesh {tuple(dims)}")
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for rank in range(world_size):
+        groups.setdefault(tuple(keys[rank]), []).append(rank)
+    return [(f"the shard at {'; '.join(words[members[0]])}", tuple(members)) for members in groups.values()]
+
+
+def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for size in shape:
+        out = [(*prefix, i) for prefix in out for i in range(size)]
+    return out
