@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers.hf_job import EvacuateAt, SigtermAt, Tokens, trainer_for, weights
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import gpuguard
 from gpuguard import CheckpointStore, ConfigError, Evacuation
@@ -40,6 +41,7 @@ def train(
     evacuate_at: int | None = None,
     sigterm_at: int | None = None,
     resume: bool = True,
+    hooks: tuple[Any, ...] = (),
     **options: Any,
 ) -> tuple[Any, GpuGuardCallback, Tokens]:
     """One ``train`` in this process with the documented resume line; returns (trainer, callback, data).
@@ -48,7 +50,7 @@ def train(
     callback = GpuGuardCallback(
         checkpoint_dir=f"file://{folder / 'checkpoints'}", nvml=FakeNvml.replay(), resume=resume, **settings
     )
-    before: list[Any] = []
+    before: list[Any] = [type(hook)() for hook in hooks]  # a fresh one per run
     if evacuate_at is not None:
         before.append(EvacuateAt(callback, evacuate_at))
     if sigterm_at is not None:
@@ -168,6 +170,28 @@ def test_resume_bitwise_at_the_loops_corners(tmp_path: Path, at: int, accumulate
     reference = train(tmp_path / "reference", **config)
     evacuation, _ = evacuate_then_resume(tmp_path / "run", (reference[0], reference[2]), evacuate_at=at, **config)
     assert evacuation.step == at
+
+
+class Fp16Scaler(TrainerCallback):  # type: ignore[misc]
+    """Gives the optimizer a gradient scaler as accelerate does for fp16 on a GPU (accelerate makes none
+    on the CPU): its ``AcceleratedOptimizer`` built again around the same optimizer with a CPU
+    ``GradScaler`` that grows every 2 steps, so its state changes and a resume must bring it back."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        accelerated = kwargs["optimizer"]
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+        scaler.scale(torch.ones(()))  # creates its scale tensor, as the first scaled loss would
+        type(accelerated).__init__(accelerated, accelerated.optimizer, device_placement=False, scaler=scaler)
+
+
+@pytest.mark.slow
+def test_the_gradient_scaler_resumes(tmp_path: Path) -> None:
+    reference = train(tmp_path / "reference", hooks=(Fp16Scaler(),), **FAST)
+    _, trainer = evacuate_then_resume(
+        tmp_path / "run", (reference[0], reference[2]), hooks=(Fp16Scaler(),), evacuate_at=4, **FAST
+    )
+    scale = trainer.optimizer.scaler.get_scale()
+    assert scale == reference[0].optimizer.scaler.get_scale() and scale > 2.0**8  # it grew, and came back
 
 
 # -- two processes, DDP, gloo ------------------------------------------------------------------

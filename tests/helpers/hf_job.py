@@ -92,9 +92,10 @@ def trainer_for(
     evaluate_every: int | None = None,
     before: list[Any] | None = None,
     data: Tokens | None = None,
+    **arguments: Any,
 ) -> Any:
     """A Trainer over the tiny model with ``callback`` (after the ``before`` callbacks, whose
-    ``on_step_end`` then runs before the guard's)."""
+    ``on_step_end`` then runs before the guard's); ``arguments`` go to ``TrainingArguments``."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -117,6 +118,7 @@ def trainer_for(
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **arguments,  # any other TrainingArguments
     )
     return Trainer(
         model=tiny_gpt2(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from gpuguard.checkpoint import CheckpointStore
 from gpuguard.checkpoint._tree import capture_rng, restore_rng
-from gpuguard.errors import CheckpointError, ConfigError, GpuGuardError
+from gpuguard.errors import CheckpointError, ConfigError, GpuGuardError, StorageError
 from gpuguard.guard.guard import Evacuation, Guard
 from gpuguard.integrations._leaving import keep_exit_code
 from gpuguard.integrations.transformers._resume import (
@@ -152,13 +153,21 @@ class GpuGuardCallback(TrainerCallback):
                 "GpuGuardCallback takes the emergency checkpoint on SIGTERM itself; two savers would share the "
                 "pod's grace period: leave enable_jit_checkpoint off",
             )
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ConfigError(
-                "TrainingArguments.fsdp/deepspeed",
-                getattr(args, "fsdp", None) or getattr(args, "deepspeed", None),
-                "GpuGuardCallback supports one process and data parallelism (DDP); for FSDP use gpuguard.Guard "
-                "in your own loop (it checkpoints fully_shard state)",
-            )
+        # FSDP and DeepSpeed come from TrainingArguments or from `accelerate launch` (its environment).
+        sharded = {
+            "TrainingArguments.fsdp": getattr(args, "fsdp", None),
+            "TrainingArguments.deepspeed": getattr(args, "deepspeed", None),
+            "ACCELERATE_USE_FSDP": _truthy(os.environ.get("ACCELERATE_USE_FSDP")),
+            "ACCELERATE_USE_DEEPSPEED": _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED")),
+        }
+        for name, value in sharded.items():
+            if value:
+                raise ConfigError(
+                    name,
+                    value,
+                    "GpuGuardCallback supports one process and data parallelism (DDP); with FSDP use "
+                    "gpuguard.Guard in your own loop (it checkpoints fully_shard state)",
+                )
 
     def resume_path(self) -> str | None:
         """Agree on gpuguard's newest checkpoint and lay out what ``Trainer.train`` resumes from.
@@ -196,6 +205,7 @@ class GpuGuardCallback(TrainerCallback):
                 problem = exc
         if not all_ranks_ok(problem is None):  # also the barrier before the other local ranks read it
             raise CheckpointError(f"the resume files for {saved.info.id} could not be written in {folder}") from problem
+        saved.entries.pop("model")  # Trainer reads the model from the folder: no second copy in memory
         self._saved = saved
         self._folder = folder if writer else None
         log.warning(
@@ -250,12 +260,22 @@ class GpuGuardCallback(TrainerCallback):
                 f"resume_path() laid out gpuguard's checkpoint {saved.info.id} (global step {saved.info.step}); "
                 f"pass its result: {RESUME_LINE}",
             )
-        for name, live in (("optimizer", optimizer), ("lr_scheduler", scheduler), ("scaler", scaler)):
+        for name, live in (("optimizer", optimizer), ("lr_scheduler", scheduler)):
             value = saved.entries.get(name)
-            if live is not None and value is not None:
+            if value is None:
+                raise CheckpointError(f"{saved.info.url} holds no {name} state: it cannot resume a Trainer run")
+            if live is not None:  # Trainer has created both by on_train_begin
                 live.load_state_dict(value)
-            elif live is not None:
-                raise CheckpointError(f"{saved.info.url} holds no {name} state; this run has one")
+        saved_scaler = saved.entries.get("scaler")
+        if scaler is not None and saved_scaler is not None:
+            scaler.load_state_dict(saved_scaler)
+        elif scaler is not None or saved_scaler is not None:  # the run's precision changed since the checkpoint
+            log.warning(
+                "gpuguard: %s",
+                "the checkpoint holds no gradient scaler state: this run's (fp16) starts afresh"
+                if scaler is not None
+                else "this run has no gradient scaler (not fp16): the checkpoint's scaler state is not used",
+            )
         epoch = float(saved.trainer_state.get("epoch") or 0.0)
         # Where Trainer's own resume restores the generators (Trainer._run_epoch): a checkpoint at an
         # epoch's end resumes at the next epoch's start, before its dataloader iterator is created; one
@@ -273,11 +293,20 @@ class GpuGuardCallback(TrainerCallback):
     def _check_fresh_start(self, state: TrainerState) -> None:
         assert self.guard.store is not None
         rank, _ = rank_and_world()
-        latest = None
+        latest, error = None, None
         if rank == 0:
-            info = self.guard.store.latest()
-            latest = None if info is None else (info.id, info.step)
-        latest = broadcast_from_zero(latest)  # every rank refuses, or none
+            try:
+                info = self.guard.store.latest()
+            except StorageError as exc:
+                error = str(exc)
+            else:
+                latest = None if info is None else (info.id, info.step)
+        latest, error = broadcast_from_zero((latest, error))  # every rank refuses, or none
+        if error is not None:
+            raise StorageError(
+                f"rank 0 cannot tell whether gpuguard holds a checkpoint under {self.guard.config.checkpoint_dir}, "
+                f"so this run cannot know it starts from step 0 rightly: {error}"
+            )
         if latest is None:
             if state.global_step == 0:
                 log.info(
@@ -359,6 +388,10 @@ class GpuGuardCallback(TrainerCallback):
     ) -> None:
         self._rng_before_eval = None
         self.guard.close()  # waits for periodic checkpoints in flight
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 __all__ = ["RESUME_LINE", "GpuGuardCallback", "TrainerProgress"]

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,27 +82,24 @@ def all_ranks_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def candidates(store: CheckpointStore) -> list[CheckpointInfo]:
-    """Committed checkpoints, newest first, as rank 0 lists them: the same list on every rank.
+def candidates(store: CheckpointStore) -> list[tuple[str, CheckpointInfo | None]]:
+    """Committed checkpoints, newest first, as rank 0 lists them: the same ids on every rank, each with
+    this rank's own description of it (None when this rank does not find it).
 
     A rank 0 that cannot list (the storage is down) makes every rank raise, rather than some
     starting from step 0.
     """
     rank, _ = rank_and_world()
-    ids: list[str] | None = None
+    mine: dict[str, CheckpointInfo] = {}
     error: str | None = None
-    if rank == 0:
-        try:
-            ids = [info.id for info in reversed(store.list())]
-        except StorageError as exc:
-            error = str(exc)
-    ids, error = broadcast_from_zero((ids, error))
+    try:
+        mine = {info.id: info for info in store.list()}
+    except StorageError as exc:
+        error = str(exc)
+    ids, error = broadcast_from_zero((list(reversed(mine)), error) if rank == 0 else (None, None))
     if error is not None:
         raise StorageError(f"rank 0 cannot list gpuguard's checkpoints under {store.url}: {error}")
-    if not ids:
-        return []
-    mine = {info.id: info for info in store.list()}
-    return [mine[i] for i in ids if i in mine] if rank != 0 else [mine[i] for i in ids]
+    return [(i, mine.get(i)) for i in ids]
 
 
 def read_saved_run(store: CheckpointStore, info: CheckpointInfo, rank: int) -> SavedRun:
@@ -131,16 +129,18 @@ def agree_and_read(store: CheckpointStore) -> SavedRun | None:
     rank, _ = rank_and_world()
     found = candidates(store)
     problems: list[str] = []
-    for info in found:
+    for checkpoint_id, info in found:  # the same ids, in the same order, on every rank
         run: SavedRun | None = None
         try:
+            if info is None:
+                raise CheckpointError("rank 0 lists it; this rank does not find it")
             run = read_saved_run(store, info, rank)
         except GpuGuardError as exc:
-            problems.append(f"{info.id}: {exc}")
-            log.warning("gpuguard: rank %d cannot read checkpoint %s: %s", rank, info.id, exc)
+            problems.append(f"{checkpoint_id}: {exc}")
+            log.warning("gpuguard: rank %d cannot read checkpoint %s: %s", rank, checkpoint_id, exc)
         if all_ranks_ok(run is not None):
             return run
-        log.warning("gpuguard: checkpoint %s is not readable on every rank; trying the one before it", info.id)
+        log.warning("gpuguard: checkpoint %s is not readable on every rank; trying the one before it", checkpoint_id)
     if found:
         raise CheckpointError(
             f"none of the {len(found)} committed checkpoint(s) under {store.url} can be read on every rank; "
@@ -151,7 +151,8 @@ def agree_and_read(store: CheckpointStore) -> SavedRun | None:
 
 def resume_folder(checkpoint_dir: str, checkpoint_id: str) -> Path:
     """Where the resume files go: node-local, named after the run and checkpoint (all local ranks agree)."""
-    run = f"{crc32c(checkpoint_dir.encode()):08x}"
+    # The host's name too: should nodes share a temporary folder, each still writes its own copy.
+    run = f"{socket.gethostname()}-{crc32c(checkpoint_dir.encode()):08x}"
     return Path(tempfile.gettempdir()) / "gpuguard-resume" / run / checkpoint_id
 
 
