@@ -89,8 +89,8 @@ class GpuGuardCallback(TrainerCallback):
     - SIGTERM (and the other ``preemption_signals``): the guard's handler records it and the next
       optimizer step is checkpointed on every rank, then the process exits 75.
 
-    Supported: one process, and data parallelism (DDP) under torchrun, ``accelerate launch`` or
-    ``gpuguard-run``. FSDP and DeepSpeed through Trainer, and Trainer's ``enable_jit_checkpoint``, are
+    Supported: one process, and data parallelism (DDP) under torchrun or ``gpuguard-run`` (``accelerate
+    launch`` starts DDP workers through torchrun too). FSDP and DeepSpeed through Trainer, and Trainer's ``enable_jit_checkpoint``, are
     refused when the Trainer is created.
 
     Args:
