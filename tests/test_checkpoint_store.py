@@ -274,3 +274,19 @@ def test_s3_multipart_upload(s3_bucket: tuple[str, dict[str, Any]], monkeypatch:
         store.load(target)
         assert torch.equal(target["big"], state["big"])
         assert store.verify().ok
+
+
+def test_a_replicated_save_uses_the_buffer_prepared_for_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A replicated save stages this rank's part of the state only: prepared with the same arguments,
+    # the buffer fits, and the save allocates nothing on the training thread.
+    from gpuguard.checkpoint._manifest import checkpoint_name
+
+    state = {"large": torch.zeros(4096), "small": torch.ones(16)}
+    with CheckpointStore(f"file://{tmp_path}") as store:
+        store.prepare(state, rank=1, world_size=2, replicated=True)
+        caplog.clear()
+        pending = store.save(
+            state, step=1, rank=1, world_size=2, replicated=True, checkpoint_id=checkpoint_name(1, "0123abcd")
+        )
+        assert pending.wait(timeout=30) is None  # rank 1 writes its part; rank 0 would commit
+    assert "no staging buffer was prepared" not in caplog.text

@@ -287,3 +287,29 @@ def test_guard_step_without_a_context_manager_needs_start() -> None:
     assert guard.resume() == 0  # resume starts it
     guard.step(0)
     guard.close()
+
+
+def test_the_state_is_read_on_the_training_thread_only(tmp_path: Any) -> None:
+    # state_dict() runs a framework's hooks (Lightning's on_save_checkpoint, module state-dict hooks, a
+    # Trainer's state): never beside the computation, not even to plan the staging buffer.
+    readers: list[str] = []
+
+    class Recorded:
+        def __init__(self) -> None:
+            self.value = torch.zeros(4)
+
+        def state_dict(self) -> dict[str, Any]:
+            readers.append(threading.current_thread().name)
+            return {"value": self.value}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.value.copy_(state["value"])
+
+    state, nvml = {**make_state(), "recorded": Recorded()}, fake()
+    with guard_for(f"file://{tmp_path}", state, nvml, checkpoint_every_steps=4) as guard:
+        train(guard, state, nvml, steps=10)
+        preparing = [t for t in threading.enumerate() if t.name == "gpuguard-prepare"]
+        for thread in preparing:
+            thread.join(30)
+    assert len(readers) >= 3  # start's check, the staging plan, the periodic saves at steps 4 and 8
+    assert set(readers) == {threading.current_thread().name}

@@ -67,15 +67,47 @@ class Saver:
     def close(self) -> None:
         self._saver.shutdown(wait=True)
 
-    def prepare(self, state: Mapping[str, Any], *, rng: bool = True) -> float:
+    def prepare(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        rank: int | None = None,
+        world_size: int = 1,
+        replicated: bool = False,
+    ) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
-        Run it when training starts (a guard does, in the background). Returns the seconds it took.
+        Returns the seconds it took. See `plan_staging` to allocate it on another thread.
+        """
+        return self.plan_staging(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)()
+
+    def plan_staging(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        rank: int | None = None,
+        world_size: int = 1,
+        replicated: bool = False,
+    ) -> Callable[[], float]:
+        """Plan the staging buffer a save of ``state`` (with these arguments) will use; returns its allocation.
+
+        Planning walks the state (``state_dict()``: a framework's hooks run), so it runs on the training
+        thread; the returned allocation touches none of the state's objects and may run on any thread.
         """
         flat = flatten(state, rng=rng)
-        _sharding.localize(flat, process_rank())  # DTensors → their local chunks (refused early if unplaceable)
+        rank = process_rank() if rank is None else rank
+        # As `save` does: sharded state is not replicated; DTensors become this rank's chunks (refused
+        # early if unplaceable); a replicated state is this rank's part of it.
+        if replicated and _sharding.holds_dtensors(flat):
+            replicated = False
+        _sharding.localize(flat, rank)
+        if replicated and world_size > 1:
+            flat.tensors = partition(flat.tensors, rank, world_size)
         layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
-        return self._staging.prepare(layout, pin=_wants_pinned(flat)).alloc_s
+        pin = _wants_pinned(flat)
+        return lambda: self._staging.prepare(layout, pin=pin).alloc_s
 
     def save(
         self,

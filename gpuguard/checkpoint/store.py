@@ -7,7 +7,7 @@ The store is a facade over one module per concern: `_saving` (snapshot and backg
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -91,12 +91,35 @@ class CheckpointStore:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def prepare(self, state: Mapping[str, Any], *, rng: bool = True) -> float:
+    def prepare(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        rank: int | None = None,
+        world_size: int = 1,
+        replicated: bool = False,
+    ) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
-        Run it when training starts (a guard does, in the background). Returns the seconds it took.
+        Run it when training starts, with the ``rank``, ``world_size`` and ``replicated`` the saves
+        will use (a replicated save stages this rank's part only). Returns the seconds it took.
         """
-        return self._saver.prepare(state, rng=rng)
+        return self._saver.prepare(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)
+
+    def plan_staging(
+        self,
+        state: Mapping[str, Any],
+        *,
+        rng: bool = True,
+        rank: int | None = None,
+        world_size: int = 1,
+        replicated: bool = False,
+    ) -> Callable[[], float]:
+        """`prepare` in two halves: plan now, on the training thread (walking the state calls its
+        ``state_dict()``), and return the allocation, to run on any thread (a guard runs it in the
+        background); it returns the seconds it took."""
+        return self._saver.plan_staging(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)
 
     def save(
         self,

@@ -9,7 +9,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -331,11 +331,24 @@ class Guard:
             self.plugins.register(self.kubernetes)
             self.kubernetes.start()
 
-    def _prepare(self) -> None:
+    def _plan_staging(self) -> Callable[[], float] | None:
+        """On the training thread: walking the state runs its ``state_dict()`` (and a framework's hooks)."""
         try:
             assert self.store is not None
-            seconds = self.store.prepare(checkpointable(self.state))
-            log.info("staging buffer ready in %.2fs", seconds)
+            return self.store.plan_staging(
+                checkpointable(self.state),
+                rank=self.rank,
+                world_size=self.world_size,
+                replicated=self.config.replicated,
+            )
+        except Exception as exc:  # the first checkpoint will allocate instead; training goes on
+            log.warning("could not plan the staging buffer: %s", exc)
+            return None
+
+    @staticmethod
+    def _allocate_staging(allocate: Callable[[], float]) -> None:
+        try:
+            log.info("staging buffer ready in %.2fs", allocate())
         except Exception as exc:  # the first checkpoint will allocate instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
 
@@ -402,9 +415,14 @@ class Guard:
             )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
-            # moments lazily): allocate the staging buffer now, in the background, not in an emergency.
+            # moments lazily): plan the staging buffer here, where reading the state cannot race the
+            # computation, and allocate it in the background, not in an emergency.
             self._prepared = True
-            threading.Thread(target=self._prepare, name="gpuguard-prepare", daemon=True).start()
+            allocate = self._plan_staging()
+            if allocate is not None:
+                threading.Thread(
+                    target=self._allocate_staging, args=(allocate,), name="gpuguard-prepare", daemon=True
+                ).start()
         agreed: Agreed = NOTHING
         action = max(self._local_action, self._forced_action)
         if self._distributed:

@@ -90,8 +90,8 @@ class GpuGuardCallback(TrainerCallback):
       optimizer step is checkpointed on every rank, then the process exits 75.
 
     Supported: one process, and data parallelism (DDP) under torchrun or ``gpuguard-run`` (``accelerate
-    launch`` starts DDP workers through torchrun too). FSDP and DeepSpeed through Trainer, and Trainer's ``enable_jit_checkpoint``, are
-    refused when the Trainer is created.
+    launch`` starts DDP workers through torchrun too). FSDP and DeepSpeed through Trainer, and Trainer's
+    ``enable_jit_checkpoint``, are refused when the Trainer is created.
 
     Args:
         checkpoint_dir: fsspec URL of gpuguard's checkpoints (or ``GPUGUARD_CHECKPOINT_DIR``).
