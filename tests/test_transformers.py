@@ -236,12 +236,17 @@ def test_two_ranks_evacuate_together_and_resume_bitwise(
 ) -> None:
     folder = tmp_path / "run"
     folder.mkdir()
-    # A fault on rank 1's GPU after optimizer step 3: the ranks agree (sync_every=2) and both leave at step 5.
-    done = launch(launcher, folder, "--evaluate-every", "4", "--evacuate-at-step", "3", "--evacuate-on-rank", "1")
+    # A fault on rank 1's GPU after optimizer step 3: the ranks agree (sync_every=2) and both leave at step 5;
+    # the job's clean-up raises then (a CUDA error on the failed GPU), and the processes still exit 75.
+    args = ["--evaluate-every", "4", "--evacuate-at-step", "3", "--evacuate-on-rank", "1", "--raise-in-teardown"]
+    done = launch(launcher, folder, *args)
     ranks = reports(folder)
     assert [r["exit_code"] for r in ranks] == [75, 75], done.stderr[-3000:]
+    assert "RuntimeError raised while leaving after the evacuation at step 5" in done.stderr
     if launcher == "gpuguard-run":
-        assert done.returncode == 75  # plain torchrun reports a failed worker as 1
+        assert done.returncode == 75, done.stderr[-3000:]  # plain torchrun reports a failed worker as 1
+    else:
+        assert "exitcode  : 75" in done.stderr or "exitcode: 75" in done.stderr, done.stderr[-3000:]
     assert [r["global_step"] for r in ranks] == [5, 5]
     [info] = CheckpointStore(f"file://{folder / 'checkpoints'}").list()
     assert (info.step, info.reason, info.world_size) == (5, "emergency", 2)

@@ -144,6 +144,7 @@ def main() -> int:
     p.add_argument("--sync-every", type=int, default=2)
     p.add_argument("--every", type=int, default=None, help="a periodic checkpoint every N steps")
     p.add_argument("--per-rank", action="store_true", help="each rank writes its whole state (not replicated)")
+    p.add_argument("--raise-in-teardown", action="store_true", help="cleaning up after an evacuation raises")
     args = p.parse_args()
 
     from gpuguard.transformers import GpuGuardCallback
@@ -184,6 +185,8 @@ def main() -> int:
         trainer.train(resume_from_checkpoint=callback.resume_path())
     except SystemExit as exc:
         write(int(exc.code or 0))
+        if args.raise_in_teardown:  # what a CUDA call on the failed GPU does while the job cleans up
+            raise RuntimeError("CUDA error: an illegal memory access was encountered") from exc
         raise
     write(0)
     if rank == 0:
