@@ -11,7 +11,10 @@ is measured for:
 - stall: how long the training thread is blocked (until the call returns and the state may change);
 - durable: until the bytes are on stable storage (fsync'd, or committed on an object store);
 - resume: reading it back into the live model and optimizer (warm page cache: this machine's other
-  users rule out dropping it).
+  users rule out dropping it);
+- resume in a new process (with ``--fresh-resume``, on by default): what a restarted job pays, a new
+  process with a freshly built model and an optimizer that has no state yet, loading the same files
+  (gpuguard and ``torch.load`` only; the time of the load alone).
 
 The floors, in the same run: a memory copy of the same bytes into a preallocated buffer (one bulk
 ``copy_``; on CUDA, into pinned memory on a side stream), which no snapshot can beat, and a raw write
@@ -46,16 +49,56 @@ def status(message: str) -> None:
     print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
 
 
-def build_state(size_mib: int, device: str) -> dict[str, Any]:
+def build_state(size_mib: int, device: str, *, stepped: bool = True) -> dict[str, Any]:
+    """The model and AdamW; with ``stepped`` False the optimizer has no state yet (a restarted job's)."""
     width = 1024 if size_mib < 3072 else 4096
     layer_bytes = width * width * 4
     layers = max(1, round(size_mib * 2**20 / 3 / layer_bytes))  # parameters + two AdamW moments
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(torch.randn(2, width, device=device)).sum().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        model(torch.randn(2, width, device=device)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return {"model": model, "optimizer": optimizer}
+
+
+# A restarted job: a new process builds its model and optimizer, then loads. Only the load is timed.
+_FRESH_RESUME = """
+import json, sys, time
+sys.path.insert(0, {here!r})
+import torch
+from checkpoint import build_state, sync
+method, path, size_mib, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+state = build_state(size_mib, device, stepped=False)
+sync(device)
+start = time.perf_counter()
+if method == "gpuguard":
+    from gpuguard import CheckpointStore
+    with CheckpointStore(path) as store:
+        store.load(state)
+else:
+    loaded = torch.load(path, map_location=device, weights_only=True)
+    state["model"].load_state_dict(loaded["model"])
+    state["optimizer"].load_state_dict(loaded["optimizer"])
+sync(device)
+print(json.dumps({{"resume_s": time.perf_counter() - start}}))
+"""
+
+
+def fresh_resume(method: str, path: str, size_mib: int, device: str) -> float:
+    """Seconds a new process takes to load ``path`` into a freshly built state (its start-up not counted)."""
+    import subprocess
+
+    script = _FRESH_RESUME.format(here=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script, method, path, str(size_mib), device],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["resume_s"])
 
 
 def state_bytes(state: dict[str, Any]) -> int:
@@ -90,10 +133,13 @@ def _restore(state: dict[str, Any], loaded: dict[str, Any]) -> None:
 class GpuguardRunner:
     """One long-lived store, prepared once, as a training job holds it: saves reuse its staging buffer."""
 
-    def __init__(self, state: dict[str, Any], root: str, device: str, io_threads: int) -> None:
+    def __init__(
+        self, state: dict[str, Any], root: str, device: str, io_threads: int, fresh_size_mib: int | None = None
+    ) -> None:
         self.state, self.device, self.step, self.root = state, device, 0, f"{root}/gpuguard"
         self.store = CheckpointStore(f"file://{self.root}", keep=1, io_threads=io_threads)
         self.prepare_s = self.store.prepare(state)
+        self.fresh_size_mib = fresh_size_mib
 
     def __call__(self, folder: str) -> Result:
         self.step += 1
@@ -108,11 +154,14 @@ class GpuguardRunner:
         self.store.load(self.state)  # checks every tensor's CRC-32C, then copies into the live objects
         sync(self.device)
         resume = time.perf_counter() - start
+        result = {"stall_s": stall, "durable_s": durable, "resume_s": resume, "prepare_s": self.prepare_s}
+        if self.fresh_size_mib is not None:
+            result["resume_fresh_s"] = fresh_resume("gpuguard", f"file://{self.root}", self.fresh_size_mib, self.device)
         shutil.rmtree(os.path.join(self.root, pending.id), ignore_errors=True)  # one checkpoint on disk at a time
-        return {"stall_s": stall, "durable_s": durable, "resume_s": resume, "prepare_s": self.prepare_s}
+        return result
 
 
-def run_torch_save(state: dict[str, Any], folder: str, device: str) -> Result:
+def run_torch_save(state: dict[str, Any], folder: str, device: str, fresh_size_mib: int | None = None) -> Result:
     path = os.path.join(folder, "torch_save.pt")
     sync(device)
     start = time.perf_counter()
@@ -124,7 +173,10 @@ def run_torch_save(state: dict[str, Any], folder: str, device: str) -> Result:
     start = time.perf_counter()
     _restore(state, torch.load(path, map_location=device, weights_only=True))
     sync(device)
-    return {"stall_s": elapsed, "durable_s": elapsed, "resume_s": time.perf_counter() - start}
+    result = {"stall_s": elapsed, "durable_s": elapsed, "resume_s": time.perf_counter() - start}
+    if fresh_size_mib is not None:
+        result["resume_fresh_s"] = fresh_resume("torch", path, fresh_size_mib, device)
+    return result
 
 
 def _dcp_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +342,7 @@ def measure(
     url: str | None = None,
     io_threads: int = 8,
     settle_s: float | None = None,
+    fresh_resume: bool = True,
 ) -> dict[str, Any]:
     """Every method, interleaved ``repeats`` times; medians, ratios and every repeat's figures."""
     root = url.removeprefix("file://") if url else tempfile.mkdtemp(prefix="gpuguard-bench-")
@@ -299,13 +352,14 @@ def measure(
     total = state_bytes(state)
     chunks, _hosts = _host_bytes(state)
     status("preparing gpuguard's staging buffer")
-    gpuguard = GpuguardRunner(state, root, device, io_threads)
+    fresh = size_mib if fresh_resume else None
+    gpuguard = GpuguardRunner(state, root, device, io_threads, fresh)
     floor = MemoryCopy(state, device)
     settle = settle_s if settle_s is not None else max(0.5, total / 2**28)
     methods: dict[str, Callable[[str], Result]] = {
         "memory copy": floor,
         "gpuguard": gpuguard,
-        "torch.save": lambda folder: run_torch_save(state, folder, device),
+        "torch.save": lambda folder: run_torch_save(state, folder, device, fresh),
         "dcp.save": lambda folder: run_dcp(state, folder, device, asynchronous=False),
         "dcp.async_save": lambda folder: run_dcp(state, folder, device, asynchronous=True),
         "raw write (1 thread)": lambda folder: run_raw_write(chunks, folder, 1),
@@ -333,9 +387,8 @@ def measure(
         values = [r[key] for r in runs[name] if key in r and not math.isnan(r[key])]
         return round(statistics.median(values), 4) if values else NAN
 
-    results: dict[str, dict[str, float]] = {
-        name: {key: median(name, key) for key in ("stall_s", "durable_s", "resume_s")} for name in methods
-    }
+    keys = ("stall_s", "durable_s", "resume_s", "resume_fresh_s")
+    results: dict[str, dict[str, float]] = {name: {key: median(name, key) for key in keys} for name in methods}
     results["gpuguard"]["prepare_s"] = median("gpuguard", "prepare_s")
     g = results["gpuguard"]
 
@@ -350,10 +403,12 @@ def measure(
         "durable_vs_parallel_raw_write": ratio(g["durable_s"], results["raw write (8 threads)"]["durable_s"]),
         "resume_vs_torch_load": ratio(g["resume_s"], results["torch.save"]["resume_s"]),
         "resume_vs_parallel_raw_read": ratio(g["resume_s"], results["raw write (8 threads)"]["resume_s"]),
+        "new_process_resume_vs_torch_load": ratio(g["resume_fresh_s"], results["torch.save"]["resume_fresh_s"]),
     }
     return {
         "benchmark": "checkpoint",
-        "command": f"python benchmarks/checkpoint.py --size-mib {size_mib} --device {device} --repeats {repeats}",
+        "command": f"python benchmarks/checkpoint.py --size-mib {size_mib} --device {device} --repeats {repeats}"
+        + ("" if fresh_resume else " --no-fresh-resume"),
         "machine": machine(),
         "size_mib": round(total / 2**20, 1),
         "device": device,
@@ -362,7 +417,13 @@ def measure(
         "settle_s": settle,
         "results": results,
         "ratios": ratios,
-        "goals": {"stall_vs_memory_copy": 1.5, "stall_vs_dcp_async_save": 0.5, "durable_vs_parallel_raw_write": 1.15},
+        "goals": {
+            "stall_vs_memory_copy": 1.5,
+            "stall_vs_dcp_async_save": 0.5,
+            "durable_vs_parallel_raw_write": 1.15,
+            "resume_vs_torch_load": 1.0,
+            "resume_vs_parallel_raw_read": 2.0,
+        },
         "runs": {name: [{k: round(v, 4) for k, v in r.items()} for r in rs] for name, rs in runs.items()},
     }
 
@@ -376,10 +437,13 @@ def render(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['size_mib']} MiB of fp32 model + AdamW state on {summary['device']}, "
         f"median of {summary['repeats']} interleaved repeats",
-        f"{'method':<24}{'stall (s)':>12}{'durable (s)':>14}{'resume (s)':>13}",
+        f"{'method':<24}{'stall (s)':>12}{'durable (s)':>14}{'resume (s)':>13}{'new process (s)':>17}",
     ]
     for name, r in results.items():
-        lines.append(f"{name:<24}{cell(r['stall_s'], 4):>12}{cell(r['durable_s']):>14}{cell(r['resume_s']):>13}")
+        lines.append(
+            f"{name:<24}{cell(r['stall_s'], 4):>12}{cell(r['durable_s']):>14}{cell(r['resume_s']):>13}"
+            f"{cell(r.get('resume_fresh_s', NAN)):>17}"
+        )
     lines.append(f"gpuguard staging buffer prepared ahead in {results['gpuguard']['prepare_s']:.3f} s")
     for key, value in ratios.items():
         goal = goals.get(key)
@@ -405,11 +469,19 @@ def main() -> int:
         help="pause before each run so the disk has flushed the last one (default: 1 s per 256 MiB); "
         "virtual disks that cache writes make the run after a big write pay for it otherwise",
     )
+    parser.add_argument(
+        "--no-fresh-resume",
+        dest="fresh_resume",
+        action="store_false",
+        help="skip the resume in a new process (two processes per repeat; measured by default)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    summary = measure(args.size_mib, args.device, args.repeats, args.url, args.io_threads, args.settle_s)
+    summary = measure(
+        args.size_mib, args.device, args.repeats, args.url, args.io_threads, args.settle_s, args.fresh_resume
+    )
     print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
 

@@ -1,10 +1,13 @@
 """Sharded checkpoints (FSDP2 on CPU, gloo): gpuguard against torch.distributed.checkpoint, same run.
 
-    python benchmarks/checkpoint.py --sharded [--size-mib 256] [--repeats 3] [--json]
-    python benchmarks/checkpoint_sharded.py [--size-mib 256] [--repeats 3] [--json]
+    python benchmarks/checkpoint.py --sharded [--size-mib 256] [--repeats 3] [--model gpt|linear] [--json]
+    python benchmarks/checkpoint_sharded.py [--size-mib 256] [--repeats 3] [--model gpt|linear] [--json]
 
-An nn.Sequential of bias-free Linear layers, each sharded with ``fully_shard`` over every rank, and
-AdamW's two moments after one step (``--size-mib`` in all). With 2 and then 4 processes:
+A GPT-like model (``--model gpt``, the default: tied embeddings over an odd vocabulary, blocks of layer
+norms, attention and a 4x MLP, so chunks of every size from a few hundred bytes to megabytes) or an
+nn.Sequential of bias-free 1024x1024 Linear layers (``--model linear``), each block sharded with
+``fully_shard`` over every rank, and AdamW's two moments after one step (``--size-mib`` in all). With 2
+and then 4 processes:
 
 - save: the training thread's stall (until ``save`` returns), time to durable (until the manifest is
   committed; the slowest rank), and bytes written per rank; then DCP's ``save`` and ``async_save``
@@ -39,19 +42,64 @@ from gpuguard import CheckpointStore
 WIDTH = 1024
 
 
-def build_state(size_mib: int, world_size: int) -> dict[str, Any]:
+class Block(torch.nn.Module):
+    """A GPT block's parameters: layer norms, attention (qkv, projection) and the MLP (4x)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.fc, self.out = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        x = x + self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+        return x + self.out(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class Gpt(torch.nn.Module):
+    """A GPT-like model with tied embeddings and an odd vocabulary (as GPT-2's 50257): chunks of every size
+    from a few hundred bytes (layer norms) to megabytes, cut at rows that no block boundary lines up with."""
+
+    def __init__(self, width: int, layers: int, vocab: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.t()
+
+
+def build_state(size_mib: int, world_size: int, model_kind: str = "gpt") -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = max(1, round(size_mib * 2**20 / 3 / (WIDTH * WIDTH * 4)))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)])
     mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model: torch.nn.Module
+    if model_kind == "gpt":
+        # GPT-2's width, 768: a block is 27 MiB of fp32 parameters (MLP matrices 9 MiB each), the
+        # embedding 24 MiB; rows of 3 KiB, so no shard boundary falls on a 4 KiB page. With AdamW's two
+        # moments, about size_mib in all.
+        layers = max(1, round((size_mib * 2**20 / 3 - 8191 * 768 * 4) / (12 * 768 * 768 * 4)))
+        model = Gpt(768, layers, 8191)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        batch = torch.randint(0, 8191, (2, 16))
+    else:
+        layers = max(1, round(size_mib * 2**20 / 3 / (WIDTH * WIDTH * 4)))
+        model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)])
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        batch = torch.randn(2, WIDTH)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(torch.randn(2, WIDTH)).sum().backward()
+    model(batch).sum().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"model": model, "optimizer": optimizer}
@@ -124,7 +172,15 @@ def _save_round(
 
 
 def worker(
-    rank: int, world_size: int, port: int, task: str, root: str, size_mib: int, source: int, repeats: int
+    rank: int,
+    world_size: int,
+    port: int,
+    task: str,
+    root: str,
+    size_mib: int,
+    source: int,
+    repeats: int,
+    model_kind: str = "gpt",
 ) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -135,12 +191,16 @@ def worker(
     result: dict[str, Any] = {"rank": rank, "rounds": []}
     settle = max(0.5, size_mib / 256)
     try:
-        state = build_state(size_mib, world_size)
+        state = build_state(size_mib, world_size, model_kind)
         share = sum(p.to_local().numel() * 4 for p in state["model"].parameters()) * 3
         result["share_bytes"] = share
         if task == "save":
             with CheckpointStore(f"file://{base}/gpuguard-{world_size}", keep=1) as store:
-                store.prepare(state)  # as a guard does at start: the staging buffer exists before the save
+                # As a guard does at its first step: the walk (and the agreement on who writes which chunk) on
+                # the training thread, the allocation in the background; the staging buffer exists before the save.
+                started = time.perf_counter()
+                store.prepare(state, background=True)
+                result["prepare_s"] = time.perf_counter() - started
                 for rep in range(1, repeats + 1):
                     result["rounds"].append(_save_round(rank, world_size, state, base, store, rep, settle))
         else:
@@ -166,15 +226,16 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(size_mib: int, repeats: int) -> dict[str, Any]:
+def run(size_mib: int, repeats: int, model_kind: str = "gpt") -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="gpuguard-sharded-bench-")
     try:
         plan = [("save", 2, 0), ("save", 4, 0), ("load", 2, 4), ("load", 4, 2)]
         for task, world_size, source in plan:
             print(f"{task} on {world_size} ranks", file=sys.stderr, flush=True)
-            args = (world_size, _port(), task, root, size_mib, source, repeats)
+            args = (world_size, _port(), task, root, size_mib, source, repeats, model_kind)
             mp.spawn(worker, args=args, nprocs=world_size)
-        out: dict[str, Any] = {"size_mib": size_mib, "repeats": repeats, "torch": torch.__version__, "runs": []}
+        out: dict[str, Any] = {"size_mib": size_mib, "repeats": repeats, "model": model_kind}
+        out |= {"torch": torch.__version__, "runs": []}
         for task, world_size, source in plan:
             ranks = [
                 json.loads((Path(root) / f"{task}-{world_size}-rank{r}.json").read_text()) for r in range(world_size)
@@ -194,7 +255,8 @@ def _median_of_worst(ranks: list[dict[str, Any]], key: str) -> float:
 def print_table(summary: dict[str, Any]) -> None:
     mib = 2**20
     print(
-        f"FSDP2 state of {summary['size_mib']} MiB (fp32 Linear + AdamW), CPU, gloo, one local disk, "
+        f"FSDP2 state of {summary['size_mib']} MiB ({summary.get('model', 'linear')} model in fp32 + AdamW), CPU, "
+        "gloo, one local disk, "
         f"torch {summary['torch']}; slowest rank, median of {summary['repeats']}"
     )
     print(f"{'run':<14}{'method':<22}{'stall (s)':>10}{'durable (s)':>12}   per rank")
@@ -205,6 +267,9 @@ def print_table(summary: dict[str, Any]) -> None:
             written = ", ".join(f"{r['rounds'][-1]['gpuguard_bytes_written'] / mib:.1f}" for r in ranks)
             dcp_written = ", ".join(f"{r['rounds'][-1]['dcp_bytes_written'] / mib:.1f}" for r in ranks)
             share = ranks[0]["share_bytes"] / mib
+            prepare = max(r.get("prepare_s", float("nan")) for r in ranks)
+            print(f"{label:<14}{'prepare (once)':<22}{prepare:>10.3f}{'-':>12}   on the training thread")
+            label = ""
             rows = [
                 (
                     "gpuguard",
@@ -249,9 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharded", action="store_true", help="(accepted for benchmarks/checkpoint.py's spelling)")
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--model",
+        choices=["gpt", "linear"],
+        default="gpt",
+        help="gpt: a GPT-like model, chunks of every size; linear: 1024x1024 layers (default: gpt)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    summary = run(args.size_mib, args.repeats)
+    summary = run(args.size_mib, args.repeats, args.model)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

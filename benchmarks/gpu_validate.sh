@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What CPUs cannot check, on one H100/H200, in under five minutes, into one JSON file:
+# What CPUs cannot check, on one H100/H200, in about six minutes, into one JSON file:
 # real NVML (health and poll cost), the guard on a real CUDA step, the 6 GiB emergency checkpoint beside
 # torch.save and DCP async_save, and the snapshot overlapping the next step on CUDA.
 #
@@ -9,7 +9,8 @@
 # (installing the dev extra would pull a different torch). It runs the working tree through PYTHONPATH
 # with the python that has torch+CUDA (PYTHON=... to choose), and says what is missing if anything is.
 # Budget on an H200 (16 cores): tests ~20 s, NVML ~15 s, guard ~30 s, checkpoint 6 GiB x 2 repeats ~150 s
-# (the states are built once; settle 1 s), overlap ~20 s.
+# (the states are built once; settle 1 s) plus ~60 s for the resume in a new process (gpuguard's through
+# pinned memory while the next bytes are read, against torch.load's), overlap ~20 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu-validate}
@@ -44,7 +45,7 @@ step status 30 "$py" -m gpuguard status --json
 step pytest_gpu 120 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step nvml_poll 60 "$py" benchmarks/nvml_poll.py --cycles 1000 --repeats 3 --json
 step guard_overhead 90 "$py" benchmarks/guard_overhead.py --device cuda --width 4096 --steps 100 --repeats 3 --json
-step checkpoint_6g 300 "$py" benchmarks/checkpoint.py --size-mib 6144 --device cuda --repeats 2 --settle-s 1 --json
+step checkpoint_6g 420 "$py" benchmarks/checkpoint.py --size-mib 6144 --device cuda --repeats 2 --settle-s 1 --json
 step overlap 90 "$py" benchmarks/overlap.py --device cuda --width 8192 --layers 8 --repeats 2 --json
 
 # One file: every step's JSON (or its error), the environment and the wall time.

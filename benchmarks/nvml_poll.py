@@ -124,8 +124,10 @@ def detection_latency(kind: str, repeats: int, poll_interval_s: float) -> dict[s
     for _ in range(repeats):
         # A random phase against the poll loop, so the poll path's latency is sampled fairly.
         inject_at = 0.1 + rng.random() * poll_interval_s
+        # XID 119 (GSP timeout) fails the GPU and moves no counter, so only the event path can see it
+        # (an XID 48 brings its double-bit ECC count, which the poll path would race the event to).
         event = (
-            {"at": inject_at, "gpu": 0, "xid": 48}
+            {"at": inject_at, "gpu": 0, "xid": 119}
             if kind == "xid_event"
             else {"at": inject_at, "gpu": 0, "field": "ecc_dbe_volatile", "set": 1}
         )

@@ -142,11 +142,14 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"`{c['command']}`",
             "",
-            "| method | stall (s) | durable (s) | resume (s) |",
-            "| --- | ---: | ---: | ---: |",
+            "| method | stall (s) | durable (s) | resume (s) | resume, new process (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, r in c["results"].items():
-            lines.append(f"| {name} | {_f(r['stall_s'], 4)} | {_f(r['durable_s'])} | {_f(r['resume_s'])} |")
+            lines.append(
+                f"| {name} | {_f(r['stall_s'], 4)} | {_f(r['durable_s'])} | {_f(r['resume_s'])} "
+                f"| {_f(r.get('resume_fresh_s', float('nan')))} |"
+            )
         lines += ["", "| gpuguard ratio | value | goal |", "| --- | ---: | ---: |"]
         for name, value in c["ratios"].items():
             goal = c.get("goals", {}).get(name)

@@ -2,8 +2,12 @@
 
     GPUGUARD_FAKE_NVML=examples/scenarios/xid48-gpu0-at-2s.json python examples/lightning_example.py   # exits 75
     GPUGUARD_FAKE_NVML=h200 python examples/lightning_example.py                                         # resumes
-    GPUGUARD_FAKE_NVML=examples/scenarios/xid48-gpu0-at-2s.json \\
-        gpuguard-run --standalone --nproc-per-node 2 examples/lightning_example.py                      # DDP, 2 ranks
+    GPUGUARD_FAKE_NVML=examples/scenarios/xid48-gpu0-at-2s.json gpuguard-run --standalone \\
+        --nproc-per-node 2 examples/lightning_example.py --scenario-seconds-per-step 0.25               # DDP, exits 75
+
+On a machine without GPUs the fault comes from the fake NVML's scenario. Its clock follows the wall clock,
+so on a slow or busy machine a short run may end before the fault; ``--scenario-seconds-per-step`` drives
+it by the training instead (0.25: the XID at 2 s lands at global step 8), wherever it runs.
 
 `GpuGuardCallback` resumes from gpuguard's newest checkpoint through Lightning's own restore (model,
 optimizer, scheduler, loops: global step, epoch and batch), and on an evacuation stops the trainer
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,22 +57,48 @@ class Regression(pl.LightningModule):
         return StatefulDataLoader(data, batch_size=8, shuffle=True)
 
 
+class ScenarioClockBySteps(pl.Callback):
+    """Moves a fake NVML scenario's clock by ``seconds`` at each optimizer step (a demo aid)."""
+
+    def __init__(self, fake: Any, seconds: float) -> None:
+        self.fake, self.seconds, self.step = fake, seconds, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step > self.step:
+            self.fake.clock.advance(self.seconds * (trainer.global_step - self.step))
+            self.step = trainer.global_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint-dir", default="file:///tmp/gpuguard-lightning")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--step-seconds", type=float, default=0.02)
+    parser.add_argument(
+        "--scenario-seconds-per-step",
+        type=float,
+        default=None,
+        help="move the fake NVML scenario (GPUGUARD_FAKE_NVML) this much per optimizer step, not by the wall clock",
+    )
     args = parser.parse_args()
 
     pl.seed_everything(0)
     devices = int(os.environ.get("WORLD_SIZE", "1"))  # under gpuguard-run / torchrun: one process per rank
-    guard = GpuGuardCallback(checkpoint_dir=args.checkpoint_dir, sync_every=4)
+    callbacks: list[pl.Callback] = []
+    nvml = None
+    scenario = Path(os.environ.get("GPUGUARD_FAKE_NVML", ""))
+    if args.scenario_seconds_per_step and scenario.is_file():
+        from gpuguard.fakenvml import FakeNvml
+
+        nvml = FakeNvml.from_scenario(scenario)  # a manual clock...
+        callbacks.append(ScenarioClockBySteps(nvml, args.scenario_seconds_per_step))  # ...moved by the steps
+    guard = GpuGuardCallback(checkpoint_dir=args.checkpoint_dir, sync_every=4, nvml=nvml)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=args.epochs,
-        callbacks=[guard],
+        callbacks=[guard, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

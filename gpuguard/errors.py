@@ -15,6 +15,8 @@ library, and chained with ``raise ... from exc`` so the original stays visible.
     │   ├── CheckpointNotFoundError no committed checkpoint (or not the one asked for)
     │   ├── CheckpointCorruptError  a shard or manifest fails its checksum or format; names which
     │   ├── CheckpointMismatchError the checkpoint does not fit the live state; nothing was changed
+    │   ├── CheckpointExistsError   a committed checkpoint already has this id: it is never overwritten
+    │   ├── CommitError             a multi-rank save was not committed (the committing rank failed or is gone)
     │   └── StorageError            the storage failed: after retries (transient) or at once (permanent)
     └── KubernetesError             an API call failed; ``.status`` is the HTTP status (0: unreachable)
         ├── KubernetesForbiddenError  403: the message names the RBAC rule to add
@@ -108,6 +110,35 @@ class CheckpointMismatchError(CheckpointError):
     def __init__(self, message: str, *, entries: list[str] | None = None) -> None:
         super().__init__(message)
         self.entries = list(entries or [])
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A save named a checkpoint that is already committed: a committed checkpoint is never overwritten.
+
+    Attributes:
+        checkpoint_id: the id that is taken.
+    """
+
+    def __init__(self, message: str, *, checkpoint_id: str = "") -> None:
+        super().__init__(message)
+        self.checkpoint_id = checkpoint_id
+
+
+class CommitError(CheckpointError):
+    """A multi-rank save was not committed: the committing rank failed, timed out, or never answered.
+
+    Raised by ``PendingSave.wait()`` on a rank that does not commit: such a rank reports success only
+    once it has read the manifest of its own save.
+
+    Attributes:
+        checkpoint_id: the save's checkpoint id.
+        timed_out: True when no manifest and no failure appeared within the deadline.
+    """
+
+    def __init__(self, message: str, *, checkpoint_id: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.checkpoint_id = checkpoint_id
+        self.timed_out = timed_out
 
 
 class StorageError(CheckpointError, OSError):

@@ -47,7 +47,7 @@ LLAMA3_PER_GPU_DAY: Final = 419 / (54 * 16_384)
 FAILURE_SOURCES: Final = ("nvidia", "llama3")
 
 # Costs measured on one H200 for a 6 GiB state (fp32 model + AdamW), per GiB
-# (/work/shared/fixtures/h200-checkpoint-baseline.json, DESIGN.md "Checkpoints"):
+# (tests/data/h200-checkpoint-baseline.json, in the repository; tests/test_goodput.py checks these against it):
 H200_TORCH_SAVE_S_PER_GIB: Final = 12.55 / 6  # torch.save with fsync: blocks training throughout
 H200_TORCH_LOAD_S_PER_GIB: Final = 4.699 / 6  # torch.load to the GPU
 H200_PINNED_COPY_S_PER_GIB: Final = 0.117 / 6  # gpuguard's stall: copy into pinned buffers on a side stream

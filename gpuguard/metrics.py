@@ -100,6 +100,26 @@ class _DeviceCollector(Collector):
         yield state
         yield reasons
         yield from (family for family in readings.values() if family.samples)
+        yield from self._step_time()
+
+    def _step_time(self) -> Iterator[GaugeMetricFamily]:
+        """The step-time comparison the guard made last; a slowdown alone never moves the job."""
+        detector = getattr(self.metrics.guard, "slowdown", None)
+        latest = getattr(detector, "latest", None)
+        if latest is None:
+            return
+        yield GaugeMetricFamily(
+            "gpuguard_step_seconds", "Median of this rank's recent step times.", value=latest.step_s
+        )
+        yield GaugeMetricFamily(
+            "gpuguard_step_baseline_seconds", "Median step time after warm-up (the baseline).", value=latest.baseline_s
+        )
+        yield GaugeMetricFamily(
+            "gpuguard_step_slowdown",
+            "Recent steps over the baseline (0.25: 25% slower); moves the job only with NVML evidence on the GPU "
+            "and this rank slower than its peers, or with evacuate_on_slowdown_alone.",
+            value=latest.slowdown,
+        )
 
 
 class GuardMetrics:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,20 @@ ROOT = TESTS.parent
 # The probe of a real H200, copied here so the suite does not depend on ../shared.
 H200_PROBE = TESTS / "data" / "nvml-h200-probe.json"
 H200_UUID = "GPU-19a36126-98b4-8ad1-96d3-832414cda6ec"
+
+
+@pytest.fixture(autouse=True)
+def torch_determinism_restored() -> Iterator[None]:
+    """Lightning's ``deterministic=True`` turns on ``torch.use_deterministic_algorithms`` for the whole process
+    and leaves it on; a later test would then run (and fail, e.g. float4 copies) under settings it never chose."""
+    import torch
+
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @pytest.fixture(autouse=True)

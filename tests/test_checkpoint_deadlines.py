@@ -6,6 +6,8 @@ the handshake) and never answers, and a port where nothing listens (connection r
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 import time
@@ -15,13 +17,14 @@ from typing import Any
 import pytest
 import torch
 
-from gpuguard import CheckpointStore, Guard, RetryPolicy, StorageError
+from gpuguard import CheckpointStore, ConfigError, Guard, RetryPolicy, StorageError
 from gpuguard.fakenvml import FakeNvml
 
 from conftest import s3_options
 
 SHORT = RetryPolicy(deadline_s=2.0, attempt_timeout_s=1.0, base_delay_s=0.05)
 SLACK_S = 1.0  # thread hand-off and the last backoff's rounding; a hang would overrun it by far
+ANSWERING = RetryPolicy(deadline_s=60.0, attempt_timeout_s=30.0, base_delay_s=0.05)
 
 
 @pytest.fixture
@@ -77,7 +80,12 @@ def test_an_unanswering_s3_endpoint_fails_within_a_short_deadline(
         assert error.timed_out and "within the 2.0s deadline" in str(error)
 
 
-@pytest.mark.parametrize("endpoint", ["black_hole", "refused"])
+@pytest.mark.parametrize(
+    # an unanswering endpoint takes the whole default deadline (20 s): the slow step; the short-deadline
+    # black-hole tests above run in the main suite
+    "endpoint",
+    [pytest.param("black_hole", marks=pytest.mark.slow), "refused"],
+)
 def test_the_default_deadline_bounds_every_operation(request: pytest.FixtureRequest, endpoint: str) -> None:
     """With the defaults, the three operations run at once (so the test takes one deadline, not three)."""
     url = request.getfixturevalue(endpoint)
@@ -107,7 +115,9 @@ def test_the_default_deadline_bounds_every_operation(request: pytest.FixtureRequ
 
 def test_a_missing_bucket_is_an_error_not_an_empty_run(s3_endpoint: str, s3_bucket: tuple[str, Any]) -> None:
     options = s3_options(s3_endpoint)
-    with CheckpointStore("s3://no-such-bucket-7f3a/run", options, retry=SHORT) as store:
+    # a server that answers: a 404 is not retried, so a roomy deadline costs nothing, and a loaded machine's
+    # slow answers cannot turn "does not exist" into "no answer within the deadline"
+    with CheckpointStore("s3://no-such-bucket-7f3a/run", options, retry=ANSWERING) as store:
         with pytest.raises(StorageError, match="the bucket 'no-such-bucket-7f3a' does not exist"):
             store.latest()
         with pytest.raises(StorageError, match="no-such-bucket-7f3a"):
@@ -148,3 +158,57 @@ def test_retry_policy_is_validated() -> None:
 def test_store_settings_are_validated(setting: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"^{setting}: {value!r} is not valid"):
         CheckpointStore("memory://settings", **{setting: value})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def blocking_protocol() -> Iterator[threading.Event]:
+    """A registered fsspec backend ("blackhole://") whose constructor blocks until the test lets it go."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    release = threading.Event()
+
+    class BlackHoleFileSystem(MemoryFileSystem):
+        protocol = "blackhole"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            release.wait(60)  # a connect that never completes (bounded, so no thread outlives the session long)
+            super().__init__(*args, **kwargs)
+
+    fsspec.register_implementation("blackhole", BlackHoleFileSystem, clobber=True)
+    yield release
+    release.set()
+
+
+def test_opening_a_store_on_an_unanswering_backend_ends_within_the_deadline(
+    black_hole: str, blocking_protocol: threading.Event
+) -> None:
+    # fsspec's FTP backend connects in its constructor (ftplib waits for the server's greeting, 30 s by
+    # default); a backend of any kind that blocks there is bounded the same way.
+    ftp = black_hole.replace("http://", "ftp://") + "/run"
+    for url in (ftp, "blackhole://run"):
+        error = _fails_in_time(lambda url=url: CheckpointStore(url, retry=SHORT), SHORT.deadline_s)  # type: ignore[misc]
+        assert error.timed_out and error.operation == "opening" and url in str(error), url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("foo://run", "Protocol not known: foo"),
+        ("s3:/bucket/run", "needs '://' after its protocol"),
+        ("s3://", "must name a bucket or folder"),
+        ("", "a non-empty fsspec URL"),
+    ],
+    ids=["unknown-protocol", "one-slash", "no-bucket", "empty"],
+)
+def test_a_bad_url_is_a_usage_error_not_a_storage_failure(url: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        CheckpointStore(url)
+
+
+def test_the_cli_exits_2_on_an_unknown_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuguard.cli import main
+
+    assert main(["checkpoints", "list", "foo://run", "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "ConfigError" and "Protocol not known: foo" in report["error"]

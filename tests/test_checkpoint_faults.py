@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import traceback
 from typing import Any
 
+import aiohttp
 import pytest
 import torch
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from helpers.flaky_fs import FlakyFileSystem
 
 from gpuguard import CheckpointStore, RetryPolicy, StorageError
@@ -96,8 +98,9 @@ def test_a_failed_manifest_write_commits_nothing(flaky: CheckpointStore) -> None
     writes_per_save = FlakyFileSystem.writes
     # shard and state file go through; the manifest (the last write) fails for good
     FlakyFileSystem.failures[:] = [*[None] * (writes_per_save - 1), PermissionError(errno.EACCES, "denied")]
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=r"MANIFEST\.json.*denied") as failed:
         flaky.save({"w": torch.ones(2)}, step=2).wait()
+    assert not failed.value.transient  # a permission error is not retried
     assert [i.step for i in flaky.list()] == [1]
 
 
@@ -111,10 +114,22 @@ def test_a_failed_manifest_write_commits_nothing(flaky: CheckpointStore) -> None
         OSError(errno.EROFS, "Read-only file system"),
         OSError(errno.EIO, "I/O error"),
         s3_error(404, "NoSuchBucket"),
-        ValueError("a backend's own validation"),
-        RuntimeError("a backend bug"),
+        ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject"),
+        NoCredentialsError(),
+        aiohttp.InvalidURL("http://s3 .example"),
     ],
-    ids=["eacces", "enoent", "eisdir", "enotdir", "erofs", "eio", "s3-404", "value", "runtime"],
+    ids=[
+        "eacces",
+        "enoent",
+        "eisdir",
+        "enotdir",
+        "erofs",
+        "eio",
+        "s3-404",
+        "botocore-403",
+        "no-credentials",
+        "aiohttp",
+    ],
 )
 def test_every_storage_error_leaves_as_a_storage_error(flaky: CheckpointStore, failure: BaseException) -> None:
     FlakyFileSystem.failures[:] = [failure]
@@ -123,3 +138,41 @@ def test_every_storage_error_leaves_as_a_storage_error(flaky: CheckpointStore, f
     assert caught.value.__cause__ is failure
     assert caught.value.operation == "writing" and not caught.value.timed_out
     assert flaky.list() == [] and flaky.prune() == []
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        TypeError("write() argument must be bytes"),
+        AttributeError("'NoneType' has no attribute 'write'"),
+        ValueError("x"),
+    ],
+    ids=["type", "attribute", "value"],
+)
+def test_a_programming_error_is_not_a_storage_error(flaky: CheckpointStore, bug: BaseException) -> None:
+    # A bug (in a backend or in gpuguard) is neither retried nor dressed up as a storage failure: it
+    # surfaces as itself, with the traceback down to where it was raised, and the failed save leaves nothing.
+    FlakyFileSystem.failures[:] = [bug]
+    with pytest.raises(type(bug)) as caught:
+        flaky.save({"w": torch.ones(1)}, step=1).wait()
+    assert caught.value is bug and FlakyFileSystem.writes == 1  # one try: not retried
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert "_fail" in frames  # raised in the backend, and the traceback still says so
+    assert flaky.list() == [] and flaky.prune() == []
+
+
+def _raised_while_handling_a_timeout() -> IndexError:
+    """What s3fs 2026.9's _fetch_range raises on S3's 400 RequestTimeout: an IndexError, in the handler."""
+    try:
+        try:
+            raise TimeoutError("Your socket connection to the server was not read from or written to")
+        except TimeoutError:
+            raise IndexError("tuple index out of range")  # noqa: B904 - as s3fs does: the timeout is its context
+    except IndexError as error:
+        return error
+
+
+def test_an_error_raised_while_handling_a_storage_error_is_the_storage_s(flaky: CheckpointStore) -> None:
+    FlakyFileSystem.failures[:] = [_raised_while_handling_a_timeout()]
+    assert flaky.save({"w": torch.ones(1)}, step=1).wait() is not None  # transient, by its chain: retried
+    assert FlakyFileSystem.writes >= 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import pytest
 import torch
 
 from gpuguard import CheckpointStore
+from gpuguard.checkpoint._staging import StagingBuffer
 
 
 def model_with_buffers() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -54,13 +57,41 @@ def test_the_checkpoint_holds_the_state_of_the_save_not_of_later_steps(tmp_path:
     assert not torch.equal(expected["model"]["1.running_mean"], model.state_dict()["1.running_mean"])
 
 
-def test_the_optimizer_step_waits_only_while_a_copy_is_in_flight(tmp_path: Any) -> None:
+def test_the_optimizer_step_waits_only_while_a_copy_is_in_flight(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deferred copy is held until the test lets it finish (the one private seam here: without it,
+    # whether the copy is still running when step() is called would be a matter of timing).
+    release, order = threading.Event(), []
+    deferred = StagingBuffer.snapshot_deferred
+
+    def held(self: StagingBuffer, tensors: Any, later: Any) -> Any:
+        finish = deferred(self, tensors, later)
+
+        def when_released() -> None:
+            release.wait(60)
+            finish()
+            order.append("copy done")
+
+        return when_released
+
+    monkeypatch.setattr(StagingBuffer, "snapshot_deferred", held)
     model, optimizer = model_with_buffers()
     with CheckpointStore(str(tmp_path)) as store:
-        store.save({"model": model, "optimizer": optimizer}, step=1, overlap_with=[optimizer]).wait()
-        store.last_step_wait_s = 0.0
-        step(model, optimizer)  # no copy in flight: the hook returns at once
-        assert store.last_step_wait_s == 0.0
-        # registering again for the next save does not stack hooks
+        pending = store.save({"model": model, "optimizer": optimizer}, step=1, overlap_with=[optimizer])
+        optimizer.register_step_pre_hook(lambda *_: order.append("step proceeds"))  # runs after gpuguard's hook
+        store.last_step_wait_s = -1.0
+        stepping = threading.Thread(target=step, args=(model, optimizer))
+        stepping.start()
+        stepping.join(0.2)  # a step that did not wait would be done by now, on most machines
+        release.set()
+        stepping.join(60)
+        assert order == ["copy done", "step proceeds"]  # the step waited for the copy
+        assert store.last_step_wait_s > 0
+        assert pending.wait() is not None
+        store.last_step_wait_s = -1.0
+        step(model, optimizer)  # no copy in flight: the hook returns without waiting, and records no wait
+        assert store.last_step_wait_s == -1.0 and order[-1] == "step proceeds"
+        # registering again for the next save does not stack hooks: gpuguard's and the test's
         store.save({"model": model, "optimizer": optimizer}, step=2, overlap_with=[optimizer]).wait()
-        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        assert len(optimizer._optimizer_step_pre_hooks) == 2

@@ -15,6 +15,7 @@ from helpers.training import assert_same, fresh_like, make_state, train_step
 
 from gpuguard import (
     CheckpointCorruptError,
+    CheckpointExistsError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointStore,
@@ -118,13 +119,25 @@ def test_multi_rank_commit_waits_for_every_shard(store: CheckpointStore) -> None
     rank1_go.wait()
     assert store.latest() is None
     pending1 = store.save(states[1], step=50, rank=1, world_size=2, checkpoint_id=cid)
-    assert pending1.wait() is None  # rank 1 does not commit
+    # rank 1 does not commit, but its wait() returns only once it has read rank 0's manifest back
+    committed = pending1.wait(timeout=30)
     info = pending0.wait(timeout=30)
-    assert info is not None and info.world_size == 2
+    assert info.world_size == 2 and committed == info
     for r in range(2):
         target: dict[str, Any] = {"w": torch.zeros(8), "rank": None}
         store.load(target, rank=r, world_size=2)
         assert torch.equal(target["w"], torch.full((8,), float(r))) and target["rank"] == r
+
+
+def test_a_committed_checkpoint_is_never_overwritten(store: CheckpointStore) -> None:
+    """Ids derived from the step come back in a rerun: the second save is refused, the first stays whole."""
+    cid = "step-000000000070-0123abcd"
+    first = store.save({"w": torch.full((64,), 1.0)}, step=70, checkpoint_id=cid).wait(30)
+    with pytest.raises(CheckpointExistsError, match=f"checkpoint {cid} is already committed .*never overwritten"):
+        store.save({"w": torch.full((64,), 2.0)}, step=70, checkpoint_id=cid).wait(30)
+    assert [i.id for i in store.list()] == [first.id] and store.verify(cid).ok
+    target = {"w": torch.zeros(64)}
+    assert store.load(target) == 70 and torch.equal(target["w"], torch.full((64,), 1.0))
 
 
 def test_unsupported_state_is_refused_by_path(store: CheckpointStore) -> None:
@@ -158,7 +171,7 @@ def test_bad_keep_is_refused() -> None:
 def test_load_with_nothing_committed(store: CheckpointStore) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
         store.load({"w": torch.zeros(1)})
-    with pytest.raises(CheckpointNotFoundError):
+    with pytest.raises(CheckpointNotFoundError, match="step-000000000001-0123abcd"):
         store.load({"w": torch.zeros(1)}, "step-000000000001-0123abcd")
 
 
@@ -274,19 +287,3 @@ def test_s3_multipart_upload(s3_bucket: tuple[str, dict[str, Any]], monkeypatch:
         store.load(target)
         assert torch.equal(target["big"], state["big"])
         assert store.verify().ok
-
-
-def test_a_replicated_save_uses_the_buffer_prepared_for_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # A replicated save stages this rank's part of the state only: prepared with the same arguments,
-    # the buffer fits, and the save allocates nothing on the training thread.
-    from gpuguard.checkpoint._manifest import checkpoint_name
-
-    state = {"large": torch.zeros(4096), "small": torch.ones(16)}
-    with CheckpointStore(f"file://{tmp_path}") as store:
-        store.prepare(state, rank=1, world_size=2, replicated=True)
-        caplog.clear()
-        pending = store.save(
-            state, step=1, rank=1, world_size=2, replicated=True, checkpoint_id=checkpoint_name(1, "0123abcd")
-        )
-        assert pending.wait(timeout=30) is None  # rank 1 writes its part; rank 0 would commit
-    assert "no staging buffer was prepared" not in caplog.text

@@ -26,19 +26,60 @@ def _sample(dtype: torch.dtype) -> torch.Tensor | None:
             return None
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).removeprefix("torch.") for d in DTYPES])
-def test_every_dtype_is_stored_or_refused_by_path(dtype: torch.dtype) -> None:
+# The dtypes a checkpoint must bring back bit for bit: safetensors' own codes, plus gpuguard's codes
+# for complex128, complex32, the float8 fnuz variants and packed float4 (see checkpoint/_layout.py).
+MUST_ROUND_TRIP = frozenset(
+    {
+        "bool",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "complex32",
+        "complex64",
+        "complex128",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    }
+)
+# Refused by path before anything is written: sub-byte integers, raw bits and quantized tensors, whose
+# storage no checkpoint format describes.
+MUST_REFUSE = frozenset(
+    {*(f"int{n}" for n in range(1, 8)), *(f"uint{n}" for n in range(1, 8))}
+    | {"bits8", "bits16", "bits1x8", "bits2x4", "bits4x2"}
+    | {"qint8", "qint32", "quint8", "quint2x4", "quint4x2"}
+)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def test_every_torch_dtype_is_either_kept_or_refused() -> None:
+    # A dtype a new torch adds fails here until someone decides which list it belongs to.
+    assert not MUST_ROUND_TRIP & MUST_REFUSE
+    assert {_name(d) for d in DTYPES} == MUST_ROUND_TRIP | MUST_REFUSE
+
+
+@pytest.mark.parametrize("name", sorted(MUST_ROUND_TRIP))
+def test_a_dtype_comes_back_bit_for_bit(name: str) -> None:
+    dtype = getattr(torch, name)
     sample = _sample(dtype)
-    if sample is None:
-        pytest.skip(f"torch cannot create a {dtype} tensor")
-    with CheckpointStore(f"memory://dtype-{str(dtype).removeprefix('torch.')}") as store:
-        try:
-            pending = store.save({"model": {"w": sample}}, step=1)
-        except UnsupportedStateError as exc:
-            assert f"state['model']['w']: dtype {dtype} cannot be stored" in str(exc)
-            assert store.list() == [] and store.prune() == []
-            return
-        assert pending.wait() is not None
+    assert sample is not None, f"torch cannot make a {dtype} tensor any more"
+    with CheckpointStore(f"memory://dtype-{name}") as store:
+        assert store.save({"model": {"w": sample}}, step=1).wait() is not None
         target: dict[str, object] = {"model": None}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # ComplexHalf is "experimental"
@@ -46,6 +87,18 @@ def test_every_dtype_is_stored_or_refused_by_path(dtype: torch.dtype) -> None:
         loaded = target["model"]["w"]  # type: ignore[index]
         assert loaded.dtype == dtype and loaded.shape == sample.shape
         assert torch.equal(loaded.view(torch.uint8), sample.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(MUST_REFUSE))
+def test_a_dtype_no_checkpoint_can_hold_is_refused_by_path(name: str) -> None:
+    dtype = getattr(torch, name)
+    sample = _sample(dtype)
+    assert sample is not None
+    with CheckpointStore(f"memory://dtype-{name}") as store:
+        with pytest.raises(UnsupportedStateError) as refused:
+            store.save({"model": {"w": sample}}, step=1)
+        assert f"state['model']['w']: dtype {dtype} cannot be stored" in str(refused.value)
+        assert store.list() == [] and store.storage.list_dirs() == [] and store.prune() == []
 
 
 def test_a_meta_tensor_is_refused_and_leaves_nothing() -> None:

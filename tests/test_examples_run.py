@@ -45,11 +45,27 @@ def test_plain_loop(tmp_path: Path) -> None:
     assert "finished step 299" in out
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; the Lightning evacuate/resume path runs in tests/test_lightning.py in the main suite
 def test_lightning_example(tmp_path: Path) -> None:
     step, out = evacuate_then_resume([sys.executable, str(EXAMPLES / "lightning_example.py")], tmp_path)
     match = re.search(r"finished at global step (\d+) \(resumed from step-(\d+)-", out)
     assert match, out
     assert int(match.group(1)) == 4 * 32 and int(match.group(2)) == step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lightning_example_ddp_under_gpuguard_run(tmp_path: Path) -> None:
+    # The README's DDP command: the scenario's XID lands at a step (its clock driven by the steps), not
+    # after 2 s of a wall clock that a busy 2-core machine's 64 steps may never reach.
+    launcher = [sys.executable, "-m", "gpuguard.integrations.torchrun", "--standalone", "--nproc-per-node", "2"]
+    argv = [*launcher, str(EXAMPLES / "lightning_example.py"), "--scenario-seconds-per-step", "0.25"]
+    step, out = evacuate_then_resume(argv, tmp_path)
+    [info] = CheckpointStore(f"file://{tmp_path / 'ckpt'}").list()
+    assert info.world_size == 2 and 8 <= step < 64  # the XID at scenario second 2 is step 8
+    match = re.search(r"finished at global step (\d+) \(resumed from step-(\d+)-", out)
+    assert match, out
+    assert int(match.group(1)) == 4 * 16 and int(match.group(2)) == step
 
 
 @pytest.mark.slow

@@ -112,7 +112,10 @@ def test_yaml_scenarios_load(tmp_path: Path) -> None:
 def test_documented_field_names_all_load() -> None:
     for name in FIELD_NAMES:
         value: Any = ["hw_slowdown"] if name == "clock_events" else 1
-        load_scenario({"gpus": 1, "events": [{"at": 0, "gpu": 0, "field": name, "set": value}]})
+        (event,) = load_scenario({"gpus": 1, "events": [{"at": 0, "gpu": 0, "field": name, "set": value}]}).events
+        # the event keeps the signal's name and the value, a clock event list as its nvml.h bit mask
+        expected = pynvml.nvmlClocksEventReasonHwSlowdown if name == "clock_events" else 1
+        assert (event.field, event.set) == (name, expected), name
 
 
 BAD_SCENARIOS = [

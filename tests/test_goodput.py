@@ -116,3 +116,19 @@ def test_the_command_in_json_uses_the_given_costs(capsys: pytest.CaptureFixture[
 def test_the_command_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["goodput", "--detectable-share", "2", "--no-check"]) == 2
     assert "detectable_share" in capsys.readouterr().err
+
+
+def test_the_h200_costs_are_the_ones_measured() -> None:
+    # The provenance of goodput's default costs lives in the repository, and the constants match it.
+    from pathlib import Path
+
+    from gpuguard import goodput as g
+
+    measured = json.loads((Path(__file__).parent / "data" / "h200-checkpoint-baseline.json").read_text())
+    gib = measured["state_gib"]
+    assert (measured["device"], gib) == ("NVIDIA H200", 6.0)
+    assert measured["torch_save_s"] / gib == g.H200_TORCH_SAVE_S_PER_GIB
+    assert measured["torch_load_to_gpu_s"] / gib == g.H200_TORCH_LOAD_S_PER_GIB
+    assert measured["hardware_bound_sketch"]["stall_s"][0] / gib == g.H200_PINNED_COPY_S_PER_GIB
+    eight = measured["hardware_bound_sketch"]["write_8_threads_s"]
+    assert min(eight) <= g.H200_PARALLEL_WRITE_S_PER_GIB * gib <= max(eight)

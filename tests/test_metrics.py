@@ -48,7 +48,8 @@ def test_endpoint_follows_a_scenario(tmp_path: Path) -> None:
             "gpus": 1,
             "events": [
                 {"at": 0.0, "gpu": 0, "field": "temperature", "set": 41},
-                {"at": 10.0, "gpu": 0, "field": "ecc_dbe_volatile", "set": 2},
+                # 1, plus the one XID 48 brings (gpuguard/fakenvml/_effects.py): the gauge reads 2
+                {"at": 10.0, "gpu": 0, "field": "ecc_dbe_volatile", "set": 1},
                 {"at": 10.0, "gpu": 0, "xid": 48},
             ],
         }

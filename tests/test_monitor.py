@@ -45,11 +45,14 @@ def test_real_pynvml_without_a_driver_is_unknown_not_a_crash() -> None:
 def test_missing_nvml_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "gpuguard.health")
     for _ in range(3):
+        caplog.clear()
         monitor = HealthMonitor(FakeNvml.missing(), devices="all")
-        monitor.start()
+        monitor.start(threads=False)
+        for _ in range(5):  # polled again and again: still said once, and nothing raises
+            monitor.poll()
         monitor.stop()
-    # each monitor says it once; none of them raises
-    assert sum("NVML is not available" in r.getMessage() for r in caplog.records) == 3
+        said = [r.getMessage() for r in caplog.records if "NVML is not available" in r.getMessage()]
+        assert len(said) == 1, said  # once per monitor, whatever its polls
 
 
 def test_unsupported_signals_are_switched_off_and_reported_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -98,17 +101,16 @@ def test_threads_detect_an_injected_xid_quickly() -> None:
         if change.current.state is HealthState.FAILING:
             seen.set()
 
-    config = HealthConfig(poll_interval_s=1.0, event_wait_s=0.2)
+    # The poll's own timer never fires within the test: only the event thread can carry the XID (by
+    # construction, not by a latency that a loaded machine stretches).
+    config = HealthConfig(poll_interval_s=3600.0, event_wait_s=0.2)
     with HealthMonitor(fake, config, devices="all") as monitor:
         monitor.subscribe(on_change)
-        assert seen.wait(5.0)
-        latency = fake.clock() - 0.3
+        assert seen.wait(60.0)  # a hang guard
         names = {t.name for t in threading.enumerate()}
         assert {"gpuguard-nvml-poll", "gpuguard-nvml-events"} <= names
         assert monitor.snapshot().devices[1].state is HealthState.FAILING
         assert monitor.snapshot().devices[0].state is HealthState.HEALTHY
-    # The event thread, not the 1 s poll, carried it.
-    assert latency < 0.9
     assert not any(t.name.startswith("gpuguard-nvml") for t in threading.enumerate())
     assert changes[-1].current.index == 1
 
@@ -130,7 +132,8 @@ def test_a_failing_subscriber_does_not_stop_the_monitor(caplog: pytest.LogCaptur
     unsubscribe()
     play(monitor, 3)
     monitor.stop()
-    assert seen == [HealthState.FAILING]
+    # the XID 48 event, then the double-bit ECC count that comes with it: two changes of reasons
+    assert seen == [HealthState.FAILING, HealthState.FAILING]
     assert any("subscriber bug" in e for e in monitor.errors)
     assert monitor.snapshot().devices[0].state is HealthState.LOST
 

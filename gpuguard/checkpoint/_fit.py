@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gpuguard.checkpoint._optim_names import by_name, is_by_name, parameter_names
+from gpuguard.checkpoint._optim_names import misfits as optimizer_misfits
 from gpuguard.checkpoint._tree import RNG_KEY
 
 
@@ -21,6 +23,7 @@ def misfits(
 ) -> list[str]:
     """Every way the checkpoint (``tree`` over ``tensors``) does not fit ``state``; empty when it does."""
     problems: list[str] = []
+    names: dict[int, str] | None = None
     if strict:
         problems += [f"state[{k!r}]: the checkpoint has no entry for it" for k in state if k not in tree]
     for key, encoded in tree.items():
@@ -35,12 +38,29 @@ def misfits(
                     f"{where}: the live {type(live).__name__} loads a state dict; the checkpoint holds {_kind(encoded)}"
                 )
                 continue
-            _compare(
-                live.state_dict(), encoded["$stateful"], tensors, where, isinstance(live, torch.nn.Module), problems
-            )
+            saved = encoded["$stateful"]
+            live_state = live.state_dict()
+            if isinstance(live, torch.optim.Optimizer) and is_by_name(_plain_groups(saved)):
+                # Keyed by parameter name: groups are matched by the names they hold, in any order.
+                names = parameter_names(state) if names is None else names
+                problems += optimizer_misfits(live, _plain_groups(saved)["param_groups"], names, where)
+                live_state = {"state": by_name(live, live_state, names)["state"]}
+                saved = {"state": saved.get("state", {})} if isinstance(saved, dict) else saved
+            _compare(live_state, saved, tensors, where, isinstance(live, torch.nn.Module), problems)
         elif isinstance(live, torch.Tensor):
             _compare(live, encoded, tensors, where, True, problems)
     return problems
+
+
+def _plain_groups(encoded: Any) -> dict[str, Any]:
+    """An encoded optimizer state's ``param_groups`` as plain lists of parameter names (markers dropped)."""
+    if not isinstance(encoded, dict) or not isinstance(encoded.get("param_groups"), list):
+        return {}
+    groups = []
+    for group in encoded["param_groups"]:
+        params = group.get("params") if isinstance(group, dict) else None
+        groups.append({"params": params if isinstance(params, list) else []})
+    return {"param_groups": groups}
 
 
 def _compare(

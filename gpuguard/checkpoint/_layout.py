@@ -3,8 +3,11 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header (dtype, shape and byte
 offsets of every tensor), then the tensors' raw bytes back to back with no holes. gpuguard lays the
 staging buffer out exactly as that byte section, so writing a shard is the header plus slices of the
-buffer, with no serialisation step. Tensors are ordered by element size, largest first, so that with
-the header padded to 8 bytes every tensor starts aligned for zero-copy views.
+buffer, with no serialisation step. Tensors are ordered by element size, largest first, and the header
+is padded with spaces so that the byte section starts at a multiple of `DATA_ALIGNMENT` (64) bytes:
+every tensor then starts at a multiple of its element size from a 64-byte boundary, which is what its
+dtype's kernels need once the file is mapped or read into aligned memory (format 1 padded to 8 bytes:
+a complex128 tensor could land 8 bytes off its 16-byte alignment). docs/FORMAT.md is the specification.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ for _name, _code in (
 DTYPES_BY_CODE: Final[dict[str, torch.dtype]] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 MAX_HEADER_BYTES: Final = 100 * 1024 * 1024
+# Where the byte section starts, from the start of the file: a cache line, and a multiple of every
+# element size (16 at most, complex128).
+DATA_ALIGNMENT: Final = 64
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ def _plan(
             "data_offsets": [slot.start, slot.end],
         }
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the spec allows trailing spaces; they align the byte section
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)  # the spec allows trailing spaces; they align the data
     return ShardLayout(tuple(slots), struct.pack("<Q", len(raw)) + raw)
 
 
@@ -143,26 +149,6 @@ def parse_header(data: bytes | memoryview, *, where: str) -> tuple[int, dict[str
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{where}: header is not an object", shard=where)
     return 8 + length, header
-
-
-def view(data: memoryview | bytearray, base: int, header: dict[str, Any], name: str, *, where: str) -> torch.Tensor:
-    """A tensor over the bytes of ``name`` (no copy); checks dtype, shape and bounds."""
-    entry = header.get(name)
-    if not isinstance(entry, dict):
-        raise CheckpointCorruptError(f"{where}: tensor {name!r} is missing", shard=where, tensor=name)
-    try:
-        dtype = DTYPES_BY_CODE[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointCorruptError(
-            f"{where}: tensor {name!r} has a malformed entry", shard=where, tensor=name
-        ) from None
-    if end - start != _itemsize(dtype) * _numel(shape) or start < 0 or base + end > len(data):
-        raise CheckpointCorruptError(f"{where}: tensor {name!r} lies outside the file", shard=where, tensor=name)
-    if end == start:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=_numel(shape), offset=base + start).reshape(shape)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

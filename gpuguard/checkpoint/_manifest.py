@@ -7,12 +7,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from gpuguard._version import __version__
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.errors import CheckpointCorruptError
 
 FORMAT: Final = "gpuguard-checkpoint"
-FORMAT_VERSION: Final = 1
+# 2: the shard's byte section starts 64-byte aligned; the state file may describe shared storages.
+# Added fields do not change the version (readers ignore what they do not know); see docs/FORMAT.md.
+FORMAT_VERSION: Final = 2
+READABLE_VERSIONS: Final = (1, 2)  # format 1 is read into aligned memory, so its misaligned tensors load too
 MANIFEST: Final = "MANIFEST.json"
+# Written by the committing rank when a multi-rank commit fails, so the other ranks stop waiting at once.
+COMMIT_FAILED: Final = "COMMIT-FAILED.json"
 CHECKPOINT_DIR: Final = re.compile(r"^step-(\d{12})-([0-9a-f]{8,32})$")
 
 
@@ -95,6 +101,7 @@ class Manifest:
     shards: tuple[ShardRecord, ...]
     extra: dict[str, Any] = field(default_factory=dict)
     layout: str = "per_rank"  # or "replicated": the shards split one state between them
+    attempt: str = ""  # the save attempt whose files these are: a rank that did not commit checks it is its own
 
     @property
     def total_bytes(self) -> int:
@@ -116,6 +123,8 @@ class Manifest:
             "extra": self.extra,
             "layout": self.layout,
         }
+        if self.attempt:
+            body["attempt"] = self.attempt
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         # A self-checksum: on storage without atomic puts, a torn manifest must not read as valid.
         body["manifest_crc32c"] = f"{crc32c(canonical.encode()):08x}"
@@ -132,9 +141,11 @@ class Manifest:
             canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
             if f"{crc32c(canonical):08x}" != claimed:
                 raise ValueError("its checksum does not match its content")
-            if body["format"] != FORMAT or body["format_version"] != FORMAT_VERSION:
+            if body["format"] != FORMAT or body["format_version"] not in READABLE_VERSIONS:
+                readable = " or ".join(f"v{v}" for v in READABLE_VERSIONS)
                 raise ValueError(
-                    f"format {body['format']!r} v{body['format_version']} is not {FORMAT} v{FORMAT_VERSION}"
+                    f"format {body['format']!r} v{body['format_version']} is not {FORMAT} {readable} "
+                    f"(gpuguard {__version__} reads those; a newer gpuguard wrote this one?)"
                 )
             shards = tuple(ShardRecord.from_dict(s) for s in body["shards"])
             if sorted(s.rank for s in shards) != list(range(int(body["world_size"]))):
@@ -151,6 +162,7 @@ class Manifest:
                 shards=shards,
                 extra=dict(body.get("extra", {})),
                 layout=str(body.get("layout", "per_rank")),
+                attempt=str(body.get("attempt", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointCorruptError(f"{where}: not a valid manifest ({exc})", shard=MANIFEST) from None

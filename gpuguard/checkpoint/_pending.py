@@ -50,7 +50,7 @@ class CommitGate:
 
 
 class PendingSave:
-    """A save in flight. `wait` returns once it is durable and committed.
+    """A save in flight. `wait` returns once it is durable and committed, on every rank.
 
     The snapshot is already taken when you hold this: training may change its tensors freely.
     """
@@ -59,7 +59,7 @@ class PendingSave:
         self,
         checkpoint_id: str,
         step: int,
-        future: Future[CheckpointInfo | None],
+        future: Future[CheckpointInfo],
         stall_s: float,
         started: float,
         gate: CommitGate | None = None,
@@ -76,13 +76,20 @@ class PendingSave:
     def _mark(self) -> None:
         self._durable_at = time.perf_counter()
 
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until durable (and committed, unless another rank commits); re-raises the save's error.
+    def wait(self, timeout: float | None = None) -> CheckpointInfo:
+        """Block until the checkpoint is committed; re-raises the save's error.
+
+        On the committing rank (rank 0 of a multi-rank save), committed means it wrote the manifest;
+        on every other rank, that it read back the manifest of this very save (same attempt). A rank
+        whose committing rank failed, died or stalled never reports success: it raises `CommitError`.
 
         Returns:
-            The committed checkpoint, or None for a rank whose shard another rank commits.
+            The committed checkpoint.
         Raises:
             StorageError: the storage failed; the previous checkpoint is intact.
+            CommitError: a multi-rank save that the committing rank did not commit (failed, or no
+                manifest within ``commit_timeout_s``).
+            CheckpointExistsError: the id was already committed; nothing was written.
             TimeoutError: not done within ``timeout`` seconds.
         """
         return self._future.result(timeout)
@@ -92,6 +99,11 @@ class PendingSave:
 
     def abandon(self) -> bool:
         """Give up on this save: from now on it never commits, and its writer stops at its next part.
+
+        In a multi-rank save, the same on every rank: a rank other than the committing one takes part
+        in the commit by posting its record, which the committing rank needs before it commits. So a
+        save any rank abandoned in time never commits on any rank; once it is committing anywhere, no
+        rank's ``abandon()`` returns True.
 
         Returns:
             True when the save will not commit (it had not begun to); False when its commit had

@@ -5,7 +5,8 @@ the global tensor, from its mesh and placements), or the whole tensor for a plai
 are the saved chunks: the manifest's sharded chunks, or a plain tensor as one chunk covering it all.
 Each rank reads only the bytes of the chunks that overlap its target: the overlap is split into
 contiguous runs (row-major), the runs widened to the chunk's checksum blocks, and neighbouring blocks
-read as one ranged read; reads run in parallel, and every block is checked against its CRC-32C
+read as one ranged read, as are the ranges of chunks that follow one another in a file; reads run in
+parallel, and every block is checked against its CRC-32C
 before a byte of it is used. Nothing is unpickled. A plain tensor has one checksum (its own), so a
 rank that needs part of one (a single-process checkpoint loaded into a sharded model) reads it whole,
 verifies it, and keeps its part.
@@ -28,7 +29,8 @@ import torch
 from gpuguard.checkpoint import _layout
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import Manifest, ShardRecord
-from gpuguard.checkpoint._sharding import SavedChunk, is_dtensor, local_region
+from gpuguard.checkpoint._optim_names import parameter_names
+from gpuguard.checkpoint._sharding import NotABoxError, SavedChunk, is_dtensor, local_region, tiling_problems
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import flatten
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
@@ -77,6 +79,9 @@ def read_tensors(
     """
     saved_ws = manifest.world_size
     sharded = is_sharded(manifest)
+    tiling = tiling_problems(manifest.shards)  # chunks twice or missing: no placement could be right
+    if tiling:
+        raise CheckpointCorruptError(f"{manifest.id}: {tiling[0]}", shard=tiling[0].shard, tensor=tiling[0].tensor)
     if rank >= saved_ws and not sharded and saved_ws != 1:
         raise CheckpointError(f"{manifest.id} was saved by {saved_ws} rank(s); there is no rank {rank}")
     source = manifest.shards[rank % saved_ws]
@@ -188,22 +193,35 @@ def _target(name: str, pieces: list[SavedChunk], live: Mapping[str, torch.Tensor
         if coordinate is None:
             offsets, sizes = (0,) * len(global_shape), (0,) * len(global_shape)
         else:
-            offsets, sizes = local_region(global_shape, tuple(mesh.shape), coordinate, current.placements)
+            try:
+                offsets, sizes = local_region(global_shape, tuple(mesh.shape), coordinate, current.placements)
+            except NotABoxError as exc:
+                raise UnsupportedStateError(
+                    f"tensor {name!r}: the live placements {tuple(current.placements)} give this rank a piece "
+                    f"that is not a box of {global_shape} ({exc})"
+                ) from None
         return _Target(name, global_shape, offsets, sizes, dtensor=current)
     return _Target(name, global_shape, (0,) * len(global_shape), global_shape)
 
 
 def _optimizer_param(name: str, state: Mapping[str, Any]) -> Any:
-    """A fresh optimizer has no state yet: its state ``<key>/state/<i>/...`` is sharded like parameter i."""
+    """A fresh optimizer has no state yet: its state ``<key>/state/<i or name>/...`` is sharded like that parameter."""
     parts = name.split("/")
-    if len(parts) < 4 or parts[1] != "state" or not parts[2].isdigit():
+    if len(parts) < 4 or parts[1] != "state":
         return None
-    optimizer = state.get(parts[0].replace("~1", "/").replace("~0", "~"))
+    optimizer = state.get(_unescape(parts[0]))
     if not isinstance(optimizer, torch.optim.Optimizer):
         return None
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not parts[2].isdigit():  # keyed by parameter name (see _optim_names)
+        wanted = _unescape(parts[2])
+        return next((p for p in params if parameter_names(state).get(id(p)) == wanted), None)
     index = int(parts[2])
     return params[index] if index < len(params) else None
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def _fill(
@@ -221,10 +239,9 @@ def _fill(
             runs = _runs(chunk, target)
             if runs:
                 plans.append((target, chunk, _block_ranges(chunk, runs), runs))
-    reads: list[Future[None]] = []
+    parts: list[_Part] = []
     buffers: list[list[tuple[int, bytearray]]] = []
     for _, chunk, ranges, _ in plans:
-        path = storage.path(checkpoint, chunk.file)
         # Long ranges are read in block-aligned parts, in parallel (S3 serves each GET at its own pace).
         part = max(1, PART_BYTES // chunk.block_bytes) * chunk.block_bytes
         pieces = []
@@ -233,10 +250,13 @@ def _fill(
             pieces.append((start, buffer))
             for a in range(start, end, part):
                 b = min(end, a + part)
-                into = memoryview(buffer)[a - start : b - start]
-                reads.append(storage.submit(_read_verified, storage, checkpoint, chunk, path, a, b, into))
-                stats.reads += 1
+                parts.append(_Part(chunk, a, b, memoryview(buffer)[a - start : b - start]))
         buffers.append(pieces)
+    reads: list[Future[None]] = []
+    for batch in _batches(parts):
+        path = storage.path(checkpoint, batch[0].chunk.file)
+        reads.append(storage.submit(_read_verified, storage, checkpoint, path, batch))
+        stats.reads += 1
     for future in reads:
         future.result()
     for (target, chunk, _, runs), pieces in zip(plans, buffers, strict=True):
@@ -302,33 +322,72 @@ def _block_ranges(chunk: SavedChunk, runs: list[tuple[tuple[Any, ...], int, int]
     return ranges
 
 
-def _read_verified(
-    storage: Storage, checkpoint: str, chunk: SavedChunk, path: str, start: int, end: int, into: memoryview
-) -> None:
-    """Read chunk bytes [start, end) (block-aligned) into ``into``, checking each block's CRC-32C first."""
-    a, b = chunk.file_offset + start, chunk.file_offset + end
+@dataclass(frozen=True)
+class _Part:
+    """Bytes [start, end) of a chunk (block-aligned), bound for ``into``."""
+
+    chunk: SavedChunk
+    start: int
+    end: int
+    into: memoryview
+
+    @property
+    def file_start(self) -> int:
+        return self.chunk.file_offset + self.start
+
+    @property
+    def file_end(self) -> int:
+        return self.chunk.file_offset + self.end
+
+
+def _batches(parts: list[_Part]) -> list[list[_Part]]:
+    """Read tasks: parts that follow one another in one file (the small chunks of several tensors a rank
+    needs whole, say), up to `PART_BYTES` a task, read in one ranged read (one GET on object stores)
+    instead of one each; any other part is a task of its own."""
+    batches: list[list[_Part]] = []
+    size = 0
+    for part in sorted(parts, key=lambda p: (p.chunk.file, p.file_start)):
+        last = batches[-1][-1] if batches else None
+        n = part.end - part.start
+        follows = last is not None and last.chunk.file == part.chunk.file and last.file_end == part.file_start
+        if follows and size + n <= PART_BYTES:
+            batches[-1].append(part)
+            size += n
+        else:
+            batches.append([part])
+            size = n
+    return batches
+
+
+def _read_verified(storage: Storage, checkpoint: str, path: str, batch: list[_Part]) -> None:
+    """Read a batch's bytes in one ranged read, check every block's CRC-32C, then fill each part's buffer."""
+    file = batch[0].chunk.file
+    a, b = batch[0].file_start, batch[-1].file_end
     try:
-        data = bytearray(storage.call("reading", path, lambda: storage.fs.cat_file(path, start=a, end=b)))
+        data = memoryview(storage.call("reading", path, lambda: storage.fs.cat_file(path, start=a, end=b)))
     except FileNotFoundError:
-        raise CheckpointCorruptError(f"{checkpoint}/{chunk.file}: missing", shard=chunk.file) from None
-    if len(data) != end - start:
-        raise CheckpointCorruptError(
-            f"{checkpoint}/{chunk.file}: short read of tensor {chunk.name!r} ({len(data)} of {end - start} bytes)",
-            shard=chunk.file,
-            tensor=chunk.name,
-        )
-    view = memoryview(data)
-    for block in range(start // chunk.block_bytes, -(-end // chunk.block_bytes)):
-        lo = block * chunk.block_bytes - start
-        got = crc32c(view[lo : min(lo + chunk.block_bytes, len(data))])
-        if got != chunk.blocks[block]:
+        raise CheckpointCorruptError(f"{checkpoint}/{file}: missing", shard=file) from None
+    for part in batch:
+        chunk, start, end = part.chunk, part.start, part.end
+        view = data[part.file_start - a : part.file_end - a]
+        if len(view) != end - start:
             raise CheckpointCorruptError(
-                f"{checkpoint}/{chunk.file}: tensor {chunk.name!r} fails its checksum in block {block} "
-                f"(crc32c {got:08x}, expected {chunk.blocks[block]:08x})",
-                shard=chunk.file,
+                f"{checkpoint}/{file}: short read of tensor {chunk.name!r} ({len(view)} of {end - start} bytes)",
+                shard=file,
                 tensor=chunk.name,
             )
-    into[:] = view
+        for block in range(start // chunk.block_bytes, -(-end // chunk.block_bytes)):
+            lo = block * chunk.block_bytes - start
+            got = crc32c(view[lo : min(lo + chunk.block_bytes, len(view))])
+            if got != chunk.blocks[block]:
+                raise CheckpointCorruptError(
+                    f"{checkpoint}/{file}: tensor {chunk.name!r} fails its checksum in block {block} "
+                    f"(crc32c {got:08x}, expected {chunk.blocks[block]:08x})",
+                    shard=file,
+                    tensor=chunk.name,
+                )
+    for part in batch:  # every block of the batch verified
+        part.into[:] = data[part.file_start - a : part.file_end - a]
 
 
 def _copy_runs(

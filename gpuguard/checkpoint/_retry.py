@@ -9,9 +9,11 @@ connection and never answers cannot hold a save, a load or an evacuation past it
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import math
 import random
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -54,6 +56,46 @@ _TRANSIENT_NAMES: Final = frozenset(
 )
 
 
+# The roots of what storage backends raise, by module: resolved only when the module is already
+# imported (a backend that is not loaded raised nothing), so no backend is imported here. OSError covers
+# fsspec's local and memory filesystems and s3fs, which turns botocore's ClientError into OSError
+# subclasses (s3fs.errors.translate_boto_error); the rest reach us untranslated from some calls.
+_BACKEND_ERROR_ROOTS: Final = (
+    ("botocore.exceptions", "BotoCoreError"),  # connection, timeout, credentials, parameter validation
+    ("botocore.exceptions", "ClientError"),  # an S3 error response s3fs did not translate
+    ("aiohttp", "ClientError"),  # s3fs's and gcsfs's HTTP transport
+    ("gcsfs.retry", "HttpError"),
+    ("google.auth.exceptions", "GoogleAuthError"),
+    ("azure.core.exceptions", "AzureError"),  # adlfs
+)
+
+
+def backend_errors() -> tuple[type[BaseException], ...]:
+    """What a storage operation may raise for a storage reason; anything else is a bug, and keeps its
+    traceback (a TypeError in a backend or in gpuguard is not a storage failure to retry or report)."""
+    found: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
+    for module, name in _BACKEND_ERROR_ROOTS:
+        root = getattr(sys.modules.get(module), name, None)
+        if isinstance(root, type) and issubclass(root, BaseException):
+            found.append(root)
+    return tuple(found)
+
+
+def from_backend(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage failure: a backend error, or one raised while handling one (s3fs
+    2026.9's ``_fetch_range`` raises IndexError reading the args of a one-argument TimeoutError that it
+    made of S3's 400 RequestTimeout: the storage failed, and the chain says so)."""
+    roots = backend_errors()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, roots):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying: timeouts, dropped connections, 5xx and throttling."""
     seen: set[int] = set()
@@ -86,6 +128,7 @@ class RetryPolicy:
     Args:
         attempts: tries per operation, the first included.
         base_delay_s: the first backoff; doubles at each retry, up to ``max_delay_s``, with jitter.
+        max_delay_s: the longest backoff between two tries.
         deadline_s: every operation (connect, list, read, write), its retries included, ends by then.
         attempt_timeout_s: the connect and read timeout given to the backend for one try.
         min_bytes_per_s: an operation that moves data gets ``bytes / min_bytes_per_s`` more seconds.

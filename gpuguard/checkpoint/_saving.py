@@ -21,6 +21,7 @@ from gpuguard._version import __version__
 from gpuguard.checkpoint import _layout, _sharding
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import CheckpointInfo
+from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._committing import Committer
 from gpuguard.checkpoint._crc import crc32c, crc32c_combine
 from gpuguard.checkpoint._manifest import (
@@ -33,10 +34,11 @@ from gpuguard.checkpoint._manifest import (
 )
 from gpuguard.checkpoint._owners import owned_by, partition
 from gpuguard.checkpoint._pending import CommitGate, PendingSave
+from gpuguard.checkpoint._pruning import collect_dead
 from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
-from gpuguard.errors import CheckpointCorruptError, CheckpointError, ConfigError, StorageError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError, ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -59,6 +61,22 @@ class Saver:
         self._deferred = threading.Condition()
         self._deferred_in_flight = 0
         self.last_step_wait_s = 0.0
+        # Who writes which DTensor chunk, by every rank's fingerprint of what it holds (see `_agree`).
+        self._writers: dict[tuple[int, ...], set[str]] = {}
+        self.prepared_bytes = 0
+        self._collected = False  # dead writers' leftovers, looked for once, before the first save
+
+    def _collect_dead(self) -> None:
+        """At this store's first save: what writers that died here left (a crash loop's leftovers)."""
+        try:
+            collect_dead(self.committer.catalog, self.in_flight)
+        except Exception as exc:  # housekeeping: the save goes on, a later prune tries again
+            log.warning("could not collect the leftovers of dead writers: %s", exc)
+
+    @property
+    def staging(self) -> StagingPool:
+        """The staging buffers (a load borrows a free one to read into)."""
+        return self._staging
 
     def in_flight(self) -> set[str]:
         with self._lock:
@@ -67,47 +85,84 @@ class Saver:
     def close(self) -> None:
         self._saver.shutdown(wait=True)
 
-    def prepare(
-        self,
-        state: Mapping[str, Any],
-        *,
-        rng: bool = True,
-        rank: int | None = None,
-        world_size: int = 1,
-        replicated: bool = False,
-    ) -> float:
+    def prepare(self, state: Mapping[str, Any], *, rng: bool = True, background: bool = False) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
-        Returns the seconds it took. See `plan_staging` to allocate it on another thread.
+        See `CheckpointStore.prepare`, the documented API. Returns the seconds it took (with
+        ``background``, the seconds the calling thread spent: the allocation goes on in a thread).
         """
-        return self.plan_staging(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)()
-
-    def plan_staging(
-        self,
-        state: Mapping[str, Any],
-        *,
-        rng: bool = True,
-        rank: int | None = None,
-        world_size: int = 1,
-        replicated: bool = False,
-    ) -> Callable[[], float]:
-        """Plan the staging buffer a save of ``state`` (with these arguments) will use; returns its allocation.
-
-        Planning walks the state (``state_dict()``: a framework's hooks run), so it runs on the training
-        thread; the returned allocation touches none of the state's objects and may run on any thread.
-        """
-        flat = flatten(state, rng=rng)
-        rank = process_rank() if rank is None else rank
-        # As `save` does: sharded state is not replicated; DTensors become this rank's chunks (refused
-        # early if unplaceable); a replicated state is this rank's part of it.
-        if replicated and _sharding.holds_dtensors(flat):
-            replicated = False
-        _sharding.localize(flat, rank)
-        if replicated and world_size > 1:
-            flat.tensors = partition(flat.tensors, rank, world_size)
-        layout = _layout.plan([(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()])
+        started = time.perf_counter()
+        flat = flatten(state, rng=rng)  # state_dict() runs here, on the calling thread
+        rank = process_rank()
+        # With DTensors, the ranks agree on who writes what (a collective): decided on holding DTensors at
+        # all, never on holding non-empty pieces, which differs between ranks (small tensors, many ranks).
+        sharded = _sharding.holds_dtensors(flat)
+        specs = _sharding.chunk_specs(flat, rank)  # DTensors → their pieces (refused early if unplaceable)
+        _, writes = self._agree(specs, rank, process_world_size(), None, sharded=sharded, collective=sharded)
+        _sharding.localize(flat, specs, writes)
+        # The same metadata as a save's, so that the save finds this very layout.
+        layout = _layout.plan(
+            [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
+            metadata={"format": "pt", "gpuguard": __version__},
+        )
+        self.prepared_bytes = layout.data_bytes  # for estimating a save's time (the guard's deadline check)
         pin = _wants_pinned(flat)
-        return lambda: self._staging.prepare(layout, pin=pin).alloc_s
+        if not background:
+            return self._staging.prepare(layout, pin=pin).alloc_s
+        threading.Thread(target=self._prepare_quietly, args=(layout, pin), name="gpuguard-prepare", daemon=True).start()
+        return time.perf_counter() - started
+
+    def _prepare_quietly(self, layout: _layout.ShardLayout, pin: bool) -> None:
+        try:
+            self._staging.prepare(layout, pin=pin)
+        except Exception as exc:  # the first save allocates instead; training goes on
+            log.warning("could not prepare the staging buffer: %s", exc)
+
+    def _agree(
+        self,
+        specs: Mapping[str, tuple[_sharding.ChunkSpec, torch.Tensor]],
+        rank: int,
+        world_size: int,
+        attempt: str | None,
+        *,
+        sharded: bool,
+        collective: bool = True,
+    ) -> tuple[str, set[str]]:
+        """The save's attempt token and the DTensor chunks this rank writes, the same answer on every rank.
+
+        In a process group of ``world_size`` ranks, one small collective: every rank sends a fresh
+        token and a fingerprint of the pieces it holds. Rank 0's token binds the save (unique to this
+        launch and this save, so a crashed attempt's records are never committed under a reused id).
+        When the fingerprints are new, a second collective gathers every rank's pieces, and each
+        distinct chunk gets one writer (`_sharding.assign_writers`); the answer is kept for the next
+        saves of the same layout. Without a process group: the default token, and this rank writes
+        every piece it holds.
+        """
+        group = default_group(world_size) if world_size > 1 else None
+        if sharded:
+            import torch.distributed as dist
+
+            live = dist.get_world_size() if dist.is_initialized() else 1
+            if live != world_size:
+                raise ConfigError(
+                    "world_size",
+                    world_size,
+                    f"must be the process group's size, {live}: the state holds DTensors, whose chunks every rank "
+                    "of the group writes",
+                )
+        if group is None or group.size == 1 or not collective:
+            return (default_attempt() if attempt is None else attempt), set(specs)
+        held = _sharding.held(specs)
+        # One collective of two int64 per rank in the steady state (it synchronises the ranks, like any).
+        first = group.all_gather_ints([secrets.randbits(63), _sharding.fingerprint(held)])
+        key = tuple(fingerprint for _, fingerprint in first)
+        writes = self._writers.get(key)
+        if writes is None:
+            writes = _sharding.assign_writers(group.all_gather(held))[group.rank]
+            if len(self._writers) > 8:  # layouts change rarely; keep the cache small
+                self._writers.clear()
+            self._writers[key] = writes
+        return (f"{first[0][0]:016x}" if attempt is None else attempt), writes
 
     def save(
         self,
@@ -131,13 +186,17 @@ class Saver:
         _check_args(step, reason, rank, world_size, checkpoint_id)
         name = checkpoint_id or checkpoint_name(step, secrets.token_hex(4))
         flat = flatten(state, rng=rng)
-        tree = json.dumps({"tree": flat.tree, "devices": flat.devices}).encode()
+        doc = {"tree": flat.tree, "devices": flat.devices} | ({"storages": flat.storages} if flat.storages else {})
+        tree = json.dumps(doc).encode()
         # Sharded state is not replicated: its chunks are split by their own placements, and every rank
         # keeps its plain tensors. Each DTensor becomes the chunk this rank writes.
-        if replicated and _sharding.holds_dtensors(flat):
+        sharded = _sharding.holds_dtensors(flat)
+        if replicated and sharded:
             log.info("replicated=True ignored: the state holds DTensors, whose placements say who writes what")
             replicated = False
-        chunks = _sharding.localize(flat, rank)
+        specs = _sharding.chunk_specs(flat, rank)
+        attempt, writes = self._agree(specs, rank, world_size, attempt, sharded=sharded)
+        chunks = _sharding.localize(flat, specs, writes)
         if replicated and world_size > 1:
             flat.tensors = partition(flat.tensors, rank, world_size)
         layout = _layout.plan(
@@ -155,7 +214,7 @@ class Saver:
             "extra": dict(extra or {}),
             "layout": "replicated" if replicated and world_size > 1 else "per_rank",
             "commit_timeout_s": commit_timeout_s,
-            "attempt": default_attempt() if attempt is None else attempt,
+            "attempt": attempt,
             "chunks": chunks,
         }
         later = owned_by(overlap_with, flat.tensors) if overlap_with else set()
@@ -227,20 +286,22 @@ class Saver:
         readiness: Readiness,
         tree: bytes,
         meta: dict[str, Any],
-    ) -> CheckpointInfo | None:
+    ) -> CheckpointInfo:
         lease: leases.Lease | None = None
+        posted = False  # once this rank's record is out, its files belong to the committing rank
+        started = time.monotonic()
         try:
             try:
                 if meta["after_snapshot"]:
                     readiness.wait(readiness.total)  # raises the snapshot's error, if it failed
-                # The lease is the first write: from here on, no pruner anywhere collects this folder.
-                lease = leases.take(
-                    self.storage,
-                    name,
-                    rank=rank,
-                    attempt=meta["attempt"],
-                    lease_s=self.lease_s + meta["commit_timeout_s"],
-                )
+                if not self._collected and rank == 0:  # beside this save, never holding it up
+                    self._collected = True
+                    threading.Thread(target=self._collect_dead, name="gpuguard-ckpt-collect", daemon=True).start()
+                # A committed checkpoint is immutable: refused before a single byte goes into its folder.
+                self.committer.refuse_committed(name)
+                # The lease is the first write: from here on, no pruner anywhere collects this folder. Its
+                # heartbeat renews it until the save ends, however long the writes and the commit wait take.
+                lease = leases.take(self.storage, name, rank=rank, attempt=meta["attempt"], lease_s=self.lease_s)
                 blocks = None
                 if meta["chunks"]:  # per-block checksums of DTensor chunks, computed beside the writes
                     args = (buffer.layout, buffer.memoryview(), readiness, list(meta["chunks"]), _sharding.BLOCK_BYTES)
@@ -258,12 +319,19 @@ class Saver:
             if world_size == 1:
                 _enter(meta["gate"], name)
                 return self.committer.commit(name, step, 1, {0: record}, meta, lease=lease)
+            if rank != 0:
+                # This rank's record is its part of the commit: the committing rank commits only with every
+                # rank's record. So a save abandoned here never commits on any rank (its record never comes),
+                # and once the record is out, `abandon()` says the commit has begun and `wait()` tells how it
+                # ended (the committing rank's own gate, or its failure note, decides).
+                _enter(meta["gate"], name)
             done = {"attempt": meta["attempt"], "record": record.to_dict()}
             self.storage.put_atomic(
                 self.storage.path(name, shard_record_file(rank, world_size)),
                 json.dumps(done).encode(),
                 create_folder=False,
             )
+            posted = True
             if rank == 0:
                 return self.committer.gather(
                     name,
@@ -278,18 +346,38 @@ class Saver:
                     lease=lease,
                     gate=meta["gate"],
                 )
-            return None
+            # Success here means committed: the manifest of this very save is there to read. The
+            # committing rank may be as slow to write its own files as this one was: it gets that long
+            # on top of the commit timeout (and at least one storage deadline to put the manifest).
+            took = time.monotonic() - started
+            return self.committer.wait_committed(
+                name,
+                attempt=meta["attempt"],
+                timeout_s=meta["commit_timeout_s"] + max(took, self.storage.retry.deadline_s),
+                world_size=world_size,
+            )
         except BaseException as exc:
-            self._abort(name, rank, world_size, lease, exc)
+            if rank == 0 and world_size > 1 and not isinstance(exc, CheckpointExistsError):
+                self.committer.note_failure(name, meta["attempt"], exc)  # the other ranks stop waiting
+            if not (posted and rank != 0):
+                self._abort(name, rank, world_size, lease, exc)
             raise
+        finally:
+            # Committed (the commit released the leases), aborted, or this rank's part is done and rank 0
+            # commits: the folder is rank 0's to keep alive now. Its lease file expires if nobody releases it.
+            leases.stop(lease)
 
     def _abort(self, name: str, rank: int, world_size: int, lease: leases.Lease | None, exc: BaseException) -> None:
         """Best effort, at once: remove what this failed save wrote, so that a full disk frees up.
 
         Skipped when the storage did not answer or kept failing transiently (cleaning would wait out
         another deadline, so ``wait()`` would end past one); the leftover's lease then expires and
-        any prune collects it.
+        any prune collects it. Never done for a save refused because its id is committed: the files
+        there are the committed checkpoint's. A rank other than the committing one keeps its files
+        once its record is out (the commit may still happen), so this is not called then.
         """
+        if isinstance(exc, CheckpointExistsError):
+            return
         if isinstance(exc, StorageError) and (exc.timed_out or exc.transient):
             log.warning("save %s failed (%s); its files stay until a prune collects them", name, exc)
             return

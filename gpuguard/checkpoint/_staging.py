@@ -279,6 +279,25 @@ class StagingPool:
                     raise TimeoutError("every staging buffer is still being written")
                 self._cond.wait(left)
 
+    def lend(self, nbytes: int) -> StagingBuffer | None:
+        """A free host buffer of at least ``nbytes``, whatever its layout, or None; `release` it after.
+
+        A load reads into it: its pages were touched when it was prepared, so the read runs at the
+        speed of memory already mapped, not of fresh pages faulted in one by one.
+        """
+        with self._cond:
+            for buffer in sorted(self._buffers, key=lambda b: b.layout.data_bytes):
+                if not buffer.in_use and buffer.layout.data_bytes >= nbytes:
+                    buffer.in_use = True
+                    return buffer
+        return None
+
+    def discard(self, buffer: StagingBuffer) -> None:
+        """Forget a buffer that must not be reused (a read that timed out may still write into it)."""
+        with self._cond:
+            self._buffers = [b for b in self._buffers if b is not buffer]
+            self._cond.notify_all()
+
     def release(self, buffer: StagingBuffer) -> None:
         with self._cond:
             buffer.in_use = False

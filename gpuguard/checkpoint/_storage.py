@@ -10,19 +10,20 @@ local disks, a single PUT on object stores.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
 
-from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, is_transient, run_bounded
-from gpuguard.errors import StorageError
+from gpuguard.checkpoint._crc import crc32c
+from gpuguard.checkpoint._retry import DeadlineExceeded, RetryPolicy, from_backend, is_transient, run_bounded
+from gpuguard.errors import ConfigError, StorageError
 
 log = logging.getLogger("gpuguard.checkpoint")
 T = TypeVar("T")
@@ -55,13 +56,23 @@ class Storage:
         io_threads: int = 8,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        options = self.retry.backend_options(protocol, storage_options or {})
-        try:
-            self.fs, root = fsspec.core.url_to_fs(url, **options)
-        except (ImportError, ValueError, TypeError) as exc:
-            raise StorageError(f"cannot open {url!r}: {exc}", path=url, operation="opening") from exc
         self.url = url
+        protocol = _check_url(url)
+        options = self.retry.backend_options(protocol, storage_options or {})
+
+        def open_fs() -> tuple[Any, str]:
+            try:
+                return fsspec.core.url_to_fs(url, **options)  # type: ignore[no-any-return]
+            except ImportError as exc:  # the backend's package is not installed
+                raise ConfigError("url", url, f"its backend is not installed ({exc})") from exc
+            except ValueError as exc:  # fsspec: "Protocol not known: foo"; a backend refusing its arguments
+                raise ConfigError("url", url, f"{exc}; known protocols: {_known_protocols()}") from exc
+            except TypeError as exc:  # an option the backend's constructor does not take
+                raise ConfigError("storage_options", storage_options, f"{protocol}: {exc}") from exc
+
+        # Some backends connect in their constructor (FTP, SFTP, SMB, HDFS): opening is a storage call
+        # like any other, under the same deadline, retried when the error is transient.
+        self.fs, root = self.call("opening", url, open_fs)
         self.root = root.rstrip("/")
         protocol = self.fs.protocol
         self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
@@ -102,7 +113,8 @@ class Storage:
             deadline_s: instead of the policy's.
 
         Raises:
-            StorageError: naming the URL, the operation, the path and how long it tried.
+            StorageError: naming the URL, the operation, the path and how long it tried, for what storage
+                backends raise (`from_backend`); anything else (a bug) goes through untouched.
         """
         budget = deadline_s if deadline_s is not None else self.retry.deadline_for(nbytes)
         started = time.monotonic()
@@ -115,7 +127,7 @@ class Storage:
                 if remaining <= 0:
                     raise DeadlineExceeded(budget)
                 return run_bounded(fn, remaining, f"gpuguard-storage-{what.split(maxsplit=1)[0]}")
-            except StorageError:
+            except (StorageError, ConfigError):  # already ours: a usage error is neither retried nor wrapped
                 raise
             except FileNotFoundError as exc:
                 if missing_ok:
@@ -126,6 +138,8 @@ class Storage:
                     what, path, f"no answer within the {budget:.1f}s deadline", exc, started, attempts, timed_out=True
                 ) from None
             except Exception as exc:
+                if not from_backend(exc):
+                    raise  # a bug, not a storage failure: it keeps its type and its traceback
                 transient = is_transient(exc)
                 delay = next(delays, None) if transient else None
                 remaining = budget - (time.monotonic() - started)
@@ -165,25 +179,50 @@ class Storage:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def read(self, path: str, nbytes: int = 0) -> bytearray:
-        """A whole file into a writable buffer (tensors are viewed over it without another copy).
+    def read_range(self, path: str, start: int, end: int, into: memoryview | None, crc: int = 0) -> tuple[int, int]:
+        """Bytes [start, end) of a file into ``into`` (only checksummed when None).
 
-        ``nbytes``, the size expected, extends the deadline; ``FileNotFoundError`` when it is absent.
+        Returns (bytes read, their CRC-32C continued from ``crc``); fewer bytes than asked means the
+        file is shorter. ``FileNotFoundError`` when it is absent. See `read_segments`.
         """
+        return self.read_segments(path, [(start, end, into)], crc)[0]
 
-        def read() -> bytearray:
-            size = int(self.fs.size(path))
-            buf = bytearray(size)
-            with self.fs.open(path, "rb") as f:
-                view, got = memoryview(buf), 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise OSError(errno.EIO, f"short read: {got} of {size} bytes")
-                    got += n
-            return buf
+    def read_segments(
+        self, path: str, segments: Sequence[tuple[int, int, memoryview | None]], crc: int = 0
+    ) -> list[tuple[int, int]]:
+        """Consecutive byte ranges of a file, each into its own buffer (or only checksummed), in one call.
 
-        return self.call("reading", path, read, nbytes=nbytes, missing_ok=True)
+        ``segments`` are (start, end, into) with each start the previous end. Returns, per segment,
+        (bytes read, CRC-32C; the first continued from ``crc``). A local file is read with ``os.preadv``
+        straight into each buffer, in pieces of `READ_PIECE_BYTES` that are checksummed while they are
+        still in the CPU's cache; other backends answer one ranged read (one GET on object stores) that
+        is split between the buffers. ``FileNotFoundError`` when the file is absent.
+        """
+        first, last = segments[0][0], segments[-1][1]
+        if self.is_local:
+
+            def read() -> list[tuple[int, int]]:
+                out, value = [], crc
+                for start, end, into in segments:
+                    got, value = _pread_checksummed(path, start, end, into, value)
+                    out.append((got, value))
+                    value = 0
+                return out
+
+        else:
+
+            def read() -> list[tuple[int, int]]:
+                data = memoryview(self.fs.cat_file(path, start=first, end=last))
+                out, value = [], crc
+                for start, end, into in segments:
+                    piece = data[start - first : end - first]
+                    if into is not None:
+                        into[: len(piece)] = piece
+                    out.append((len(piece), crc32c(piece, value)))
+                    value = 0
+                return out
+
+        return self.call("reading", path, read, nbytes=last - first, missing_ok=True)
 
     def cat(self, path: str) -> bytes:
         """A small file's bytes; ``FileNotFoundError`` when it is absent."""
@@ -249,6 +288,39 @@ class Storage:
                 f"listing {self.url}: the container {container!r} does not exist", path=container, operation="listing"
             )
 
+    def list_uploads(self) -> list[tuple[str, str]]:
+        """Incomplete multipart uploads under the root, as (path under the root, upload id); S3 only.
+
+        A writer killed mid-upload leaves its parts on S3, invisible to listings and billed until the
+        upload is aborted. Other object stores expire theirs (GCS resumable sessions after a week).
+        """
+        if not self.is_s3:
+            return []
+        bucket, key, _ = self.fs.split_path(self.root)
+        prefix = f"{key}/" if key else ""
+
+        def ls() -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            markers: dict[str, str] = {}
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+                found += [(u["Key"][len(prefix) :], u["UploadId"]) for u in page.get("Uploads", [])]
+                if not page.get("IsTruncated"):
+                    return found
+                markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+        return self.call("listing uploads", self.root, ls)
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        """Abort an incomplete multipart upload (its parts are deleted); gone already is fine."""
+        bucket, key, _ = self.fs.split_path(self.path(path))
+
+        def abort() -> None:
+            with contextlib.suppress(FileNotFoundError):  # s3fs maps NoSuchUpload (404) to FileNotFoundError
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+        self.call("aborting upload", self.path(path), abort)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def makedirs(self, path: str) -> None:
@@ -268,7 +340,9 @@ class Storage:
         else:
             self.call("writing", path, lambda: self._write_stream(path, header, data, ready), nbytes=len(data))
 
-    def put_atomic(self, path: str, data: bytes, *, create_folder: bool = True) -> None:
+    def put_atomic(
+        self, path: str, data: bytes, *, create_folder: bool = True, deadline_s: float | None = None
+    ) -> None:
         """A small file that readers see whole or not at all.
 
         With ``create_folder`` False, a missing folder (on a local disk: removed by someone) fails
@@ -276,9 +350,9 @@ class Storage:
         whose shards are gone.
         """
         if self.is_local:
-            self.call("writing", path, lambda: self._put_local_atomic(path, data, create_folder))
+            self.call("writing", path, lambda: self._put_local_atomic(path, data, create_folder), deadline_s=deadline_s)
         else:
-            self.call("writing", path, lambda: self.fs.pipe_file(path, data))
+            self.call("writing", path, lambda: self.fs.pipe_file(path, data), deadline_s=deadline_s)
 
     def delete(self, path: str, *, recursive: bool = False, deadline_s: float | None = None) -> None:
         def rm() -> None:
@@ -396,6 +470,28 @@ class Storage:
         self.fs.invalidate_cache(path)
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(?!//)")
+
+
+def _check_url(url: str) -> str:
+    """The URL's protocol; `ConfigError` for what is not a URL or path at all (a usage error, not storage)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError("url", url, "a non-empty fsspec URL or path, e.g. s3://bucket/run or /mnt/ckpt")
+    if "://" not in url and "::" not in url and _SCHEME.match(url):
+        raise ConfigError("url", url, "a URL needs '://' after its protocol, e.g. s3://bucket/run")
+    last = url.rsplit("::", 1)[-1]
+    if "://" not in last:
+        return "file"
+    protocol, rest = last.split("://", 1)
+    if protocol not in ("file", "local") and not rest.strip("/"):
+        raise ConfigError("url", url, f"must name a bucket or folder after '{protocol}://', e.g. s3://bucket/run")
+    return protocol
+
+
+def _known_protocols() -> str:
+    return ", ".join(sorted(fsspec.available_protocols()))
+
+
 def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
     """Bytes [start, end) of header+data, copying only that part."""
     h = len(header)
@@ -418,6 +514,32 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view[:PWRITE_BYTES], offset)
         view, offset = view[n:], offset + n
+
+
+# Reads from a local file go in pieces of this size: each is checksummed right after it lands, while it
+# is still in cache, so verifying costs little beyond the read itself.
+READ_PIECE_BYTES = 1 << 20
+
+
+def _pread_checksummed(path: str, start: int, end: int, into: memoryview | None, crc: int) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        scratch = memoryview(bytearray(min(READ_PIECE_BYTES, end - start))) if into is None else None
+        at = start
+        while at < end:
+            n = min(READ_PIECE_BYTES, end - at)
+            view = scratch[:n] if scratch is not None else into[at - start : at - start + n]  # type: ignore[index]
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], at + got)
+                if k <= 0:
+                    return at + got - start, crc32c(view[:got], crc)
+                got += k
+            crc = crc32c(view, crc)
+            at += n
+        return end - start, crc
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: str) -> None:

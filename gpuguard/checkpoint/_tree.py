@@ -13,13 +13,14 @@ import functools
 import math
 import random
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gpuguard.checkpoint._layout import DTYPE_CODES
+from gpuguard.checkpoint._optim_names import by_name, is_by_name, parameter_names, to_positions
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, UnsupportedStateError
 
 RNG_KEY = "__gpuguard_rng__"
@@ -34,6 +35,9 @@ class FlatState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     tree: dict[str, Any] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    # Tensors that are views of one storage, so that a load gives them one storage again: a list of
+    # {"bytes": span, "views": {name: {"offset": bytes from the span's start, "stride": [...]}}}.
+    storages: list[dict[str, Any]] = field(default_factory=list)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -45,9 +49,11 @@ def _escape(key: str) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, names: dict[int, str] | None = None) -> None:
         self.flat = FlatState()
         self.aliases: dict[tuple[Any, ...], str] = {}
+        self.plain: list[str] = []  # plain tensors under "$tensor": the ones whose storage sharing is kept
+        self.names = names or {}  # parameter names, for top-level optimizers (see _optim_names)
 
     def tensor(self, value: torch.Tensor, path: list[str], marker: str = "$tensor") -> dict[str, str]:
         # This runs on the training thread for every tensor of every save: a few hundred per model, so
@@ -75,6 +81,8 @@ class _Flattener:
             raise UnsupportedStateError(f"{_where(path)}: two entries map to the tensor name {name!r}")
         if marker == "$tensor":
             self.aliases[key] = name
+            if plain:
+                self.plain.append(name)
         self.flat.tensors[name] = value.detach()
         if device.type != "cpu":
             self.flat.devices[name] = str(device)
@@ -84,7 +92,10 @@ class _Flattener:
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path)
         if hasattr(value, "state_dict") and hasattr(value, "load_state_dict") and not isinstance(value, type):
-            return {"$stateful": self.encode(value.state_dict(), path)}
+            inner = value.state_dict()
+            if len(path) == 1 and isinstance(value, torch.optim.Optimizer):
+                inner = by_name(value, inner, self.names)  # keyed by parameter name when all have one
+            return {"$stateful": self.encode(inner, path)}
         if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
@@ -135,13 +146,14 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(rng: Mapping[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"].cpu())
+    # A copy of its own: torch's generators read the state from the start of its storage.
+    torch.set_rng_state(rng["torch"].cpu().clone())
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in rng and torch.cuda.is_available():
         states = rng["cuda"]
         if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in states])
+            torch.cuda.set_rng_state_all([s.cpu().clone() for s in states])
     numpy = sys.modules.get("numpy")
     if "numpy" in rng and numpy is not None:
         numpy.random.set_state(tuple(rng["numpy"]))
@@ -155,14 +167,42 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True) -> FlatState:
     """
     if not isinstance(state, Mapping):
         raise UnsupportedStateError(f"state: a {type(state).__name__}; must be a mapping of names to objects")
-    flattener = _Flattener()
+    has_optimizer = any(isinstance(v, torch.optim.Optimizer) for v in state.values())
+    flattener = _Flattener(parameter_names(state) if has_optimizer else None)
     for key, value in state.items():
         if not isinstance(key, str) or key == RNG_KEY:
             raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
         flattener.flat.tree[key] = flattener.encode(value, [key])
     if rng:
         flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng(), [RNG_KEY])
+    flattener.flat.storages = _shared_storages(flattener.flat.tensors, flattener.plain)
     return flattener.flat
+
+
+def _shared_storages(tensors: Mapping[str, torch.Tensor], names: list[str]) -> list[dict[str, Any]]:
+    """Groups of saved tensors that are views of one storage (each is saved as its own bytes; the group
+    tells a load to put them back into one storage, so that writing one is seen through the others)."""
+    by_storage: dict[tuple[torch.device, int], list[str]] = {}
+    for name in names:
+        t = tensors[name]
+        if t.numel():
+            base = int(t.data_ptr() - t.storage_offset() * t.element_size())
+            by_storage.setdefault((t.device, base), []).append(name)
+    groups = []
+    for members in by_storage.values():
+        if len(members) < 2:
+            continue
+        spans = {}
+        for name in members:
+            t = tensors[name]
+            start = t.storage_offset() * t.element_size()
+            extent = (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+            spans[name] = (start, start + extent)
+        low = min(a for a, _ in spans.values()) // 16 * 16  # keeps every view's offset a multiple of its itemsize
+        high = max(b for _, b in spans.values())
+        views = {n: {"offset": spans[n][0] - low, "stride": list(tensors[n].stride())} for n in members}
+        groups.append({"bytes": high - low, "views": views})
+    return groups
 
 
 def decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -202,12 +242,15 @@ def restore(
     devices: Mapping[str, str],
     *,
     strict: bool = True,
+    storages: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """Load a decoded checkpoint into live objects.
 
     Objects with ``load_state_dict`` receive theirs (they copy onto their own devices); live tensors
     are overwritten in place; other entries are replaced, with tensors moved back to the device they
-    were saved from when it exists here.
+    were saved from when it exists here, and views of one storage (``storages``) put back into one.
+    ``tensors`` are the load's own (no other reference to their memory is kept): they are used as they
+    are, not copied.
 
     Raises:
         CheckpointError: with ``strict``, when the live state has a key the checkpoint lacks.
@@ -217,7 +260,8 @@ def restore(
         raise CheckpointError(f"the checkpoint has no entry for state key(s) {', '.join(map(repr, missing))}")
     # Decode everything first: a reference to a tensor the shard lacks fails before any write.
     decoded = {key: decode(encoded, tensors) for key, encoded in tree.items()}
-    memo: dict[str, torch.Tensor] = {}
+    memo = _Owner(devices, storages)
+    names: dict[int, str] | None = None
     for key, encoded in tree.items():
         if key == RNG_KEY:
             continue
@@ -229,6 +273,8 @@ def restore(
             and isinstance(encoded, dict)
             and "$stateful" in encoded
         ):
+            if isinstance(live, torch.optim.Optimizer) and is_by_name(value):
+                value = to_positions(live, value, names if names is not None else (names := parameter_names(state)))
             live.load_state_dict(value)
         elif isinstance(live, torch.Tensor) and isinstance(value, torch.Tensor):
             if live.shape != value.shape:
@@ -236,35 +282,72 @@ def restore(
             with torch.no_grad():
                 live.copy_(value)
         else:
-            state[key] = _own(value, encoded, devices, memo)
+            state[key] = memo.own(value, encoded)
     if RNG_KEY in tree:
         restore_rng(decoded[RNG_KEY])
 
 
-def _own(value: Any, encoded: Any, devices: Mapping[str, str], memo: dict[str, torch.Tensor] | None = None) -> Any:
-    """Detach restored values from the shard's buffer and put tensors back on their devices.
+class _Owner:
+    """Puts restored values in place: tensors on their devices, aliases kept aliased (one tensor for the
+    entries that referred to one when saved), views of one storage back in one storage."""
 
-    ``memo`` keeps aliases aliased: entries that referred to one tensor when saved get one copy.
-    """
-    memo = {} if memo is None else memo
-    if isinstance(value, torch.Tensor):
-        name = encoded.get("$tensor") if isinstance(encoded, dict) else None
-        if name is not None and name in memo:
-            return memo[name]
-        device = devices.get(name or "", "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
-        owned = value.to(device, copy=True)
-        if name is not None:
-            memo[name] = owned
-        return owned
-    if isinstance(value, dict) and isinstance(encoded, dict):
-        inner = encoded.get("$dict")
-        if inner is not None:
-            return {k: _own(v, e, devices, memo) for (k, v), (_, e) in zip(value.items(), inner, strict=True)}
-        return {k: _own(v, encoded.get(k), devices, memo) for k, v in value.items()}
-    if isinstance(value, list) and isinstance(encoded, list):
-        return [_own(v, e, devices, memo) for v, e in zip(value, encoded, strict=True)]
-    if isinstance(value, tuple) and isinstance(encoded, dict) and "$tuple" in encoded:
-        return tuple(_own(v, e, devices, memo) for v, e in zip(value, encoded["$tuple"], strict=True))
-    return value
+    def __init__(self, devices: Mapping[str, str], storages: Sequence[Mapping[str, Any]]) -> None:
+        self.devices = devices
+        self.memo: dict[str, torch.Tensor] = {}
+        self.groups: dict[str, tuple[int, Mapping[str, Any]]] = {}
+        for index, group in enumerate(storages):
+            for name in group.get("views", {}):
+                self.groups[name] = (index, group)
+        self.built: dict[int, Any] = {}
+
+    def own(self, value: Any, encoded: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = encoded.get("$tensor") if isinstance(encoded, dict) else None
+            if name is not None and name in self.memo:
+                return self.memo[name]
+            device = self.devices.get(name or "", "cpu")
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"
+            owned = value.to(device)
+            if name is not None and name in self.groups:
+                owned = self._view(name, owned)
+            if name is not None:
+                self.memo[name] = owned
+            return owned
+        if isinstance(value, dict) and isinstance(encoded, dict):
+            inner = encoded.get("$dict")
+            if inner is not None:
+                return {k: self.own(v, e) for (k, v), (_, e) in zip(value.items(), inner, strict=True)}
+            return {k: self.own(v, encoded.get(k)) for k, v in value.items()}
+        if isinstance(value, list) and isinstance(encoded, list):
+            return [self.own(v, e) for v, e in zip(value, encoded, strict=True)]
+        if isinstance(value, tuple) and isinstance(encoded, dict) and "$tuple" in encoded:
+            return tuple(self.own(v, e) for v, e in zip(value, encoded["$tuple"], strict=True))
+        return value
+
+    def _view(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` copied into its place in the storage it shared when saved (built at its first view)."""
+        index, group = self.groups[name]
+        try:
+            nbytes = int(group["bytes"])
+            where = group["views"][name]
+            offset, stride = int(where["offset"]), [int(s) for s in where["stride"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointCorruptError(f"the shared storage of tensor {name!r} is malformed", tensor=name) from None
+        storage = self.built.get(index)
+        if storage is None:
+            storage = self.built[index] = torch.empty(nbytes, dtype=torch.uint8, device=value.device).untyped_storage()
+        extent = (sum((n - 1) * s for n, s in zip(value.shape, stride, strict=False)) + 1) * value.element_size()
+        if (
+            len(stride) != value.dim()
+            or min(stride, default=0) < 0
+            or offset % value.element_size()
+            or offset + extent > nbytes
+            or storage.device != value.device
+        ):
+            raise CheckpointCorruptError(f"the shared storage of tensor {name!r} does not fit it", tensor=name)
+        view = torch.empty(0, dtype=value.dtype, device=value.device)
+        view.set_(storage, offset // value.element_size(), value.shape, stride)
+        with torch.no_grad():
+            view.copy_(value)
+        return view

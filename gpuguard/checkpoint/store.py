@@ -7,15 +7,18 @@ The store is a facade over one module per concern: `_saving` (snapshot and backg
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
+from gpuguard.checkpoint._collective import TorchGroup, solo
 from gpuguard.checkpoint._committing import Committer
+from gpuguard.checkpoint._export import export
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._pending import PendingSave, SaveTimings
+from gpuguard.checkpoint._probe import measure_write_rate
 from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
 from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
@@ -36,8 +39,11 @@ class CheckpointStore:
         io_threads: concurrent writers per shard (threads for local disks, parts for S3).
         staging_buffers: snapshots that may be in flight at once.
         retry: backoff for transient storage errors, and the deadline of every storage operation.
-        lease_s: how long a save's lease keeps pruners (in any process) off its folder, on top of
-            its ``commit_timeout_s``; a crashed writer's leftovers are collected once it expires.
+        lease_s: how long a save's lease keeps pruners (in any process) off its folder without a
+            renewal. A save renews its lease every ``lease_s / 8`` for as long as it runs, so this
+            bounds nothing about the save itself: it is how soon a crashed writer's leftovers can be
+            collected by a pruner that cannot tell it died (one on another machine or in another
+            container; on the same machine and PID namespace they are collected at once).
 
     Example:
         >>> store = CheckpointStore("memory://example", keep=2)
@@ -57,7 +63,7 @@ class CheckpointStore:
         io_threads: int = 8,
         staging_buffers: int = 2,
         retry: RetryPolicy | None = None,
-        lease_s: float = 900.0,
+        lease_s: float = 120.0,
     ) -> None:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ConfigError("keep", keep, "must be a whole number, 1 or greater")
@@ -73,7 +79,7 @@ class CheckpointStore:
         self._catalog = Catalog(self.storage, url)
         self._committer = Committer(self.storage, self._catalog)
         self._saver = Saver(self.storage, self._committer, staging_buffers, float(lease_s))
-        self._loader = Loader(self.storage, self._catalog)
+        self._loader = Loader(self.storage, self._catalog, self._saver.staging)
 
     @property
     def last_step_wait_s(self) -> float:
@@ -91,35 +97,32 @@ class CheckpointStore:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def prepare(
-        self,
-        state: Mapping[str, Any],
-        *,
-        rng: bool = True,
-        rank: int | None = None,
-        world_size: int = 1,
-        replicated: bool = False,
-    ) -> float:
+    def prepare(self, state: Mapping[str, Any], *, rng: bool = True, background: bool = False) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
-        Run it when training starts, with the ``rank``, ``world_size`` and ``replicated`` the saves
-        will use (a replicated save stages this rank's part only). Returns the seconds it took.
-        """
-        return self._saver.prepare(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)
+        Run it when training starts, at a step boundary, on the training thread: it walks the state
+        (``state_dict()`` runs its hooks, which FSDP2 must not have run while forward or backward
+        computes). With DTensors in a process group, every rank calls it: the ranks agree (a small
+        collective) on who writes which chunk, which the buffer's layout depends on.
 
-    def plan_staging(
-        self,
-        state: Mapping[str, Any],
-        *,
-        rng: bool = True,
-        rank: int | None = None,
-        world_size: int = 1,
-        replicated: bool = False,
-    ) -> Callable[[], float]:
-        """`prepare` in two halves: plan now, on the training thread (walking the state calls its
-        ``state_dict()``), and return the allocation, to run on any thread (a guard runs it in the
-        background); it returns the seconds it took."""
-        return self._saver.plan_staging(state, rng=rng, rank=rank, world_size=world_size, replicated=replicated)
+        Args:
+            background: return once the layout is planned and allocate the buffer (pinning may take
+                seconds) on a thread; the training thread then pays only for the walk.
+
+        Returns:
+            The seconds the calling thread spent.
+        """
+        return self._saver.prepare(state, rng=rng, background=background)
+
+    @property
+    def prepared_bytes(self) -> int:
+        """Tensor bytes of this rank's shard, as the last `prepare` laid it out (0 before one)."""
+        return self._saver.prepared_bytes
+
+    def measure_write_rate(self, nbytes: int) -> float:
+        """Bytes per second this store takes ``nbytes`` durably, written as a shard is (a probe file
+        under the store's URL, removed afterwards). For estimating a save's time before one is needed."""
+        return measure_write_rate(self.storage, nbytes)
 
     def save(
         self,
@@ -161,17 +164,31 @@ class CheckpointStore:
         and the manifest holds each chunk's global shape, offsets and per-block checksums, so a load
         on any world size and mesh reads only the pieces that overlap its own shards.
 
+        Who writes a DTensor chunk is decided over the whole job: each distinct chunk is written once,
+        by one of the ranks that hold it (replicas on a submesh, HSDP replicas and data-parallel copies
+        of tensor-parallel shards share the writing), and the commit refuses chunks that do not tile a
+        tensor exactly.
+
+        In a process group of ``world_size`` ranks, ``save`` is a collective (one small gather; a
+        second one when the state's sharding is new): every rank calls it at the same point.
+
         ``attempt`` binds a multi-rank save to one attempt: rank 0 commits only records written under
         the same token, never a crashed attempt's leftovers under a reused ``checkpoint_id``. By
-        default it comes from torchrun's ``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RESTART_COUNT``.
+        default, in a process group, rank 0 draws a fresh token for every save and the gather hands it
+        to every rank; without one, it comes from torchrun's ``TORCHELASTIC_RUN_ID`` and
+        ``TORCHELASTIC_RESTART_COUNT``, which a relaunch outside torchrun repeats: pass ``attempt``.
+
+        A committed checkpoint is immutable: a save under an id that is already committed writes
+        nothing and its ``wait()`` raises `CheckpointExistsError`.
 
         Raises:
             UnsupportedStateError: the state holds something that cannot be stored without pickling.
             ConfigError: a bad step, reason, rank or checkpoint id.
 
-        The returned save's ``wait()`` raises `StorageError` when the storage fails (each operation
-        ends within the retry policy's deadline); what the save wrote is removed at once (best effort)
-        and the previous checkpoint is intact.
+        The returned save's ``wait()`` returns once the checkpoint is committed, on every rank: rank 0
+        writes the manifest; the other ranks read it back (see `PendingSave.wait`). It raises
+        `StorageError` when the storage fails (each operation ends within the retry policy's deadline);
+        what the save wrote is removed at once (best effort) and the previous checkpoint is intact.
         """
         return self._saver.save(
             state,
@@ -247,6 +264,8 @@ class CheckpointStore:
         fallback: bool = False,
         strict: bool = True,
         world_size: int | None = None,
+        process_group: Any = None,
+        no_dist: bool = False,
     ) -> int:
         """Load a checkpoint into the live objects in ``state``; returns its step.
 
@@ -258,24 +277,39 @@ class CheckpointStore:
         DTensors in ``state`` (FSDP2, tensor parallel) receive their own shards of a sharded or plain
         checkpoint saved on any world size: each rank reads only the overlapping chunks' bytes.
 
+        In a process group (the default one when initialized), ``load`` is a collective and every
+        rank returns the same step: each rank reads and checks its own part first, and the ranks agree
+        (a small gather per checkpoint tried) on the newest checkpoint that every rank could load.
+        If any rank's part fails, every rank falls back together (with ``fallback``) or raises, and
+        every rank logs which checkpoint, which rank and why. No rank changes its state before all
+        have passed.
+
         Args:
             checkpoint_id: a specific checkpoint; the newest committed one when None.
             rank: whose shard to load.
-            fallback: when the newest one is corrupt, try older ones instead of raising.
+            fallback: when the newest one is corrupt (on any rank), try older ones instead of raising.
             strict: raise when ``state`` has a key the checkpoint lacks.
             world_size: this job's number of ranks (default: torch.distributed's, else 1). A
                 per-rank checkpoint saved by another number of ranks is refused: loading it would
                 silently drop or invent ranks' state (resharding is not done here).
+            process_group: the ``torch.distributed`` group whose ranks agree (default: the default group).
+            no_dist: load on this process alone, with no collective (tools; one rank's inspection).
 
         Raises:
             CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
                 names every entry that does not fit; ``state`` is unchanged.
             CheckpointNotFoundError: nothing committed (or not that id).
             CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
-                every checkpoint is corrupt.
+                every checkpoint is corrupt (on some rank).
+            CheckpointError: another rank failed (its error's kind, naming the rank).
         """
+        group = None
+        if no_dist:
+            group = solo
+        elif process_group is not None:
+            group = TorchGroup(process_group)
         return self._loader.load(
-            state, checkpoint_id, rank=rank, fallback=fallback, strict=strict, world_size=world_size
+            state, checkpoint_id, rank=rank, fallback=fallback, strict=strict, world_size=world_size, group=group
         )
 
     def verify(self, checkpoint_id: str | None = None, *, progress: Progress | None = None) -> VerifyReport:
@@ -293,6 +327,40 @@ class CheckpointStore:
             StorageError: the storage failed.
         """
         return verify(self._catalog, self._loader, checkpoint_id, progress=progress)
+
+    def export(
+        self,
+        to: str,
+        out: str,
+        checkpoint_id: str | None = None,
+        *,
+        key: str | None = None,
+        rank: int = 0,
+    ) -> dict[str, Any]:
+        """Write a checkpoint (plain or sharded) in another format, to a local path: no lock-in.
+
+        Args:
+            to: ``torch`` (a file ``torch.load(out, weights_only=True)`` reads), ``safetensors`` (a file
+                of the tensors, the rest of the state as JSON in its metadata) or ``dcp`` (a folder
+                ``torch.distributed.checkpoint.load`` reads).
+            out: the file (or, for ``dcp``, the new folder) to write.
+            checkpoint_id: the newest committed one when None.
+            key: only ``state[key]``: with ``key="model"`` a safetensors export is the module's state dict.
+            rank: whose per-rank state to take (RNG states, per-rank tensors).
+
+        Every tensor is read whole (sharded chunks assembled) and verified first. See docs/FORMAT.md.
+
+        Example:
+            >>> store = CheckpointStore("memory://export")
+            >>> _ = store.save({"model": torch.nn.Linear(2, 2)}, step=1).wait()
+            >>> store.export("torch", "/tmp/gpuguard-export-example.pt")["step"]
+            1
+
+        Raises:
+            ConfigError: an unknown format or key, or a dtype the format cannot hold.
+            CheckpointNotFoundError, CheckpointCorruptError, StorageError: as for `load`.
+        """
+        return export(self._catalog, self._loader, to, out, checkpoint_id=checkpoint_id, key=key, rank=rank)
 
     # -- retention ------------------------------------------------------------------------------
 

@@ -9,16 +9,17 @@ from collections.abc import Sequence
 
 from gpuguard._version import __version__
 from gpuguard.cli import checkpoints, demo, goodput, k8s, status
+from gpuguard.cli._help import Parser
 from gpuguard.errors import GpuGuardError
 
 EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuguard", description="Keep training jobs off failing GPUs.")
+    parser = Parser(prog="gpuguard", description="Keep training jobs off failing GPUs.")
     parser.add_argument("--version", action="version", version=f"gpuguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what gpuguard does")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     status.add_parser(subparsers)
     checkpoints.add_parser(subparsers)
     demo.add_parser(subparsers)

@@ -1,8 +1,9 @@
-"""``gpuguard checkpoints``: list and verify the checkpoints under a URL.
+"""``gpuguard checkpoints``: list, verify and export the checkpoints under a URL.
 
-Exit codes: 0 all good; 1 corruption found (a shard, a tensor, or a manifest); 2 bad usage or nothing
-to verify; 3 the storage failed (unreachable, missing bucket, no permission). With ``--json`` every
-outcome, errors included, is one JSON object on stdout.
+Exit codes: 0 all good; 1 corruption found (a shard, a tensor, or a manifest); 2 bad usage (an unknown
+protocol, a malformed URL, a format that cannot hold a dtype) or nothing to verify or export; 3 the
+storage failed (unreachable, missing bucket, no permission). With ``--json`` every outcome, errors
+included, is one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import sys
 from typing import Any
 
 from gpuguard.cli._table import render_table
-from gpuguard.errors import ConfigError, GpuGuardError, StorageError
+from gpuguard.errors import CheckpointCorruptError, ConfigError, GpuGuardError, StorageError
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
+# gpuguard.checkpoint._export.FORMATS, named here so that the parser builds without importing torch.
+FORMATS = ("torch", "safetensors", "dcp")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,6 +33,22 @@ def add_parser(subparsers: Any) -> None:
     verify = sub.add_parser("verify", parents=[common], help="re-read every shard and check every checksum")
     verify.add_argument("id", nargs="?", help="a checkpoint id (default: the newest committed one)")
     verify.set_defaults(handler=_reporting(run_verify))
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a checkpoint (plain or sharded) as a torch.save file, safetensors or a DCP folder",
+        description="Every tensor is read whole (sharded chunks assembled) and verified. torch: one file that "
+        "torch.load(OUT, weights_only=True) reads; safetensors: the tensors, the rest of the state as JSON in "
+        "the file's metadata; dcp: a folder that torch.distributed.checkpoint.load reads.",
+    )
+    export.add_argument("out", metavar="OUT", help="the local file (for dcp: a new folder) to write")
+    export.add_argument("--to", choices=FORMATS, required=True, help="the format to write")
+    export.add_argument("--id", help="a checkpoint id (default: the newest committed one)")
+    export.add_argument(
+        "--key", help="only this entry of the state, e.g. model: a module's state_dict keys (default: everything)"
+    )
+    export.add_argument("--rank", type=int, default=0, help="whose per-rank state, RNG included (default: 0)")
+    export.set_defaults(handler=_reporting(run_export))
 
 
 def _reporting(handler: Any) -> Any:
@@ -39,7 +58,10 @@ def _reporting(handler: Any) -> Any:
         try:
             return int(handler(args))
         except GpuGuardError as exc:
-            code = EXIT_STORAGE if isinstance(exc, StorageError) else EXIT_USAGE
+            if isinstance(exc, StorageError):
+                code = EXIT_STORAGE
+            else:
+                code = EXIT_CORRUPT if isinstance(exc, CheckpointCorruptError) else EXIT_USAGE
             if args.json:
                 doc = {"ok": False, "error": str(exc), "kind": type(exc).__name__, "url": args.url}
                 print(json.dumps(doc, indent=2))
@@ -116,3 +138,17 @@ def run_verify(args: argparse.Namespace) -> int:
             where = problem["shard"] + (f" tensor {problem['tensor']!r}" if problem["tensor"] else "")
             print(f"{report.id}: CORRUPT {where}: {problem['error']}")
     return EXIT_OK if report.ok else EXIT_CORRUPT
+
+
+def run_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        done = store.export(args.to, args.out, args.id, key=args.key, rank=args.rank)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        what = f"{done['tensors']} tensors" + (f" of {args.key!r}" if args.key else "")
+        print(f"{done['id']} (step {done['step']}): {what} written as {args.to} to {args.out} ({_size(done['bytes'])})")
+    return EXIT_OK

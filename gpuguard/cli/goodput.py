@@ -18,7 +18,6 @@ def add_parser(subparsers: Any) -> None:
         "goodput",
         help="model effective training time: periodic checkpoints alone vs gpuguard",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = GoodputInputs()
     p.add_argument("--nodes", type=int, default=d.nodes)

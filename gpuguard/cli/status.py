@@ -36,6 +36,14 @@ def add_parser(subparsers: Any) -> None:
         help="keep watching and show the GPUs every SECONDS (with --json: one JSON line each time)",
     )
     p.add_argument("--count", type=int, help="with --watch, stop after this many refreshes")
+    p.add_argument(
+        "--devices",
+        default="all",
+        metavar="WHICH",
+        help="'all' GPUs on the node; 'job': the GPUs a guard in this environment would watch (CUDA, "
+        "CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, LOCAL_RANK); or NVML indices and UUIDs, "
+        "comma-separated (MIG-... UUIDs are read through their parent GPU) (default: %(default)s)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--fail-open",
@@ -69,9 +77,19 @@ def _nvml(args: argparse.Namespace) -> Any:
     return FakeNvml.from_scenario(args.scenario)
 
 
+def _devices(args: argparse.Namespace) -> Any:
+    value = str(args.devices).strip()
+    if value in ("all", "job"):
+        return value
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ConfigError("--devices", args.devices, "give 'all', 'job', or NVML indices and UUIDs, comma-separated")
+    return [int(item) if item.isdigit() else item for item in items]
+
+
 def read_snapshot(args: argparse.Namespace) -> HealthSnapshot:
     nvml = _nvml(args)
-    monitor = HealthMonitor(nvml, HealthConfig(fail_mode=args.fail_mode), devices="all")
+    monitor = HealthMonitor(nvml, HealthConfig(fail_mode=args.fail_mode), devices=_devices(args))
     try:
         snapshot = monitor.start(threads=False)
         if args.scenario is not None and snapshot.available:
@@ -100,7 +118,7 @@ def watch(args: argparse.Namespace) -> int:
     config = HealthConfig(fail_mode=args.fail_mode, poll_interval_s=min(1.0, args.watch))
     live = sys.stdout.isatty() and not args.json
     refreshes = 0
-    with HealthMonitor(nvml, config, devices="all") as monitor:
+    with HealthMonitor(nvml, config, devices=_devices(args)) as monitor:
         while args.count is None or refreshes < args.count:
             snapshot = monitor.snapshot()
             if not snapshot.available:
@@ -122,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         return watch(args)
     snapshot = read_snapshot(args)
     if not snapshot.available:
+        if args.json:  # machines get JSON on stdout whatever happened: {"devices": [], "available": false, ...}
+            print(json.dumps(snapshot.to_dict(), indent=2))
         print(
             f"gpuguard: {snapshot.error}. To try gpuguard without a GPU: "
             "gpuguard status --replay h200, or --scenario PATH --at SECONDS.",
@@ -134,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(snapshot.to_dict(), indent=2))
     else:
         print(format_snapshot(snapshot))
-        for note in snapshot.skipped:
+        for note in (*snapshot.skipped, *snapshot.notes):
             print(f"gpuguard: {note}", file=sys.stderr)
     if args.check:
         passing = {HealthState.HEALTHY} | ({HealthState.UNKNOWN} if args.fail_mode == "open" else set())
@@ -154,6 +174,7 @@ def _row(d: DeviceHealth) -> list[str]:
     temp = f"{r['temperature']}C" if "temperature" in r else "-"
     events = ",".join(e for e in r.get("clock_events", []) if e != "gpu_idle") or "-"
     reasons = "; ".join(f"{x.code}" + (f"({x.evidence['xid']})" if "xid" in x.evidence else "") for x in d.reasons)
+    mig = "-" if d.mig_mode is None else d.mig_mode + (f" ({len(d.mig_devices)})" if d.mig_devices else "")
     return [
         str(d.index),
         d.uuid or d.pci_bus_id or "-",  # a GPU lost at start may have no readable UUID
@@ -162,18 +183,31 @@ def _row(d: DeviceHealth) -> list[str]:
         _cell(r, "ecc_sbe_volatile", "ecc_dbe_volatile"),
         _cell(r, "remapped_correctable", "remapped_uncorrectable", "remap_pending"),
         events,
+        mig,
         reasons or "-",
     ]
 
 
 def format_snapshot(snapshot: HealthSnapshot) -> str:
-    headers = ["GPU", "UUID", "STATE", "TEMP", "ECC SBE/DBE", "REMAP COR/UNC/PEND", "CLOCK EVENTS", "REASONS"]
+    """The table, then one line per reason (with how it clears), then each GPU's signals off and unreadable."""
+    headers = ["GPU", "UUID", "STATE", "TEMP", "ECC SBE/DBE", "REMAP COR/UNC/PEND", "CLOCK EVENTS", "MIG", "REASONS"]
     lines = [render_table(headers, [_row(d) for d in snapshot.devices])]
     details = [(d, reason) for d in snapshot.devices for reason in d.reasons]
     if details:
         lines.append("")
         for d, reason in details:
-            lines.append(
-                f"GPU {d.index} {reason.state.value:<8} {reason.code}: {reason.message} -> {reason.remedy.value}"
-            )
+            clears = f"; clears {reason.clears}" if reason.clears else ""
+            said = f"{reason.code}: {reason.message} -> {reason.remedy.value}{clears}"
+            lines.append(f"GPU {d.index} {reason.state.value:<8} {said}")
+    signals = [
+        *(
+            f"GPU {d.index} cannot read {name}: {error}"
+            for d in snapshot.devices
+            for name, error in d.signals_unreadable.items()
+        ),
+        *(f"GPU {d.index} does not support: {', '.join(d.signals_off)}" for d in snapshot.devices if d.signals_off),
+        *(f"GPU {d.index} MIG devices: {', '.join(d.mig_devices)}" for d in snapshot.devices if d.mig_devices),
+    ]
+    if signals:
+        lines += ["", *signals]
     return "\n".join(lines)

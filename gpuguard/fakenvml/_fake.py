@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,9 @@ from typing import Any
 import pynvml
 
 from gpuguard.fakenvml._clock import ScenarioClock
+from gpuguard.fakenvml._effects import consequences
+from gpuguard.fakenvml._events import EventApi, FakeEventData
+from gpuguard.fakenvml._mig import FakeMigHandle, MigApi
 from gpuguard.fakenvml._recording import Recording, load_recording
 from gpuguard.fakenvml._scenario import Scenario, ScenarioEvent, load_scenario
 from gpuguard.health.signals import EVENT_TYPES, FIELD_BY_NAME, NVLINK_ERROR_SIGNALS, NVLINK_STATE_FIELD
@@ -45,24 +47,7 @@ class FakeHandle:
         return f"<FakeHandle gpu {self.index}>"
 
 
-@dataclass
-class FakeEventData:
-    """Same attributes as ``pynvml.c_nvmlEventData_t``."""
-
-    device: FakeHandle
-    eventType: int
-    eventData: int
-    gpuInstanceId: int = 0xFFFFFFFF
-    computeInstanceId: int = 0xFFFFFFFF
-
-
-class _EventSet:
-    def __init__(self) -> None:
-        self.masks: dict[int, int] = {}
-        self.delivered = 0  # index into the fake's event timeline
-
-
-class FakeNvml:
+class FakeNvml(MigApi, EventApi):
     """A stand-in for the ``pynvml`` module, with pynvml's real constants and exception classes.
 
     Attribute access falls through to ``pynvml`` for everything that is not a function the fake
@@ -94,15 +79,20 @@ class FakeNvml:
         self.calls = 0
         self._lock = threading.Lock()
         self._initialised = 0
-        self._handles = [FakeHandle(i) for i in range(self.scenario.gpus)]
+        self._handles: list[Any] = [FakeHandle(i) for i in range(self.scenario.gpus)]
         self._timeouts_used: dict[int, int] = {}
-        # Events that arrive through event sets, in time order: (at, gpu, type bit, data).
-        timeline: list[tuple[float, int, int, int]] = []
+        # The scenario's steps and what the hardware shows with each XID or event (a double-bit ECC
+        # count with XID 48, a lost GPU with XID 79: gpuguard.fakenvml._effects), in time order.
+        steps = [*self.scenario.events, *(c for e in self.scenario.events for c in consequences(e))]
+        self._steps = sorted(steps, key=lambda e: e.at)
+        # Events that arrive through event sets, in time order: (at, gpu, type bit, data, GPU instance).
+        timeline: list[tuple[float, int, int, int, int]] = []
         for e in self.scenario.events:
+            instance = 0xFFFFFFFF if e.instance is None else e.instance  # nvml.h: the whole GPU
             if e.xid is not None:
-                timeline.append((e.at, e.gpu, EVENT_TYPES["xid"], e.xid))
+                timeline.append((e.at, e.gpu, EVENT_TYPES["xid"], e.xid, instance))
             elif e.event is not None:
-                timeline.append((e.at, e.gpu, EVENT_TYPES[e.event], 0))
+                timeline.append((e.at, e.gpu, EVENT_TYPES[e.event], 0, instance))
         self._timeline = sorted(timeline, key=lambda t: t[0])
 
     # -- constructors ---------------------------------------------------------------------------
@@ -161,13 +151,24 @@ class FakeNvml:
     # -- scenario state -------------------------------------------------------------------------
 
     def _events(self, gpu: int, now: float) -> list[ScenarioEvent]:
-        return [e for e in self.scenario.events if e.gpu == gpu and e.at <= now]
+        """The steps on ``gpu`` that have started by ``now`` (each step's ``until`` is checked by its use)."""
+        return [e for e in self._steps if e.gpu == gpu and e.at <= now]
 
-    def _check(self, handle: FakeHandle, call: str) -> int:
+    def _lost(self, gpu: int, now: float) -> bool:
+        return any(e.lost and e.active(now) for e in self._events(gpu, now))
+
+    def _fallen(self, gpu: int, now: float) -> bool:
+        """Lost, or answering GPU_IS_LOST to some call: what makes every by-UUID open answer GPU_IS_LOST."""
+        return self._lost(gpu, now) or any(
+            e.error == "GpuIsLost" and e.link is None and e.entry is None and e.active(now)
+            for e in self._events(gpu, now)
+        )
+
+    def _check(self, handle: Any, call: str) -> int:
         """Raise what NVML would raise for this GPU and call now; count the call."""
         self._require_init()
         self._raise_scripted(handle.index, call)
-        return handle.index
+        return int(handle.index)
 
     def _raise_scripted(self, gpu: int, call: str, *, generic: bool = True) -> None:
         """The scripted failure of ``call`` on ``gpu`` now, if any.
@@ -178,13 +179,13 @@ class FakeNvml:
         documents it for each per-device function gpuguard calls, the event wait included.
         """
         now = self.clock()
+        if self._lost(gpu, now):
+            raise pynvml.NVMLError_GpuIsLost()
         for e in self._events(gpu, now):
-            if e.lost:
-                raise pynvml.NVMLError_GpuIsLost()
             targeted = e.call == call if e.call is not None else generic
-            if not targeted or e.link is not None:  # a per-link step fails that link alone
-                continue
-            if e.error is not None and (e.until is None or now < e.until):
+            if not targeted or e.link is not None or e.entry is not None or not e.active(now):
+                continue  # a per-link or per-entry step fails that link or entry alone
+            if e.error is not None:
                 raise getattr(pynvml, f"NVMLError_{e.error}")()
             if e.timeouts:
                 key = id(e)
@@ -194,23 +195,29 @@ class FakeNvml:
                     raise pynvml.NVMLError_Timeout()
 
     def _value(self, gpu: int, name: str, base: float) -> float:
-        """A signal's value now: the recorded value changed by the scenario's steps so far."""
+        """A signal's value now: the recorded value changed by the scenario's steps so far.
+
+        A ``set`` or ``add`` counts while in force (``until`` undoes it: a volatile counter is back to what
+        it was, as after a GPU reset); an ``add_per_s`` adds until ``until`` and keeps what it added.
+        """
         now = self.clock()
         value = base
         for e in self._events(gpu, now):
             if e.field != name:
                 continue
-            if e.set is not None:
+            if e.add_per_s is not None:
+                end = now if e.until is None else min(now, e.until)
+                value += int(e.add_per_s * max(0.0, end - e.at))
+            elif not e.active(now):
+                continue
+            elif e.set is not None:
                 value = e.set
             elif e.add is not None:
                 value += e.add
-            elif e.add_per_s is not None:
-                end = now if e.until is None else min(now, e.until)
-                value += int(e.add_per_s * max(0.0, end - e.at))
         return value
 
     def _scripted(self, gpu: int, name: str) -> bool:
-        return any(e.field == name and e.gpu == gpu for e in self.scenario.events)
+        return any(e.field == name and e.gpu == gpu for e in self._steps)
 
     def _require_init(self) -> None:
         if not self._initialised:
@@ -253,19 +260,31 @@ class FakeNvml:
         if not 0 <= index < self.scenario.gpus:
             raise pynvml.NVMLError_InvalidArgument()
         self._raise_scripted(index, "nvmlDeviceGetHandleByIndex")
-        return self._handles[index]
+        handle: FakeHandle = self._handles[index]
+        return handle
 
-    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeHandle:
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any:
+        """By UUID, a GPU's or a MIG device's. nvml.h: GPU_IS_LOST "if any GPU has fallen off the bus or is
+        otherwise inaccessible": while one GPU is lost, every by-UUID open answers it."""
         self._require_init()
         text = uuid.decode() if isinstance(uuid, bytes) else uuid
+        now = self.clock()
+        if any(self._fallen(gpu, now) for gpu in range(self.scenario.gpus)):
+            raise pynvml.NVMLError_GpuIsLost()
         for handle in self._handles:
             if self._uuid(handle.index) == text:
                 self._raise_scripted(handle.index, "nvmlDeviceGetHandleByUUID")
                 return handle
+        mig = self.mig_handle_by_uuid(text)
+        if mig is not None:
+            self._raise_scripted(mig.index, "nvmlDeviceGetHandleByUUID")
+            return mig
         raise pynvml.NVMLError_NotFound()
 
-    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
         self._check(handle, "nvmlDeviceGetUUID")
+        if isinstance(handle, FakeMigHandle):
+            return self.mig_uuid(handle.index, handle.slot)
         return self._uuid(handle.index)
 
     def _uuid(self, index: int) -> str:
@@ -307,6 +326,11 @@ class FakeNvml:
                 continue
             recorded = self.recording.fields.get(fid)
             name = _FIELD_NAMES.get(fid, "")
+            failing = self._entry_error(gpu, name)
+            if failing is not None:
+                # nvml.h: "you must check the nvmlReturn field of each value for each individual status"
+                slot.nvmlReturn = failing
+                continue
             nvlink = name in NVLINK_ERROR_SIGNALS and self.scenario.nvlink_links > 0
             scripted = self._scripted(gpu, name) or nvlink
             if (recorded is None or recorded.ret != pynvml.NVML_SUCCESS) and not scripted:
@@ -325,6 +349,14 @@ class FakeNvml:
             else:
                 slot.value.ullVal = int(value)
         return values
+
+    def _entry_error(self, gpu: int, name: str) -> int | None:
+        """The return code a scripted step puts in one entry of the batched read (``"entry"``), if any."""
+        now = self.clock()
+        for e in self._events(gpu, now):
+            if e.entry == name and e.error is not None and e.active(now):
+                return int(getattr(pynvml, f"NVMLError_{e.error}")().value)
+        return None
 
     def _call_value(self, handle: FakeHandle, name: str, base: Any, call: str) -> float:
         gpu = self._check(handle, call)
@@ -396,7 +428,12 @@ class FakeNvml:
         slot.value.uiVal = int(pynvml.NVML_FEATURE_DISABLED if link in down else pynvml.NVML_FEATURE_ENABLED)
 
     def _links_down(self, gpu: int) -> set[int]:
-        return {int(e.set) for e in self._events(gpu, self.clock()) if e.field == "nvlink_down" and e.set is not None}
+        now = self.clock()
+        return {
+            int(e.set)
+            for e in self._events(gpu, now)
+            if e.field == "nvlink_down" and e.set is not None and e.active(now)
+        }
 
     def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
         gpu = self._check(handle, "nvmlDeviceGetNvLinkState")
@@ -419,59 +456,6 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
         self._check(handle, "nvmlDeviceGetPowerUsage")
         return int(self._recorded("power_mw"))
-
-    # -- pynvml: events -------------------------------------------------------------------------
-
-    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
-        self._check(handle, "nvmlDeviceGetSupportedEventTypes")
-        return self.recording.supported_events
-
-    def nvmlEventSetCreate(self) -> _EventSet:
-        self._require_init()
-        event_set = _EventSet()
-        # A new set sees only events from its creation on, as NVML's do: past ones are not replayed.
-        now = self.clock()
-        event_set.delivered = sum(1 for at, *_ in self._timeline if at < now)
-        return event_set
-
-    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: _EventSet) -> None:
-        self._check(handle, "nvmlDeviceRegisterEvents")
-        unsupported = event_types & ~self.recording.supported_events
-        if unsupported:
-            raise pynvml.NVMLError_NotSupported()
-        event_set.masks[handle.index] = event_set.masks.get(handle.index, 0) | event_types
-
-    def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
-        self._require_init()
-        deadline_wall = time.monotonic() + timeout_ms / 1000.0
-        while True:
-            now = self.clock()
-            for gpu in list(event_set.masks):
-                # A registered GPU that is lost (or scripted to fail the wait) fails the whole wait, as
-                # nvmlEventSetWait_v2 answers for the set, not per device; steps without "call" do not.
-                self._raise_scripted(gpu, "nvmlEventSetWait_v2", generic=False)
-            with self._lock:
-                while event_set.delivered < len(self._timeline) and self._timeline[event_set.delivered][0] <= now:
-                    _at, gpu, bit, data = self._timeline[event_set.delivered]
-                    event_set.delivered += 1
-                    if event_set.masks.get(gpu, 0) & bit:
-                        return FakeEventData(self._handles[gpu], bit, data)
-                next_at = self._timeline[event_set.delivered][0] if event_set.delivered < len(self._timeline) else None
-            left = deadline_wall - time.monotonic()
-            if left <= 0:
-                raise pynvml.NVMLError_Timeout()
-            # Sleep until the next event is due or the clock moves, at most the timeout; then look again,
-            # since a GPU lost meanwhile fails the wait at once, as the real one does (a lost GPU's wait
-            # does not sit out its timeout). In real time, look again every 50 ms of scenario time.
-            target = next_at if next_at is not None else float("inf")
-            step = 0.05 if self.clock.realtime else 1e-9
-            self.clock.sleep_until(min(target, now + step), left)
-
-    def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
-        return self.nvmlEventSetWait_v2(event_set, timeout_ms)
-
-    def nvmlEventSetFree(self, event_set: _EventSet) -> None:
-        event_set.masks.clear()
 
 
 __all__ = ["FakeEventData", "FakeHandle", "FakeNvml"]

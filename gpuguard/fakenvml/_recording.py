@@ -62,6 +62,7 @@ def _is_number(value: Any) -> bool:
 # is refused when the recording is loaded (one line, naming it), not deep inside a poll.
 _NUMERIC_CALLS = ("temp_gpu", "pcie_width", "pcie_maxwidth", "pcie_gen", "power_mw", "supported_events")
 _TEXT_CALLS = ("uuid", "name", "driver")
+_IDENTITY_CALLS = ("uuid", "name", "pci")
 
 
 def _check_call_value(name: str, value: Any) -> None:
@@ -101,6 +102,16 @@ def load_recording(source: str | Path = "h200") -> Recording:
         or not isinstance(data.get("fields"), dict)
     ):
         raise ScenarioError("recording", origin, "must be an NVML probe recording with 'calls' and 'fields' objects")
+    # A recording answers for a GPU only if NVML named one: without these the fake could open nothing,
+    # and a replay would pass as a node with no GPU problem.
+    absent = [n for n in _IDENTITY_CALLS if not (isinstance(data["calls"].get(n), dict) and data["calls"][n].get("ok"))]
+    if absent:
+        raise ScenarioError(
+            "recording",
+            origin,
+            "records no GPU: " + ", ".join(f"calls.{n}" for n in absent) + " missing or failed "
+            "(record one with NVML on a real GPU; 'h200' is the shipped one)",
+        )
     calls: dict[str, Answer] = {}
     for name, entry in data["calls"].items():
         if not isinstance(entry, dict) or "ok" not in entry:

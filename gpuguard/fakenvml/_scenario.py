@@ -19,7 +19,22 @@ from gpuguard.health.signals import CLOCK_EVENTS, EVENT_TYPES, FIELD_BY_NAME, RE
 EVENT_NAMES: Final[tuple[str, ...]] = tuple(kind for kind in EVENT_TYPES if kind != "xid")
 _CHANGES: Final = ("set", "add", "add_per_s")
 _EVENT_KEYS: Final = frozenset(
-    {"at", "gpu", "field", "until", "xid", "event", "lost", "timeouts", "error", "call", "link", *_CHANGES}
+    {
+        "at",
+        "gpu",
+        "field",
+        "until",
+        "xid",
+        "event",
+        "lost",
+        "timeouts",
+        "error",
+        "call",
+        "link",
+        "entry",
+        "instance",
+        *_CHANGES,
+    }
 )
 
 # The pynvml functions gpuguard calls, which an "error" or "timeouts" step may target with "call".
@@ -32,6 +47,12 @@ _EVENT_KEYS: Final = frozenset(
 #       (and, from pynvml, FUNCTION_NOT_FOUND when the driver's library lacks the symbol).
 #   nvmlDeviceRegisterEvents: INVALID_ARGUMENT, NOT_SUPPORTED, GPU_IS_LOST, UNKNOWN.
 #   nvmlEventSetWait_v2: INVALID_ARGUMENT, TIMEOUT, GPU_IS_LOST, UNKNOWN.
+#   nvmlDeviceGetMigMode: INVALID_ARGUMENT, NOT_SUPPORTED ("if device doesn't support MIG mode"), UNKNOWN.
+#   nvmlDeviceGetMaxMigDeviceCount: INVALID_ARGUMENT, UNKNOWN ("Returns zero if MIG is not supported or enabled").
+#   nvmlDeviceGetMigDeviceHandleByIndex: INVALID_ARGUMENT, NOT_SUPPORTED, NOT_FOUND ("if no valid MIG device
+#       was found at index"), UNKNOWN.
+#   nvmlDeviceGetDeviceHandleFromMigDeviceHandle, nvmlDeviceIsMigDeviceHandle, nvmlDeviceGetGpuInstanceId,
+#       nvmlDeviceGetComputeInstanceId: INVALID_ARGUMENT, NOT_SUPPORTED, UNKNOWN.
 #   Any call: UNINITIALIZED, RESET_REQUIRED (the GPU needs a reset before it can be used again).
 FAKE_CALLS: Final[tuple[str, ...]] = (
     "nvmlDeviceGetHandleByIndex",
@@ -55,17 +76,39 @@ FAKE_CALLS: Final[tuple[str, ...]] = (
     "nvmlDeviceGetSupportedEventTypes",
     "nvmlDeviceRegisterEvents",
     "nvmlEventSetWait_v2",
+    "nvmlDeviceGetMigMode",
+    "nvmlDeviceGetMaxMigDeviceCount",
+    "nvmlDeviceGetMigDeviceHandleByIndex",
+    "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+    "nvmlDeviceIsMigDeviceHandle",
+    "nvmlDeviceGetGpuInstanceId",
+    "nvmlDeviceGetComputeInstanceId",
 )
-_TOP_KEYS: Final = frozenset({"gpus", "events", "recording", "nvlink_links", "name", "description"})
+_TOP_KEYS: Final = frozenset({"gpus", "events", "recording", "nvlink_links", "mig", "name", "description"})
+# Every key a scenario may hold, top level and per event: each one has a test (tests/test_fake_scenarios.py).
+SCENARIO_KEYS: Final[frozenset[str]] = _TOP_KEYS | _EVENT_KEYS
+# nvmlDeviceGetMaxMigDeviceCount on an H100/H200 with MIG on: at most 7 MIG devices per GPU.
+MAX_MIG_DEVICES: Final = 7
 
 
 def _nvml_field_names() -> dict[str, int]:
     return {name: getattr(pynvml, name) for name in dir(pynvml) if name.startswith("NVML_FI_DEV_")}
 
 
+# Field id -> the readable name gpuguard reads it under, where it has one.
+_READABLE: Final[dict[int, str]] = {s.field_id: s.name for s in FIELD_BY_NAME.values()}
+
+
 @dataclass(frozen=True)
 class ScenarioEvent:
-    """One step of a scenario; exactly one of field, xid, event, lost, timeouts, error is set."""
+    """One step of a scenario; exactly one of field, xid, event, lost, timeouts, error is set.
+
+    ``until`` ends the step's effect, whatever its kind: a ``set`` or ``add`` is undone (the value is
+    what it would be without the step: a volatile counter back to 0, as after a GPU reset), an
+    ``add_per_s`` stops adding (the counter keeps what it reached), a lost GPU answers again, timeouts
+    and errors stop, and what an XID or event brought with it (`xid_effects`) is over, save the lifetime
+    counters. ``instance`` names the MIG GPU instance an XID or event concerns.
+    """
 
     at: float
     gpu: int
@@ -81,6 +124,12 @@ class ScenarioEvent:
     error: str | None = None
     call: str | None = None
     link: int | None = None
+    entry: str | None = None
+    instance: int | None = None
+
+    def active(self, now: float) -> bool:
+        """Whether the step is in force at ``now``: from ``at`` until ``until`` (excluded)."""
+        return self.at <= now and (self.until is None or now < self.until)
 
 
 @dataclass(frozen=True)
@@ -92,12 +141,14 @@ class Scenario:
         events: the steps, in time order.
         recording: the recorded device every GPU starts as (``"h200"``, the shipped recording, or a path).
         nvlink_links: NVLink links each GPU has up at start (0: none, as on the recorded H200).
+        mig: GPU index -> how many MIG devices it holds; MIG mode is enabled on each GPU listed.
     """
 
     gpus: int
     events: tuple[ScenarioEvent, ...] = ()
     recording: str = "h200"
     nvlink_links: int = 0
+    mig: Mapping[int, int] = field(default_factory=dict)
     name: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -168,6 +219,7 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
         raise ScenarioError("gpus", None, "required: how many GPUs the fake has, 1 to 64")
     gpus = _whole("gpus", data["gpus"], 1, 64)
     nvlink = _whole("nvlink_links", data.get("nvlink_links", 0), 0, 18)
+    mig = _mig(data.get("mig", {}), gpus)
     recording = data.get("recording", "h200")
     if not isinstance(recording, str):
         raise ScenarioError("recording", recording, "must be 'h200' or a path to a recording")
@@ -194,6 +246,11 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
             raise ScenarioError(where, dict(raw), "needs exactly one of: field, xid, event, lost, timeouts, error")
         until = _number(f"{where}.until", raw["until"], minimum=at) if "until" in raw else None
         kind = kinds[0]
+        instance = None
+        if "instance" in raw:
+            if kind not in ("xid", "event"):
+                raise ScenarioError(f"{where}.instance", raw["instance"], "goes with 'xid' or 'event' only")
+            instance = _whole(f"{where}.instance", raw["instance"], 1, MAX_MIG_DEVICES)
         call = raw.get("call")
         if "call" in raw and (kind not in ("error", "timeouts") or call not in FAKE_CALLS):
             allowed = "allowed with 'error' or 'timeouts' only: " + ", ".join(FAKE_CALLS)
@@ -205,11 +262,22 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     f"{where}.link", raw["link"], "goes with 'error' and call 'nvmlDeviceGetNvLinkState'"
                 )
             link = _whole(f"{where}.link", raw["link"], 0, 17)
+        entry = None
+        if "entry" in raw:
+            entry = raw["entry"]
+            if call != "nvmlDeviceGetFieldValues" or kind != "error":
+                raise ScenarioError(f"{where}.entry", entry, "goes with 'error' and call 'nvmlDeviceGetFieldValues'")
+            if not isinstance(entry, str) or (entry not in FIELD_BY_NAME and entry not in nvml_fields):
+                allowed = "allowed: " + ", ".join(FIELD_BY_NAME) + ", or any pynvml NVML_FI_DEV_* name"
+                raise ScenarioError(f"{where}.entry", entry, allowed)
+            entry = _READABLE.get(nvml_fields.get(entry, -1), entry)
         if kind == "field":
             name = raw["field"]
             if not isinstance(name, str) or (name not in SIGNAL_NAMES and name not in nvml_fields):
                 allowed = "allowed: " + ", ".join(SIGNAL_NAMES) + ", or any pynvml NVML_FI_DEV_* name"
                 raise ScenarioError(f"{where}.field", name, allowed)
+            # One field, one name: NVML_FI_DEV_PCIE_REPLAY_COUNTER is pcie_replay, the name gpuguard reads.
+            name = _READABLE.get(nvml_fields.get(name, -1), name)
             changes = [c for c in _CHANGES if c in raw]
             if len(changes) != 1:
                 raise ScenarioError(where, dict(raw), "a field event needs exactly one of: set, add, add_per_s")
@@ -227,18 +295,19 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                 )
             )
         elif kind == "xid":
-            events.append(ScenarioEvent(at=at, gpu=gpu, xid=_whole(f"{where}.xid", raw["xid"], 1, 65535)))
+            xid = _whole(f"{where}.xid", raw["xid"], 1, 65535)
+            events.append(ScenarioEvent(at=at, gpu=gpu, xid=xid, until=until, instance=instance))
         elif kind == "event":
             if raw["event"] not in EVENT_NAMES:
                 raise ScenarioError(f"{where}.event", raw["event"], "allowed: " + ", ".join(EVENT_NAMES))
-            events.append(ScenarioEvent(at=at, gpu=gpu, event=raw["event"]))
+            events.append(ScenarioEvent(at=at, gpu=gpu, event=raw["event"], until=until, instance=instance))
         elif kind == "lost":
             if raw["lost"] is not True:
                 raise ScenarioError(f"{where}.lost", raw["lost"], "must be true")
-            events.append(ScenarioEvent(at=at, gpu=gpu, lost=True))
+            events.append(ScenarioEvent(at=at, gpu=gpu, lost=True, until=until))
         elif kind == "timeouts":
             timeouts = _whole(f"{where}.timeouts", raw["timeouts"], 1, 1000)
-            events.append(ScenarioEvent(at=at, gpu=gpu, timeouts=timeouts, call=call))
+            events.append(ScenarioEvent(at=at, gpu=gpu, timeouts=timeouts, call=call, until=until))
         else:
             name = raw["error"]
             if not isinstance(name, str) or not isinstance(getattr(pynvml, f"NVMLError_{name}", None), type):
@@ -247,7 +316,7 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
                     name,
                     "must name a pynvml error class without its prefix, e.g. 'Unknown'",
                 )
-            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link))
+            events.append(ScenarioEvent(at=at, gpu=gpu, error=name, until=until, call=call, link=link, entry=entry))
     events.sort(key=lambda e: e.at)
     extra = {k: data[k] for k in ("name", "description") if k in data}
     return Scenario(
@@ -255,9 +324,21 @@ def parse_scenario(data: Mapping[str, Any]) -> Scenario:
         events=tuple(events),
         recording=recording,
         nvlink_links=nvlink,
+        mig=mig,
         name=str(data.get("name", "")),
         extra=extra,
     )
+
+
+def _mig(value: Any, gpus: int) -> dict[int, int]:
+    """``{"0": 2}`` (JSON) or ``{0: 2}`` (YAML): GPU index -> MIG devices on it, MIG mode on."""
+    if not isinstance(value, Mapping):
+        raise ScenarioError("mig", value, "must map GPU indices to how many MIG devices each holds, e.g. {'0': 2}")
+    out: dict[int, int] = {}
+    for key, count in value.items():
+        index = int(key) if isinstance(key, str) and key.isdigit() else key
+        out[_whole("mig", index, 0, gpus - 1)] = _whole(f"mig.{key}", count, 0, MAX_MIG_DEVICES)
+    return out
 
 
 def field_id(name: str) -> int:

@@ -1,15 +1,19 @@
 """What the guard tells its user once: odd step numbers, an unwatched start, a preemption deadline
-that sync_every and the step time cannot meet."""
+that sync_every and the step time, or the state's save time, cannot meet."""
 
 from __future__ import annotations
 
 import logging
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
+from gpuguard.errors import GpuGuardError
 from gpuguard.guard.config import GuardConfig
 from gpuguard.health.model import HealthSnapshot, HealthState
+
+if TYPE_CHECKING:
+    from gpuguard.checkpoint import CheckpointStore
 
 log = logging.getLogger("gpuguard")
 
@@ -98,6 +102,49 @@ def check_save_fits_deadline(config: GuardConfig, durable_s: float, step: int) -
         "terminationGracePeriodSeconds) above the measured save time, or make the state smaller or the storage faster",
         step,
         durable_s,
+        config.preemption_deadline_s,
+    )
+    return True
+
+
+# The probe that estimates a save's time at start: large enough that a disk's or an object store's
+# throughput, not its latency, sets the rate; small enough to cost well under a second on either.
+PROBE_BYTES: Final = 32 * 2**20
+
+
+def estimate_save_against_deadline(config: GuardConfig, store: CheckpointStore) -> bool:
+    """At the first step (the state's size known, its staging buffer prepared): estimate how long an
+    emergency checkpoint of it takes here, from its size and the write rate measured by a probe
+    written to the store, and warn when that is over ``preemption_deadline_s``. Returns whether it
+    warned. (Each rank writes its shard at once in an emergency: the probe measures one writer.)"""
+    if not config.preemption_signals or store.prepared_bytes <= 0:
+        return False
+    nbytes = store.prepared_bytes
+    probe = min(nbytes, PROBE_BYTES)
+    try:
+        rate = store.measure_write_rate(probe)
+    except GpuGuardError as exc:
+        log.warning("gpuguard: could not measure the storage's write rate to check preemption_deadline_s: %s", exc)
+        return False
+    estimate_s = nbytes / rate
+    log.info(
+        "gpuguard: a checkpoint of %.1f MiB takes about %.2fs to write here (%.0f MB/s)",
+        nbytes / 2**20,
+        estimate_s,
+        rate / 1e6,
+    )
+    if estimate_s <= config.preemption_deadline_s:
+        return False
+    log.warning(
+        "gpuguard: an emergency checkpoint of this state (%.1f MiB) takes about %.2fs to write here (%.0f MB/s, "
+        "measured writing %.0f MiB to %s), over preemption_deadline_s=%gs: after a SIGTERM it would be abandoned "
+        "at the deadline and the next run would resume from an older checkpoint; raise preemption_deadline_s (and "
+        "the pod's terminationGracePeriodSeconds) above it, or make the state smaller or the storage faster",
+        nbytes / 2**20,
+        estimate_s,
+        rate / 1e6,
+        probe / 2**20,
+        store.url,
         config.preemption_deadline_s,
     )
     return True

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from gpuguard.checkpoint.store import CheckpointInfo, PendingSave, SaveTimings
 from gpuguard.errors import GpuGuardError
+from gpuguard.guard._exit import skip_final_collection
 from gpuguard.guard._signals import signal_name
 from gpuguard.guard._state import checkpointable
 from gpuguard.guard.agreement import Agreed
@@ -34,7 +35,7 @@ class Evacuation(SystemExit):
         code: the exit code.
         decision: why.
         step: the step every rank checkpointed.
-        checkpoint: the committed checkpoint (on the committing rank), or None.
+        checkpoint: the committed checkpoint (on every rank: `wait()` means committed), or None when it failed.
     """
 
     def __init__(self, code: int, decision: Decision, step: int, checkpoint: CheckpointInfo | None) -> None:
@@ -140,7 +141,10 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
             report.resume_from = {"id": info.id, "step": info.step, "reason": info.reason}
             log.warning("gpuguard: %s", describe(report.resume_from))
     except Exception as exc:  # the job must leave the bad GPU all the same; resume uses the last good one
-        report.error = str(exc)
+        # A GpuGuardError (storage, a commit that timed out) is expected and says what failed; anything else
+        # is a bug: named by its type, and logged with its traceback below.
+        expected = isinstance(exc, GpuGuardError)
+        report.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         _settle_periodic(guard.periodic)  # so that the resume point named now is the one a rerun finds
         report.resume_from = guard._resume_point()
         evidence["emergency_checkpoint_error"] = report.error
@@ -148,7 +152,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         where = describe(report.resume_from)
         decision = dataclasses.replace(
             decision,
-            message=f"{decision.message}; emergency checkpoint failed ({exc}); {where}",
+            message=f"{decision.message}; emergency checkpoint failed ({report.error}); {where}",
             evidence={
                 **decision.evidence,
                 "resume_from": report.resume_from,
@@ -158,8 +162,9 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         log.error(
             "emergency checkpoint at step %d failed: %s; leaving anyway; %s",
             step,
-            exc,
+            report.error,
             describe(report.resume_from),
+            exc_info=None if expected else exc,
         )
     guard.plugins.hook.gpuguard_after_checkpoint(step=step, reason="emergency", info=info)
     guard.plugins.hook.gpuguard_checkpoint_finished(
@@ -171,6 +176,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
     )
     guard.last_evacuation = report
     guard.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)
+    skip_final_collection()
     raise Evacuation(code, decision, step, info)
 
 
@@ -191,7 +197,20 @@ def _wait(pending: PendingSave, timeout_s: float, deadline_s: float) -> Checkpoi
                 f"(preemption_deadline_s={deadline_s:g}): abandoned, it will not commit"
             ) from None
     # Its manifest write had begun at the deadline: it lands (or fails) within one small write.
-    info = pending.wait(timeout=COMMIT_IN_FLIGHT_S)
+    log.warning(
+        "gpuguard: emergency checkpoint %s was committing at the deadline: waiting up to %gs for its manifest",
+        pending.id,
+        COMMIT_IN_FLIGHT_S,
+    )
+    try:
+        info = pending.wait(timeout=COMMIT_IN_FLIGHT_S)
+    except TimeoutError:
+        # A write in flight cannot be called back: say so, rather than name a resume point that a
+        # manifest landing later would make wrong (the next run would then resume from it, newer).
+        raise GpuGuardError(
+            f"emergency checkpoint {pending.id} was committing at the deadline and its manifest write had not "
+            f"finished {COMMIT_IN_FLIGHT_S:g}s later: if it lands, the next run resumes from it"
+        ) from None
     log.warning("gpuguard: emergency checkpoint %s committed just after the deadline", pending.id)
     return info
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import threading
 import weakref
@@ -14,6 +16,7 @@ log = logging.getLogger("gpuguard")
 
 _open_guards: weakref.WeakSet[Guard] = weakref.WeakSet()
 _hook: list[bool] = []  # installed once per process
+_freeze: list[bool] = []  # installed once per process, on the first evacuation
 
 
 def close_at_exit(guard: Guard) -> None:
@@ -56,3 +59,19 @@ def _close_open_guards() -> None:
             log.error("gpuguard: closing the guard at exit failed: %s", exc)
             continue
         log.warning("gpuguard: at exit, %s", guard.resume_point_text())
+
+
+def skip_final_collection() -> None:
+    """After an evacuation, leave without the interpreter's last garbage collection.
+
+    Once the emergency checkpoint is handled, what remains is the interpreter's finalization, whose
+    full garbage collection walks every object of a process that imported torch and the Kubernetes
+    client: measured 2.8-7.9 s on the loaded 2-core CI machine, time a pod in its grace period may not
+    have (past it the kubelet's SIGKILL turns exit 75 into 137). ``gc.freeze()`` at exit (an ``atexit``
+    handler; every other handler still runs, and objects are still freed as their references go)
+    excludes the existing objects from that collection: 1.0-1.4 s there.
+    """
+    if _freeze:
+        return
+    _freeze.append(True)
+    atexit.register(gc.freeze)

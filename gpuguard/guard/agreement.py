@@ -2,7 +2,7 @@
 
 Every ``sync_every`` steps each rank puts its local view into a tiny tensor and starts an
 ``all_reduce(MAX)`` with ``async_op=True``; the result is read at the rank's next ``step()`` call,
-one training step later, when the 24-byte collective has long finished (a step takes milliseconds
+one training step later, when the 32-byte collective has long finished (a step takes milliseconds
 to seconds; the collective, tens of microseconds). Every rank reads the same value at the same
 step, so all of them checkpoint that step and none enters a collective the others skip.
 
@@ -12,8 +12,9 @@ Latency: a decision first visible at step ``d`` is contributed at the next sync 
 is one collective per ``sync_every`` steps and a wait that is almost always already satisfied.
 
 The tensor carries: the most severe action with the rank that decided it (``action << 16 | rank``),
-whether a time-based periodic checkpoint is due, and the slowest step time with the rank that took it
-(``microseconds << 16 | rank``).
+whether a time-based periodic checkpoint is due, the slowest step time with the rank that took it
+(``microseconds << 16 | rank``), and the fastest, negated so that MAX finds it
+(``-microseconds << 16 | rank``): a slowdown counts against a GPU only on a rank slower than its peers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Agreed:
     periodic_due: bool
     slowest_rank: int
     slowest_step_s: float
+    fastest_rank: int = -1
+    fastest_step_s: float = 0.0
 
 
 NOTHING = Agreed(0, -1, False, -1, 0.0)
@@ -54,7 +57,7 @@ class Agreement:
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            self._buffer = torch.zeros(3, dtype=torch.int64, device=device)
+            self._buffer = torch.zeros(4, dtype=torch.int64, device=device)
 
     def run_token(self) -> str:
         """A token all ranks share for this launch (one collective, at start-up only)."""
@@ -73,7 +76,13 @@ class Agreement:
         if not self.distributed:
             return
         assert self._buffer is not None and self._work is None, "read the previous agreement first"
-        values = [(action << 16) | self.rank, int(periodic_due), (int(step_s * 1e6) << 16) | self.rank]
+        micros = int(step_s * 1e6)
+        values = [
+            (action << 16) | self.rank,
+            int(periodic_due),
+            (micros << 16) | self.rank,
+            (-micros << 16) | self.rank,
+        ]
         self._buffer.copy_(torch.tensor(values, dtype=torch.int64))
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)
 
@@ -84,8 +93,16 @@ class Agreement:
         assert self._buffer is not None
         self._work.wait()
         self._work = None
-        decided, periodic, slowest = (int(v) for v in self._buffer.tolist())
-        return Agreed(decided >> 16, decided & 0xFFFF, bool(periodic), slowest & 0xFFFF, (slowest >> 16) / 1e6)
+        decided, periodic, slowest, fastest = (int(v) for v in self._buffer.tolist())
+        return Agreed(
+            decided >> 16,
+            decided & 0xFFFF,
+            bool(periodic),
+            slowest & 0xFFFF,
+            (slowest >> 16) / 1e6,
+            fastest & 0xFFFF,
+            -(fastest >> 16) / 1e6,
+        )
 
     def close(self) -> None:
         if self._work is not None:

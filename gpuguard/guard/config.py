@@ -28,13 +28,14 @@ ENV_PREFIX = "GPUGUARD_"
 
 # GPUGUARD_* variables that are not settings: read elsewhere, allowed by the unknown-variable check.
 # Add a variable here when a module starts reading one, or a job that sets it will be refused at start.
-OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML"}
+# LEAVE_GRACE_S is gpuguard-run's; its workers inherit it.
+OTHER_ENV: set[str] = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}FAKE_NVML", f"{ENV_PREFIX}LEAVE_GRACE_S"}
 
 # Sudden faults (a GPU off the bus, a power loss) give no warning, so only periodic checkpoints
 # bound what they cost. Meta's Llama 3 run: 419 interruptions in 54 days on 16,384 GPUs, one every
 # 3.1 h for the job. Half an interval is lost per sudden fault on average: 15 min at 30 min, while
 # a periodic save stalls the loop for the snapshot only (about 1 s for 6 GiB on an H200 with
-# gpuguard's staging, fixtures/h200-checkpoint-baseline.json): 1 s / 1800 s = 0.06% of the run.
+# gpuguard's staging, tests/data/h200-checkpoint-baseline.json): 1 s / 1800 s = 0.06% of the run.
 # Young's optimum sqrt(2 x cost x MTBF) gives 2.5 min at 16k GPUs and 1.9 h for one 8-GPU node; 30
 # min sits between, and jobs that know their scale set their own.
 DEFAULT_CHECKPOINT_EVERY_S = 1800.0
@@ -66,7 +67,12 @@ class GuardConfig:
         degraded_grace_s: a DEGRADED condition held this long escalates to rescheduling.
         retry_limit: DEGRADED episodes within ``retry_window_s`` that escalate to rescheduling.
         retry_window_s: the window for ``retry_limit``.
-        step_slowdown: a step this much slower than the run's baseline (0.25: 25%) is DEGRADED.
+        step_slowdown: a step this much slower than the run's baseline (0.25: 25%) is a slowdown. Alone it
+            warns and is exported (``gpuguard_step_slowdown``); it marks the GPU DEGRADED only with NVML
+            evidence on the GPU and this rank that much slower than the fastest rank (see ``guard/steptime.py``).
+        evacuate_on_slowdown_alone: let a step-time slowdown mark the GPU DEGRADED (and so, after
+            ``degraded_grace_s``, move the job) without NVML evidence or a slower-than-peers comparison.
+            Off by default: a slow input pipeline, storage, peer or CPU looks the same, and moving fixes none.
         step_warmup_steps: steps ignored before the baseline is taken (compilation, caches).
         step_baseline_steps: steps whose median is the baseline.
         step_window_steps: recent steps whose median is compared with the baseline.
@@ -74,7 +80,8 @@ class GuardConfig:
         overlap_snapshot: for periodic checkpoints, copy parameters and optimizer state while the next
             forward and backward run; only the next optimizer step waits for the copy.
         commit_timeout_s: how long the committing rank waits for the others' shards.
-        devices: ``job`` (the CUDA devices of this process, or the GPU at ``LOCAL_RANK``) or indices/UUIDs.
+        devices: ``job`` (this process's GPUs: CUDA's, ``CUDA_VISIBLE_DEVICES``, ``NVIDIA_VISIBLE_DEVICES``,
+            ``LOCAL_RANK`` as an index into the visible list; docs/which-gpus.md), ``all``, or indices/UUIDs.
         health: the health rules' thresholds.
         kubernetes: what to ask of Kubernetes on an evacuation.
     """
@@ -94,6 +101,7 @@ class GuardConfig:
     retry_limit: int = 3
     retry_window_s: float = 600.0
     step_slowdown: float = 0.25
+    evacuate_on_slowdown_alone: bool = False
     step_warmup_steps: int = 10
     step_baseline_steps: int = 50
     step_window_steps: int = 20

@@ -9,24 +9,33 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
+
+import torch
 
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
-from gpuguard.guard._checks import check_preemption_bound, check_save_fits_deadline, odd_step, say_what_is_watched
+from gpuguard.guard._checks import (
+    check_preemption_bound,
+    check_save_fits_deadline,
+    estimate_save_against_deadline,
+    odd_step,
+    say_what_is_watched,
+)
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
+from gpuguard.guard._failures import BackgroundFailures
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard.agreement import NOTHING, Agreed, Agreement
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import CONTINUE, Action, Decision, PolicyLadder
-from gpuguard.guard.steptime import SlowdownDetector, StepClock
+from gpuguard.guard.steptime import Peers, SlowdownDetector, StepClock
 from gpuguard.health.model import HealthChange, Reason
 from gpuguard.health.monitor import HealthMonitor
 from gpuguard.plugins import plugin_manager
@@ -121,6 +130,7 @@ class Guard:
         self._resumed_step: int | None = None
         self._reported: set[str] = set()
         self._evacuating = False
+        self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -155,7 +165,11 @@ class Guard:
         self._thread.start()
         self._started = True
         close_at_exit(self)
-        self._evaluate()
+        try:
+            self._evaluate()  # on the caller's thread: a plugin that fails here fails the start
+        except BaseException:
+            self.close()  # and leaves no thread behind
+            raise
         return self
 
     def close(self, timeout_s: float | None = None) -> None:
@@ -176,6 +190,8 @@ class Guard:
         if self._thread:
             self._thread.join(5)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+        if self.last_evacuation is not None and self.last_evacuation.error is not None:
+            settled = False  # an abandoned emergency save's writer may still be in a storage call
         if self.agreement:
             self.agreement.close()
         if self.monitor:
@@ -184,6 +200,7 @@ class Guard:
             self.kubernetes.stop()
             self.plugins.unregister(self.kubernetes)
             self.kubernetes = None
+        self.failures.summary()
         if self.store:
             store = self.store
             closer = threading.Thread(target=store.close, name="gpuguard-store-close", daemon=True)
@@ -221,21 +238,30 @@ class Guard:
                     timeout_s,
                     self.resume_point_text(),
                 )
-            except Exception as exc:
-                log.error("gpuguard: periodic checkpoint %s (step %d) failed: %s", pending.id, pending.step, exc)
+            except Exception as exc:  # on the way out: said (a bug with its traceback), and the close goes on
+                expected = isinstance(exc, GpuGuardError)
+                log.error(
+                    "gpuguard: periodic checkpoint %s (step %d) failed: %s",
+                    pending.id,
+                    pending.step,
+                    exc,
+                    exc_info=None if expected else exc,
+                )
             else:
-                if info is not None or self.rank != 0:
-                    log.info("gpuguard: periodic checkpoint %s (step %d) committed", pending.id, pending.step)
+                log.info("gpuguard: periodic checkpoint %s (step %d) committed", info.id, pending.step)
         self.periodic = []
         return settled
 
     def _resume_point(self) -> dict[str, Any] | None:
         """The checkpoint the next pod will resume from (a storage read: only on the way out)."""
+        assert self.store is not None
         try:
-            assert self.store is not None
             latest = self.store.latest()
-        except Exception as exc:
+        except GpuGuardError as exc:
             return {"error": f"cannot list checkpoints: {exc}"}
+        except Exception as exc:  # on the way out (an evacuation, a close): said with its traceback, not raised
+            log.error("gpuguard: listing checkpoints failed: %r", exc, exc_info=exc)
+            return {"error": f"cannot list checkpoints: {type(exc).__name__}: {exc} (a bug; traceback in the log)"}
         return None if latest is None else {"id": latest.id, "step": latest.step, "reason": latest.reason}
 
     def resume_point_text(self) -> str:
@@ -303,15 +329,9 @@ class Guard:
         return self.agreement.world_size if self.agreement else 1
 
     def _devices(self) -> Any:
-        if self.config.devices != "job":
-            return self.config.devices
-        # One GPU per rank is the torchrun convention: without CUDA to ask, LOCAL_RANK names it.
-        from gpuguard.health.devices import job_device_selection
-
-        selection = job_device_selection()
-        if selection is None and "LOCAL_RANK" in os.environ:
-            return [int(os.environ["LOCAL_RANK"])]
-        return "job"
+        # "job": this job's GPUs from CUDA, CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES and LOCAL_RANK
+        # (an index into the visible list), resolved by the monitor (gpuguard.health.devices).
+        return self.config.devices
 
     def _connect_kubernetes(self) -> None:
         from gpuguard.errors import KubernetesError
@@ -331,33 +351,52 @@ class Guard:
             self.plugins.register(self.kubernetes)
             self.kubernetes.start()
 
-    def _plan_staging(self) -> Callable[[], float] | None:
-        """On the training thread: walking the state runs its ``state_dict()`` (and a framework's hooks)."""
-        try:
-            assert self.store is not None
-            return self.store.plan_staging(
-                checkpointable(self.state),
-                rank=self.rank,
-                world_size=self.world_size,
-                replicated=self.config.replicated,
-            )
-        except Exception as exc:  # the first checkpoint will allocate instead; training goes on
-            log.warning("could not plan the staging buffer: %s", exc)
-            return None
+    def _prepare(self) -> None:
+        """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.
 
-    @staticmethod
-    def _allocate_staging(allocate: Callable[[], float]) -> None:
+        Walking the state calls ``state_dict()`` and the hooks behind it: FSDP2's swap its parameters
+        between sharded and unsharded, so they must never run while forward or backward computes (on
+        another thread they crashed FSDP2 training). What the background threads get is the layout
+        (to allocate) and its size (to estimate a save's time against the preemption deadline).
+        """
+        assert self.store is not None
         try:
-            log.info("staging buffer ready in %.2fs", allocate())
-        except Exception as exc:  # the first checkpoint will allocate instead; training goes on
+            seconds = self.store.prepare(checkpointable(self.state), background=True)
+            log.info("staging buffer planned in %.3fs on the training thread; allocating in the background", seconds)
+        except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # the first save allocates instead
             log.warning("could not prepare the staging buffer: %s", exc)
+            return
+        except Exception as exc:  # a bug: said with its traceback, and training goes on (the first save plans)
+            self.failures.failed("preparing the staging buffer", exc)
+            return
+        if self.rank == 0:  # rank 0 speaks for the job; the probe writes to storage: never on the training thread
+            threading.Thread(target=self._estimate_save_time, name="gpuguard-estimate", daemon=True).start()
+
+    def _estimate_save_time(self) -> None:
+        """The state's size is known now: warn at once when its save would not fit the preemption
+        deadline (a measured save's time is checked again later)."""
+        assert self.store is not None
+        try:
+            if estimate_save_against_deadline(self.config, self.store):
+                self._reported.add("deadline")
+        except Exception as exc:  # a background thread: said with its traceback, never raised into training
+            self.failures.failed("estimating a checkpoint's save time", exc)
 
     # -- resume ---------------------------------------------------------------------------------
 
     def resume(self) -> int:
         """Load the newest committed checkpoint into ``state``; returns the step to run next (0 if none).
 
-        A corrupt newest checkpoint falls back to the one before it.
+        With a process group, every rank calls it and every rank returns the same step: the newest
+        checkpoint whose part every rank read and verified. When some rank's part is corrupt, all
+        ranks fall back together to the same older one, and every rank logs which, whose part and
+        why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
+        all start from step 0.
+
+        Raises:
+            CheckpointCorruptError: no committed checkpoint could be loaded on every rank.
+            CheckpointError: another rank failed (its error's kind, naming the rank).
+            StorageError: the storage failed (never read as "no checkpoint").
         """
         if not self._started:
             self.start()
@@ -415,14 +454,10 @@ class Guard:
             )
         if not self._prepared:
             # After the first optimizer step the state has its final shapes (optimizers create their
-            # moments lazily): plan the staging buffer here, where reading the state cannot race the
-            # computation, and allocate it in the background, not in an emergency.
+            # moments lazily): plan the staging buffer now, at this step boundary on the training thread
+            # (every rank is here: the plan may need a collective), and allocate it in the background.
             self._prepared = True
-            allocate = self._plan_staging()
-            if allocate is not None:
-                threading.Thread(
-                    target=self._allocate_staging, args=(allocate,), name="gpuguard-prepare", daemon=True
-                ).start()
+            self._prepare()
         agreed: Agreed = NOTHING
         action = max(self._local_action, self._forced_action)
         if self._distributed:
@@ -431,9 +466,16 @@ class Guard:
                 agreed = self.agreement.finish()
                 if agreed.slowest_rank >= 0:
                     self.slowest = (agreed.slowest_rank, agreed.slowest_step_s)
+                    self.slowdown.peers = Peers(
+                        self.world_size, agreed.fastest_rank, agreed.fastest_step_s, *self.slowest
+                    )
             if step % c.sync_every == 0 and not agreed.action:
-                recent = self.steps.recent(1)
-                self.agreement.begin(action, self._periodic_due, recent[0] if recent else 0.0)
+                # the median of the recent window (one rank's wait at an agreement is not its speed), which the
+                # guard's thread keeps; the last step's time until it has one
+                measured = self.slowdown.latest
+                recent = self.steps.recent(1) if measured is None else ()
+                step_s = measured.step_s if measured is not None else (recent[0] if recent else 0.0)
+                self.agreement.begin(action, self._periodic_due, step_s)
                 if "bound" not in self._reported and self.steps.count >= c.step_warmup_steps + 20:
                     self._reported.add("bound")
                     check_preemption_bound(c, statistics.median(self.steps.recent(20)))
@@ -512,11 +554,13 @@ class Guard:
         if error is not None:
             log.error("periodic checkpoint %s failed: %s", pending.id, error)
             return
+        assert self.store is not None
         try:
-            assert self.store is not None
             self.store.prune()
-        except Exception as exc:
-            log.warning("pruning old checkpoints failed: %s", exc)
+        except Exception as exc:  # a writer thread: said once (a bug with its traceback), then counted
+            self.failures.failed("pruning old checkpoints", exc, expected=isinstance(exc, GpuGuardError))
+        else:
+            self.failures.succeeded("pruning old checkpoints")
 
     def _evacuate(self, step: int, agreed: Agreed) -> NoReturn:
         evacuate(self, step, agreed)
@@ -536,8 +580,10 @@ class Guard:
             try:
                 self._evaluate()
                 self._watch_preemption()
-            except Exception as exc:  # never into the training thread
-                log.error("gpuguard: deciding failed: %s", exc, exc_info=exc)
+            except Exception as exc:  # never into the training thread; said once with its traceback, then counted
+                self.failures.failed("deciding", exc)
+            else:
+                self.failures.succeeded("deciding")
 
     def _watch_preemption(self) -> None:
         """Say so when a preemption finds the training loop not calling step() (stuck, or a long step)."""
@@ -556,8 +602,9 @@ class Guard:
         assert self.monitor is not None
         snapshot = self.monitor.snapshot()
         extra: dict[str, list[Reason]] = {}
+        self.slowdown.measure()  # for the agreement and the metrics, with or without devices to judge
         for device in snapshot.devices:
-            slow = self.slowdown.check(list(device.readings.get("clock_events", [])))
+            slow = self.slowdown.check(device, self.world_size)
             if slow is not None:
                 extra.setdefault(device.uuid, []).append(slow)
         for found in self.plugins.hook.gpuguard_health_reasons(snapshot=snapshot):

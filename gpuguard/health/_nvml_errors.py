@@ -31,6 +31,19 @@ _HINTS: Final[dict[int, str]] = {
 }
 
 
+# nvmlReturn_t value -> its name in nvml.h, for messages and evidence ("NVML_ERROR_UNKNOWN", not 999).
+_NAMES: Final[dict[int, str]] = {
+    int(getattr(pynvml, name)): name
+    for name in dir(pynvml)
+    if name.startswith("NVML_ERROR_") and isinstance(getattr(pynvml, name), int)
+}
+
+
+def error_name(code: int) -> str:
+    """``NVML_ERROR_UNKNOWN`` for 999: the name nvml.h gives a return code."""
+    return _NAMES.get(int(code), f"NVML error {code}")
+
+
 def is_code(exc: BaseException, code: int) -> bool:
     return isinstance(exc, pynvml.NVMLError) and getattr(exc, "value", None) == code
 

@@ -11,18 +11,13 @@ import pynvml
 from gpuguard.health._samples import DeviceLimits
 from gpuguard.health.signals import FIELD_SIGNALS, FieldSignal, nvml_constant
 
-# Return codes that mean "this GPU or driver does not offer this signal (to us)": the signal is
-# switched off for that GPU only. NOT_SUPPORTED and INVALID_ARGUMENT per nvml.h; NO_PERMISSION for
-# queries a container may not make; FUNCTION_NOT_FOUND when the driver's library predates the call
-# (pynvml raises it from _nvmlGetFunctionPointer, e.g. nvmlDeviceGetCurrentClocksEventReasons before R535).
-OFF_CODES: Final = frozenset(
-    {
-        pynvml.NVML_ERROR_NOT_SUPPORTED,
-        pynvml.NVML_ERROR_INVALID_ARGUMENT,
-        pynvml.NVML_ERROR_NO_PERMISSION,
-        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-    }
-)
+# The only return codes that switch a signal off for a GPU, for good: the GPU or driver does not offer
+# it. nvml.h: NOT_SUPPORTED, "if the device does not support this feature"; FUNCTION_NOT_FOUND when the
+# driver's library predates the call (pynvml raises it from _nvmlGetFunctionPointer, e.g.
+# nvmlDeviceGetCurrentClocksEventReasons before R535). Every other error (UNKNOWN, INVALID_ARGUMENT,
+# which nvmlDeviceGetFieldValues answers when "device is invalid", NO_PERMISSION, ...) leaves the signal
+# unreadable for this cycle, shown on the GPU and retried on the next one.
+OFF_CODES: Final = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
 LOST: Final = pynvml.NVML_ERROR_GPU_IS_LOST
 RESET_REQUIRED: Final = pynvml.NVML_ERROR_RESET_REQUIRED
 
@@ -37,7 +32,7 @@ class DeviceInfo:
     """A watched GPU: identity, limits, and which signals it answers.
 
     ``handle`` is None when NVML could not open the GPU; ``open_code`` and ``open_error`` then say why,
-    and every poll reports that instead of reading.
+    every poll reports that instead of reading, and the open is tried again (``target``) on each poll.
     """
 
     key: int
@@ -47,12 +42,21 @@ class DeviceInfo:
     name: str
     handle: Any
     limits: DeviceLimits
+    target: int | str = -1
     fields: list[FieldSignal] = field(default_factory=lambda: list(FIELD_SIGNALS))
     signals_off: set[str] = field(default_factory=set)
     nvlink_links: list[int] = field(default_factory=list)
+    nvlink_known: bool = False
     events: bool = False
+    events_error: str | None = None
+    events_retry_at: float = float("-inf")  # the monitor's clock before which registration is not retried
     open_code: int | None = None
     open_error: str | None = None
+    open_call: str | None = None
+    open_evidence: dict[str, Any] = field(default_factory=dict)
+    mig_mode: str | None = None
+    mig_devices: list[str] = field(default_factory=list)
+    mig_instances: set[int] = field(default_factory=set)
     cycles: int = 0
 
 

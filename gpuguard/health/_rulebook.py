@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from gpuguard.health._samples import Persistence, Rate, Reading
@@ -17,25 +18,61 @@ from gpuguard.health.signals import FABRIC_STATES
 
 
 class RuleBook:
-    """Active reasons with their hysteresis; the subclass sets the attributes in its constructor."""
+    """Active reasons, each with the way it clears; the subclass sets the attributes in its constructor.
+
+    Three kinds of reason, by how they clear:
+
+    - level (`_level`): held while a reading says so, cleared by the first successful read that says
+      otherwise (a double-bit ECC count back to 0 after a GPU reset). A reading that fails clears nothing.
+    - held (`_hold`): an XID or NVML event, held ``hold_s`` after its last occurrence, or until a GPU
+      reset is seen after it (`_reset_seen`).
+    - soft (`_soft`): a rate or sustained condition with hysteresis (onset, then quiet to clear).
+    """
 
     config: HealthConfig
     _active: dict[str, Reason]
     _rates: dict[str, Rate]
     _persist: dict[str, Persistence]
+    _held_until: dict[str, float]
+    _last_seen: dict[str, float]
 
-    def _hard(
-        self,
-        code: str,
-        state: HealthState,
-        remedy: Remedy,
-        message: str,
-        evidence: dict[str, Any],
-        now: float,
-    ) -> None:
-        """A fault that acts at once and stays until the GPU is reset (the process restarts)."""
-        if code not in self._active or self._active[code].state.severity < state.severity:
-            self._active[code] = Reason(code, state, message, remedy, evidence, now)
+    def _level(self, key: str, condition: bool | None, reason: Reason) -> None:
+        """A reason that follows a reading: on while ``condition``, off once a read says not; None: not read."""
+        if condition is None:
+            return
+        if not condition:
+            self._active.pop(key, None)
+            return
+        previous = self._active.get(key)
+        since = previous.since if previous is not None else reason.since
+        self._active[key] = replace(reason, since=since)
+
+    def _hold(self, key: str, reason: Reason, hold_s: float) -> None:
+        """An event-like reason, held ``hold_s`` after its last occurrence (``reason.since``)."""
+        now = reason.since
+        previous = self._active.get(key)
+        if previous is not None and previous.state.severity >= reason.state.severity:
+            reason = replace(reason, since=previous.since)
+        self._active[key] = reason
+        self._last_seen[key] = now
+        self._held_until[key] = max(self._held_until.get(key, now), now + hold_s)
+
+    def _expire_holds(self, now: float) -> None:
+        for key, until in list(self._held_until.items()):
+            if now >= until:
+                self._drop_hold(key)
+
+    def _reset_seen(self, now: float) -> None:
+        """The hardware shows a GPU reset (volatile counters back down, a lost GPU answering again):
+        every event-like reason that came before it is over."""
+        for key, last in list(self._last_seen.items()):
+            if last < now:
+                self._drop_hold(key)
+
+    def _drop_hold(self, key: str) -> None:
+        self._active.pop(key, None)
+        self._held_until.pop(key, None)
+        self._last_seen.pop(key, None)
 
     def _soft(self, code: str, condition: bool, now: float, reason: Reason) -> None:
         if self._persist[code].update(condition, now):
@@ -43,9 +80,8 @@ class RuleBook:
                 # While the condition is absent but not yet quiet long enough, the reason keeps the
                 # values that triggered it, not the current (clearing) ones.
                 since = self._persist[code].active_since
-                self._active[code] = Reason(
-                    reason.code, reason.state, reason.message, reason.remedy, reason.evidence, since
-                )
+                clears = reason.clears or f"after the condition has been absent {self.config.quiet_s:g}s"
+                self._active[code] = replace(reason, since=since, clears=clears)
         else:
             self._active.pop(code, None)
 
@@ -58,15 +94,19 @@ class RuleBook:
             return
         state, status = int(r["fabric_state"]), int(r.get("fabric_status", 0))
         name = FABRIC_STATES.get(state, str(state))
-        if state == 3 and status != 0:
-            self._hard(
+        self._level(
+            "FABRIC_REGISTRATION_FAILED",
+            state == 3 and status != 0,
+            Reason(
                 "FABRIC_REGISTRATION_FAILED",
                 HealthState.FAILING,
-                Remedy.CONTACT_SUPPORT,
                 f"NVSwitch fabric registration failed (NVML error {status}); check the fabric manager",
+                Remedy.CONTACT_SUPPORT,
                 {"fabric_state": name, "fabric_status": status},
                 now,
-            )
+                clears="when the fabric registration reads COMPLETED with success",
+            ),
+        )
         self._soft(
             "FABRIC_NOT_READY",
             state in (1, 2),

@@ -19,8 +19,12 @@ class HealthConfig:
 
     Hysteresis: a rate or sustained condition must hold for ``onset_s`` before it marks a GPU, and a
     reason clears only after its condition has been absent for ``quiet_s`` — one event is not a trend.
-    Hard faults (double-bit ECC, pending or failed row remap, a recovery action, a critical XID, a lost
-    GPU) act at once and do not clear on their own.
+    Hard faults act at once and clear when the hardware says so, without a restart: a counter or flag
+    that reads clear again (volatile double-bit ECC back to 0 after a GPU reset, a row remap no longer
+    pending, the recovery action back to NONE, every NVLink up, the GPU answering again after LOST or
+    RESET_REQUIRED); an XID or an event after ``xid_hold_s`` (``quiet_s`` for XIDs that do not fault the
+    GPU) with no new one, or as soon as a GPU reset is seen after it. Each reason says how it clears
+    (`Reason.clears`).
 
     Attributes:
         poll_interval_s: seconds between field polls; detection latency, not cost, sets it (a cycle
@@ -44,6 +48,9 @@ class HealthConfig:
         clock_event_onset_s: how long a hardware slowdown, thermal or power-brake clock event must
             persist before it counts.
         load_utilization_pct: GPU utilization at or above which the PCIe link should run at full width.
+        xid_hold_s: how long an XID (or NVML event) that faults a GPU stays a reason after its last
+            occurrence, when nothing else shows a reset; the counters that come with it (a double-bit
+            ECC count with XID 48) hold their own verdict for as long as they read so.
         application_xids: XIDs that come from the program and never mark a GPU on their own.
         driver_retries: retries of an NVML call that timed out, within one poll.
         unresponsive_polls: consecutive failed polls after which a device is UNKNOWN.
@@ -64,6 +71,7 @@ class HealthConfig:
     temperature_margin_c: float = 5.0
     clock_event_onset_s: float = 10.0
     load_utilization_pct: float = 20.0
+    xid_hold_s: float = 300.0
     application_xids: frozenset[int] = field(default=DEFAULT_APPLICATION_XIDS)
     driver_retries: int = 2
     unresponsive_polls: int = 3
@@ -87,6 +95,7 @@ class HealthConfig:
             "temperature_margin_c",
             "clock_event_onset_s",
             "load_utilization_pct",
+            "xid_hold_s",
         )
         for name in non_negative:
             value = getattr(self, name)

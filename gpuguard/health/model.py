@@ -70,6 +70,8 @@ class Reason:
         remedy: what would clear it.
         evidence: the values behind it: readings, thresholds, windows, the XID number.
         since: when it was first seen, in the monitor's clock (seconds).
+        clears: how this reason goes away without a restart: the reading that clears it (a counter
+            back to 0 after a GPU reset, a remap no longer pending), or the hold time of an event.
     """
 
     code: str
@@ -78,6 +80,7 @@ class Reason:
     remedy: Remedy
     evidence: Mapping[str, Any] = field(default_factory=dict)
     since: float = 0.0
+    clears: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +90,7 @@ class Reason:
             "remedy": self.remedy.value,
             "evidence": dict(self.evidence),
             "since": round(self.since, 3),
+            "clears": self.clears,
         }
 
 
@@ -104,7 +108,15 @@ class DeviceHealth:
         state: the worst state any reason implies (``HEALTHY`` with no reasons).
         reasons: every active reason, worst first.
         readings: the latest raw readings, by readable name (see `gpuguard.fakenvml.FIELD_NAMES`).
-        signals_off: signals this GPU does not support, so their rules are off.
+        signals_off: signals this GPU does not support (NVML answered NOT_SUPPORTED or
+            FUNCTION_NOT_FOUND), so their rules are off.
+        signals_unreadable: signals whose last read failed, with the NVML error; retried every poll.
+            A critical one (ECC, row remap, NVLink, XID events) makes the GPU ``UNKNOWN``.
+        mig_mode: ``"enabled"``, ``"disabled"`` (``"enabled (pending disable)"`` and the like while a
+            change waits for a reset), or None where the GPU has no MIG.
+        mig_devices: the MIG devices on this GPU that are watched through it: the job's own instances
+            when it runs on MIG (``MIG-... (GPU instance 1, compute instance 0)``), every instance in a
+            node-wide view. Health, XIDs and ECC are per GPU, so they are judged on this parent.
         updated_at: the monitor clock at the last evaluation.
     """
 
@@ -116,6 +128,9 @@ class DeviceHealth:
     reasons: tuple[Reason, ...] = ()
     readings: Mapping[str, Any] = field(default_factory=dict)
     signals_off: tuple[str, ...] = ()
+    signals_unreadable: Mapping[str, str] = field(default_factory=dict)
+    mig_mode: str | None = None
+    mig_devices: tuple[str, ...] = ()
     updated_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +143,9 @@ class DeviceHealth:
             "reasons": [reason.to_dict() for reason in self.reasons],
             "readings": dict(self.readings),
             "signals_off": list(self.signals_off),
+            "signals_unreadable": dict(self.signals_unreadable),
+            "mig_mode": self.mig_mode,
+            "mig_devices": list(self.mig_devices),
             "updated_at": round(self.updated_at, 3),
         }
 
@@ -154,6 +172,8 @@ class HealthSnapshot:
         error: the source's last error, if any.
         taken_at: the monitor clock when the snapshot was made.
         skipped: GPUs NVML counts but denies this process (NO_PERMISSION), one line each; not watched.
+        watching: which GPUs are watched and how they were chosen (the job's scope), one line.
+        notes: what NVML said about GPUs that are not watched (another GPU on the node lost, say).
     """
 
     devices: tuple[DeviceHealth, ...]
@@ -161,6 +181,8 @@ class HealthSnapshot:
     error: str | None = None
     taken_at: float = 0.0
     skipped: tuple[str, ...] = ()
+    watching: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def worst(self) -> HealthState:
@@ -171,6 +193,18 @@ class HealthSnapshot:
     def by_uuid(self, uuid: str) -> DeviceHealth | None:
         return next((d for d in self.devices if d.uuid == uuid), None)
 
+    def states(self) -> dict[str, str]:
+        """Each watched GPU's state name, by UUID (by ``index N`` or PCI bus id where the UUID is unknown).
+
+        The verdict a node-level check needs: it follows the hardware, so a GPU that was FAILING reads
+        HEALTHY again once a reset has cleared what failed it (see `Reason.clears`).
+        """
+        out: dict[str, str] = {}
+        for d in self.devices:
+            key = d.uuid or d.pci_bus_id or f"index {d.index}"
+            out[key] = d.state.value
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"devices": [d.to_dict() for d in self.devices]}
         if not self.available:
@@ -179,6 +213,10 @@ class HealthSnapshot:
             out["error"] = self.error
         if self.skipped:
             out["skipped"] = list(self.skipped)
+        if self.watching:
+            out["watching"] = self.watching
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 

@@ -7,17 +7,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import pynvml
 
 from gpuguard._nvml import choose_nvml
 from gpuguard.errors import HealthError, NvmlError
+from gpuguard.health._nvml_errors import error_name
 from gpuguard.health.config import HealthConfig
-from gpuguard.health.devices import job_device_selection
+from gpuguard.health.devices import JobScope
 from gpuguard.health.model import DeviceHealth, HealthChange, HealthSnapshot, HealthState, Reason, worst_state
-from gpuguard.health.nvml_source import DeviceInfo, NvmlSource
-from gpuguard.health.rules import DeviceEvent, DeviceRules, Sample
+from gpuguard.health.nvml_source import DeviceInfo, NvmlSource, Selection
+from gpuguard.health.rules import DeviceEvent, DeviceRules
 from gpuguard.health.signals import RECOVERY_ACTIONS, clock_event_names
 from gpuguard.health.xid import XidTable
 
@@ -40,8 +42,10 @@ class HealthMonitor:
             ``pynvml`` — or the fake that ``GPUGUARD_FAKE_NVML`` names (``h200``, a recording or a
             scenario file), for putting a whole job through a fault without a broken GPU.
         config: thresholds and timings.
-        devices: ``"job"`` (the CUDA devices this process sees, by UUID; every GPU when that cannot be
-            told), ``"all"``, or NVML indices and UUIDs.
+        devices: ``"job"`` (this job's GPUs, found from CUDA, ``CUDA_VISIBLE_DEVICES``,
+            ``NVIDIA_VISIBLE_DEVICES`` and ``LOCAL_RANK`` as `gpuguard.health.devices` describes, and
+            said once at start), ``"all"``, or NVML indices and UUIDs (``MIG-...`` UUIDs are watched
+            through their parent GPU).
         clock: seconds, monotonic; the fake NVML's scenario clock when it has one.
 
     Example:
@@ -73,8 +77,11 @@ class HealthMonitor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._threaded = False
+        self._event_thread: threading.Thread | None = None
         self.polls = 0
         self.events = 0
+        self.event_wait_failures = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -95,7 +102,8 @@ class HealthMonitor:
             self._record_error(exc, "opening NVML")
             self._snapshot = HealthSnapshot(devices=(), available=False, error=str(exc), taken_at=self.clock())
             return self._snapshot
-        self._rules = {d.key: DeviceRules(self.config, self._xids, d.limits) for d in devices}
+        self._say_watching()
+        self._rules = {d.key: self._new_rules(d) for d in devices}
         for note in self.source.skipped:
             self._errors.append(note)
         events_ok = False
@@ -104,12 +112,31 @@ class HealthMonitor:
             events_ok = self.source.open_events() > 0
         except HealthError as exc:
             self._record_error(exc, "creating the NVML event set (every GPU is polled alone)")
+        self._events_registered(self.source.devices)
+        self._threaded = threads
         self.poll()
         if threads:
             self._spawn("gpuguard-nvml-poll", self._poll_loop)
             if events_ok:
-                self._spawn("gpuguard-nvml-events", self._event_loop)
+                self._start_event_thread()
         return self._snapshot
+
+    def _new_rules(self, device: DeviceInfo) -> DeviceRules:
+        rules = DeviceRules(self.config, self._xids, device.limits)
+        rules.own_instances = frozenset(device.mig_instances)
+        return rules
+
+    def _say_watching(self) -> None:
+        """Once, at start: which GPUs are watched and how they were chosen (never a silent whole node)."""
+        source = self.source
+        opened = ", ".join(
+            f"GPU {d.index} ({d.uuid or d.pci_bus_id or d.target})"
+            + (f" via MIG {', '.join(d.mig_devices)}" if d.mig_devices and self._selection != "all" else "")
+            for d in source.devices
+        )
+        line = f"gpuguard health: watching {opened or 'no GPU'}: {source.watching}"
+        level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[source.watching_level]
+        log.log(level, "%s", line)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the threads, wait for them, and release NVML. Safe to call twice."""
@@ -159,7 +186,21 @@ class HealthMonitor:
     # -- driving --------------------------------------------------------------------------------
 
     def poll(self) -> HealthSnapshot:
-        """Read every watched GPU once and re-evaluate. The poll thread calls this every interval."""
+        """Read every watched GPU once and re-evaluate. The poll thread calls this every interval.
+
+        What failed before is tried again first: a GPU that could not be opened (it may be back after a
+        reset) and event registrations that failed; in the steady state that costs nothing.
+        """
+        for device in self.source.devices:
+            if device.handle is None and self.source.reopen(device):
+                with self._lock:
+                    self._rules[device.key].limits = device.limits
+                    self._rules[device.key].own_instances = frozenset(device.mig_instances)
+        registered = self.source.retry_events(self.clock())
+        if registered:
+            self._events_registered(registered)
+            if self._threaded:
+                self._start_event_thread()
         samples = [(d, self.source.read(d, self.clock())) for d in self.source.devices]
         with self._lock:
             for device, sample in samples:
@@ -168,35 +209,73 @@ class HealthMonitor:
         return self._publish()
 
     def process_events(self, timeout_s: float = 0.0) -> int:
-        """Wait up to ``timeout_s`` for NVML events and apply all that are ready; returns how many."""
+        """Wait up to ``timeout_s`` for NVML events and apply all that are ready; returns how many.
+
+        Never raises for NVML's sake: GPU_IS_LOST marks the GPUs that are gone; any other wait error
+        stays on the event path (XID events unreadable on every registered GPU, polling goes on).
+        """
         applied = 0
         timeout = timeout_s
+        changed = False
         while True:
             try:
                 got = self.source.wait_event(timeout, self.clock)
             except NvmlError as exc:
-                if exc.code != pynvml.NVML_ERROR_GPU_IS_LOST:
-                    raise
-                self._events_lost(exc)
-                applied += 1
+                if exc.code == pynvml.NVML_ERROR_GPU_IS_LOST:
+                    self._events_lost(exc)
+                    applied += 1
+                else:
+                    self._event_wait_failed(exc)
+                    changed = True
                 break
+            changed |= self._event_path_ok()
             if got is None:
                 break
             device, event = got
             self._apply_event(device, event)
             applied += 1
             timeout = 0.0
-        if applied:
+        if applied or changed:
             self._publish()
         return applied
 
+    def _events_registered(self, devices: list[DeviceInfo]) -> None:
+        """A GPU whose events are registered can have its XIDs read (until a wait says otherwise)."""
+        with self._lock:
+            for device in devices:
+                if device.events:
+                    self._rules[device.key].reads.answered("events")
+
+    def _event_path_ok(self) -> bool:
+        """The wait answered (an event or a timeout): XID events are readable on every registered GPU."""
+        changed = False
+        with self._lock:
+            for device in self.source.devices:
+                if device.events:
+                    rules = self._rules[device.key]
+                    changed |= "events" in rules.reads.unreadable()
+                    rules.event_path(None)
+        return changed
+
+    def _event_wait_failed(self, exc: NvmlError) -> None:
+        """nvml.h, nvmlEventSetWait_v2: UNKNOWN "on any unexpected error" (and INVALID_ARGUMENT): not a GPU
+        fault, but while it lasts XIDs go unseen. Each registered GPU's XID events are unreadable (UNKNOWN
+        after `unresponsive_polls` failed waits); the poll thread goes on; the wait is tried again."""
+        said = f"nvmlEventSetWait_v2: {error_name(exc.code)} ({exc.code})"
+        self.event_wait_failures += 1
+        with self._lock:
+            for device in self.source.devices:
+                if device.events:
+                    self._rules[device.key].event_path(said)
+        self._record_error(exc, "waiting for NVML events (XID events unseen meanwhile; polling continues)")
+
     def _events_lost(self, exc: NvmlError) -> None:
         """The event wait answered GPU_IS_LOST: mark the GPUs that are gone, keep events for the others."""
-        lost = self.source.find_lost_in_events()
         now = self.clock()
+        lost = self.source.find_lost_in_events(now)
         with self._lock:
             for device in lost:
-                self._rules[device.key].observe(Sample(at=now, lost=True, call="nvmlEventSetWait_v2"))
+                self._rules[device.key].lost_in_event_wait(now)
         if not lost:
             self._record_error(exc, "waiting for NVML events (no GPU answered lost on its own)")
         log.warning(
@@ -213,11 +292,11 @@ class HealthMonitor:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _resolve_selection(self) -> list[int | str] | None:
+    def _resolve_selection(self) -> Selection:
         if self._selection == "all":
             return None
         if self._selection == "job":
-            return job_device_selection()
+            return JobScope.from_environment()
         return list(self._selection)
 
     def _publish(self) -> HealthSnapshot:
@@ -226,7 +305,12 @@ class HealthMonitor:
             devices = tuple(self._device_health(d, now) for d in self.source.devices)
             previous = {(d.index, d.uuid): d for d in self._snapshot.devices}
             self._snapshot = HealthSnapshot(
-                devices=devices, available=True, taken_at=now, skipped=tuple(self.source.skipped)
+                devices=devices,
+                available=True,
+                taken_at=now,
+                skipped=tuple(self.source.skipped),
+                watching=self.source.watching,
+                notes=tuple(self.source.notes),
             )
             subscribers = list(self._subscribers)
         for current in devices:
@@ -238,6 +322,11 @@ class HealthMonitor:
     def _device_health(self, device: DeviceInfo, now: float) -> DeviceHealth:
         rules = self._rules[device.key]
         reasons = rules.reasons(now)
+        if device.mig_devices:
+            # Health is per GPU; the evidence names the MIG devices it concerns.
+            reasons = tuple(
+                replace(r, evidence={**r.evidence, "mig_devices": list(device.mig_devices)}) for r in reasons
+            )
         readings: dict[str, Any] = dict(rules.readings)
         if "nvlink_down_links" in readings:
             mask = int(readings.pop("nvlink_down_links"))
@@ -257,6 +346,9 @@ class HealthMonitor:
             reasons=reasons,
             readings=readings,
             signals_off=tuple(sorted(device.signals_off)),
+            signals_unreadable=rules.reads.unreadable(),
+            mig_mode=device.mig_mode,
+            mig_devices=tuple(device.mig_devices),
             updated_at=now,
         )
 
@@ -270,10 +362,11 @@ class HealthMonitor:
             except Exception as exc:
                 self._record_error(exc, f"health subscriber {callback!r}")
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
@@ -286,17 +379,29 @@ class HealthMonitor:
             except Exception as exc:  # a monitor thread never dies and never raises into training
                 self._record_error(exc, "polling NVML")
 
+    def _start_event_thread(self) -> None:
+        if self._event_thread is None or not self._event_thread.is_alive():
+            self._event_thread = self._spawn("gpuguard-nvml-events", self._event_loop)
+
     def _event_loop(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
+            if not self.source.has_event_set:  # being retried by the poll thread
+                self._stop.wait(self.config.event_wait_s)
+                continue
+            failures = self.event_wait_failures
+            crashed = False
             try:
                 if self.process_events(self.config.event_wait_s):
                     self._wake.set()  # re-read the fields now: an event often comes with new counter values
-                backoff = 0.0
-            except Exception as exc:
+            except Exception as exc:  # a programming error: said with its traceback, the thread lives on
                 self._record_error(exc, "waiting for NVML events")
-                backoff = min(30.0, max(1.0, backoff * 2))
+                crashed = True
+            if crashed or self.event_wait_failures > failures:  # the wait failed: back off, then try again
+                backoff = min(30.0, max(self.config.event_wait_s, backoff * 2))
                 self._stop.wait(backoff)
+            else:
+                backoff = 0.0
 
     def _record_error(self, exc: BaseException, doing: str) -> None:
         message = f"{doing}: {exc}"

@@ -5,8 +5,10 @@ It takes any object that answers like the ``pynvml`` module, so the real library
 
 Failures are isolated per device and per call, after NVML's documented return codes (``nvml.h``):
 one GPU that cannot be opened is an entry of its own (LOST, FAILING or UNKNOWN; skipped when NVML
-denies it), one call that a GPU does not answer switches that signal off for that GPU only, and an
-event registration that fails leaves that GPU on polling alone.
+denies it), tried again on each poll; a call the GPU does not offer (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
+switches that signal off for that GPU only; any other failure leaves the signal unreadable for that
+cycle, said in the sample, and retried on the next. Opening lives in `_nvml_open`, events in
+`_nvml_events`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 import pynvml
 
 from gpuguard.errors import HealthError, NvmlError, NvmlUnavailableError
 from gpuguard.health import _nvml_errors
+from gpuguard.health._nvml_errors import error_name
+from gpuguard.health._nvml_events import WATCHED_EVENTS, EventPath
+from gpuguard.health._nvml_open import Opening
 from gpuguard.health._nvml_values import (
     LINK_ACTIVE,
     LOST,
@@ -34,12 +39,11 @@ from gpuguard.health._nvml_values import (
     decode,
     describe_error,
     handle_key,
-    text,
 )
 from gpuguard.health.config import HealthConfig
-from gpuguard.health.rules import DeviceEvent, DeviceLimits, Sample
+from gpuguard.health.devices import JobScope, Level
+from gpuguard.health.rules import DeviceLimits, Sample
 from gpuguard.health.signals import (
-    EVENT_TYPES,
     FIELD_SIGNALS,
     NVLINK_STATE_FIELD,
     ROTATING_CALLS,
@@ -48,10 +52,10 @@ from gpuguard.health.signals import (
 
 log = logging.getLogger("gpuguard.health")
 
-WATCHED_EVENTS: Final[int] = sum(EVENT_TYPES.values())
+Selection = Sequence[int | str] | JobScope | None
 
 
-class NvmlSource:
+class NvmlSource(Opening, EventPath):
     """Opens NVML, reads one GPU per call, and waits for NVML events.
 
     Args:
@@ -67,6 +71,9 @@ class NvmlSource:
         self.config = config or HealthConfig()
         self.devices: list[DeviceInfo] = []
         self.skipped: list[str] = []
+        self.notes: list[str] = []
+        self.watching = ""
+        self.watching_level: Level = "info"
         self._by_handle: dict[int, DeviceInfo] = {}
         self._event_set: Any = None
         self._initialised = False
@@ -74,16 +81,19 @@ class NvmlSource:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def open(self, selection: Sequence[int | str] | None = None) -> list[DeviceInfo]:
+    def open(self, selection: Selection = None) -> list[DeviceInfo]:
         """Initialise NVML and read each selected GPU's identity and limits.
 
         A GPU that NVML counts but cannot open does not blind the others: GPU_IS_LOST makes it a LOST
-        entry, RESET_REQUIRED a FAILING one, other failures an UNKNOWN one (identified by index, and by
-        PCI bus id when only the UUID could not be read); NO_PERMISSION (a GPU the container's cgroup
-        denies) skips it, said once in the log and in `skipped`.
+        entry (from a by-UUID open, only once the lost GPU is found to be this one), RESET_REQUIRED,
+        INSUFFICIENT_POWER and IRQ_ISSUE a FAILING one, other failures an UNKNOWN one (identified by index,
+        and by PCI bus id when only the UUID could not be read); NO_PERMISSION (a GPU the container's
+        cgroup denies) skips it, said once in the log and in `skipped`. A MIG device is watched through
+        its parent GPU.
 
         Args:
-            selection: NVML indices or UUIDs; every GPU when None. UUIDs are opened by UUID.
+            selection: NVML indices or UUIDs (``GPU-...``, ``MIG-...``); a `JobScope` (the job's GPUs,
+                mapped here onto NVML's); every GPU when None. UUIDs are opened by UUID.
 
         Raises:
             NvmlUnavailableError: NVML itself cannot be used.
@@ -94,93 +104,42 @@ class NvmlSource:
         self._call("nvmlInit", nv.nvmlInit)
         self._initialised = True
         count = self._call("nvmlDeviceGetCount", nv.nvmlDeviceGetCount)
-        targets: list[int | str] = list(range(count)) if selection is None else list(selection)
+        self.skipped, self.notes = [], []
+        targets = self._targets(selection, count)
         missing = [str(t) for t in targets if isinstance(t, int) and not 0 <= t < count]
         devices: list[DeviceInfo] = []
-        self.skipped = []
         for target in targets:
             if isinstance(target, int) and not 0 <= target < count:
                 continue
-            device = self._open_one(target, len(devices))
+            device = self.open_target(target, len(devices))
             if device is not None:
                 devices.append(device)
         if missing:
             raise NvmlError(
                 f"GPUs not found by NVML: {', '.join(sorted(missing))} (NVML sees {count})", code=-1, call="open"
             )
-        self.devices = devices
-        self._by_handle = {handle_key(d.handle): d for d in devices if d.handle is not None}
-        return devices
+        self.devices = _merge_mig(devices)
+        self._by_handle = {handle_key(d.handle): d for d in self.devices if d.handle is not None}
+        return self.devices
 
-    def _open_one(self, target: int | str, key: int) -> DeviceInfo | None:
-        nv = self.nvml
-        index, uuid, pci = (target, "", "") if isinstance(target, int) else (-1, target, "")
-        call = "nvmlDeviceGetHandleByIndex" if isinstance(target, int) else "nvmlDeviceGetHandleByUUID"
-        try:
-            if isinstance(target, int):
-                handle = self._retry(nv.nvmlDeviceGetHandleByIndex, target)
-            else:
-                handle = self._retry(nv.nvmlDeviceGetHandleByUUID, target)
-                index = self._index_of(handle)
-            if not uuid:
-                call = "nvmlDeviceGetUUID"
-                uuid = text(self._retry(nv.nvmlDeviceGetUUID, handle))
-        except pynvml.NVMLError as exc:
-            if call == "nvmlDeviceGetUUID":
-                pci = self._pci_bus_id(handle)
-            return self._open_failed(key, index, uuid, pci, call, exc)
-        device = DeviceInfo(
-            key=key, index=index, uuid=uuid, pci_bus_id="", name="", handle=handle, limits=DeviceLimits()
-        )
-        self._describe(device)
-        return device
-
-    def _open_failed(
-        self, key: int, index: int, uuid: str, pci: str, call: str, exc: BaseException
-    ) -> DeviceInfo | None:
-        code = code_of(exc)
-        who = f"GPU {index}" if index >= 0 else f"GPU {uuid}"
-        message = f"{call} failed: {describe_error(exc)} (NVML error {code})"
-        if code == pynvml.NVML_ERROR_NO_PERMISSION:
-            # A GPU this container may not use (cgroup), though nvmlDeviceGetCount counts it: not ours to watch.
-            note = f"{who}: skipped, NVML denies access ({message})"
-            self.skipped.append(note)
-            log.warning("gpuguard health: %s", note)
-            return None
-        log.warning("gpuguard health: %s%s could not be opened: %s", who, f" ({pci})" if pci else "", message)
-        return DeviceInfo(
-            key=key,
-            index=index,
-            uuid=uuid,
-            pci_bus_id=pci,
-            name="",
-            handle=None,
-            limits=DeviceLimits(),
-            fields=[],
-            open_code=code,
-            open_error=message,
-        )
-
-    def _index_of(self, handle: Any) -> int:
-        fn = getattr(self.nvml, "nvmlDeviceGetIndex", None)
-        if fn is None:
-            return -1
-        try:
-            return int(self._retry(fn, handle))
-        except pynvml.NVMLError:
-            return -1
-
-    def _pci_bus_id(self, handle: Any) -> str:
-        pci = self._optional("nvmlDeviceGetPciInfo", self.nvml.nvmlDeviceGetPciInfo, handle)
-        return text(pci.busId) if pci is not None else ""
+    def _targets(self, selection: Selection, count: int) -> list[int | str]:
+        if isinstance(selection, JobScope):
+            inventory = self.inventory(count) if selection.needs_inventory else None
+            resolved = selection.resolve(inventory)
+            self.watching, self.watching_level = resolved.description, resolved.level
+            return list(range(count)) if resolved.targets is None else resolved.targets
+        if selection is None:
+            self.watching = f"every GPU NVML shows ({count})"
+            return list(range(count))
+        self.watching = "GPU(s) " + ", ".join(str(t) for t in selection) + " (as asked)"
+        return list(selection)
 
     def _describe(self, device: DeviceInfo) -> None:
         nv, handle = self.nvml, device.handle
         device.pci_bus_id = self._pci_bus_id(handle)
-        name = self._optional("nvmlDeviceGetName", nv.nvmlDeviceGetName, handle)
-        device.name = text(name) if name is not None else ""
-        links = self._nvlink_links(device)
-        device.nvlink_links = links
+        device.name = self._name(handle)
+        self.read_mig_mode(device)
+        self._discover_links(device)
         device.limits = DeviceLimits(
             pcie_max_link_width=self._optional(
                 "nvmlDeviceGetMaxPcieLinkWidth", nv.nvmlDeviceGetMaxPcieLinkWidth, handle
@@ -200,12 +159,36 @@ class NvmlSource:
                 handle,
                 pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX,
             ),
-            nvlink_links=len(links),
+            nvlink_links=len(device.nvlink_links),
         )
+
+    def _discover_links(self, device: DeviceInfo) -> str | None:
+        """The NVLinks this GPU has: those whose state entry answers, in one batched field read.
+
+        A link that answers INVALID_ARGUMENT ("link is invalid"), NOT_SUPPORTED or FUNCTION_NOT_FOUND does
+        not exist here; one that answers another error exists but is unreadable now (the rules see it
+        unreadable, and a down one as down: DCGM fails any down link, whenever it went down). A batch that
+        fails as a whole leaves the links unknown: tried again on the next poll. Returns that error.
+        """
+        most = int(getattr(self.nvml, "NVML_NVLINK_MAX_LINKS", 18))
+        try:
+            values = self._retry(
+                self.nvml.nvmlDeviceGetFieldValues, device.handle, [(NVLINK_STATE_FIELD, i) for i in range(most)]
+            )
+        except pynvml.NVMLError as exc:
+            code = code_of(exc)
+            if code in OFF_CODES:
+                values = []
+            else:
+                return f"nvmlDeviceGetFieldValues (NVLink states): {describe_error(exc)} ({error_name(code)})"
+        absent = {pynvml.NVML_ERROR_INVALID_ARGUMENT, *OFF_CODES}
+        links = [i for i, v in enumerate(values) if int(v.nvmlReturn) not in absent]
+        device.nvlink_links, device.nvlink_known = links, True
+        device.limits = DeviceLimits(**{**device.limits.__dict__, "nvlink_links": len(links)})
         if links:
             # One entry per link in the same batched read: link state costs no call of its own.
             device.fields = [
-                *device.fields,
+                *(f for f in device.fields if not f.name.startswith("nvlink_state_")),
                 *(FieldSignal(f"nvlink_state_{i}", NVLINK_STATE_FIELD, "", i) for i in links),
             ]
         else:
@@ -213,22 +196,7 @@ class NvmlSource:
             # NVLink there is no NVSwitch fabric either.
             names = [s.name for s in FIELD_SIGNALS if s.name.startswith("nvlink_")]
             self._switch_off(device, *names, "nvlink_down", "fabric")
-
-    def _nvlink_links(self, device: DeviceInfo) -> list[int]:
-        """The NVLinks this GPU has: those whose state answers, in one batched field read at start.
-
-        A link whose state read fails is skipped alone (the others are still watched); a link that
-        answers but is inactive already at start counts, so the rules see it down (DCGM fails any
-        down link, whenever it went down).
-        """
-        most = int(getattr(self.nvml, "NVML_NVLINK_MAX_LINKS", 18))
-        try:
-            values = self._retry(
-                self.nvml.nvmlDeviceGetFieldValues, device.handle, [(NVLINK_STATE_FIELD, i) for i in range(most)]
-            )
-        except pynvml.NVMLError:
-            return []
-        return [i for i, v in enumerate(values) if int(v.nvmlReturn) == pynvml.NVML_SUCCESS]
+        return None
 
     def close(self) -> None:
         self._free_events()
@@ -248,7 +216,8 @@ class NvmlSource:
         A cycle is three NVML calls per GPU however many NVLinks it has.
 
         Never raises for the GPU's sake: a lost GPU, a GPU that needs a reset and failed calls come
-        back in the sample; a call the GPU does not answer switches that signal off for it.
+        back in the sample (``unreadable`` names each signal that failed, with the NVML error); a call
+        the GPU does not offer switches that signal off for it.
         """
         if device.handle is None:
             return Sample(
@@ -256,43 +225,65 @@ class NvmlSource:
                 lost=device.open_code == LOST,
                 reset_required=device.open_code == RESET_REQUIRED,
                 error=device.open_error,
-                call="open",
+                call=device.open_call or "open",
+                open_code=device.open_code,
+                evidence=dict(device.open_evidence),
             )
         readings: dict[str, float | int] = {}
         errors: list[str] = []
+        unreadable: dict[str, str] = {}
         reset = False
         try:
-            reset = self._read_fields(device, readings, errors)
+            if not device.nvlink_known:
+                failed = self._discover_links(device)
+                if failed is not None:
+                    for name in ("nvlink_down", *(s.name for s in FIELD_SIGNALS if s.name.startswith("nvlink_"))):
+                        unreadable[name] = failed
+            reset = self._read_fields(device, readings, errors, unreadable)
             if not reset:
                 turns = [c for c in ROTATING_CALLS if c not in device.signals_off]
                 calls = turns if device.cycles == 0 or not turns else [turns[device.cycles % len(turns)]]
                 for name in ("clock_events", *calls):
-                    reset = self._read_call(device, readings, errors, name)
+                    reset = self._read_call(device, readings, errors, unreadable, name)
                     if reset:
                         break
         except GpuLost as lost:
             return Sample(at=now, lost=True, call=lost.call)
         finally:
             device.cycles += 1
+        if device.events_error is not None:
+            unreadable["events"] = device.events_error
+        off = frozenset(device.signals_off)
+        unreadable = {name: said for name, said in unreadable.items() if name not in off}
         if reset:
-            return Sample(at=now, readings=readings, reset_required=True)
+            return Sample(at=now, readings=readings, reset_required=True, unreadable=unreadable, off=off)
         if not readings:
             reason = "; ".join(errors) if errors else "every signal is off for this GPU"
-            return Sample(at=now, error=reason)
-        return Sample(at=now, readings=readings, errors=tuple(errors))
+            return Sample(at=now, error=reason, unreadable=unreadable, off=off)
+        return Sample(at=now, readings=readings, errors=tuple(errors), unreadable=unreadable, off=off)
 
-    def _read_fields(self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str]) -> bool:
+    def _read_fields(
+        self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str], unreadable: dict[str, str]
+    ) -> bool:
         if not device.fields:
             return False
         fields = list(device.fields)
         ids = [(s.field_id, s.scope) if s.scope else s.field_id for s in fields]
         fn = self.nvml.nvmlDeviceGetFieldValues
-        values = self._device_call(device, errors, "nvmlDeviceGetFieldValues", None, fn, device.handle, ids)
+        # nvml.h: the call fails as a whole only with INVALID_ARGUMENT, "if device is invalid"; each entry
+        # has its own nvmlReturn, which "you must check" for each value.
+        failed: dict[str, str] = {}
+        values = self._device_call(device, errors, failed, "nvmlDeviceGetFieldValues", None, fn, device.handle, ids)
+        if failed:
+            for signal in fields:
+                unreadable[_signal_of(signal)] = failed["*"]
+            return False
         if values is RESET:
             return True
         if values is None:
             return False
         down: list[int] = []
+        unread_links: list[int] = []
         for signal, value in zip(fields, values, strict=False):
             ret = int(value.nvmlReturn)
             if ret == pynvml.NVML_SUCCESS:
@@ -309,15 +300,30 @@ class NvmlSource:
             elif ret in OFF_CODES:
                 self._switch_off(device, signal.name)
             else:
-                errors.append(f"{signal.name}: NVML error {ret}")
-        if device.nvlink_links and "nvlink_down" not in device.signals_off:
+                said = f"nvmlDeviceGetFieldValues: {error_name(ret)} ({ret})"
+                if signal.name.startswith("nvlink_state_"):
+                    unread_links.append(signal.scope)
+                    said = f"link {signal.scope}: {said}"
+                name = _signal_of(signal)
+                unreadable[name] = f"{unreadable[name]}; {said}" if name in unreadable else said
+                errors.append(f"{signal.name}: {error_name(ret)}")
+                self._say_once(device, f"field {signal.name}", ret, said)
+        if device.nvlink_links and "nvlink_down" not in device.signals_off and (down or not unread_links):
+            # A link read down is evidence even while another link cannot be read; "all up" needs them all.
             readings["nvlink_down"] = len(down)
             readings["nvlink_down_links"] = sum(1 << link for link in down)
         if "power_w" in readings:
             readings["power_w"] = readings["power_w"] / 1000.0
         return False
 
-    def _read_call(self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str], name: str) -> bool:
+    def _read_call(
+        self,
+        device: DeviceInfo,
+        readings: dict[str, float | int],
+        errors: list[str],
+        unreadable: dict[str, str],
+        name: str,
+    ) -> bool:
         if name in device.signals_off:
             return False
         nv, h = self.nvml, device.handle
@@ -334,19 +340,21 @@ class NvmlSource:
             "utilization": ("nvmlDeviceGetUtilizationRates", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
         }
         if name == "fabric":
-            return self._read_fabric(device, readings, errors)
+            return self._read_fabric(device, readings, errors, unreadable)
         call, fn = calls[name]
         if getattr(nv, call, None) is None:  # this nvidia-ml-py release lacks the binding
             self._switch_off(device, name)
             return False
-        value = self._device_call(device, errors, call, name, fn)
+        value = self._device_call(device, errors, unreadable, call, name, fn)
         if value is RESET:
             return True
         if value is not None:
             readings[name] = value
         return False
 
-    def _read_fabric(self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str]) -> bool:
+    def _read_fabric(
+        self, device: DeviceInfo, readings: dict[str, float | int], errors: list[str], unreadable: dict[str, str]
+    ) -> bool:
         """The GPU's NVSwitch fabric registration (nvmlDeviceGetGpuFabricInfo); off where there is no fabric."""
         nv = self.nvml
         info_type = getattr(nv, "c_nvmlGpuFabricInfo_t", None)
@@ -356,7 +364,7 @@ class NvmlSource:
             return False
         info = info_type()
         got = self._device_call(
-            device, errors, "nvmlDeviceGetGpuFabricInfo", "fabric", fn, device.handle, ctypes.byref(info)
+            device, errors, unreadable, "nvmlDeviceGetGpuFabricInfo", "fabric", fn, device.handle, ctypes.byref(info)
         )
         if got is RESET:
             return True
@@ -371,9 +379,21 @@ class NvmlSource:
         return False
 
     def _device_call(
-        self, device: DeviceInfo, errors: list[str], call: str, signal: str | None, fn: Callable[..., Any], *args: Any
+        self,
+        device: DeviceInfo,
+        errors: list[str],
+        unreadable: dict[str, str],
+        call: str,
+        signal: str | None,
+        fn: Callable[..., Any],
+        *args: Any,
     ) -> Any:
-        """One NVML call for one GPU, isolated: the value, or None (said), `RESET`, or `GpuLost` raised."""
+        """One NVML call for one GPU, isolated: the value, or None (said), `RESET`, or `GpuLost` raised.
+
+        NOT_SUPPORTED / FUNCTION_NOT_FOUND switch the signal off (every field signal, for the batched
+        read); any other error leaves it unreadable this cycle (``unreadable[signal]``, or
+        ``unreadable["*"]`` for the batch) and it is tried again on the next.
+        """
         try:
             return self._retry(fn, *args)
         except pynvml.NVMLError as exc:
@@ -382,22 +402,23 @@ class NvmlSource:
                 raise GpuLost(call) from None
             if code == RESET_REQUIRED:
                 return RESET
+            said = f"{call}: {describe_error(exc)} ({error_name(code)})"
             if code in OFF_CODES:
-                # The batched read refused as a whole (a driver without field values, a denied query):
-                # every field signal is off for this GPU, said once, and its single calls go on.
                 names = [signal] if signal is not None else [f.name for f in device.fields]
-                self._switch_off(device, *names, why=f"{call}: {describe_error(exc)}")
+                self._switch_off(device, *names, why=said)
                 return None
-            text = f"{call}: {describe_error(exc)} (NVML error {code})"
-            errors.append(text)
-            self._say_once(device, call, code, text)
+            unreadable[signal or "*"] = said
+            errors.append(said)
+            self._say_once(device, call, code, said)
             return None
 
     def _say_once(self, device: DeviceInfo, call: str, code: int, text: str) -> None:
         key = (device.key, call, code)
         if key not in self._said:
             self._said.add(key)
-            log.warning("gpuguard health: GPU %d (%s): %s", device.index, device.uuid, text)
+            log.warning(
+                "gpuguard health: GPU %d (%s): %s; retried on every poll (said once)", device.index, device.uuid, text
+            )
 
     def _switch_off(self, device: DeviceInfo, *names: str, why: str = "") -> None:
         new = [n for n in names if n not in device.signals_off]
@@ -405,7 +426,8 @@ class NvmlSource:
             return
         device.signals_off.update(new)
         device.fields = [s for s in device.fields if s.name not in device.signals_off]
-        # Said once per GPU and signal: the rules that need these signals are off for this GPU.
+        # Said once per GPU and signal: the rules that need these signals are off for this GPU
+        # (listed per GPU in DeviceHealth.signals_off).
         log.info(
             "GPU %d (%s) does not support %s%s: those checks are off for it",
             device.index,
@@ -413,102 +435,6 @@ class NvmlSource:
             ", ".join(new),
             f" ({why})" if why else "",
         )
-
-    # -- events ---------------------------------------------------------------------------------
-
-    def open_events(self, devices: Sequence[DeviceInfo] | None = None) -> int:
-        """Register the watched event types on each device; returns how many devices have events.
-
-        A device whose registration fails stays on polling alone, said once; the others keep events.
-
-        Raises:
-            HealthError: when no event set can be created at all (every GPU is then polled alone).
-        """
-        nv = self.nvml
-        self._free_events()
-        self._event_set = self._call("nvmlEventSetCreate", nv.nvmlEventSetCreate)
-        registered = 0
-        for device in self.devices if devices is None else devices:
-            device.events = False
-            if device.handle is None or "events" in device.signals_off:
-                continue
-            try:
-                supported = self._retry(nv.nvmlDeviceGetSupportedEventTypes, device.handle)
-                mask = WATCHED_EVENTS & int(supported or 0)
-                if not mask:
-                    self._switch_off(device, "events", why="no watched event type is supported")
-                    continue
-                self._retry(nv.nvmlDeviceRegisterEvents, device.handle, mask, self._event_set)
-            except pynvml.NVMLError as exc:
-                why = f"registering NVML events failed: {describe_error(exc)} (NVML error {code_of(exc)})"
-                self._switch_off(device, "events", why=why + "; polling alone watches it")
-                continue
-            device.events = True
-            registered += 1
-        return registered
-
-    def _free_events(self) -> None:
-        if self._event_set is not None:
-            with contextlib.suppress(pynvml.NVMLError):
-                self.nvml.nvmlEventSetFree(self._event_set)
-            self._event_set = None
-
-    def find_lost_in_events(self) -> list[DeviceInfo]:
-        """After the event wait answered GPU_IS_LOST: which registered GPUs are gone.
-
-        ``nvmlEventSetWait_v2`` answers for the whole set, so each GPU is tried in an event set of its
-        own (a zero-timeout wait); the ones that answer GPU_IS_LOST are returned, and the event set is
-        rebuilt without them so that the other GPUs keep their events.
-        """
-        nv = self.nvml
-        lost: list[DeviceInfo] = []
-        for device in [d for d in self.devices if d.events]:
-            probe = None
-            try:
-                probe = self._retry(nv.nvmlEventSetCreate)
-                self._retry(
-                    nv.nvmlDeviceRegisterEvents,
-                    device.handle,
-                    WATCHED_EVENTS & int(self._retry(nv.nvmlDeviceGetSupportedEventTypes, device.handle) or 0),
-                    probe,
-                )
-                self._retry(nv.nvmlEventSetWait_v2, probe, 0)
-            except pynvml.NVMLError as exc:
-                if code_of(exc) == LOST:
-                    lost.append(device)
-            finally:
-                if probe is not None:
-                    with contextlib.suppress(pynvml.NVMLError):
-                        nv.nvmlEventSetFree(probe)
-        for device in lost:
-            device.events = False
-            device.signals_off.add("events")
-        self.open_events([d for d in self.devices if d not in lost])
-        return lost
-
-    def wait_event(self, timeout_s: float, now: Callable[[], float]) -> tuple[DeviceInfo, DeviceEvent] | None:
-        """Block up to ``timeout_s`` for one event; None on timeout or for devices not watched.
-
-        Raises:
-            NvmlError: the wait failed; ``code`` 15 (GPU_IS_LOST) when a registered GPU is gone.
-        """
-        if self._event_set is None:
-            return None
-        try:
-            data = self.nvml.nvmlEventSetWait_v2(self._event_set, int(timeout_s * 1000))
-        except pynvml.NVMLError as exc:
-            if _nvml_errors.is_code(exc, pynvml.NVML_ERROR_TIMEOUT):
-                return None
-            raise _nvml_errors.translate(exc, "nvmlEventSetWait_v2") from exc
-        device = self._by_handle.get(handle_key(data.device))
-        if device is None:
-            return None
-        event_type = int(data.eventType)
-        for kind, bit in EVENT_TYPES.items():
-            if bit and event_type & bit:
-                xid = int(data.eventData) if kind == "xid" else None
-                return device, DeviceEvent(at=now(), kind=kind, xid=xid)
-        return None
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -542,6 +468,29 @@ class NvmlSource:
             return self._call(name, fn, *args)
         except HealthError:
             return None
+
+
+def _signal_of(signal: FieldSignal) -> str:
+    """The signal a batch entry belongs to: every per-link state entry is part of ``nvlink_down``."""
+    return "nvlink_down" if signal.name.startswith("nvlink_state_") else signal.name
+
+
+def _merge_mig(devices: list[DeviceInfo]) -> list[DeviceInfo]:
+    """Several of the job's MIG devices on one GPU: one entry for the GPU, naming each of them."""
+    merged: list[DeviceInfo] = []
+    by_uuid: dict[str, DeviceInfo] = {}
+    for device in devices:
+        first = by_uuid.get(device.uuid) if device.handle is not None else None
+        if first is None:
+            if device.handle is not None:
+                by_uuid[device.uuid] = device
+            merged.append(device)
+            continue
+        first.mig_devices = [*first.mig_devices, *(m for m in device.mig_devices if m not in first.mig_devices)]
+        first.mig_instances |= device.mig_instances
+    for key, device in enumerate(merged):
+        device.key = key
+    return merged
 
 
 __all__ = ["WATCHED_EVENTS", "DeviceInfo", "NvmlSource"]

@@ -106,6 +106,22 @@ NVLINK_ERROR_SIGNALS: Final[tuple[str, ...]] = (
     "nvlink_recovery_errors",
 )
 
+# Signals whose loss would hide a fault that fails a GPU: when one cannot be read (an error other than
+# NOT_SUPPORTED / FUNCTION_NOT_FOUND), the GPU is UNKNOWN until it reads again, so that fail_mode=closed
+# fails it. "events" stands for the NVML event path that carries XIDs.
+CRITICAL_SIGNALS: Final[frozenset[str]] = frozenset(
+    {
+        "ecc_sbe_volatile",
+        "ecc_dbe_volatile",
+        "remap_pending",
+        "remap_failure",
+        "recovery_action",
+        "nvlink_down",
+        *NVLINK_ERROR_SIGNALS,
+        "events",
+    }
+)
+
 FIELD_BY_NAME: Final[dict[str, FieldSignal]] = {s.name: s for s in FIELD_SIGNALS}
 SIGNAL_NAMES: Final[tuple[str, ...]] = tuple(s.name for s in FIELD_SIGNALS) + tuple(s.name for s in CALL_SIGNALS)
 

@@ -3,7 +3,8 @@
 It composes ``torch.distributed.run`` (same arguments) rather than copying it:
 
 1. preflight: the node's GPUs are read once; a FAILING or LOST one means the job should not start
-   here, and the wrapper exits 75 at once so the pod is rescheduled;
+   here: the node is marked first (`gpuguard.k8s.gang.settle`), then the wrapper exits 75 so the pod
+   is rescheduled elsewhere (exit 1, counted, when the mark cannot be confirmed);
 2. the workers run under torchrun with local restarts off;
 3. a worker's exit 75 makes the wrapper exit 75 — no local restart on a bad GPU; a worker's 76
    restarts the workers in place, up to ``--max-restarts`` times (a fresh process on the same GPU
@@ -12,15 +13,22 @@ It composes ``torch.distributed.run`` (same arguments) rather than copying it:
    emergency checkpoint and exit 75; the wrapper waits for them and exits with their code. (torchrun's
    own handling would terminate the workers, SIGKILL them after ``--shutdown-timeout``, and raise a
    traceback without their exit codes, so SIGTERM is taken out of its ``--signals-to-handle``.)
+5. once a worker has left with 75 or 76, the others get ``--leave-grace-s`` (10 s) to leave on their
+   own before torchrun's agent signals them — their last lines (a report, a metrics push,
+   ``destroy_process_group``) run — never past the pod's termination grace period when the pod is
+   being stopped; one still running then is named, and stopped by torchrun (``_leave_grace``).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -28,6 +36,7 @@ from types import FrameType
 log = logging.getLogger("gpuguard.run")
 
 EXIT_FAILED = 1
+LEAVE_GRACE_ENV = "GPUGUARD_LEAVE_GRACE_S"
 
 
 def preflight(reschedule_code: int) -> int | None:
@@ -52,7 +61,11 @@ def preflight(reschedule_code: int) -> int | None:
     for device in bad:
         reason = device.reasons[0].message if device.reasons else ""
         print(f"gpuguard-run: GPU {device.index} ({device.uuid}) is {device.state.value}: {reason}", file=sys.stderr)
-    return reschedule_code if bad else None
+    if not bad:
+        return None
+    from gpuguard.k8s.gang import settle
+
+    return settle(reschedule_code, bad=bad)
 
 
 def _children() -> list[int]:
@@ -80,6 +93,7 @@ class Forwarder:
     def __init__(self, signals: Sequence[signal.Signals]) -> None:
         self.signals = list(signals)
         self.received: signal.Signals | None = None
+        self.received_at: float | None = None  # time.monotonic()
 
     def install(self) -> None:
         for sig in self.signals:
@@ -87,6 +101,8 @@ class Forwarder:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
+        if self.received_at is None:
+            self.received_at = time.monotonic()
         workers = _children()
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):  # a worker that ended meanwhile
@@ -108,12 +124,82 @@ def _preemption_signals() -> list[signal.Signals]:
     return [signal.Signals[name] for name in names]
 
 
+HELP = """\
+torchrun (torch.distributed.run, same arguments), with what gpuguard adds:
+
+  preflight    the node's GPUs are read once before anything starts; a FAILING or LOST GPU (or, with
+               GPUGUARD_HEALTH_FAIL_MODE=closed, GPUs whose health cannot be read) makes gpuguard-run
+               exit 75 at once, so that the pod is scheduled elsewhere
+  exit codes   a worker's 75 (reschedule: its guard took an agreed emergency checkpoint on a bad GPU)
+               makes gpuguard-run exit 75, with no local restart; a worker's 76 (restart in place)
+               restarts the workers up to --max-restarts times, then exits 76. torchrun's own restarts
+               on other failures are off; any other failure exits 1
+  leave grace  once a worker has exited 75 or 76, the others get --leave-grace-s to finish and leave on
+               their own before torchrun signals them; one still running then is named, then stopped
+  signals      SIGTERM (and GPUGUARD_PREEMPTION_SIGNALS) is forwarded to the workers, whose guards
+               checkpoint an agreed step and exit 75; gpuguard-run exits with their code (128 + the
+               signal's number when the workers, without a guard, die of it), never a traceback
+
+gpuguard's own options are at the end; GPUGUARD_FAKE_NVML=h200 (or a scenario file) puts a whole job
+through a fault on a machine without GPUs. torchrun's description and options follow.
+
+Torch Distributed Elastic Training Launcher"""
+
+
+def _grace_s(raw: str) -> float:
+    from gpuguard.integrations._leave_grace import parse_grace_s
+
+    try:
+        return parse_grace_s(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (--leave-grace-s or {LEAVE_GRACE_ENV})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """torchrun's own parser, with gpuguard-run's options added in a group of their own."""
+    from torch.distributed.run import get_args_parser
+
+    from gpuguard.cli._help import DefaultsFormatter
+    from gpuguard.integrations._leave_grace import DEFAULT_LEAVE_GRACE_S
+
+    parser = get_args_parser()
+    parser.prog = "gpuguard-run"
+    parser.formatter_class = DefaultsFormatter
+    parser.description = HELP
+    ours = parser.add_argument_group("gpuguard-run")
+    ours.add_argument(
+        "--leave-grace-s",
+        "--leave_grace_s",
+        type=_grace_s,
+        default=os.environ.get(LEAVE_GRACE_ENV, f"{DEFAULT_LEAVE_GRACE_S:g}"),
+        metavar="SECONDS",
+        help=(
+            "once a worker exits 75 or 76, how long the others may take to leave on their own before "
+            "torchrun signals them (never past the pod's termination grace period, GPUGUARD_TERMINATION_GRACE_S, "
+            f"once the pod is being stopped); 0: at once. Default: {LEAVE_GRACE_ENV} or {DEFAULT_LEAVE_GRACE_S:g}"
+        ),
+    )
+    return parser
+
+
+def _termination_grace_s() -> float | None:
+    """The pod's ``terminationGracePeriodSeconds``, as ``gpuguard k8s manifests`` passes it (the guard checks it)."""
+    raw = os.environ.get("GPUGUARD_TERMINATION_GRACE_S", "").strip()
+    try:
+        value = float(raw) if raw else math.nan
+    except ValueError:
+        value = math.nan
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import run
+
+    from gpuguard.integrations._leave_grace import LeaveGrace, installed
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    args = parse_args(list(argv) if argv is not None else None)  # type: ignore[no-untyped-call]
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
     reschedule, restart = 75, 76
     code = preflight(reschedule)
     if code is not None:
@@ -126,9 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         s for s in (n.strip() for n in str(args.signals_to_handle).split(",")) if s and s not in ours
     )
     forwarder.install()
+    termination_grace_s = _termination_grace_s()
+
+    def pod_kill_at() -> float | None:
+        if forwarder.received_at is None or termination_grace_s is None:
+            return None
+        return forwarder.received_at + termination_grace_s
+
+    grace = LeaveGrace(float(args.leave_grace_s), frozenset((reschedule, restart)), pod_kill_at)
     while True:
         try:
-            run(args)  # type: ignore[no-untyped-call]
+            with installed(grace):
+                run(args)  # type: ignore[no-untyped-call]
             return 0
         except ChildFailedError as exc:
             codes = {failure.exitcode for failure in exc.failures.values()}
@@ -139,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 128 + int(forwarder.received)
             if reschedule in codes:
                 print(f"gpuguard-run: a worker asked to be rescheduled (exit {reschedule})", file=sys.stderr)
-                return reschedule
+                from gpuguard.k8s.gang import settle
+
+                # a health evacuation counts in the budget (77 once spent); a preemption does not
+                return reschedule if forwarder.received is not None else settle(reschedule)
             if restart in codes and restarts_left > 0:
                 restarts_left -= 1
                 print(

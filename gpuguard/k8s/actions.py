@@ -2,7 +2,9 @@
 
 1. a pod condition (``gpuguard.io/GPUHealthy`` = False) through the pods/status subresource;
 2. an events.k8s.io/v1 Event on the pod, with the GPU's UUID and the evidence;
-3. the hardware marked: a node taint or label, and for DRA-allocated GPUs a DeviceTaintRule;
+3. the hardware marked: a node taint or label, and for DRA-allocated GPUs a DeviceTaintRule — by the
+   pod itself (``marker: pod``), or by the node agent from the pod's own report (``marker: agent``,
+   the training pod holding no node rights: see `gpuguard.k8s.reports`);
 4. leaving: the exit code (default), the Eviction API, or deleting the pod.
 
 Each action is switchable and bounded. A failure is reported and the next action still runs: a 403
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gpuguard.errors import KubernetesError, KubernetesUnreachableError
-from gpuguard.k8s import node_marks
+from gpuguard.k8s import node_marks, reports
 from gpuguard.k8s.cluster import Cluster
-from gpuguard.k8s.dra import Dra
+from gpuguard.k8s.dra import DeviceRef, Dra
 
 log = logging.getLogger("gpuguard.k8s")
 
@@ -118,7 +120,7 @@ class KubernetesActions:
             ),
             (
                 "device-taint-rule",
-                mark and c.dra and device is not None and action == "reschedule",
+                mark and c.dra and c.marker == "pod" and device is not None and action == "reschedule",
                 lambda d: self.taint_dra_device(device or "", d, state=state),
             ),
             ("leave-" + c.leave, leave and c.leave != "exit", self.leave),
@@ -173,7 +175,6 @@ class KubernetesActions:
     def create_event(
         self, message: str, device: str | None, evidence: dict[str, Any], action: str, deadline: float
     ) -> str:
-        from kubernetes import client
 
         cl = self.cluster
         if not cl.pod_uid:
@@ -199,21 +200,14 @@ class KubernetesActions:
             "reportingController": "gpuguard.io/guard",
             "reportingInstance": cl.pod[:128],
         }
-        cl.call(
-            "create",
-            "events",
-            client.EventsV1Api(cl.api).create_namespaced_event,
-            cl.namespace,
-            body,
-            group="events.k8s.io",
-            deadline=deadline,
-        )
+        cl.create_event(cl.namespace, body, deadline)  # raw JSON: eventTime keeps its six digits
         return "Warning GPUUnhealthy"
 
     def mark_node(
         self, device: str, deadline: float, *, state: str = "FAILING", reasons: list[str] | None = None
     ) -> str:
-        """Taint or label the node (one taint per key and effect) and record ``device`` on it."""
+        """Mark the node for ``device``: taint or label it (one taint per key and effect) and record it —
+        itself, or through the node agent from this pod's report (``marker: agent``)."""
         cl = self.cluster
         if not cl.node:
             raise KubernetesError(
@@ -222,15 +216,27 @@ class KubernetesActions:
                 verb="patch",
                 resource="nodes",
             )
+        if self.config.marker == "agent":
+            ref = self._dra_ref(device, deadline) if self.config.dra else None
+            reports.report(cl, device, state=state, reasons=reasons or [], dra=ref, deadline=deadline)
+            return reports.wait_marked(cl, device, deadline)
         return node_marks.mark(cl, cl.node, device=device, state=state, reasons=reasons or [], deadline=deadline)
 
+    def _dra_ref(self, device: str, deadline: float) -> DeviceRef | None:
+        """The DRA device behind ``device`` for the agent to taint; None when there is none (said, not raised)."""
+        try:
+            if self.dra.version("devicetaintrules", deadline) is None:
+                return None
+            return self.dra.device_for(device, deadline)
+        except KubernetesError as exc:
+            log.warning("the DRA device behind %s could not be looked up for the node agent: %s", device, exc)
+            return None
+
     def taint_dra_device(self, device: str, deadline: float, *, state: str = "FAILING") -> str:
-        """A DeviceTaintRule for the DRA device behind ``device``; skipped when GPUs are not DRA-allocated."""
-        if state.upper() == "DEGRADED":
-            # Device taints have no PreferNoSchedule: degraded evidence must not take the device away.
-            raise KubernetesError(
-                "DEGRADED evidence does not taint a device", status=404, verb="create", resource="devicetaintrules"
-            )
+        """A DeviceTaintRule for the DRA device behind ``device``; skipped when GPUs are not DRA-allocated.
+
+        An escalated DEGRADED GPU gets ``NoSchedule`` at most (`node_marks.effect_for`): the job left it.
+        """
         if self.dra.version("devicetaintrules", deadline) is None:
             raise KubernetesError(
                 "resource.k8s.io DeviceTaintRules are not served here",
@@ -246,7 +252,7 @@ class KubernetesActions:
                 verb="get",
                 resource="resourceclaims",
             )
-        return self.dra.taint(ref, device, deadline)
+        return self.dra.taint(ref, device, deadline, effect=node_marks.effect_for(state, self.config.taint_effect))
 
     def leave(self, deadline: float) -> str:
         from kubernetes import client

@@ -86,6 +86,42 @@ class Cluster:
         data: dict[str, Any] = json.loads(response.data)
         return data
 
+    def create_json(
+        self, resource: str, path: str, body: dict[str, Any], *, group: str = "", deadline: float | None = None
+    ) -> dict[str, Any]:
+        """POST ``body`` as raw JSON, past the client's models.
+
+        kubernetes 37's typed methods validate a dict body into their model first (pydantic), which turns
+        an Event's ``eventTime`` string into a datetime and writes it back with ``isoformat()``: at
+        microsecond 0 that is ``...:00+00:00``, which a real API server rejects (MicroTime needs six
+        fractional digits, apimachinery/pkg/apis/meta/v1/micro_time.go). The JSON sent is the JSON given.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        def send(_request_timeout: float) -> dict[str, Any]:
+            method, url, headers, data, post = self.api.param_serialize(
+                method="POST",
+                resource_path=path,
+                header_params={"Content-Type": "application/json", "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = self.api.call_api(
+                method, url, header_params=headers, body=data, post_params=post, _request_timeout=_request_timeout
+            )
+            response.read()
+            if not 200 <= response.status < 300:
+                raise ApiException(http_resp=response)
+            answer: dict[str, Any] = json.loads(response.data)
+            return answer
+
+        return self.call("create", resource, send, group=group, deadline=deadline)
+
+    def create_event(self, namespace: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        """An events.k8s.io/v1 Event, sent as raw JSON (`create_json`: its eventTime stays six digits)."""
+        path = f"/apis/events.k8s.io/v1/namespaces/{namespace}/events"
+        return self.create_json("events", path, body, group="events.k8s.io", deadline=deadline)
+
     def get_pod_json(self, deadline: float | None = None) -> dict[str, Any]:
         """The pod as raw JSON (allocatedResourcesStatus and other new fields included)."""
         from kubernetes import client

@@ -13,6 +13,7 @@ from gpuguard.errors import ConfigError
 # Effects a device taint may have: NoSchedule and NoExecute (the API's DeviceTaintEffect enum;
 # PreferNoSchedule does not exist for devices).
 DEVICE_TAINT_EFFECTS: Final = ("NoSchedule", "NoExecute")
+_DNS1123_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUALIFIED_NAME: Final = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
@@ -27,11 +28,18 @@ class KubernetesConfig:
         condition: set a pod condition (``condition_type`` = False) through pods/status.
         condition_type: the condition's type.
         event: create an events.k8s.io/v1 Event on the pod.
-        mark: mark the node: ``taint`` (``taint_key`` = the GPU's UUID, ``taint_effect``), ``label``, or ``none``.
-        taint_key: the taint's or label's key.
+        mark: mark the node: ``taint`` (``taint_key`` = ``gpuguard``, ``taint_effect``), ``label``, or ``none``.
+        marker: who marks the node. ``agent``: the pod reports on its own pod (condition, Event and the
+            ``gpuguard.io/unhealthy-gpus`` annotation) and the node agent (the node-check DaemonSet, its own
+            service account) marks the node it runs on, answering with a ``GPUNodeMarked`` Event; the
+            training pods hold no node rights. ``pod``: the pod patches its node itself (the generated
+            ValidatingAdmissionPolicy keeps it to its own node and gpuguard's key).
+        taint_key: the taint's or label's key. gpuguard's taints carry the value ``gpuguard``: a taint with
+            this key and another value is someone else's and is never removed.
         taint_effect: for FAILING or LOST GPUs: ``NoSchedule`` keeps new pods off; ``NoExecute`` would evict
             the others too; ``PreferNoSchedule`` only with ``dra=False`` (device taints do not have it).
-            DEGRADED-only evidence always taints ``PreferNoSchedule``, never harder.
+            An escalated DEGRADED GPU (it works, but the job left it) taints ``NoSchedule`` at most, never
+            ``NoExecute``: the replacement must not come back, the node's other pods may stay.
         dra: for DRA-allocated GPUs, create a DeviceTaintRule that taints just that device.
         dra_driver: the DRA driver whose devices are GPUs.
         leave: ``exit`` with the code (the Job's podFailurePolicy reads it), or ``evict`` (the pod gets
@@ -44,6 +52,8 @@ class KubernetesConfig:
         pod_health: read the pod's own allocatedResourcesStatus (KEP-4680) as health evidence.
         pod_health_interval_s: how often to read it.
         kubeconfig: a kubeconfig file to use outside a cluster (else ``KUBECONFIG`` or ``~/.kube/config``).
+        evacuation_budget: the ConfigMap (in the pod's namespace) that counts health evacuations across the
+            gang's restarts and recreations; None: no budget. ``gpuguard k8s manifests`` creates it.
     """
 
     enabled: Literal["auto", "on", "off"] = "auto"
@@ -51,6 +61,7 @@ class KubernetesConfig:
     condition_type: str = "gpuguard.io/GPUHealthy"
     event: bool = True
     mark: Literal["taint", "label", "none"] = "taint"
+    marker: Literal["pod", "agent"] = "pod"
     taint_key: str = "gpuguard.io/unhealthy-gpu"
     taint_effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
     dra: bool = True
@@ -62,11 +73,13 @@ class KubernetesConfig:
     pod_health: bool = True
     pod_health_interval_s: float = 10.0
     kubeconfig: str | None = None
+    evacuation_budget: str | None = None
 
     def __post_init__(self) -> None:
         choices = {
             "enabled": ("auto", "on", "off"),
             "mark": ("taint", "label", "none"),
+            "marker": ("pod", "agent"),
             "taint_effect": ("NoSchedule", "PreferNoSchedule", "NoExecute"),
             "leave": ("exit", "evict", "delete"),
         }
@@ -93,6 +106,9 @@ class KubernetesConfig:
                 + ", ".join(DEVICE_TAINT_EFFECTS)
                 + " (set dra=false to taint only the node with PreferNoSchedule)",
             )
+        budget = self.evacuation_budget
+        if budget is not None and not _DNS1123_SUBDOMAIN.match(budget):
+            raise ConfigError("kubernetes.evacuation_budget", budget, "must be a ConfigMap's name (a DNS subdomain)")
         if not _QUALIFIED_NAME.match(self.taint_key) or len(self.taint_key.rsplit("/", 1)[-1]) > 63:
             # A taint's key and a label's key are qualified names (apimachinery validation.IsQualifiedName).
             raise ConfigError(

@@ -158,8 +158,8 @@ class Dra:
         ref = by_uuid.get(uuid)
         return ref if ref in allocated else None
 
-    def taint(self, ref: DeviceRef, uuid: str, deadline: float | None) -> str:
-        """Create a DeviceTaintRule for ``ref``; one that is already there is fine."""
+    def taint(self, ref: DeviceRef, uuid: str, deadline: float | None, *, effect: str | None = None) -> str:
+        """Create a DeviceTaintRule for ``ref`` on this cluster's node; one that is already there is fine."""
         from kubernetes import client
 
         cl, c = self.cluster, self.cluster.config
@@ -177,7 +177,7 @@ class Dra:
             },
             "spec": {
                 "deviceSelector": {"driver": ref.driver, "pool": ref.pool, "device": ref.device},
-                "taint": {"key": c.taint_key, "value": uuid, "effect": c.taint_effect},
+                "taint": {"key": c.taint_key, "value": uuid, "effect": effect or c.taint_effect},
             },
         }
         try:

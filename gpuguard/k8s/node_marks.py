@@ -6,6 +6,11 @@ effect"). So several bad GPUs on one node share one taint, and the annotation
 ``gpuguard.io/unhealthy-gpus`` records each GPU's UUID, verdict, reasons, time and the pod that saw it.
 That record is also what lets an operator, or the node check, take gpuguard's marks away again.
 
+gpuguard's taints carry the value ``gpuguard`` (``OWNER``). A taint with gpuguard's key and any other
+value — an administrator's ``gpuguard.io/unhealthy-gpu=rma-ticket-1234:NoExecute`` — is someone else's:
+gpuguard never removes it, and when it already holds the (key, effect) gpuguard would add, the node is
+marked all the same and gpuguard records that the taint is not its own.
+
 Every change is a read-modify-write: GET the node, PATCH with its ``resourceVersion``; a 409 (someone
 else changed the node in between) is re-read and retried.
 """
@@ -24,6 +29,8 @@ from gpuguard.k8s.cluster import Cluster
 log = logging.getLogger("gpuguard.k8s")
 
 RECORD_ANNOTATION: Final = "gpuguard.io/unhealthy-gpus"
+OWNER: Final = "gpuguard"  # the value of every taint gpuguard places
+LABEL_VALUES: Final = ("failing", "degraded")
 TRIES: Final = 5
 # A node annotation's value counts against the object's 256 KiB of annotations
 # (apimachinery/pkg/api/validation/objectmeta.go, TotalAnnotationSizeLimitB); stay far below it.
@@ -35,8 +42,19 @@ def now_rfc3339() -> str:
 
 
 def effect_for(state: str, configured: str) -> str:
-    """DEGRADED evidence (works, slower or at risk) only discourages scheduling; never NoSchedule."""
-    return "PreferNoSchedule" if state.upper() == "DEGRADED" else configured
+    """The taint's effect for a GPU the job is leaving.
+
+    A node is only marked when the job leaves it (reschedule), so a DEGRADED GPU here is one whose
+    degradation escalated: the replacement must not land on it again, so it gets ``NoSchedule`` —
+    never ``NoExecute``, which would also evict the node's other pods from a GPU that still works.
+    """
+    if state.upper() == "DEGRADED" and configured == "NoExecute":
+        return "NoSchedule"
+    return configured
+
+
+def is_ours(taint: dict[str, Any], key: str) -> bool:
+    return taint.get("key") == key and taint.get("value") == OWNER
 
 
 def label_value(state: str) -> str:
@@ -111,8 +129,12 @@ def mark(
     state: str,
     reasons: list[str],
     deadline: float | None,
+    reporter: str | None = None,
 ) -> str:
-    """Taint (or label) ``node_name`` for ``device`` and record why; returns what was done."""
+    """Taint (or label) ``node_name`` for ``device`` and record why; returns what was done.
+
+    ``reporter`` is the pod (namespace/name) that saw it, when the node agent marks on a pod's report.
+    """
     c = cluster.config
     effect = effect_for(state, c.taint_effect)
     result: list[str] = []
@@ -125,7 +147,7 @@ def mark(
             "reasons": list(dict.fromkeys([*entry.get("reasons", []), *reasons]))[:20],
             "since": entry.get("since") or now_rfc3339(),
             "last": now_rfc3339(),
-            "pod": f"{cluster.namespace}/{cluster.pod}",
+            "pod": reporter or f"{cluster.namespace}/{cluster.pod}",
             "mark": c.mark,
             "key": c.taint_key,
             "effect": effect,
@@ -139,11 +161,19 @@ def mark(
             result[:] = [f"label {c.taint_key}={value}; {device} recorded"]
             return patch
         taints = list(node.get("spec", {}).get("taints") or [])
-        if any(t.get("key") == c.taint_key and t.get("effect") == effect for t in taints):
-            result[:] = [f"taint {c.taint_key}:{effect} already there; {device} recorded"]
+        same = [t for t in taints if t.get("key") == c.taint_key and t.get("effect") == effect]
+        if same and not is_ours(same[0], c.taint_key):
+            # one taint per (key, effect): someone else's already keeps new pods off; it stays theirs
+            record[device]["taint_owner"] = str(same[0].get("value", ""))
+            result[:] = [
+                f"taint {c.taint_key}={same[0].get('value', '')}:{effect} (not gpuguard's) there; {device} recorded"
+            ]
+        elif same:
+            result[:] = [f"taint {c.taint_key}={OWNER}:{effect} already there; {device} recorded"]
         else:
-            taints.append({"key": c.taint_key, "effect": effect, "timeAdded": now_rfc3339()})
-            result[:] = [f"taint {c.taint_key}:{effect}; {device} recorded"]
+            taints.append({"key": c.taint_key, "value": OWNER, "effect": effect, "timeAdded": now_rfc3339()})
+            result[:] = [f"taint {c.taint_key}={OWNER}:{effect}; {device} recorded"]
+        patch["metadata"]["annotations"][RECORD_ANNOTATION] = _encode(record)
         patch["spec"] = {"taints": taints}  # taints have no merge key: the list is replaced whole
         return patch
 
@@ -151,24 +181,33 @@ def mark(
     return result[0]
 
 
-def unmark(cluster: Cluster, node_name: str, deadline: float | None = None) -> list[str]:
-    """Remove gpuguard's taints (key ``taint_key``), label and record from a node; others' stay.
+def marked(node: dict[str, Any], key: str) -> bool:
+    """Whether ``node`` carries a mark of gpuguard's: its taint, its label, or its record."""
+    taints = node.get("spec", {}).get("taints") or []
+    labels = node.get("metadata", {}).get("labels") or {}
+    annotations = node.get("metadata", {}).get("annotations") or {}
+    return any(is_ours(t, key) for t in taints) or labels.get(key) in LABEL_VALUES or RECORD_ANNOTATION in annotations
 
-    Returns what was removed (empty when the node carried nothing of gpuguard's).
+
+def unmark(cluster: Cluster, node_name: str, deadline: float | None = None) -> list[str]:
+    """Remove gpuguard's taints (key ``taint_key``, value ``gpuguard``), label and record from a node.
+
+    Every other taint stays, including one with gpuguard's key that gpuguard did not place (another
+    value: an administrator's, a ticket's). Returns what was removed (empty when nothing was gpuguard's).
     """
     key = cluster.config.taint_key
     removed: list[str] = []
 
     def change(node: dict[str, Any]) -> dict[str, Any] | None:
         taints = list(node.get("spec", {}).get("taints") or [])
-        ours = [t for t in taints if t.get("key") == key]
+        ours = [t for t in taints if is_ours(t, key)]
         labels = node.get("metadata", {}).get("labels") or {}
         annotations = node.get("metadata", {}).get("annotations") or {}
-        removed[:] = [f"taint {t['key']}:{t.get('effect')}" for t in ours]
+        removed[:] = [f"taint {t['key']}={OWNER}:{t.get('effect')}" for t in ours]
         patch: dict[str, Any] = {"metadata": {}}
         if ours:
-            patch["spec"] = {"taints": [t for t in taints if t.get("key") != key]}
-        if key in labels:
+            patch["spec"] = {"taints": [t for t in taints if not is_ours(t, key)]}
+        if labels.get(key) in LABEL_VALUES:
             patch["metadata"]["labels"] = {key: None}  # null deletes the key in a merge patch
             removed.append(f"label {key}")
         if RECORD_ANNOTATION in annotations:

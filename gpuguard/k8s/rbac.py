@@ -22,6 +22,7 @@ class Permission:
     group: str
     resource: str
     verb: str
+    names: tuple[str, ...] = ()  # resourceNames: only these objects
 
     @property
     def cluster_scoped(self) -> bool:
@@ -44,7 +45,14 @@ def guard_permissions(config: KubernetesConfig) -> set[Permission]:
         wanted.add(Permission("events.k8s.io", "events", "create"))
     if config.pod_health:
         wanted.add(Permission("", "pods/status", "get"))
-    if config.mark != "none":
+    if config.mark != "none" and config.marker == "agent":
+        # the report on its own pod (read-modify-write through pods/status), then the node agent's answer
+        wanted |= {
+            Permission("", "pods/status", "get"),
+            Permission("", "pods/status", "patch"),
+            Permission("events.k8s.io", "events", "list"),
+        }
+    elif config.mark != "none":
         # read-modify-write: the taints or labels and the record annotation, with resourceVersion
         wanted |= {Permission("", "nodes", "get"), Permission("", "nodes", "patch")}
     if config.dra:
@@ -52,7 +60,17 @@ def guard_permissions(config: KubernetesConfig) -> set[Permission]:
             Permission("", "pods/status", "get"),
             Permission(DRA_GROUP, "resourceclaims", "get"),
             Permission(DRA_GROUP, "resourceslices", "list"),
-            Permission(DRA_GROUP, "devicetaintrules", "create"),
+        }
+        if config.marker == "pod":
+            wanted.add(Permission(DRA_GROUP, "devicetaintrules", "create"))
+    if config.evacuation_budget:
+        # the pod reads its labels (the gang's attempt) and counts the incident in the budget's ConfigMap
+        budget = (config.evacuation_budget,)
+        wanted |= {
+            Permission("", "pods/status", "get"),
+            Permission("", "configmaps", "get", budget),
+            Permission("", "configmaps", "update", budget),
+            Permission("events.k8s.io", "events", "create"),
         }
     if config.leave == "evict":
         wanted.add(Permission("", "pods/eviction", "create"))
@@ -61,30 +79,41 @@ def guard_permissions(config: KubernetesConfig) -> set[Permission]:
     return wanted
 
 
-def node_check_permissions(dra: bool = False) -> set[Permission]:
-    """The node check reads its node and removes gpuguard's taint, label and record from it, and with
-    ``dra`` the DeviceTaintRules gpuguard created for the node's devices.
+def node_check_permissions(dra: bool = False, *, mark_reports: bool = True) -> set[Permission]:
+    """The node agent reads its node, marks it on the reports of the pods running there (listing them,
+    answering each with an Event in the pod's namespace), and removes gpuguard's own taint, label and
+    record once healed; with ``dra`` it also creates and deletes gpuguard's DeviceTaintRules.
 
-    RBAC cannot narrow this to "the node I run on" (resourceNames are fixed strings), so the node
-    check runs under its own service account, apart from the training pods.
+    RBAC cannot narrow this to "the node I run on" (resourceNames are fixed strings): the node agent
+    runs under its own service account, apart from the training pods, and the generated
+    ValidatingAdmissionPolicy keeps its node patches to its own node (its token's node name).
     """
     wanted = {Permission("", "nodes", "get"), Permission("", "nodes", "patch")}
+    if mark_reports:
+        wanted |= {Permission("", "pods", "list"), Permission("events.k8s.io", "events", "create")}
     if dra:
         wanted |= {
             Permission(DRA_GROUP, "devicetaintrules", "list"),
             Permission(DRA_GROUP, "devicetaintrules", "delete"),
         }
+        if mark_reports:
+            wanted.add(Permission(DRA_GROUP, "devicetaintrules", "create"))
     return wanted
 
 
 def rules(permissions: set[Permission]) -> list[dict[str, Any]]:
     """PolicyRules, one per (group, resource), verbs sorted: stable output for review and diffs."""
-    grouped: dict[tuple[str, str], list[str]] = {}
+    grouped: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
     for p in sorted(permissions):
-        grouped.setdefault((p.group, p.resource), []).append(p.verb)
+        grouped.setdefault((p.group, p.resource, p.names), []).append(p.verb)
     return [
-        {"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
-        for (group, resource), verbs in grouped.items()
+        {
+            "apiGroups": [group],
+            "resources": [resource],
+            **({"resourceNames": list(names)} if names else {}),
+            "verbs": sorted(verbs),
+        }
+        for (group, resource, names), verbs in grouped.items()
     ]
 
 

@@ -14,7 +14,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 
 class GatedFileSystem(MemoryFileSystem):
-    """Memory storage; writing a rank's state file (after its shard) under `hold` blocks until `gate` is set."""
+    """Memory storage; writing a rank's state file (after its shard) under `hold` blocks until `gate` is set
+    (with `hold_manifest`, the manifest's write instead: the commit itself)."""
 
     protocol = "gated"
     store: ClassVar[dict[str, Any]] = {}
@@ -22,10 +23,18 @@ class GatedFileSystem(MemoryFileSystem):
     gate: ClassVar[threading.Event] = threading.Event()
     waiting: ClassVar[threading.Event] = threading.Event()
     hold: ClassVar[str] = ""  # only paths containing this wait
+    refuse_renewals: ClassVar[bool] = False  # a lease, once written, cannot be rewritten (a lost link)
+    hold_manifest: ClassVar[bool] = False
 
     def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+        if GatedFileSystem.refuse_renewals and "/.leases/" in path and self.exists(path):
+            raise PermissionError(f"{path}: refused")
         name = path.rsplit("/", 1)[-1]
-        if name.startswith("rank-") and name.endswith("-of-00001.json") and GatedFileSystem.hold in path:
+        if GatedFileSystem.hold_manifest:
+            held = name == "MANIFEST.json"
+        else:
+            held = name.startswith("rank-") and name.endswith("-of-00001.json")
+        if held and GatedFileSystem.hold in path:
             GatedFileSystem.waiting.set()
             GatedFileSystem.gate.wait(60)  # a guard against a test that forgets to open it
         super().pipe_file(path, value, *args, **kwargs)
@@ -40,3 +49,5 @@ def reset() -> None:
     GatedFileSystem.gate = threading.Event()
     GatedFileSystem.waiting = threading.Event()
     GatedFileSystem.hold = ""
+    GatedFileSystem.refuse_renewals = False
+    GatedFileSystem.hold_manifest = False

@@ -6,8 +6,10 @@ group/version serves which resource; RBAC, against the Roles and ClusterRoles th
 manifests generate; strategic-merge patches (conditions by type, labels and annotations with null
 deletion, taints replaced whole); 409 on a stale resourceVersion; node-taint uniqueness; Event byte
 limits and MicroTime; device-taint effects; DNS names; eviction refused with 429 under a
-PodDisruptionBudget; delete with a grace period; and a small Job controller and cluster DNS for the
-generated manifests. Every request is recorded; faults can be scripted (403, 404, 409, 429, 5xx).
+PodDisruptionBudget; delete with a grace period; ValidatingAdmissionPolicies (real CEL); and the
+controllers that give gpuguard's exit codes their meaning: Job, JobSet, Kubeflow Trainer and a
+scheduler (kube_controllers.py), with kubelets that run pods as processes (kube_kubelet.py). Every
+request is recorded; faults can be scripted (403, 404, 409, 429, 5xx).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from helpers import kube_rules as rules
+from helpers.kube_controllers import ControlPlane
+from helpers.kube_rest import Rest, admit
 from helpers.kube_workloads import Workloads, selects
 
 STATUS_REASONS = {
@@ -50,6 +54,7 @@ class Recorded:
     user: str = ""
     status: int = 0
     info: rules.RequestInfo | None = None
+    raw: bytes | None = None  # the body's bytes as they came over the wire
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Fault:
 
 
 @dataclass
-class KubeEmulator(Workloads):
+class KubeEmulator(Workloads, Rest, ControlPlane):
     """``release`` picks the profile; ``device_taint_rules`` None means the release's default."""
 
     release: str = "1.37"
@@ -77,6 +82,10 @@ class KubeEmulator(Workloads):
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (kind, ns, name)
     requests: list[Recorded] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    extras: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # bearer token -> user's extra
+    controller_events: list[tuple[str, str, str]] = field(default_factory=list)
+    _handled: set[str] = field(default_factory=set)
+    crd_releases: dict[str, str] = field(default_factory=dict)  # kind -> CRD release installed
     _versions: Any = field(default_factory=lambda: itertools.count(100))
     _lock: Any = field(default_factory=threading.Lock)
 
@@ -91,17 +100,22 @@ class KubeEmulator(Workloads):
     def reset(self, device_taint_rules: bool | None = None) -> None:
         """Forget every object, token, rule, request and fault: a fresh cluster on the same server."""
         with self._lock:
-            for name in ("pods", "nodes", "claims", "objects", "tokens"):
+            for name in ("pods", "nodes", "claims", "objects", "tokens", "extras"):
                 getattr(self, name).clear()
-            for name in ("events", "taint_rules", "slices", "requests", "faults"):
+            for name in ("events", "taint_rules", "slices", "requests", "faults", "controller_events"):
                 getattr(self, name).clear()
+            self._handled.clear()
             self.rbac = None
             self.device_taint_rules = device_taint_rules
             self.__post_init__()
 
-    def token_for(self, user: str) -> str:
+    def token_for(self, user: str, node: str | None = None) -> str:
+        """A bearer token for ``user``; ``node``: a pod's bound token, which names the pod's node in the
+        user's extra (KEP-4193, ServiceAccountTokenPodNodeInfo, GA 1.32)."""
         token = f"token-{len(self.tokens)}-{user.replace(':', '-')}"
         self.tokens[token] = user
+        if node is not None:
+            self.extras[token] = {"authentication.kubernetes.io/node-name": [node]}
         return token
 
     def authorize(self, objects: list[dict[str, Any]]) -> None:
@@ -180,6 +194,7 @@ class KubeEmulator(Workloads):
                     self.headers.get("Content-Type", ""),
                     body,
                     self.headers.get("Authorization"),
+                    raw=raw,
                 )
                 with emulator._lock:  # one request at a time, as etcd's compare-and-swap would order them
                     emulator.requests.append(record)
@@ -251,6 +266,8 @@ class KubeEmulator(Workloads):
             return self._dra(method, path, query, record)
         if method == "POST" and (created := self._create(path, body)) is not None:
             return created
+        if (answered := self.rest(method, path, query, body)) is not None:
+            return answered
         return _status(404, f"the server could not find the requested resource ({method} {path})")
 
     def _pod(self, method: str, namespace: str, name: str, sub: str, record: Recorded) -> tuple[int, Any]:
@@ -301,6 +318,15 @@ class KubeEmulator(Workloads):
         wanted = body.get("metadata", {}).get("resourceVersion")
         if wanted is not None and wanted != pod["metadata"]["resourceVersion"]:
             return _status(409, "Operation cannot be fulfilled on pods: the object has been modified")
+        for part in ("labels", "annotations"):
+            # pkg/registry/core/pod/strategy.go podStatusStrategy: only spec, deletionTimestamp and
+            # ownerReferences are reset on a status update; metadata labels and annotations go through
+            target = pod["metadata"].setdefault(part, {})
+            for key, value in (body.get("metadata", {}).get(part) or {}).items():
+                if value is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = value
         for condition in body.get("status", {}).get("conditions", []):
             # PodStatus.Conditions carries patchMergeKey "type": one entry per type, merged field by field
             existing = next((c for c in pod["status"]["conditions"] if c["type"] == condition["type"]), None)
@@ -321,8 +347,8 @@ class KubeEmulator(Workloads):
         if wanted is not None and wanted != node["metadata"]["resourceVersion"]:
             return _status(409, "Operation cannot be fulfilled on nodes: the object has been modified")
         updated = copy.deepcopy(node)
-        if "taints" in body.get("spec", {}):
-            updated["spec"]["taints"] = body["spec"]["taints"]  # NodeSpec.Taints has no merge key: replaced
+        for key, value in body.get("spec", {}).items():
+            updated["spec"][key] = value  # NodeSpec.Taints has no merge key: replaced whole, as scalars are
         for part in ("labels", "annotations"):  # maps merge; null deletes a key
             target = updated["metadata"].setdefault(part, {})
             for key, value in (meta.get(part) or {}).items():
@@ -333,6 +359,16 @@ class KubeEmulator(Workloads):
         problem = rules.invalid_taints(updated["spec"].get("taints") or [])
         if problem:
             return _status(422, f'Node "{node["metadata"]["name"]}" is invalid: {problem}')
+        token = (record.authorization or "").removeprefix("Bearer ")
+        request = {
+            "operation": "UPDATE",
+            "resource": "nodes",
+            "userInfo": {"username": record.user, "extra": self.extras.get(token, {})},
+            "object": updated,
+            "oldObject": node,
+        }
+        if denied := admit(self.objects, request):
+            return _status(422, denied)  # a validation's reason defaults to Invalid (ValidatingAdmissionPolicy API)
         if sum(len(k) + len(v) for k, v in updated["metadata"]["annotations"].items()) > 256 * 1024:
             return _status(422, "metadata.annotations: Too long: must have at most 262144 bytes")
         updated["metadata"]["resourceVersion"] = self._rv()

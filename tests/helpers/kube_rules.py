@@ -285,3 +285,50 @@ class Rbac:
         if not info.resource_request:
             return True  # discovery: the default system:discovery ClusterRole grants it to every user
         return any(rule_allows(rule, info) for rule in self.rules_for(user, info.namespace))
+
+
+# -- answers and ConfigMaps ---------------------------------------------------------------------------
+
+STATUS_REASONS: Final = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def status(code: int, message: str) -> tuple[int, dict[str, Any]]:
+    """A metav1.Status failure, as the API server answers it."""
+    reason = STATUS_REASONS.get(code, "Unknown")
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+CONFIGMAP_KEY: Final = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def invalid_configmap(cm: Any) -> str | None:
+    """pkg/apis/core/validation ValidateConfigMap: keys are config keys; data and binaryData under 1 MiB."""
+    if not isinstance(cm, dict) or cm.get("kind", "ConfigMap") != "ConfigMap":
+        return "body must be a ConfigMap"
+    data = cm.get("data") or {}
+    for key, value in data.items():
+        if not CONFIGMAP_KEY.match(key) or len(key) > 253:
+            return f"data[{key}]: Invalid value: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+        if not isinstance(value, str):
+            return f"data[{key}]: Invalid value: must be a string"
+    if sum(len(k) + len(v.encode()) for k, v in data.items()) > 1024 * 1024:
+        return "data: Too long: must have at most 1048576 bytes"
+    return None

@@ -1,5 +1,6 @@
-"""Applying manifests to the emulated API server: per-kind name validation, fields a disabled feature
-gate drops, a small Job controller for Indexed Jobs, and cluster DNS for pods' hostnames."""
+"""Applying manifests to the emulated API server: per-kind name validation, custom resources checked
+against their vendored CRDs (tests/data/crds), fields a disabled feature gate drops, and cluster DNS
+for pods' hostnames. The controllers that act on the objects are in kube_controllers.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ KINDS = {
     "Job": ("batch", "jobs", True),
     "DaemonSet": ("apps", "daemonsets", True),
     "PodDisruptionBudget": ("policy", "poddisruptionbudgets", True),
+    "ConfigMap": ("", "configmaps", True),
+    "ValidatingAdmissionPolicy": ("admissionregistration.k8s.io", "validatingadmissionpolicies", False),
+    "ValidatingAdmissionPolicyBinding": ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", False),
+    "JobSet": ("jobset.x-k8s.io", "jobsets", True),
+    "TrainJob": ("trainer.kubeflow.org", "trainjobs", True),
+    "TrainingRuntime": ("trainer.kubeflow.org", "trainingruntimes", True),
+    "ClusterTrainingRuntime": ("trainer.kubeflow.org", "clustertrainingruntimes", False),
 }
+# the CRD release each custom resource is checked against (tests/data/crds/README.md)
+CRD_RELEASES = {"JobSet": "0.12.0", "TrainJob": "2.3.0", "TrainingRuntime": "2.3.0", "ClusterTrainingRuntime": "2.3.0"}
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -34,6 +44,7 @@ class Workloads:
     nodes: dict[str, dict[str, Any]]
     rbac: rules.Rbac | None
     profile: rules.Release
+    crd_releases: dict[str, str]
 
     def _rv(self) -> str:
         raise NotImplementedError
@@ -64,17 +75,35 @@ class Workloads:
         key = (kind, namespace, meta["name"])
         if key in self.objects:
             return _invalid(409, f'{KINDS[kind][1]} "{meta["name"]}" already exists')
+        if kind in CRD_RELEASES:
+            import jsonschema
+
+            from helpers import crd_schema
+
+            try:
+                crd_schema.validate(doc, self.crd_releases.get(kind, CRD_RELEASES[kind]))
+            except jsonschema.ValidationError as exc:
+                where = ".".join(map(str, exc.absolute_path))
+                return _invalid(422, f"{kind}.{KINDS[kind][0]} {meta['name']!r} is invalid: {where}: {exc.message}")
+        if kind == "ConfigMap" and (problem := rules.invalid_configmap(doc)):
+            return _invalid(422, f"ConfigMap {meta['name']!r} is invalid: {problem}")
         if kind in ("Job", "DaemonSet"):
             self._drop_disabled_fields(doc["spec"]["template"]["spec"])
+        if kind == "ValidatingAdmissionPolicy":
+            from helpers.kube_rest import compile_policy
+
+            if problem := compile_policy(doc):  # the API server compiles every expression when it is created
+                return _invalid(422, f"ValidatingAdmissionPolicy {meta['name']!r} is invalid: {problem}")
+        if namespace:
+            meta["namespace"] = namespace
         meta["resourceVersion"] = self._rv()
+        meta["uid"] = f"uid-{kind.lower()}-{meta['name']}-{meta['resourceVersion']}"
         self.objects[key] = doc
         if kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") and self.rbac is not None:
             self.rbac.load(doc)
-        if kind == "Job":
-            problem = self._run_job(doc)
-            if problem:
-                del self.objects[key]
-                return _invalid(422, problem)
+        if kind == "Job" and (problem := self._check_job(doc)):
+            del self.objects[key]
+            return _invalid(422, problem)
         return 201, doc
 
     def _drop_disabled_fields(self, pod_spec: dict[str, Any]) -> None:
@@ -85,32 +114,17 @@ class Workloads:
                 container.pop("restartPolicy", None)
                 container.pop("restartPolicyRules", None)
 
-    def _run_job(self, job: dict[str, Any]) -> str | None:
-        """pkg/controller/job: an Indexed Job's pods are named JOB-INDEX-xxxxx with hostname JOB-INDEX."""
-        spec, name = job["spec"], job["metadata"]["name"]
-        namespace = job["metadata"].get("namespace", "default")
-        # pkg/apis/batch/validation: the job name is a label value (63), and Indexed pods' hostnames are labels
+    def _check_job(self, job: dict[str, Any]) -> str | None:
+        """pkg/apis/batch/validation: the Job's name is a label value (63); Indexed pods' hostnames,
+        JOB-INDEX, are DNS labels; a subdomain is a DNS label."""
+        name, spec = job["metadata"]["name"], job["spec"]
         if len(name) > 63:
             return f"metadata.name: must be no more than 63 characters (it is the label job-name={name})"
-        template = spec["template"]
-        for index in range(int(spec.get("completions", 1))):
-            hostname = f"{name}-{index}"
-            if problem := rules.dns_label(hostname):
-                return f"pod hostname: Invalid value: {problem}"
-            pod = self.add_pod(namespace, f"{hostname}-abcde", node=f"node-{index}")
-            pod["metadata"]["labels"] = {
-                **template.get("metadata", {}).get("labels", {}),
-                "batch.kubernetes.io/job-name": name,
-                "batch.kubernetes.io/job-completion-index": str(index),
-            }
-            pod["spec"] = {**copy.deepcopy(template["spec"]), "nodeName": f"node-{index}", "hostname": hostname}
-            if problem := (pod["spec"].get("subdomain") and rules.dns_label(pod["spec"]["subdomain"])):
-                return f"spec.template.spec.subdomain: Invalid value: {problem}"
-            # not Ready until the startup probe has passed
-            pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "Ready"]
-            pod["status"]["conditions"].append({"type": "Ready", "status": "False"})
-            if f"node-{index}" not in self.nodes:
-                self.add_node(f"node-{index}")
+        if problem := rules.dns_label(f"{name}-{int(spec.get('completions', 1)) - 1}"):
+            return f"pod hostname: Invalid value: {problem}"
+        subdomain = spec["template"]["spec"].get("subdomain")
+        if subdomain and (problem := rules.dns_label(subdomain)):
+            return f"spec.template.spec.subdomain: Invalid value: {problem}"
         return None
 
     def resolve(self, hostname: str) -> str | None:

@@ -1,8 +1,11 @@
 """A Lightning job guarded by `GpuGuardCallback`: one process, or DDP under torchrun (gloo, CPU).
 
-The fault comes from ``GPUGUARD_FAKE_NVML`` as it would for a user testing their own pipeline. Every
-rank writes ``rank-N.json`` (how it ended, the global step and batch it resumed at and stopped after);
-rank 0 writes the final weights after a finished ``fit``.
+The fault comes from ``GPUGUARD_FAKE_NVML`` as it would for a user testing their own pipeline, or, placed
+by step rather than wall time, from ``--evacuate-at-step`` (one rank requests an evacuation as that
+global step begins; every rank acts at the step they agree on). Every rank writes ``rank-N.json`` (how
+it ended, the global step and batch it resumed at and stopped after); rank 0 writes the final weights
+after a finished ``fit``. ``--devices 2`` without torchrun runs Lightning's own DDP launcher (rank 0 is
+the parent of rank 1).
 """
 
 from __future__ import annotations
@@ -94,6 +97,11 @@ def main() -> int:
     p.add_argument("--sleep", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--every", type=int, default=None, help="periodic checkpoint every N steps")
+    p.add_argument("--evacuate-at-step", type=int, default=None, help="request an evacuation at this global step")
+    p.add_argument("--evacuate-rank", type=int, default=0, help="the rank that requests it")
+    p.add_argument("--sync-every", type=int, default=2, help="the guard's sync_every")
+    p.add_argument("--teardown-raises", action="store_true", help="another callback's on_exception raises")
+    p.add_argument("--linger-rank0", type=float, default=0.0, help="rank 0's on_exception takes this long")
     args = p.parse_args()
 
     from gpuguard.lightning import GpuGuardCallback
@@ -103,17 +111,40 @@ def main() -> int:
     model = Regression()
     guard = GpuGuardCallback(
         checkpoint_dir=f"file://{args.dir / 'checkpoints'}",
-        sync_every=2,
+        sync_every=args.sync_every,
         commit_timeout_s=30,
         checkpoint_every_steps=args.every,
     )
+    callbacks: list[Any] = [guard]
+
+    class EvacuateAtStep(pl.Callback):  # type: ignore[misc, name-defined]
+        def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+            if trainer.global_step == args.evacuate_at_step and trainer.global_rank == args.evacuate_rank:
+                guard.guard.request_evacuation(f"test: evacuate at global step {args.evacuate_at_step}")
+
+    class FailingTeardown(pl.Callback):  # type: ignore[misc, name-defined]
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            # What cleanup on a GPU that has failed does (an XID 48 leaves the context unusable).
+            raise RuntimeError("CUDA error: uncorrectable ECC error encountered (simulated in teardown)")
+
+    class SlowTeardown(pl.Callback):  # type: ignore[misc, name-defined]
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if trainer.global_rank == 0:
+                time.sleep(args.linger_rank0)  # flushing loggers, say: past the launcher's 5 s watch
+
+    if args.evacuate_at_step is not None:
+        callbacks.append(EvacuateAtStep())
+    if args.linger_rank0:
+        callbacks.append(SlowTeardown())
+    if args.teardown_raises:
+        callbacks.append(FailingTeardown())
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.epochs,
         max_steps=args.max_steps,
-        callbacks=[guard],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -118,11 +118,7 @@ def _refusals(rank: int, folder: Path) -> None:
     from gpuguard import UnsupportedStateError
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    cube = init_device_mesh("cpu", (1, 1, dist.get_world_size()), mesh_dim_names=("x", "y", "z"))
-    cases = {
-        "partial": DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False),
-        "mesh3d": distribute_tensor(torch.ones(4, 4), cube, [Replicate(), Replicate(), Shard(0)]),
-    }
+    cases = {"partial": DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)}
     messages = {}
     for case, tensor in cases.items():
         with CheckpointStore(f"memory://refuse-{rank}-{case}") as store:

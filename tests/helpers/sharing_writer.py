@@ -1,7 +1,12 @@
-"""One process saving and pruning on a shared URL until a deadline; prints each acknowledged id."""
+"""One process saving and pruning on a shared URL until a deadline; prints each acknowledged id.
+
+``SHARING_WRITER_STORAGE_OPTIONS`` (JSON) holds the storage options, e.g. an S3 endpoint.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
@@ -11,10 +16,13 @@ from gpuguard import CheckpointStore
 
 
 def main(url: str, first_step: int, stride: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
     step = first_step
-    with CheckpointStore(url, keep=10_000) as store:
-        while time.monotonic() < deadline:
+    options = json.loads(os.environ.get("SHARING_WRITER_STORAGE_OPTIONS", "{}"))
+    with CheckpointStore(url, options, keep=10_000) as store:
+        deadline = time.monotonic() + seconds  # from here: opening the store may be slow on a loaded machine
+        saved = 0
+        while time.monotonic() < deadline or saved < 2:  # two saves at least, however slow the machine
+            saved += 1
             state = {"w": torch.full((2048,), float(step)), "step": step}
             info = store.save(state, step=step).wait()
             assert info is not None

@@ -14,12 +14,14 @@ from gpuguard.guard.guard import Evacuation, Guard
 from gpuguard.integrations._leaving import evacuation_behind, keep_exit_code, wait_for_parent_to_leave
 from gpuguard.integrations.lightning import _internals
 from gpuguard.integrations.lightning._checkpoint import (
+    RESUME_ENTRY,
     RNG_ENTRY,
     STATE_KEY,
     TrainerState,
     _GuardCheckpointIO,
     gpuguard_checkpoint_location,
     load_lightning_checkpoint,
+    loader_generators,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class GuardHooks:
         self._handlers_before: dict[int, Any] = {}
         # RNG states of the checkpoint resumed from, until the point of the loop where they apply.
         self._saved_rng: dict[str, Any] | None = None
+        self._saved_generators: list[list[Any]] | None = None  # per training loader
         self._saved_at_epoch_end = False
         self._rng_after_batch: dict[str, Any] | None = None
 
@@ -65,6 +68,7 @@ class GuardHooks:
         if self._fitted:
             # A guard's threads, agreement and store live for one fit; a second fit needs its own.
             raise ConfigError("GpuGuardCallback", "reused", "one callback serves one Trainer.fit; make a new one")
+        _internals.check_supported(trainer)
         self._fitted = True
         self.evacuation = None
         self._last_step = -1
@@ -106,21 +110,17 @@ class GuardHooks:
                 log.info(
                     "resumed from gpuguard checkpoint %s: global step %d", info.id, checkpoint.get("global_step", -1)
                 )
-        if self._saved_rng is not None and self._saved_at_epoch_end:
-            # Taken at an epoch's end: the next epoch's dataloader iterator, created after this hook,
-            # draws from these states as it did in the run that saved them.
-            restore_rng(self._saved_rng)
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # Both ways in (gpuguard's own resume, and fit(ckpt_path=...) through GpuGuardCheckpointIO)
+        # pass here. A checkpoint Lightning wrote itself carries neither entry: nothing to put back.
         saved = checkpoint.get(RNG_ENTRY)
         self._saved_rng = saved if isinstance(saved, dict) else None
-
-    def state_dict(self) -> dict[str, Any]:
-        holder = self.guard.state.get(STATE_KEY)
-        return {"at_epoch_end": bool(getattr(holder, "at_epoch_end", False))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._saved_at_epoch_end = bool(state_dict.get("at_epoch_end", False))
+        resume = checkpoint.get(RESUME_ENTRY)
+        resume = resume if isinstance(resume, dict) else {}
+        self._saved_at_epoch_end = bool(resume.get("at_epoch_end", False))
+        generators = resume.get("loader_generators")
+        self._saved_generators = generators if isinstance(generators, list) else None
 
     def _agreed_latest(self, trainer: Any) -> CheckpointInfo | None:
         """The newest committed checkpoint as rank 0 sees it, the same on every rank."""
@@ -159,11 +159,8 @@ class GuardHooks:
             # Lightning's teardown puts back what it found at fit's start (the guard's handler): after
             # an interrupted fit it runs after every callback hook, so it must put back what was before.
             _internals.restore_signal_at_teardown(trainer, signum, self._handlers_before.get(signum))
-        # A resumed fit may repeat the end of the epoch it resumed at (Lightning calls on_train_epoch_end
-        # again): that step is the checkpoint's own, not one to take again.
+        # The resumed step is the checkpoint's own, not one to take again.
         self._last_step = int(trainer.global_step) if trainer.global_step else -1
-        if self._saved_at_epoch_end and not _internals.repeats_epoch_end(trainer):
-            self._saved_rng = None  # the iterator the next epoch trains on exists, drawn from them
         flattened = _internals.training_dataloaders(trainer)
         if flattened and not all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in flattened):
             log.warning(
@@ -187,20 +184,49 @@ class GuardHooks:
     # -- the loop -------------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._saved_rng is not None and self._saved_at_epoch_end:
-            # Taken at an epoch's end, and Lightning ran that end again: this epoch's dataloader
-            # iterator is created right after this hook, so the states go back once more (the
-            # iterator Lightning created before on_train_start is not the one it trains on).
+        if self._saved_at_epoch_end and self._saved_rng is not None:
+            # Taken at an epoch's end, and this is the next epoch's start (the checkpoint holds the
+            # loop between the two, with no dataloader position). In the run that saved, this
+            # epoch's iterator was created right after this hook, from the saved states: they go
+            # back now, and where Lightning would train on the iterator it created before
+            # on_train_start (from a fresh process's states) it is created again, so this epoch's
+            # order, its seeds and the dropout after them are the uninterrupted run's.
             restore_rng(self._saved_rng)
+            self._restore_loader_generators(trainer)
+            if not _internals.creates_epoch_iterator_next(trainer):
+                _internals.restart_train_iterator(trainer)
             self._saved_rng = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._saved_rng is not None:
             # Taken mid-epoch: Lightning has just created the resumed dataloader iterator (drawing a
-            # seed from the global generator, as it had at this epoch's start in the run that saved):
-            # the states go back now, so the first resumed batch draws what the next batch would have.
+            # seed from the global generator, as it had at this epoch's start in the run that saved,
+            # and, for a loader with a generator of its own, re-drawing this epoch's order from the
+            # state saved at its start without the seed drawn after it): the states go back now, so
+            # the first resumed batch draws what the next batch would have, and the next epoch's
+            # iterator starts from the generators' states at the checkpoint, as it did uninterrupted.
             restore_rng(self._saved_rng)
+            self._restore_loader_generators(trainer)
             self._saved_rng = None
+
+    def _restore_loader_generators(self, trainer: Any) -> None:
+        saved, self._saved_generators = self._saved_generators, None
+        if saved is None:
+            return
+        loaders = _internals.training_dataloaders(trainer)
+        current = [loader_generators(loader) for loader in loaders]
+        if [len(g) for g in current] != [len(s) for s in saved]:
+            log.warning(
+                "gpuguard: the training dataloaders draw from %s generator(s), the checkpoint saved %s: their "
+                "states are not restored, so the order of the epochs after this one differs from an "
+                "uninterrupted run's",
+                [len(g) for g in current],
+                [len(s) for s in saved],
+            )
+            return
+        for generators, states in zip(current, saved, strict=True):
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if getattr(trainer, "enable_validation", True):
@@ -259,16 +285,23 @@ class GuardHooks:
         # Leaving for the GPU's or the pod's sake: periodic saves still in flight get a short bound.
         self.guard.close(min(10.0, self.guard.config.commit_timeout_s) if evacuating else None)
         location = gpuguard_checkpoint_location(trainer.ckpt_path) if trainer.ckpt_path else None
-        if location is not None and not isinstance(trainer.strategy.checkpoint_io, _GuardCheckpointIO):
+        if (
+            location is not None
+            and not evacuating
+            and not isinstance(trainer.strategy.checkpoint_io, _GuardCheckpointIO)
+        ):
+            # Lightning's own reader failed on a gpuguard checkpoint folder (an IsADirectoryError, or
+            # whatever another CheckpointIO raises), before anything trained. Raised from here, on
+            # every Python: one gpuguard error naming the fix, with Lightning's error as its cause.
+            # (Lightning's remaining exception hooks and its teardown are skipped: nothing has run.)
             message = (
-                f"gpuguard: fit(ckpt_path={str(trainer.ckpt_path)!r}) names a gpuguard checkpoint, which "
+                f"fit(ckpt_path={str(trainer.ckpt_path)!r}) names a gpuguard checkpoint, which "
                 f"{type(trainer.strategy.checkpoint_io).__name__} cannot read: pass "
                 "plugins=[gpuguard.lightning.GpuGuardCheckpointIO()] to the Trainer, or leave ckpt_path out "
                 "(GpuGuardCallback resumes from gpuguard's newest checkpoint by itself)"
             )
-            log.error("%s", message)
-            if hasattr(exception, "add_note"):  # Python 3.11+: printed under the error's own line
-                exception.add_note(message)
+            log.error("gpuguard: %s", message)
+            raise CheckpointError(message) from exception
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

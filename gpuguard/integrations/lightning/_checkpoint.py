@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 STATE_KEY = "lightning"  # the guard's state entry that holds Lightning's checkpoint dictionary
 RNG_ENTRY = "gpuguard_rng"  # where a loaded checkpoint carries the saving rank's RNG states to the callback
+RESUME_ENTRY = "gpuguard_resume"  # where the callback finds what it needs to put the random states back
 
 
 class TrainerState:
@@ -33,13 +34,36 @@ class TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         checkpoint = _internals.dump_checkpoint(self.trainer)
-        _internals.canonical_epoch_progress(checkpoint, self.trainer.current_epoch, self.at_epoch_end)
+        _internals.canonical_progress(checkpoint, self.trainer.current_epoch, self.at_epoch_end)
+        checkpoint[RESUME_ENTRY] = {
+            "at_epoch_end": self.at_epoch_end,
+            # The generators the training loaders shuffle and seed with: the next epoch draws from
+            # their state now (the callback puts them back once the resumed iterator exists).
+            "loader_generators": [
+                [g.get_state() for g in loader_generators(loader)]
+                for loader in _internals.training_dataloaders(self.trainer)
+            ],
+        }
         return checkpoint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise CheckpointError(
             "a Lightning run resumes through Trainer.fit (GpuGuardCallback does it), not Guard.resume()"
         )
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects a dataloader draws from: its own (the seed of each
+    iterator), its sampler's and its batch sampler's sampler's (the order; torchdata's
+    ``RandomSampler`` makes one even when given none). Always in the same order."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+    for owner in candidates:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 def load_lightning_checkpoint(

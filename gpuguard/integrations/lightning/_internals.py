@@ -4,18 +4,47 @@ Lightning has no public way for a callback to (a) build the checkpoint dictionar
 ``Trainer.save_checkpoint`` writes without writing it (and without its barrier: the emergency
 checkpoint is taken on every rank at once), (b) hand a loaded dictionary to ``fit``'s own restore
 from inside ``fit``, or (c) see the training dataloaders it iterates. These functions do it, for
-``lightning.pytorch`` and ``pytorch_lightning`` alike. ``tests/test_lightning.py`` exercises each of them with lightning
-2.6.6 and pytorch_lightning 2.6.6 (the pinned releases); a CI run against the oldest release the
-extra admits is still to be added (see ``SUPPORTED``).
+``lightning.pytorch`` and ``pytorch_lightning`` alike. ``tests/test_lightning.py`` exercises each of them;
+``scripts/test.sh`` runs it against the oldest supported release of both packages (``OLDEST``) as well as
+the pinned newest (``scripts/constraints.txt``).
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-SUPPORTED = ("2.6.6", "2.6.6")  # the releases tested so far (oldest, newest); the extra admits >=2.3, untested
+from gpuguard.errors import ConfigError
+
+# The oldest release of lightning and pytorch_lightning the callback supports (pyproject's extra says the
+# same, and scripts/test.sh tests it). Older ones resume a checkpoint taken after a batch (on_train_batch_end)
+# one batch early: the batch is trained twice (Lightning-AI/pytorch-lightning#14579, fixed in 2.5.0 by
+# #20379); 2.3.0 and 2.4.0 did so in tests/test_lightning.py.
+OLDEST: Final = (2, 5, 0)
+
+
+def check_supported(trainer: Any) -> None:
+    """Refuse, before anything trains, a Lightning release whose resumes would not be exact."""
+    package = package_of(trainer)
+    version = str(getattr(importlib.import_module(package.split(".")[0]), "__version__", "0"))
+    if _release(version) < OLDEST:
+        raise ConfigError(
+            package,
+            version,
+            f"GpuGuardCallback needs {package.split('.')[0]}>={'.'.join(map(str, OLDEST))}: older releases resume a "
+            "checkpoint taken after a batch one batch early, training that batch twice "
+            "(Lightning-AI/pytorch-lightning#14579); pip install 'gpuguard[lightning]' upgrades it",
+        )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def package_of(trainer: Any) -> str:
@@ -58,12 +87,27 @@ def at_last_batch(trainer: Any) -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
-def repeats_epoch_end(trainer: Any) -> bool:
-    """From ``on_train_start`` of a fit resumed from a checkpoint taken at an epoch's end: whether
-    Lightning runs that epoch's end again and creates the next epoch's dataloader iterator after
-    ``on_train_epoch_start`` (lightning 2.6 does with ``max_steps`` set), rather than training the
-    next epoch on the iterator it created before ``on_train_start`` (without ``max_steps``)."""
-    return bool(getattr(trainer.fit_loop, "restarted_on_epoch_end", False))
+def creates_epoch_iterator_next(trainer: Any) -> bool:
+    """From ``on_train_epoch_start``: whether Lightning creates this epoch's training dataloader
+    iterator after the hook (in the epoch loop's ``on_run_start``), rather than training on the one
+    it created before ``on_train_start``. Lightning's own condition: lightning 2.5 creates it in every
+    epoch but the first of a fit; 2.6 not in the first epoch of a resumed fit either (``is_resuming``).
+    """
+    fit_loop = trainer.fit_loop
+    resuming = bool(getattr(fit_loop, "is_resuming", False))
+    return trainer.current_epoch > 0 and not fit_loop.epoch_loop.restarting and not resuming
+
+
+def restart_train_iterator(trainer: Any) -> None:
+    """Create the training dataloader iterator again, as Lightning does at an epoch's start.
+
+    A fit resumed from an epoch's-end checkpoint may train the next epoch on the iterator Lightning
+    created before ``on_train_start`` (before the saved random states could go back; see
+    `creates_epoch_iterator_next`); the callback then calls this from ``on_train_epoch_start`` once
+    they are back, so that the epoch's order and seeds are drawn from the states the uninterrupted
+    run drew them from.
+    """
+    iter(trainer.fit_loop._data_fetcher)
 
 
 def restore_signal_at_teardown(trainer: Any, signum: int, handler: Any) -> None:
@@ -85,22 +129,47 @@ def _migration(trainer: Any) -> Callable[[dict[str, Any], str], dict[str, Any]] 
     return migrate
 
 
-def canonical_epoch_progress(checkpoint: dict[str, Any], epoch: int, at_epoch_end: bool) -> None:
-    """Write the fit loop's epoch counters as a run that never stopped has them at this point.
+def canonical_progress(checkpoint: dict[str, Any], epoch: int, at_epoch_end: bool) -> None:
+    """Write the fit loop's counters as a run that never stopped has them at this point.
 
-    After a resume, lightning 2.6 runs the next epoch with these counters one ahead (``processed``
-    counts the running epoch), and a checkpoint taken then restarts at the following epoch's first
-    batch, skipping the rest of this one. The counters are a function of where the checkpoint is
-    taken: in epoch ``e``, mid-epoch, every counter but ``processed``/``completed`` is ``e + 1``; at
-    the epoch's end (``on_train_epoch_end``) ``processed`` is ``e + 1`` too. (The layout of
-    ``checkpoint["loops"]`` is Lightning's, hence here.)
+    Mid-epoch (``on_train_batch_end``): after a resume, lightning 2.6 runs the next epoch with the
+    epoch counters one ahead (``processed`` counts the running epoch), and a checkpoint taken then
+    restarts at the following epoch's first batch, skipping the rest of this one. In epoch ``e``
+    every epoch counter but ``processed``/``completed`` is ``e + 1``.
+
+    At an epoch's end (``on_train_epoch_end``): written as the loop stands between epoch ``e`` and
+    ``e + 1`` (every epoch counter ``e + 1``; the per-epoch batch, scheduler and optimizer counters
+    and the validation batch count zero, as Lightning resets them when an epoch starts) with no
+    dataloader position: Lightning's own epoch-end restarts run that epoch's end again and, with
+    ``max_steps``, count one epoch too many, and torchdata restores an end-of-epoch position as "just
+    finishing" (meta-pytorch/data#1437). The next epoch's iterator starts afresh from the random
+    states the callback saved (see `restart_train_iterator`). (The layout of ``checkpoint["loops"]``
+    is Lightning's, hence here.)
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not isinstance(fit, dict) or "epoch_progress" not in fit:
         return
-    counts = {"ready": epoch + 1, "started": epoch + 1, "processed": epoch + (1 if at_epoch_end else 0)}
-    counts["completed"] = epoch
+    if at_epoch_end:
+        counts = dict.fromkeys(("ready", "started", "processed", "completed"), epoch + 1)
+        fit["epoch_progress"] = {"total": dict(counts), "current": dict(counts)}
+        for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress"):
+            _zero(fit.get(key), "current")
+        optimizer = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+        for part in optimizer.values():
+            _zero(part, "current")
+        _zero(fit.get("epoch_loop.val_loop.batch_progress"), "total")
+        if isinstance(fit.get("epoch_loop.batch_progress"), dict):
+            fit["epoch_loop.batch_progress"]["is_last_batch"] = False
+        if isinstance(fit.get("state_dict"), dict):
+            fit["state_dict"].pop("combined_loader", None)
+        return
+    counts = {"ready": epoch + 1, "started": epoch + 1, "processed": epoch, "completed": epoch}
     fit["epoch_progress"] = {"total": dict(counts), "current": dict(counts)}
+
+
+def _zero(progress: Any, part: str) -> None:
+    if isinstance(progress, dict) and isinstance(progress.get(part), dict):
+        progress[part] = dict.fromkeys(progress[part], 0)
 
 
 def is_plain_launcher_child(trainer: Any) -> bool:
@@ -111,13 +180,15 @@ def is_plain_launcher_child(trainer: Any) -> bool:
 
 
 __all__ = [
-    "SUPPORTED",
+    "OLDEST",
     "at_last_batch",
-    "canonical_epoch_progress",
+    "canonical_progress",
+    "check_supported",
+    "creates_epoch_iterator_next",
     "dump_checkpoint",
     "is_plain_launcher_child",
     "package_of",
-    "repeats_epoch_end",
+    "restart_train_iterator",
     "restore_before_training",
     "restore_signal_at_teardown",
     "training_dataloaders",
