@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,13 +15,20 @@ from gpuguard.checkpoint._tree import capture_rng, restore_rng
 from gpuguard.errors import CheckpointError, ConfigError, GpuGuardError, StorageError
 from gpuguard.guard.guard import Evacuation, Guard
 from gpuguard.integrations._leaving import keep_exit_code
+from gpuguard.integrations.transformers._internals import (
+    gradient_scaler,
+    jit_checkpoint_enabled,
+    sharding_settings,
+    trainer_state_dict,
+)
 from gpuguard.integrations.transformers._resume import (
     SavedRun,
-    agree_and_read,
     all_ranks_ok,
     broadcast_from_zero,
     lay_out,
+    optimizer_state,
     rank_and_world,
+    read_saved_run,
     resume_folder,
 )
 
@@ -46,12 +51,7 @@ class TrainerProgress:
         self.control = control
 
     def state_dict(self) -> dict[str, Any]:
-        saved = dataclasses.asdict(self.state)
-        callbacks = dict(saved.get("stateful_callbacks") or {})
-        if "TrainerControl" in callbacks:
-            callbacks["TrainerControl"] = self.control.state()
-        saved["stateful_callbacks"] = callbacks
-        return {"trainer_state": saved}
+        return {"trainer_state": trainer_state_dict(self.state, self.control)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise CheckpointError(f"a Trainer run resumes through {RESUME_LINE}, not Guard.resume()")
@@ -146,7 +146,7 @@ class GpuGuardCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._args = args
-        if getattr(args, "enable_jit_checkpoint", False):
+        if jit_checkpoint_enabled(args):
             raise ConfigError(
                 "TrainingArguments.enable_jit_checkpoint",
                 True,
@@ -154,13 +154,7 @@ class GpuGuardCallback(TrainerCallback):
                 "pod's grace period: leave enable_jit_checkpoint off",
             )
         # FSDP and DeepSpeed come from TrainingArguments or from `accelerate launch` (its environment).
-        sharded = {
-            "TrainingArguments.fsdp": getattr(args, "fsdp", None),
-            "TrainingArguments.deepspeed": getattr(args, "deepspeed", None),
-            "ACCELERATE_USE_FSDP": _truthy(os.environ.get("ACCELERATE_USE_FSDP")),
-            "ACCELERATE_USE_DEEPSPEED": _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED")),
-        }
-        for name, value in sharded.items():
+        for name, value in sharding_settings(args).items():
             if value:
                 raise ConfigError(
                     name,
@@ -191,7 +185,7 @@ class GpuGuardCallback(TrainerCallback):
             return None
         config = self.guard.config
         with CheckpointStore(config.checkpoint_dir, config.storage_options) as store:
-            saved = agree_and_read(store)
+            saved = read_saved_run(store)  # a collective: every rank gets the same checkpoint, or raises
         if saved is None:
             log.info("gpuguard: no committed checkpoint under %s: training starts from step 0", config.checkpoint_dir)
             return None
@@ -230,7 +224,7 @@ class GpuGuardCallback(TrainerCallback):
         self._progress = TrainerProgress(state, control)
         entries: dict[str, Any] = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler}
         entries["trainer"] = self._progress
-        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds fp16's GradScaler
+        scaler = gradient_scaler(optimizer)
         if scaler is not None:
             entries["scaler"] = scaler
         self.guard.state.update({k: v for k, v in entries.items() if v is not None})
@@ -242,14 +236,14 @@ class GpuGuardCallback(TrainerCallback):
             self._folder = None
         try:
             if self._saved is not None:
-                self._put_back(state, optimizer, scheduler, scaler)
+                self._put_back(state, model, optimizer, scheduler, scaler)
             else:
                 self._check_fresh_start(state)
         except BaseException:
             self.guard.close()
             raise
 
-    def _put_back(self, state: TrainerState, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    def _put_back(self, state: TrainerState, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
         saved = self._saved
         assert saved is not None
         self._saved = None
@@ -264,6 +258,8 @@ class GpuGuardCallback(TrainerCallback):
             value = saved.entries.get(name)
             if value is None:
                 raise CheckpointError(f"{saved.info.url} holds no {name} state: it cannot resume a Trainer run")
+            if name == "optimizer" and live is not None:
+                value = optimizer_state(live, model, value, saved.info.url)  # stored keyed by parameter name
             if live is not None:  # Trainer has created both by on_train_begin
                 live.load_state_dict(value)
         saved_scaler = saved.entries.get("scaler")
@@ -388,10 +384,6 @@ class GpuGuardCallback(TrainerCallback):
     ) -> None:
         self._rng_before_eval = None
         self.guard.close()  # waits for periodic checkpoints in flight
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 __all__ = ["RESUME_LINE", "GpuGuardCallback", "TrainerProgress"]

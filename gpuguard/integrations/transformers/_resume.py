@@ -27,16 +27,16 @@ import torch
 import torch.distributed as dist
 
 from gpuguard.checkpoint._crc import crc32c
+from gpuguard.checkpoint._optim_names import is_by_name, misfits, parameter_names, to_positions
 from gpuguard.checkpoint._tree import capture_rng, restore_rng
-from gpuguard.errors import CheckpointError, GpuGuardError, StorageError
+from gpuguard.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from gpuguard.integrations.transformers._internals import MODEL_FILE, TRAINER_STATE_FILE
 
 if TYPE_CHECKING:
     from gpuguard.checkpoint import CheckpointInfo, CheckpointStore
 
 log = logging.getLogger("gpuguard")
 
-TRAINER_STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
-MODEL_FILE = "model.safetensors"  # transformers.utils.SAFE_WEIGHTS_NAME
 ENTRIES = ("model", "optimizer", "lr_scheduler", "trainer")  # the guard's state entries (and "scaler")
 
 
@@ -82,71 +82,51 @@ def all_ranks_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def candidates(store: CheckpointStore) -> list[tuple[str, CheckpointInfo | None]]:
-    """Committed checkpoints, newest first, as rank 0 lists them: the same ids on every rank, each with
-    this rank's own description of it (None when this rank does not find it).
+def read_saved_run(store: CheckpointStore) -> SavedRun | None:
+    """The newest checkpoint every rank could read, read on every rank (checksums checked, nothing
+    unpickled); None on every rank when none is committed. Every rank calls it.
 
-    A rank 0 that cannot list (the storage is down) makes every rank raise, rather than some
-    starting from step 0.
+    `CheckpointStore.load` is the agreement: each rank reads and checks its own part, and the ranks
+    load the newest checkpoint every rank could read, falling back together past one some rank
+    cannot (corrupt, missing shard); when none is readable, or the storage fails, every rank raises.
+    This process's random number generators are left as they were.
     """
     rank, _ = rank_and_world()
-    mine: dict[str, CheckpointInfo] = {}
-    error: str | None = None
-    try:
-        mine = {info.id: info for info in store.list()}
-    except StorageError as exc:
-        error = str(exc)
-    ids, error = broadcast_from_zero((list(reversed(mine)), error) if rank == 0 else (None, None))
-    if error is not None:
-        raise StorageError(f"rank 0 cannot list gpuguard's checkpoints under {store.url}: {error}")
-    return [(i, mine.get(i)) for i in ids]
-
-
-def read_saved_run(store: CheckpointStore, info: CheckpointInfo, rank: int) -> SavedRun:
-    """Read one checkpoint into memory (checksums checked, nothing unpickled); this process's random
-    number generators are left as they were."""
     entries: dict[str, Any] = {}
     ours = capture_rng()
     try:
-        store.load(entries, info.id, rank=rank, strict=False)  # restores the saved RNG states as it loads...
+        store.load(entries, rank=rank, fallback=True, strict=False)  # restores the saved RNG states as it loads...
         saved = capture_rng()
+    except CheckpointNotFoundError:  # no rank lists any checkpoint: every rank starts from step 0
+        return None
     finally:
         restore_rng(ours)  # ...which the callback applies later, where the resumed loop draws
+    info = store.last_loaded
+    assert info is not None, "set by the load that just returned"
     run = SavedRun(info, entries, saved)
-    _ = run.trainer_state  # a checkpoint of something else fails here, before any file is written
+    # The same checkpoint on every rank, so every rank raises here alike, before any file is written.
+    _ = run.trainer_state
     if not isinstance(entries.get("model"), dict):
         raise CheckpointError(f"{info.url} holds no model entry: not a Trainer run's checkpoint")
     return run
 
 
-def agree_and_read(store: CheckpointStore) -> SavedRun | None:
-    """The newest checkpoint every rank could read, read on every rank; None when none is committed.
+def optimizer_state(optimizer: Any, model: torch.nn.Module, saved: dict[str, Any], url: str) -> dict[str, Any]:
+    """The saved optimizer state in ``optimizer``'s own numbering, for its ``load_state_dict``.
 
-    Each rank reads its own part; then the ranks agree (one collective per checkpoint tried). A
-    checkpoint some rank cannot read (corrupt, missing shard) is skipped on every rank for the one
-    before it; when none is readable, every rank raises.
+    gpuguard's store keys an optimizer's state by parameter name (``model.<name>``: the model is the
+    guard's ``"model"`` entry), so a run that builds its parameter groups in another order still gets
+    each moment back on its own parameter; the groups must hold the same parameters as when saved.
     """
-    rank, _ = rank_and_world()
-    found = candidates(store)
-    problems: list[str] = []
-    for checkpoint_id, info in found:  # the same ids, in the same order, on every rank
-        run: SavedRun | None = None
-        try:
-            if info is None:
-                raise CheckpointError("rank 0 lists it; this rank does not find it")
-            run = read_saved_run(store, info, rank)
-        except GpuGuardError as exc:
-            problems.append(f"{checkpoint_id}: {exc}")
-            log.warning("gpuguard: rank %d cannot read checkpoint %s: %s", rank, checkpoint_id, exc)
-        if all_ranks_ok(run is not None):
-            return run
-        log.warning("gpuguard: checkpoint %s is not readable on every rank; trying the one before it", checkpoint_id)
-    if found:
-        raise CheckpointError(
-            f"none of the {len(found)} committed checkpoint(s) under {store.url} can be read on every rank; "
-            f"this rank's errors: {'; '.join(problems) or 'none (another rank failed)'}"
+    if not is_by_name(saved):
+        return saved
+    names = parameter_names({"model": model})
+    problems = misfits(optimizer, saved["param_groups"], names, "optimizer")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{url}: the optimizer's state does not fit this run's optimizer: {'; '.join(problems)}", entries=problems
         )
-    return None
+    return to_positions(optimizer, saved, names)
 
 
 def resume_folder(checkpoint_dir: str, checkpoint_id: str) -> Path:
@@ -200,13 +180,12 @@ def _weights(run: SavedRun) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "ENTRIES",
-    "MODEL_FILE",
-    "TRAINER_STATE_FILE",
     "SavedRun",
-    "agree_and_read",
     "all_ranks_ok",
     "broadcast_from_zero",
     "lay_out",
+    "optimizer_state",
     "rank_and_world",
+    "read_saved_run",
     "resume_folder",
 ]
