@@ -7,6 +7,7 @@ two real processes (gloo, CPU) under torchrun and gpuguard-run.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -32,6 +33,16 @@ ROOT = Path(__file__).parent.parent
 # The fast configuration: 24 samples in batches of 4 with 2 accumulation steps make 3 optimizer steps
 # an epoch; 2 epochs; an evaluation every 2 steps (its dataloader draws from the global generator).
 FAST: dict[str, Any] = {"epochs": 2, "accumulate": 2, "evaluate_every": 2, "samples": 24}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """The tiny model trains in one intra-op thread, as each torchrun worker does (OMP_NUM_THREADS=1):
+    on a loaded 2-core machine two threads made a 6-step run 5-15x slower (1.1 s against 7-20 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(
@@ -102,6 +113,12 @@ def test_evacuation_exits_75_and_resumes_bitwise_with_accumulation_and_evaluatio
     [info] = CheckpointStore(f"file://{tmp_path / 'checkpoints'}").list()
     assert (info.step, info.reason) == (4, "emergency")
     assert evacuation.checkpoint is not None and evacuation.checkpoint.id == info.id
+    # The optimizer's state is stored keyed by parameter name (the resume mapped it back onto its groups).
+    saved: dict[str, Any] = {}
+    CheckpointStore(f"file://{tmp_path / 'checkpoints'}").load(saved, info.id, strict=False, no_dist=True)
+    names = {name for group in saved["optimizer"]["param_groups"] for name in group["params"]}
+    assert names == {f"model.{name}" for name, _ in trainer.model.named_parameters()}
+    assert saved["trainer"]["trainer_state"]["global_step"] == 4
     # The Trainer's state came back: the history before the checkpoint, then the resumed run's. The
     # evacuation left before step 4's own evaluation, and the resumed run does not repeat it.
     reference_evaluations = [e["step"] for e in fast_reference[0].state.log_history if "eval_loss" in e]
@@ -133,7 +150,7 @@ def test_train_without_the_resume_line_is_refused(tmp_path: Path, caplog: pytest
     assert f"training starts from step 0 although checkpoint {info.id}" in caplog.text
 
 
-def test_misuse_is_refused_before_training(tmp_path: Path) -> None:
+def test_misuse_is_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="resume"):
         GpuGuardCallback(checkpoint_dir="memory://x", resume="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="sync_every"):
@@ -146,6 +163,26 @@ def test_misuse_is_refused_before_training(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], enable_jit_checkpoint=True)
     with pytest.raises(ConfigError, match="enable_jit_checkpoint"):
         Trainer(model=torch.nn.Linear(2, 2), args=args, callbacks=[callback])
+    # FSDP as `accelerate launch` passes it to its workers, in their environment.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ConfigError, match=r"ACCELERATE_USE_FSDP.*data parallelism"):
+        Trainer(model=torch.nn.Linear(2, 2), args=args, callbacks=[callback])
+
+
+def test_the_trainer_state_is_stored_as_trainer_writes_it(tmp_path: Path, fast_reference: tuple[Any, Tokens]) -> None:
+    # What the checkpoint holds as the Trainer's state is Trainer's own trainer_state.json, which the
+    # resume lays out for Trainer to read (gpuguard/integrations/transformers/_internals.py).
+    from gpuguard.integrations.transformers._internals import TRAINER_STATE_FILE, trainer_state_dict
+
+    trainer = fast_reference[0]
+    state = copy.deepcopy(trainer.state)
+    # As Trainer's own checkpoints write it: TrainerControl's exported state is the current one.
+    state.stateful_callbacks["TrainerControl"] = trainer.control.state()
+    state.save_to_json(str(tmp_path / TRAINER_STATE_FILE))
+    written = json.loads((tmp_path / TRAINER_STATE_FILE).read_text())
+    assert json.loads(json.dumps(trainer_state_dict(trainer.state, trainer.control))) == written
+    assert written["global_step"] == 6 and written["epoch"] == 2.0
 
 
 @pytest.mark.slow
