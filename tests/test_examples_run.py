@@ -1,5 +1,7 @@
-"""examples/plain_loop.py, lightning_example.py and torchrun_ddp.py, run as a user would: a fault
-scenario through GPUGUARD_FAKE_NVML makes the job leave with 75; run again, it resumes and finishes."""
+"""The examples, run as a user would: a fault makes the job leave with 75; run again, it resumes and finishes.
+
+plain_loop.py, lightning_example.py and torchrun_ddp.py get the fault from a scenario through
+GPUGUARD_FAKE_NVML; hf_trainer_example.py from its ``--evacuate-at-step`` flag (placed by step)."""
 
 from __future__ import annotations
 
@@ -72,3 +74,23 @@ def test_torchrun_ddp(tmp_path: Path) -> None:
     step, out = evacuate_then_resume([*launcher, str(EXAMPLES / "torchrun_ddp.py")], tmp_path)
     assert f"starting at step {step + 1}" in out
     assert "finished step 299" in out
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_evacuates_under_gpuguard_run(tmp_path: Path) -> None:
+    # Two ranks on a 2-core machine: the fault is placed by step (after optimizer step 5, on rank 1),
+    # so it lands mid-run however slow the machine is; the ranks agree (sync_every=2) on step 7.
+    healthy = tmp_path / "two-healthy-gpus.json"
+    healthy.write_text('{"gpus": 2, "events": []}')
+    launcher = [sys.executable, "-m", "gpuguard.integrations.torchrun", "--standalone", "--nproc-per-node=2"]
+    url = f"file://{tmp_path / 'ckpt'}"
+    argv = [*launcher, str(EXAMPLES / "hf_trainer_example.py"), "--checkpoint-dir", url]
+    argv += ["--output-dir", str(tmp_path / "output")]
+    first = run([*argv, "--evacuate-at-step", "5"], healthy, tmp_path)
+    assert first.returncode == 75, first.stdout[-2000:] + first.stderr[-3000:]
+    [emergency] = CheckpointStore(url).list()
+    assert (emergency.step, emergency.reason, emergency.world_size) == (7, "emergency", 2)
+    second = run(argv, healthy, tmp_path)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} finished at global step 16 (resumed from {emergency.id})" in second.stdout

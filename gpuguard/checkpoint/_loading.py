@@ -76,6 +76,7 @@ class Loader:
         self.staging = staging  # its free buffers are touched memory to read into
         self.url = catalog.url
         self.last_bytes_read = 0  # tensor bytes the last sharded load read
+        self.last_loaded: Manifest | None = None  # the checkpoint the last load applied (every rank the same)
 
     def load(
         self,
@@ -122,6 +123,7 @@ class Loader:
             if part is not agreed.value:
                 part.discard()
         agreed.value.apply(state)
+        self.last_loaded = agreed.candidate
         return agreed.candidate.step
 
     def load_one(

@@ -96,6 +96,12 @@ class CheckpointStore:
         """Tensor bytes the last sharded load read (a reshard reads about this rank's share)."""
         return self._loader.last_bytes_read
 
+    @property
+    def last_loaded(self) -> CheckpointInfo | None:
+        """The checkpoint the last `load` put into the state (the same one on every rank), or None before one."""
+        manifest = self._loader.last_loaded
+        return None if manifest is None else self._catalog.info(manifest)
+
     # -- saving ---------------------------------------------------------------------------------
 
     def prepare(
