@@ -145,7 +145,10 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         # is a bug: named by its type, and logged with its traceback below.
         expected = isinstance(exc, GpuGuardError)
         report.error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        _settle_periodic(guard.periodic)  # so that the resume point named now is the one a rerun finds
+        # So that the resume point named now is the one a rerun finds. Without a deadline (a GPU fault,
+        # not a preemption) a periodic save still in flight is waited for first: one that can still commit
+        # is a newer resume point than the last committed one, and abandoning it would lose its steps.
+        _settle_periodic(guard.periodic, wait_s=c.commit_timeout_s if guard._preempted is None else 0.0)
         report.resume_from = guard._resume_point()
         evidence["emergency_checkpoint_error"] = report.error
         evidence["resume_from"] = report.resume_from
@@ -215,10 +218,14 @@ def _wait(pending: PendingSave, timeout_s: float, deadline_s: float) -> Checkpoi
     return info
 
 
-def _settle_periodic(saves: list[PendingSave]) -> None:
-    """Periodic saves still in flight when the emergency one failed: abandoned, or (when their commit
-    has begun) waited for, so none commits after the resume point is reported."""
+def _settle_periodic(saves: list[PendingSave], wait_s: float = 0.0) -> None:
+    """Periodic saves still in flight: given ``wait_s`` to end on their own, then abandoned, or (when
+    their commit has begun) waited for, so none commits after the resume point is reported."""
+    deadline = time.monotonic() + wait_s
     for pending in saves:
+        if not pending.done() and wait_s > 0:
+            with contextlib.suppress(Exception):  # its outcome is read from the storage next
+                pending.wait(timeout=max(0.0, deadline - time.monotonic()))
         if not pending.done() and not pending.abandon():
             with contextlib.suppress(Exception):  # its outcome is read from the storage next
                 pending.wait(timeout=COMMIT_IN_FLIGHT_S)
