@@ -137,11 +137,13 @@ def test_a_restart_class_fault_exits_76_and_resumes_identically(tmp_path: Path, 
 
 def test_a_rank_killed_during_the_emergency_checkpoint_commits_nothing(tmp_path: Path, reference: Any) -> None:
     job = tmp_path / "job"
-    first = launch(job, 2, {"at": 1.5, "gpu": 1, "xid": 48}, "--kill-rank", "1")
+    # The fault at 4 s of wall time: the periodic checkpoint every 40 steps must have committed before it,
+    # which at 1.5 s a loaded machine (over 37 ms a step) did not reach.
+    first = launch(job, 2, {"at": 4.0, "gpu": 1, "xid": 48}, "--kill-rank", "1")
     assert first.returncode != 0
     with CheckpointStore(f"file://{job / 'checkpoints'}") as store:
         committed = store.list()
-        assert committed and all(c.reason == "periodic" for c in committed)
+        assert committed and all(c.reason == "periodic" for c in committed), first.stderr[-3000:]
         latest = committed[-1]
         assert store.verify(latest.id).ok
         # the emergency checkpoint's folder may exist, but without a manifest nobody trusts it
