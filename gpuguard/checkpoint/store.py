@@ -91,6 +91,12 @@ class CheckpointStore:
         self._saver.last_step_wait_s = value
 
     @property
+    def overlap_refused(self) -> str | None:
+        """Why ``overlap_with`` is ignored from now on (a tensor it defers changed outside
+        ``optimizer.step()``), or None while overlapping is allowed."""
+        return self._saver.overlap.refused
+
+    @property
     def last_load_bytes_read(self) -> int:
         """Tensor bytes the last sharded load read (a reshard reads about this rank's share)."""
         return self._loader.last_bytes_read
@@ -152,7 +158,11 @@ class CheckpointStore:
         change only in ``optimizer.step()``) are copied while training runs its next forward and
         backward; each of those optimizers' next ``step()`` waits for the copy. Everything else (buffers,
         RNG states, schedulers) is copied before ``save`` returns. The stall becomes the copy of the
-        rest plus max(0, copy time - forward/backward time).
+        rest plus max(0, copy time - forward/backward time). That is safe only while those tensors change
+        in ``optimizer.step()`` alone, which is checked: their version counters are compared after the
+        copy (a change: that save fails, nothing is committed) and at the next optimizer step; at the
+        first change overlapping stops for good (`overlap_refused` says why). Writes through ``.data``
+        or from outside PyTorch bypass version counters: do not overlap such a state.
 
         With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
         are split between the ranks by size, each rank snapshots and writes only its part, and a
