@@ -236,6 +236,16 @@ _SAVERS: dict[str, type[_Saver]] = {
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every mode, interleaved repeat by repeat; the summary (see the module's docstring)."""
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     loop = Loop(args.state_gib, args.width, args.batch, args.device)
     root = Path(tempfile.mkdtemp(prefix="gpuguard-loop-", dir=args.dir))
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
@@ -267,6 +277,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "none_seconds": [round(r["seconds"], 3) for r in runs["none"]],
         "modes": {},
     }
@@ -300,6 +311,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval-s", type=float, default=60.0, help="the interval the slowdown is stated at")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     parser.add_argument("--dir", default=None, help="where checkpoints go (a temporary folder under it)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

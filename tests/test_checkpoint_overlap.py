@@ -216,3 +216,35 @@ def test_an_optimizer_whose_step_runs_no_hooks_is_copied_before_save_returns(
     got = snapshot(restored_model, restored_optimizer)
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, got["model"][name]), name
+
+
+def test_the_guard_overlaps_by_default_and_a_loop_that_clips_weights_turns_it_off(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gpuguard import Guard
+    from gpuguard.fakenvml import FakeNvml
+
+    model, optimizer = model_with_buffers()
+    state = {"model": model, "optimizer": optimizer}
+    url = f"file://{tmp_path}"
+    settings: dict[str, Any] = {"checkpoint_every_steps": 2, "checkpoint_every_s": 0, "keep": 5}
+    with Guard(checkpoint_dir=url, state=state, nvml=FakeNvml.replay(), devices="all", **settings) as guard:
+        assert guard.config.overlap_snapshot is True  # the default
+        for s in range(7):
+            with torch.no_grad():  # weight clipping before the forward (WGAN-style): outside optimizer.step()
+                for p in model.parameters():
+                    p.clamp_(-0.5, 0.5)
+            step(model, optimizer)
+            guard.step(s)
+            if s == 6:
+                expected = snapshot(model, optimizer)
+        assert guard.store is not None and guard.store.overlap_refused is not None
+    assert "overlap_snapshot turned off for the rest of this run" in caplog.text
+    with CheckpointStore(url) as store:
+        latest = store.latest()
+        assert latest is not None and latest.step == 6  # saves after the refusal copy before returning
+        restored_model, restored_optimizer = model_with_buffers()
+        store.load({"model": restored_model, "optimizer": restored_optimizer})
+    got = snapshot(restored_model, restored_optimizer)
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, got["model"][name]), name

@@ -21,7 +21,20 @@ def loop_slowdown() -> ModuleType:
 
 
 def test_every_mode_runs_keeps_up_and_its_last_checkpoint_loads_back(loop_slowdown: ModuleType, tmp_path: Any) -> None:
-    tiny = ["--state-gib", "0.001", "--width", "64", "--batch", "4", "--every", "2", "--checkpoints", "2"]
+    tiny = [
+        "--state-gib",
+        "0.001",
+        "--width",
+        "64",
+        "--batch",
+        "4",
+        "--every",
+        "2",
+        "--checkpoints",
+        "2",
+        "--threads",
+        "1",
+    ]
     args = loop_slowdown.parse([*tiny, "--repeats", "1", "--interval-s", "60", "--dir", str(tmp_path), "--json"])
     summary = loop_slowdown.measure(args)
     assert set(summary["modes"]) == {"gpuguard", "gpuguard_overlap", "dcp_async", "torch_save"}
