@@ -252,13 +252,10 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for repeat in range(args.repeats):
             for mode in args.modes:
-                if not args.json:
-                    print(f"\r\033[Krepeat {repeat + 1}/{args.repeats}: {mode}", end="", file=sys.stderr, flush=True)
+                print(f"repeat {repeat + 1}/{args.repeats}: {mode}", file=sys.stderr, flush=True)
                 runs[mode].append(run_mode(mode, loop, args, root / mode))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if not args.json:
-        print(file=sys.stderr)
     base = statistics.median(r["seconds"] for r in runs["none"])
     steps = runs["none"][0]["steps"]
     step_s = base / steps

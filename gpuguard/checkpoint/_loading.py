@@ -76,6 +76,7 @@ class Loader:
         self.staging = staging  # its free buffers are touched memory to read into
         self.url = catalog.url
         self.last_bytes_read = 0  # tensor bytes the last sharded load read
+        self.last_loaded_id: str | None = None  # the checkpoint the last load applied
 
     def load(
         self,
@@ -87,6 +88,7 @@ class Loader:
         strict: bool = True,
         world_size: int | None = None,
         group: RankGroup | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> int:
         """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API.
 
@@ -101,7 +103,7 @@ class Loader:
                 manifest = self.catalog.manifest(checkpoint_id)
                 assert manifest is not None
                 return [manifest]
-            return list(reversed(self.catalog.manifests()))
+            return [m for m in reversed(self.catalog.manifests()) if m.id not in exclude]
 
         prepared: list[PreparedLoad] = []
 
@@ -122,6 +124,7 @@ class Loader:
             if part is not agreed.value:
                 part.discard()
         agreed.value.apply(state)
+        self.last_loaded_id = agreed.candidate.id
         return agreed.candidate.step
 
     def load_one(

@@ -276,6 +276,7 @@ class CheckpointStore:
         world_size: int | None = None,
         process_group: Any = None,
         no_dist: bool = False,
+        exclude: Sequence[str] = (),
     ) -> int:
         """Load a checkpoint into the live objects in ``state``; returns its step.
 
@@ -304,6 +305,7 @@ class CheckpointStore:
                 silently drop or invent ranks' state (resharding is not done here).
             process_group: the ``torch.distributed`` group whose ranks agree (default: the default group).
             no_dist: load on this process alone, with no collective (tools; one rank's inspection).
+            exclude: checkpoint ids never to load (ones found bad after a restore; see `Guard.resume`).
 
         Raises:
             CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
@@ -319,8 +321,20 @@ class CheckpointStore:
         elif process_group is not None:
             group = TorchGroup(process_group)
         return self._loader.load(
-            state, checkpoint_id, rank=rank, fallback=fallback, strict=strict, world_size=world_size, group=group
+            state,
+            checkpoint_id,
+            rank=rank,
+            fallback=fallback,
+            strict=strict,
+            world_size=world_size,
+            group=group,
+            exclude=frozenset(exclude),
         )
+
+    @property
+    def last_loaded_id(self) -> str | None:
+        """The id of the checkpoint the last `load` applied (None before one)."""
+        return self._loader.last_loaded_id
 
     def verify(self, checkpoint_id: str | None = None, *, progress: Progress | None = None) -> VerifyReport:
         """Re-read every shard of a checkpoint and check every checksum.
