@@ -46,4 +46,6 @@ def test_every_mode_runs_keeps_up_and_its_last_checkpoint_loads_back(loop_slowdo
         assert math.isfinite(figures["extra_s_per_checkpoint"]), mode
         extra = figures["extra_s_per_checkpoint"]
         assert figures["slowdown_at_interval"] == pytest.approx(extra / 60, abs=1e-4), mode
+        in_run = figures["in_run_extra_s_per_checkpoint"]
+        assert figures["in_run_slowdown_at_interval"] == pytest.approx(in_run / 60, abs=1e-4), mode
     assert list(tmp_path.iterdir()) == []  # nothing left on disk
