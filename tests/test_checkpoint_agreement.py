@@ -47,7 +47,7 @@ SKIPPED = jobs.checkpoint_id(21)
 
 
 def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
-    names = ("fb", "bad", "none", "wait", "slow", "reuse", "small", "abandon")
+    names = ("fb", "bad", "none", "wait", "slow", "reuse", "small", "abandon", "nan")
     url = {name: f"file://{ckpt / name}" for name in names}
     last = world - 1
     return [
@@ -63,6 +63,8 @@ def agreement_plan(ckpt: Path, world: int) -> list[dict[str, Any]]:
         {"action": "resume", "url": url["fb"], "tag": "fb"},
         {"action": "resume", "url": url["bad"], "tag": "bad"},
         {"action": "resume", "url": url["none"], "tag": "none"},
+        {"action": "nan_saved", "url": url["nan"], "steps": [2, 4], "poisoned_rank": last, "tag": "nan-saved"},
+        {"action": "nan_resume", "url": url["nan"], "tag": "nan"},
         {"action": "wait_then_load", "url": url["wait"], "trials": 3, "tag": "wait"},
         {"action": "slow_committer", "url": url["slow"], "delay_s": 1.0, "tag": "slow"},
         {"action": "reuse", "url": url["reuse"], "tag": "reuse"},
@@ -170,6 +172,18 @@ def test_one_corrupt_part_every_rank_resumes_the_same_older_step(two_ranks: tupl
     check_fallback(two_ranks[0], 2)
 
 
+def check_nan_demoted(out: Path, world: int) -> None:
+    for rank, report in enumerate(reports(out, "nan", world)):
+        assert report["guard"] == {"value": 3}, report  # step 2, the next older one, on every rank
+        assert report["w"] == 200 + rank
+        demoted = [line for line in report["log"] if "holds non-finite parameters" in line]
+        assert len(demoted) == 1 and f"rank(s) [{world - 1}]" in demoted[0] and "(step 4)" in demoted[0], report
+
+
+def test_nan_after_restore_on_one_rank_every_rank_resumes_the_older_step(two_ranks: tuple[Path, Path]) -> None:
+    check_nan_demoted(two_ranks[0], 2)
+
+
 def test_wait_means_committed_on_every_rank(two_ranks: tuple[Path, Path]) -> None:
     check_commits(two_ranks[0], two_ranks[1], 2)
 
@@ -213,6 +227,7 @@ def test_every_rank_agrees_four_ranks(tmp_path: Path) -> None:
     check_ids(out, ckpt, 4)
     check_empty_pieces(out, 4)
     check_abandon(out, 4)
+    check_nan_demoted(out, 4)
 
 
 @pytest.mark.slow

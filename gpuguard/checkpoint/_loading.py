@@ -77,6 +77,7 @@ class Loader:
         self.url = catalog.url
         self.last_bytes_read = 0  # tensor bytes the last sharded load read
         self.last_loaded: Manifest | None = None  # the checkpoint the last load applied (every rank the same)
+        self.last_loaded_id: str | None = None  # the checkpoint the last load applied
 
     def load(
         self,
@@ -88,6 +89,7 @@ class Loader:
         strict: bool = True,
         world_size: int | None = None,
         group: RankGroup | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> int:
         """Load a checkpoint into ``state``; returns its step. See `CheckpointStore.load`, the documented API.
 
@@ -102,7 +104,7 @@ class Loader:
                 manifest = self.catalog.manifest(checkpoint_id)
                 assert manifest is not None
                 return [manifest]
-            return list(reversed(self.catalog.manifests()))
+            return [m for m in reversed(self.catalog.manifests()) if m.id not in exclude]
 
         prepared: list[PreparedLoad] = []
 
@@ -124,6 +126,7 @@ class Loader:
                 part.discard()
         agreed.value.apply(state)
         self.last_loaded = agreed.candidate
+        self.last_loaded_id = agreed.candidate.id
         return agreed.candidate.step
 
     def load_one(

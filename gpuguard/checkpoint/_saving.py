@@ -32,6 +32,7 @@ from gpuguard.checkpoint._manifest import (
     shard_record_file,
     state_file,
 )
+from gpuguard.checkpoint._overlap import OverlapCheck, Versions
 from gpuguard.checkpoint._owners import owned_by, partition
 from gpuguard.checkpoint._pending import CommitGate, PendingSave
 from gpuguard.checkpoint._pruning import collect_dead
@@ -62,6 +63,7 @@ class Saver:
         self._deferred_in_flight = 0
         self._abandoned: set[str] = set()
         self.last_step_wait_s = 0.0
+        self.overlap = OverlapCheck()  # turns overlap off at the first tensor changed outside optimizer.step()
         # Who writes which DTensor chunk, by every rank's fingerprint of what it holds (see `_agree`).
         self._writers: dict[tuple[int, ...], set[str]] = {}
         self.prepared_bytes = 0
@@ -288,6 +290,7 @@ class Saver:
             "attempt": attempt,
             "chunks": chunks,
         }
+        overlap_with = self.overlap.usable(overlap_with) if overlap_with else []
         later = owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # A copy from the GPU runs on its DMA engines, so the writer starts first and follows the snapshot
         # as it fills the buffer. A copy between host tensors needs the same cores and memory bandwidth as
@@ -300,8 +303,10 @@ class Saver:
         future.add_done_callback(lambda _: self._finish(name))
         try:
             if later:
+                versions = Versions(step, {n: flat.tensors[n] for n in later})
                 finish = buffer.snapshot_deferred(flat.tensors, later)
-                self._hold_steps(overlap_with, finish, readiness)
+                self.overlap.watch(versions)
+                self._hold_steps(overlap_with, finish, readiness, versions)
             else:
                 buffer.snapshot(flat.tensors, readiness)
         except BaseException as exc:
@@ -311,7 +316,11 @@ class Saver:
         return PendingSave(name, step, future, stall, started, gate)
 
     def _hold_steps(
-        self, optimizers: Sequence[torch.optim.Optimizer], finish: Callable[[], None], readiness: Readiness
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        finish: Callable[[], None],
+        readiness: Readiness,
+        versions: Versions,
     ) -> None:
         """Finish a deferred copy on a thread; until it is done, the optimizers' ``step()`` waits."""
         for optimizer in optimizers:
@@ -324,6 +333,7 @@ class Saver:
         def run() -> None:
             try:
                 finish()
+                self.overlap.after_copy(versions)  # a tensor changed before its copy was done: never committed
                 readiness.advance(readiness.total)
             except BaseException as exc:
                 readiness.fail(exc)
@@ -342,6 +352,7 @@ class Saver:
                 while self._deferred_in_flight:
                     self._deferred.wait()
             self.last_step_wait_s = time.perf_counter() - started
+        self.overlap.before_step()  # free unless an overlapped save is being watched
 
     def _finish(self, name: str) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gpuguard.checkpoint._layout import ShardLayout
+from gpuguard.errors import CheckpointError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -121,6 +122,8 @@ class Readiness:
         with self._cond:
             while self._ready < upto and self._failed is None:
                 self._cond.wait()
+            if isinstance(self._failed, CheckpointError):  # a refusal with its reason (e.g. a torn overlap)
+                raise CheckpointError(str(self._failed)) from self._failed
             if self._failed is not None:
                 raise RuntimeError("the snapshot failed") from self._failed
 

@@ -92,6 +92,12 @@ class CheckpointStore:
         self._saver.last_step_wait_s = value
 
     @property
+    def overlap_refused(self) -> str | None:
+        """Why ``overlap_with`` is ignored from now on (a tensor it defers changed outside
+        ``optimizer.step()``), or None while overlapping is allowed."""
+        return self._saver.overlap.refused
+
+    @property
     def last_load_bytes_read(self) -> int:
         """Tensor bytes the last sharded load read (a reshard reads about this rank's share)."""
         return self._loader.last_bytes_read
@@ -173,7 +179,11 @@ class CheckpointStore:
         change only in ``optimizer.step()``) are copied while training runs its next forward and
         backward; each of those optimizers' next ``step()`` waits for the copy. Everything else (buffers,
         RNG states, schedulers) is copied before ``save`` returns. The stall becomes the copy of the
-        rest plus max(0, copy time - forward/backward time).
+        rest plus max(0, copy time - forward/backward time). That is safe only while those tensors change
+        in ``optimizer.step()`` alone, which is checked: their version counters are compared after the
+        copy (a change: that save fails, nothing is committed) and at the next optimizer step; at the
+        first change overlapping stops for good (`overlap_refused` says why). Writes through ``.data``
+        or from outside PyTorch bypass version counters: do not overlap such a state.
 
         With ``replicated``, every rank holds the same state (plain data parallelism): the tensors
         are split between the ranks by size, each rank snapshots and writes only its part, and a
@@ -298,6 +308,7 @@ class CheckpointStore:
         world_size: int | None = None,
         process_group: Any = None,
         no_dist: bool = False,
+        exclude: Sequence[str] = (),
     ) -> int:
         """Load a checkpoint into the live objects in ``state``; returns its step.
 
@@ -326,6 +337,7 @@ class CheckpointStore:
                 silently drop or invent ranks' state (resharding is not done here).
             process_group: the ``torch.distributed`` group whose ranks agree (default: the default group).
             no_dist: load on this process alone, with no collective (tools; one rank's inspection).
+            exclude: checkpoint ids never to load (ones found bad after a restore; see `Guard.resume`).
 
         Raises:
             CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
@@ -341,8 +353,20 @@ class CheckpointStore:
         elif process_group is not None:
             group = TorchGroup(process_group)
         return self._loader.load(
-            state, checkpoint_id, rank=rank, fallback=fallback, strict=strict, world_size=world_size, group=group
+            state,
+            checkpoint_id,
+            rank=rank,
+            fallback=fallback,
+            strict=strict,
+            world_size=world_size,
+            group=group,
+            exclude=frozenset(exclude),
         )
+
+    @property
+    def last_loaded_id(self) -> str | None:
+        """The id of the checkpoint the last `load` applied (None before one)."""
+        return self._loader.last_loaded_id
 
     def verify(self, checkpoint_id: str | None = None, *, progress: Progress | None = None) -> VerifyReport:
         """Re-read every shard of a checkpoint and check every checksum.

@@ -83,7 +83,10 @@ class GuardConfig:
         step_window_steps: recent steps whose median is compared with the baseline.
         replicated: every rank holds the same state (plain data parallel): ranks split the writing.
         overlap_snapshot: for periodic checkpoints, copy parameters and optimizer state while the next
-            forward and backward run; only the next optimizer step waits for the copy.
+            forward and backward run; only the next optimizer step waits for the copy. Safe when they
+            change in ``optimizer.step()`` alone; a tensor changed elsewhere is detected (version counters)
+            and turns it off for the run with a warning. Set False when the loop writes parameters through
+            ``.data`` or from outside PyTorch, which version counters do not see.
         commit_timeout_s: how long the committing rank waits for the others' shards.
         sudden_loss: with several ranks, survive a peer that dies without warning (SIGKILL, its node or
             GPU gone): the survivors save the last step every rank completed from the replicas and exit
@@ -118,7 +121,7 @@ class GuardConfig:
     step_baseline_steps: int = 50
     step_window_steps: int = 20
     replicated: bool = False
-    overlap_snapshot: bool = False
+    overlap_snapshot: bool = True
     commit_timeout_s: float = 300.0
     sudden_loss: bool = True
     peer_heartbeat_s: float = 0.5

@@ -16,10 +16,11 @@ from typing import Any, NoReturn
 import torch
 
 from gpuguard.checkpoint import CheckpointStore, PendingSave
+from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
-from gpuguard.errors import CheckpointNotFoundError, GpuGuardError
+from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import (
     check_preemption_bound,
     check_save_fits_deadline,
@@ -30,6 +31,7 @@ from gpuguard.guard._checks import (
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
+from gpuguard.guard._sanity import non_finite, ranks_failing
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
 from gpuguard.guard._sudden import health_words, peer_lost_behind, start_sudden_loss, survive
@@ -445,22 +447,50 @@ class Guard:
         why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
         all start from step 0.
 
+        After the load, every rank checks its parameters and optimizer state for NaN and inf; a
+        checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
+        and every rank loads the next older verified one, never the demoted one again in this resume.
+
         Raises:
-            CheckpointCorruptError: no committed checkpoint could be loaded on every rank.
+            CheckpointCorruptError: no committed checkpoint could be loaded on every rank, or every one
+                was demoted.
             CheckpointError: another rank failed (its error's kind, naming the rank).
             StorageError: the storage failed (never read as "no checkpoint").
         """
         if not self._started:
             self.start()
         assert self.store is not None
-        view = checkpointable(self.state)
-        before = dict(view)
-        try:
-            step = self.store.load(view, rank=self.rank, fallback=True)
-        except CheckpointNotFoundError:
-            log.warning("gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir)
-            return 0
-        write_back(self.state, before, view)
+        demoted: list[str] = []
+        while True:
+            view = checkpointable(self.state)
+            before = dict(view)
+            try:
+                step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
+            except CheckpointNotFoundError:
+                if demoted:  # never a silent start from step 0: every checkpoint was found bad
+                    raise CheckpointCorruptError(
+                        f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
+                        f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
+                    ) from None
+                log.warning(
+                    "gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir
+                )
+                return 0
+            write_back(self.state, before, view)
+            bad = non_finite(self.state)
+            failing = ranks_failing(default_group(self.world_size), bool(bad))
+            if not failing:
+                break
+            loaded = self.store.last_loaded_id or f"step {step}"
+            demoted.append(loaded)
+            log.error(
+                "gpuguard: checkpoint %s (step %d) holds non-finite parameters or optimizer state after restore "
+                "(rank(s) %s%s): demoted; every rank loads the next older verified checkpoint instead",
+                loaded,
+                step,
+                failing,
+                f"; here: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else "",
+            )
         log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
         self._resumed_step = step
         self._last_step = step

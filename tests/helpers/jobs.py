@@ -97,6 +97,39 @@ def resume(out: Path, url: str, tag: str) -> None:
     _write(out, tag, report)
 
 
+def _linear(step: int, rank: int, poisoned: bool) -> torch.nn.Linear:
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(float(100 * step + rank))
+        model.bias.zero_()
+        if poisoned:
+            model.weight[0, 0] = float("nan")  # a diverged step: perfect checksums, NaN values
+    return model
+
+
+def nan_saved(out: Path, url: str, steps: list[int], poisoned_rank: int, tag: str) -> None:
+    """Save ``steps`` on every rank (a Linear each); at the last step only ``poisoned_rank``'s holds a NaN."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with CheckpointStore(url, keep=100) as store:
+        for step in steps:
+            model = _linear(step, rank, rank == poisoned_rank and step == steps[-1])
+            store.save({"model": model}, step, rank=rank, world_size=world, checkpoint_id=checkpoint_id(step)).wait(60)
+    _write(out, tag, {})
+
+
+def nan_resume(out: Path, url: str, tag: str) -> None:
+    """``Guard.resume()`` on every rank after ``nan_saved``: the step each got, its weight, what it logged."""
+    captured = _Captured()
+    logging.getLogger("gpuguard").addHandler(captured)
+    model = torch.nn.Linear(4, 4)
+    nvml = FakeNvml.from_scenario({"gpus": 1, "events": []})
+    with gpuguard.Guard(url, {"model": model}, nvml=nvml, devices="all", checkpoint_every_s=0) as guard:
+        report = {"guard": _outcome(guard.resume), "w": float(model.weight[0, 1])}
+    logging.getLogger("gpuguard").removeHandler(captured)
+    report["log"] = captured.lines
+    _write(out, tag, report)
+
+
 def wait_then_load(out: Path, url: str, trials: int, tag: str) -> None:
     """Save step 1, save step 2, wait on both, load: every rank must get step 2 (its own part)."""
     rank = dist.get_rank()
@@ -401,6 +434,8 @@ ACTIONS = {
     "load": load,
     "save_steps": save_steps,
     "resume": resume,
+    "nan_saved": nan_saved,
+    "nan_resume": nan_resume,
     "wait_then_load": wait_then_load,
     "reuse": reuse,
     "committer_dies": committer_dies,
