@@ -471,3 +471,30 @@ def test_a_save_in_flight_that_waits_for_a_dead_peer_ends_at_once_when_abandoned
             pending.wait(60)
         assert time.monotonic() - started < 30  # the poll's pace, not the 600 s commit timeout
         assert store.list() == []
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """As accelerate's AcceleratedOptimizer: an Optimizer subclass that skips Optimizer.__init__ and steps
+    the optimizer it wraps."""
+
+    def __init__(self, inner: Any) -> None:  # no super().__init__: no step pre-hooks of its own
+        self.optimizer = inner
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step() if self.optimizer is not None else None
+
+
+def test_a_wrapped_optimizer_is_hooked_through_the_one_it_steps_and_an_unhookable_one_turns_protection_off() -> None:
+    from gpuguard.peers.sudden import _steps_of, _unhookable
+
+    model = torch.nn.Linear(2, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = _Wrapper(inner)
+    assert _steps_of(wrapped) is inner and _unhookable({"model": model, "optimizer": wrapped}) == ""
+    seen: list[int] = []
+    _steps_of(wrapped).register_step_pre_hook(lambda *_: seen.append(1))
+    model(torch.ones(1, 2)).sum().backward()
+    wrapped.step()
+    assert seen == [1]
+    why = _unhookable({"model": model, "optimizer": _Wrapper(None)})
+    assert "'optimizer' (_Wrapper) runs no step pre-hooks" in why

@@ -153,7 +153,7 @@ class SuddenLoss:
             replicated=replicated,
             checkpoint_id=checkpoint_id,
         )
-        refusal = part._check_per_rank(view)
+        refusal = part._check_per_rank(view) or _unhookable(view)
         if refusal:
             log.warning("gpuguard: sudden-loss protection is off: %s", refusal)
             return None
@@ -187,7 +187,7 @@ class SuddenLoss:
         replicated, self._per_rank = split(view)
         for value in view.values():
             if isinstance(value, torch.optim.Optimizer):
-                value.register_step_pre_hook(self._optimizer_starting)
+                _steps_of(value).register_step_pre_hook(self._optimizer_starting)
         modules = {k: view[k] for k in replicated if isinstance(view[k], torch.nn.Module)}
         self.buffers = BufferKeeper(modules)
 
@@ -444,3 +444,30 @@ def _ranks(ranks: tuple[int, ...] | list[int]) -> str:
 def _peers(ranks: tuple[int, ...] | list[int], word: str = "peer rank") -> str:
     """``peer rank 2``, ``peer ranks 0, 3``."""
     return f"{word}{'s' if len(ranks) != 1 else ''} {_ranks(ranks)}"
+
+
+def _steps_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step()`` runs its pre-hooks: this one, or the one a wrapper steps (accelerate's
+    AcceleratedOptimizer subclasses Optimizer without its constructor and steps ``.optimizer``)."""
+    from gpuguard.checkpoint._overlap import hooks_run
+
+    if hooks_run(optimizer):
+        return optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer) and hooks_run(inner):
+        return inner
+    return optimizer
+
+
+def _unhookable(view: Mapping[str, Any]) -> str:
+    """Why the start of an optimizer step cannot be seen ("" when it can): without it a rank that dies inside
+    its step would be taken for one between steps, and its half-applied state saved."""
+    from gpuguard.checkpoint._overlap import hooks_run
+
+    for key, value in view.items():
+        if isinstance(value, torch.optim.Optimizer) and not hooks_run(_steps_of(value)):
+            return (
+                f"the optimizer {key!r} ({type(value).__name__}) runs no step pre-hooks, so the start of its "
+                "step cannot be seen"
+            )
+    return ""
