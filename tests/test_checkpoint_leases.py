@@ -63,13 +63,14 @@ def test_a_save_through_a_slow_link_lasting_several_lease_lifetimes_commits_whil
             assert other.save({"v": torch.full((16,), float(step))}, step=step, rng=False).wait() is not None
             other.prune()
             prunes += 1
+            time.sleep(0.02)  # a few hundred saves, not thousands: their steps stay below the slow save's 1000
             for file in other.storage.list_files(".leases"):
                 if file.startswith("step-000000001000-"):
                     expiries.add(json.loads(other.storage.cat(other.storage.path(".leases", file)))["expires_at"])
         info = pending.wait()
         lasted = time.monotonic() - started
         assert info is not None and info.step == 1000
-        assert lasted > 3 * lease_s and prunes >= 3, (lasted, prunes)
+        assert lasted > 3 * lease_s and 3 <= prunes < 1000, (lasted, prunes)
         assert len(expiries) >= 3, "the lease was renewed while the save ran"
         other.prune()
         assert [i.step for i in other.list()] == [1000]
