@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog
+from gpuguard.checkpoint._demoted import demoted_ids, forget
 from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST
 from gpuguard.checkpoint._storage import Storage
 
@@ -16,7 +17,7 @@ log = logging.getLogger("gpuguard.checkpoint")
 def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> list[str]:
     """Delete committed checkpoints beyond the newest ``keep``, and uncommitted leftovers.
 
-    Never deletes the newest committed checkpoint, nor a folder any writer holds a live lease on
+    Never deletes the newest committed checkpoint that is not demoted, nor a folder any writer holds a live lease on
     (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
     first, so a pruned folder is never mistaken for valid. Incomplete multipart uploads of saves that
     no live lease covers (writers killed mid-upload) are aborted.
@@ -27,10 +28,18 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> lis
     storage = catalog.storage
     manifests = catalog.manifests()
     committed = {m.id for m in manifests}
-    doomed = [m.id for m in manifests[: max(0, len(manifests) - keep)]]
+    # Demoted checkpoints are no resume points: they never count among the ``keep`` (or a bad newest one
+    # would push the good ones out), and they go once older than the oldest one kept.
+    demoted = demoted_ids(storage)
+    good = [m for m in manifests if m.id not in demoted]
+    doomed = [m.id for m in good[: max(0, len(good) - keep)]]
+    oldest_kept = good[max(0, len(good) - keep)].step if good else None
+    doomed += [m.id for m in manifests if m.id in demoted and oldest_kept is not None and m.step < oldest_kept]
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))
         storage.delete(storage.path(name), recursive=True)
+        if name in demoted:
+            forget(storage, name)  # last: a demoted checkpoint never looks loadable, even if this stops halfway
         log.info("pruned %s", name)
     folders = storage.list_dirs()
     uploads = storage.list_uploads()

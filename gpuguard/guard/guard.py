@@ -31,6 +31,8 @@ from gpuguard.guard._checks import (
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
+from gpuguard.guard._loss_window import LossRing, PendingCheck, arm, window_extra
+from gpuguard.guard._loss_window import check as check_losses
 from gpuguard.guard._sanity import non_finite, ranks_failing
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
@@ -137,6 +139,9 @@ class Guard:
         self._sudden: SuddenLoss | None = None  # with several ranks: surviving a peer's sudden death
         self._failed = False  # leaving on an error of this rank's own: its peers must see it as lost
         self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
+        self._losses = LossRing()  # the losses step() was given: detached references, no sync (_loss_window)
+        self._loss_check: PendingCheck | None = None  # after a resume: the loss check still to come
+        self._postponed = False  # a periodic checkpoint waits for the loss check
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -467,10 +472,17 @@ class Guard:
             try:
                 step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
             except CheckpointNotFoundError:
-                if demoted:  # never a silent start from step 0: every checkpoint was found bad
+                # never a silent start from step 0: every checkpoint was found bad, now or by an earlier run
+                earlier = [] if demoted else [i.id for i in self.store.list() if i.demoted]
+                if demoted or earlier:
                     raise CheckpointCorruptError(
                         f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
-                        f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
+                        + (
+                            f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
+                            if demoted
+                            else f"by an earlier run (see demoted/ there; delete a marker to trust its checkpoint "
+                            f"again): {', '.join(earlier)}"
+                        )
                     ) from None
                 log.warning(
                     "gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir
@@ -483,6 +495,7 @@ class Guard:
                 break
             loaded = self.store.last_loaded_id or f"step {step}"
             demoted.append(loaded)
+            self._demote_for_good(loaded, "non_finite", step=step, ranks=failing, tensors=bad[:8])
             log.error(
                 "gpuguard: checkpoint %s (step %d) holds non-finite parameters or optimizer state after restore "
                 "(rank(s) %s%s): demoted; every rank loads the next older verified checkpoint instead",
@@ -492,6 +505,8 @@ class Guard:
                 f"; here: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else "",
             )
         log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
+        self._losses.clear()
+        self._loss_check = arm(self.config, self.store.last_loaded, step)
         self._resumed_step = step
         self._last_step = step
         self._schedule_next(step)
@@ -499,7 +514,7 @@ class Guard:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, loss: Any = None) -> None:
         """Call once per training step, after the optimizer step, on every rank.
 
         Steady state: records the time and compares two numbers. Every ``sync_every`` steps (or at
@@ -509,6 +524,13 @@ class Guard:
         A step that is not an int, is negative, repeats, goes backwards or lies below the resumed
         step is reported once (checkpoints are named by step, and `resume` returns the one after).
 
+        Args:
+            step: this step's number.
+            loss: this step's loss, optional: a float or a one-element tensor (on any device; it is kept
+                detached, never read here: no device sync). Checkpoints record the window of recent
+                losses, and after a resume the loss check compares the first steps' with it
+                (``loss_gate``; docs/user-guide.md, "sanity gate").
+
         Raises:
             Evacuation: after the emergency checkpoint is committed (or failed: the job leaves anyway).
             GpuGuardError: before `start` (or ``with``) or after `close`: the job would train unwatched.
@@ -517,6 +539,10 @@ class Guard:
         if step.__class__ is not int or step <= self._last_step:
             step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
         self._last_step = step
+        if loss is not None and not self._losses.record(step, loss):
+            self._report_once(
+                "loss", f"step(loss=...) takes a float or a one-element tensor, not {type(loss).__name__}"
+            )
         # This rank's per-rank state of the step, mirrored before step() returns; a lost peer takes the slow path.
         if self._sudden is not None and self._started and self._sudden.completed(step, checkpointable(self.state)):
             self._urgent = True
@@ -571,6 +597,8 @@ class Guard:
         self._urgent = False
         if agreed.action:
             self._evacuate(step, agreed)
+        if self._loss_check is not None and step >= self._loss_check.check_at:
+            self._check_losses(step)  # a collective, at a step every rank reaches; may raise Evacuation
         periodic = agreed.periodic_due or bool(
             c.checkpoint_every_steps and step > 0 and step % c.checkpoint_every_steps == 0
         )
@@ -589,6 +617,8 @@ class Guard:
             candidates.append((step // c.sync_every + 1) * c.sync_every)
         if c.checkpoint_every_steps:
             candidates.append((max(step, 0) // c.checkpoint_every_steps + 1) * c.checkpoint_every_steps)
+        if self._loss_check is not None:
+            candidates.append(max(step + 1, self._loss_check.check_at))
         self._next_check = min(candidates) if candidates else 2**62
         if not self._prepared:
             self._next_check = 0
@@ -601,6 +631,17 @@ class Guard:
 
     def _save_periodic(self, step: int) -> None:
         assert self.store is not None
+        if self._loss_check is not None:
+            # The state since the resume is not vouched for until the loss check: a checkpoint of it, newer
+            # than the one it came from, would be the next resume point if that one is demoted.
+            if not self._postponed:
+                log.info(
+                    "gpuguard: periodic checkpoint at step %d postponed until the loss check at step %d",
+                    step,
+                    self._loss_check.check_at,
+                )
+            self._postponed = True
+            return
         self.periodic = [p for p in self.periodic if not p.done()]
         try:
             pending = self.store.save(
@@ -612,6 +653,7 @@ class Guard:
                 checkpoint_id=self._checkpoint_id(step, "periodic"),
                 replicated=self.config.replicated,
                 overlap_with=self._optimizers() if self.config.overlap_snapshot else (),
+                extra=self._loss_extra(),
             )
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
@@ -620,6 +662,38 @@ class Guard:
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
         self.periodic.append(pending)
+
+    def _loss_extra(self) -> dict[str, Any]:
+        """The loss window for a checkpoint's manifest. Rank 0's alone is committed, so only rank 0 reads its
+        losses: one device sync per checkpoint, right before the snapshot, which waits for the same stream."""
+        if self.rank != 0 or not self.config.loss_gate or (not len(self._losses) and self._loss_check is None):
+            return {}
+        try:
+            return window_extra(self._losses, self._loss_check)
+        except Exception as exc:  # never fails a checkpoint: it goes without a window
+            self.failures.failed("summarising the loss window", exc)
+            return {}
+
+    def _check_losses(self, step: int) -> None:
+        """The loss check after a resume (every rank, at the same step): passes, or demotes and leaves."""
+        assert self._loss_check is not None and self.store is not None
+        pending, self._loss_check = self._loss_check, None
+        check_losses(self, pending, step, default_group(self.world_size))  # raises Evacuation when it fails
+        if self._postponed:
+            self._postponed = False
+            self.checkpoint_now()
+
+    def _demote_for_good(self, checkpoint_id: str, reason: str, **details: Any) -> str | None:
+        """Rank 0 writes the demotion marker (`CheckpointStore.demote`); returns why it failed, or None."""
+        if self.rank != 0:
+            return None
+        assert self.store is not None
+        try:
+            self.store.demote(checkpoint_id, reason, **details)
+        except GpuGuardError as exc:
+            log.error("gpuguard: could not record the demotion of %s in storage: %s", checkpoint_id, exc)
+            return str(exc)
+        return None
 
     def _optimizers(self) -> list[Any]:
         import torch
