@@ -25,6 +25,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from gpuguard.checkpoint import CheckpointInfo
     from gpuguard.checkpoint._collective import RankGroup
     from gpuguard.guard.config import GuardConfig
-    from gpuguard.guard.guard import Guard
 
 log = logging.getLogger("gpuguard")
 
@@ -219,18 +219,27 @@ def describe_failure(
     return failing, words
 
 
-def check(guard: Guard, pending: PendingCheck, step: int, group: RankGroup) -> None:
+def check(
+    pending: PendingCheck,
+    step: int,
+    ring: LossRing,
+    group: RankGroup,
+    config: GuardConfig,
+    *,
+    demote: Callable[..., str | None],
+    resume_point: Callable[[], str],
+) -> None:
     """Judge the losses since the restore on every rank, agree, and on a failure anywhere: demote the
-    checkpoint for good (rank 0 writes the marker; every rank waits for it) and raise `Evacuation` with the
-    restart exit code on every rank, so the job resumes from the next older verified checkpoint.
+    checkpoint for good (rank 0 calls ``demote``, which returns why it failed or None; every rank waits for
+    it) and raise `Evacuation` with the restart exit code on every rank, so the job resumes from the next
+    older verified checkpoint (``resume_point`` says which, in words).
 
     Raises:
         Evacuation: the check failed on some rank; the marker is written.
         CheckpointError: the check failed but the marker could not be written: a restart would load the
             same checkpoint again, so the job leaves with an error instead.
     """
-    config = guard.config
-    _, losses = guard._losses.floats(after=pending.step)  # the one sync: at a collective anyway
+    _, losses = ring.floats(after=pending.step)  # the one sync: at a collective anyway
     verdicts = gather_verdicts(group, judge(pending.window, losses, config.loss_threshold))
     if not any(v.get("failing") for v in verdicts):
         judged = [v for v in verdicts if v.get("failing") is not None]
@@ -241,7 +250,7 @@ def check(guard: Guard, pending: PendingCheck, step: int, group: RankGroup) -> N
                 pending.checkpoint_id,
                 MIN_AFTER,
             )
-        elif guard.rank == 0:
+        elif group.rank == 0:
             medians = ", ".join("non-finite" if v["median"] is None else f"{v['median']:.6g}" for v in judged)
             log.info(
                 "gpuguard: loss check after the resume from %s passed at step %d: median(s) %s, limit %.6g",
@@ -252,16 +261,18 @@ def check(guard: Guard, pending: PendingCheck, step: int, group: RankGroup) -> N
             )
         return
     failing, words = describe_failure(pending, step, verdicts, config.loss_threshold)
-    error = guard._demote_for_good(
-        pending.checkpoint_id,
-        "loss",
-        step=pending.step,
-        checked_at_step=step,
-        ranks=failing,
-        window=pending.window,
-        threshold=config.loss_threshold,
-        verdicts=verdicts,
-    )
+    error = None
+    if group.rank == 0:
+        error = demote(
+            pending.checkpoint_id,
+            "loss",
+            step=pending.step,
+            checked_at_step=step,
+            ranks=failing,
+            window=pending.window,
+            threshold=config.loss_threshold,
+            verdicts=verdicts,
+        )
     # Rank 0's marker is durable before any rank leaves: a launcher restarts the job once they are gone.
     written = group.all_gather_ints([0 if error else 1])[0][0]
     if not written:
@@ -270,22 +281,16 @@ def check(guard: Guard, pending: PendingCheck, step: int, group: RankGroup) -> N
             f"and its demotion could not be recorded in storage (rank 0: {error or 'see its log'}): leaving with an "
             "error, not a restart, which would resume from it again"
         )
-    after = describe_resume_point(guard)
+    try:
+        after = resume_point()
+    except Exception as exc:  # on the way out: said, never raised over the exit
+        after = f"the next resume point could not be listed ({exc})"
     message = (
         f"checkpoint {pending.checkpoint_id} (step {pending.step}) failed the loss check after restore: {words}; "
         f"demoted for good (demoted/{pending.checkpoint_id}.json); leaving with exit {config.restart_exit_code} "
         f"(restart in place): {after}"
     )
     log.error("gpuguard: %s", message)
-    guard._evacuating = True
     evidence = {"loss_check": {"checkpoint": pending.checkpoint_id, "ranks": failing, "verdicts": verdicts}}
     decision = Decision(Action.RESTART, "restart", message, evidence=evidence)
     raise Evacuation(config.restart_exit_code, decision, step, None)
-
-
-def describe_resume_point(guard: Guard) -> str:
-    """Where the next run resumes, in words (a listing: only on the way out)."""
-    try:
-        return guard.resume_point_text()
-    except Exception as exc:  # on the way out: said, never raised over the exit
-        return f"the next resume point could not be listed ({exc})"

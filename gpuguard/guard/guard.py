@@ -678,7 +678,19 @@ class Guard:
         """The loss check after a resume (every rank, at the same step): passes, or demotes and leaves."""
         assert self._loss_check is not None and self.store is not None
         pending, self._loss_check = self._loss_check, None
-        check_losses(self, pending, step, default_group(self.world_size))  # raises Evacuation when it fails
+        try:
+            check_losses(
+                pending,
+                step,
+                self._losses,
+                default_group(self.world_size),
+                self.config,
+                demote=self._demote_for_good,
+                resume_point=self.resume_point_text,
+            )
+        except Evacuation:  # the check failed: every rank leaves with the restart exit
+            self._evacuating = True
+            raise
         if self._postponed:
             self._postponed = False
             self.checkpoint_now()
