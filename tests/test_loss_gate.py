@@ -88,17 +88,22 @@ def test_a_checkpoint_far_outside_its_window_is_demoted_and_the_next_run_resumes
     assert f"checkpoint {newest.id} (step 20) failed the loss check after restore: rank 0: median" in said[0]
     assert f"demoted/{newest.id}.json" in said[0] and "leaving with exit 76" in said[0]
     assert f"the next run resumes from {older.id} (step 10" in said[0]
-    # nothing was saved between the resume and the check (the state was not vouched for)
-    assert [i.step for i in store.list()] == [10, 20]
+    # the checkpoint taken at 30, from the state the bad one gave, carried its window and is demoted with it
+    infos = store.list()
+    assert [(i.step, i.demoted) for i in infos] == [(10, False), (20, True), (30, True)]
+    assert infos[2].extra["loss_window"] == window and infos[2].extra["loss_window_inherited_from"] == newest.id
+    assert f"with the checkpoint(s) taken since from its state: {infos[2].id}" in said[0]
 
-    marker = store.demoted()[newest.id]
+    markers = store.demoted()
+    marker = markers[newest.id]
     assert marker["reason"] == "loss" and marker["ranks"] == [0] and marker["step"] == 20
     assert marker["verdicts"][0]["median"] > limit(window, 10.0)[0]
+    assert markers[infos[2].id]["descends_from"] == newest.id
     assert (tmp_path / "demoted" / f"{newest.id}.json").exists()
 
     caplog.clear()
     caplog.set_level(logging.INFO, "gpuguard")
-    for resumed in (11, 31):  # the next run resumes from the older one and passes; then from its own: never 20
+    for resumed in (11, 31):  # the next run resumes from the older one and passes; then from its own 30: never 20
         state = make_state(2)
         with guard_for(url, state) as guard:
             assert guard.resume() == resumed
@@ -109,23 +114,25 @@ def test_a_checkpoint_far_outside_its_window_is_demoted_and_the_next_run_resumes
     )
 
 
-def test_a_normal_resume_passes_and_a_tight_threshold_trips_on_the_same_losses(tmp_path: Path) -> None:
+def test_a_normal_resume_passes_and_losses_far_above_trip_the_same_check(tmp_path: Path) -> None:
     url = f"file://{tmp_path}"
     saved_run(url, corrupt_at=None)
     state = make_state(1)
     with guard_for(url, state) as guard:  # the default threshold: a resume of good weights never trips
         assert guard.resume() == 21
-        train(guard, state, range(21, 45))  # past the check at step 40, and the postponed checkpoint is taken
+        train(guard, state, range(21, 45))  # past the check at step 40
     store = CheckpointStore(url)
     assert not store.demoted()
-    assert [i.step for i in store.list()] == [10, 20, 40]
+    assert [i.step for i in store.list()] == [10, 20, 30, 40]
+    assert "loss_window_inherited_from" in store.list()[2].extra  # 30: before the check
+    assert "loss_window_inherited_from" not in store.list()[3].extra  # 40: after it, its own window
     # The same good weights, but the loop hands losses 10x larger: the same check fails (so it can)
     state = make_state(1)
     guard = guard_for(url, state)
     with pytest.raises(Evacuation), guard:
         guard.resume()
         train(guard, state, range(41, 70), loss_scale=10.0)
-    assert list(CheckpointStore(url).demoted()) == [store.list()[-1].id]
+    assert [i.step for i in CheckpointStore(url).list() if i.demoted] == [40, 50]
 
 
 def test_every_checkpoint_demoted_resume_raises_rather_than_starting_over(tmp_path: Path) -> None:
@@ -154,10 +161,10 @@ def test_the_marker_survives_the_process_and_checkpoints_list_shows_it(cli: Any,
     listing = cli("checkpoints", "list", url)  # a new process reads the marker from storage
     assert listing.returncode == 0, listing.stderr
     table = listing.stdout.splitlines()
-    assert [line.split()[1:3] for line in table[2:]] == [["10", "periodic"], ["20", "periodic"]]
-    assert "(DEMOTED: loss)" in table[3] and "DEMOTED" not in table[2]
+    assert [line.split()[1:3] for line in table[2:]] == [["10", "periodic"], ["20", "periodic"], ["30", "periodic"]]
+    assert "DEMOTED" not in table[2] and "(DEMOTED: loss)" in table[3] and "(DEMOTED: loss)" in table[4]
     listed = json.loads(cli_here("checkpoints", "list", url, "--json").stdout)
-    assert [c["demoted"] for c in listed["checkpoints"]] == [False, True]
+    assert [c["demoted"] for c in listed["checkpoints"]] == [False, True, True]
     assert listed["checkpoints"][1]["demotion"]["reason"] == "loss"
 
 

@@ -25,7 +25,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -226,13 +226,15 @@ def check(
     group: RankGroup,
     config: GuardConfig,
     *,
+    unchecked: Sequence[str] = (),
     demote: Callable[..., str | None],
     resume_point: Callable[[], str],
 ) -> None:
     """Judge the losses since the restore on every rank, agree, and on a failure anywhere: demote the
     checkpoint for good (rank 0 calls ``demote``, which returns why it failed or None; every rank waits for
     it) and raise `Evacuation` with the restart exit code on every rank, so the job resumes from the next
-    older verified checkpoint (``resume_point`` says which, in words).
+    older verified checkpoint (``resume_point`` says which, in words). The ``unchecked`` checkpoints, taken
+    since the restore from the state it gave, are demoted with it.
 
     Raises:
         Evacuation: the check failed on some rank; the marker is written.
@@ -263,16 +265,16 @@ def check(
     failing, words = describe_failure(pending, step, verdicts, config.loss_threshold)
     error = None
     if group.rank == 0:
-        error = demote(
-            pending.checkpoint_id,
-            "loss",
-            step=pending.step,
-            checked_at_step=step,
-            ranks=failing,
-            window=pending.window,
-            threshold=config.loss_threshold,
-            verdicts=verdicts,
-        )
+        details = {
+            "checked_at_step": step,
+            "ranks": failing,
+            "window": pending.window,
+            "threshold": config.loss_threshold,
+            "verdicts": verdicts,
+        }
+        error = demote(pending.checkpoint_id, "loss", step=pending.step, **details)
+        for later in unchecked:  # descendants first written, then never resumed from either
+            error = error or demote(later, "loss", descends_from=pending.checkpoint_id, **details)
     # Rank 0's marker is durable before any rank leaves: a launcher restarts the job once they are gone.
     written = group.all_gather_ints([0 if error else 1])[0][0]
     if not written:
@@ -285,10 +287,11 @@ def check(
         after = resume_point()
     except Exception as exc:  # on the way out: said, never raised over the exit
         after = f"the next resume point could not be listed ({exc})"
+    also = f", with the checkpoint(s) taken since from its state: {', '.join(unchecked)}" if unchecked else ""
     message = (
         f"checkpoint {pending.checkpoint_id} (step {pending.step}) failed the loss check after restore: {words}; "
-        f"demoted for good (demoted/{pending.checkpoint_id}.json); leaving with exit {config.restart_exit_code} "
-        f"(restart in place): {after}"
+        f"demoted for good (demoted/{pending.checkpoint_id}.json){also}; leaving with exit "
+        f"{config.restart_exit_code} (restart in place): {after}"
     )
     log.error("gpuguard: %s", message)
     evidence = {"loss_check": {"checkpoint": pending.checkpoint_id, "ranks": failing, "verdicts": verdicts}}

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from gpuguard.checkpoint import CheckpointStore, PendingSave
+from gpuguard.checkpoint import CheckpointInfo, CheckpointStore, PendingSave
 from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
@@ -141,7 +141,7 @@ class Guard:
         self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
         self._losses = LossRing()  # the losses step() was given: detached references, no sync (_loss_window)
         self._loss_check: PendingCheck | None = None  # after a resume: the loss check still to come
-        self._postponed = False  # a periodic checkpoint waits for the loss check
+        self._unchecked: list[str] = []  # checkpoints taken since the resume, before its loss check
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -507,10 +507,17 @@ class Guard:
         log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
         self._losses.clear()
         self._loss_check = arm(self.config, self.store.last_loaded, step)
+        self._unchecked = []
         self._resumed_step = step
         self._last_step = step
         self._schedule_next(step)
         return step + 1
+
+    def _restored(self, info: CheckpointInfo | None) -> None:
+        """An integration that restores on its own (Lightning's) arms the loss check as `resume` does."""
+        self._losses.clear()
+        self._loss_check = None if info is None else arm(self.config, info, info.step)
+        self._unchecked = []
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -631,17 +638,6 @@ class Guard:
 
     def _save_periodic(self, step: int) -> None:
         assert self.store is not None
-        if self._loss_check is not None:
-            # The state since the resume is not vouched for until the loss check: a checkpoint of it, newer
-            # than the one it came from, would be the next resume point if that one is demoted.
-            if not self._postponed:
-                log.info(
-                    "gpuguard: periodic checkpoint at step %d postponed until the loss check at step %d",
-                    step,
-                    self._loss_check.check_at,
-                )
-            self._postponed = True
-            return
         self.periodic = [p for p in self.periodic if not p.done()]
         try:
             pending = self.store.save(
@@ -658,6 +654,10 @@ class Guard:
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
+        if self._loss_check is not None:
+            # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
+            # (else it would be the next resume point), and it carries the same window for its own resume.
+            self._unchecked.append(pending.id)
         pending.add_done_callback(self._report_periodic)
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
@@ -685,15 +685,15 @@ class Guard:
                 self._losses,
                 default_group(self.world_size),
                 self.config,
+                unchecked=self._unchecked,
                 demote=self._demote_for_good,
                 resume_point=self.resume_point_text,
             )
         except Evacuation:  # the check failed: every rank leaves with the restart exit
             self._evacuating = True
             raise
-        if self._postponed:
-            self._postponed = False
-            self.checkpoint_now()
+        finally:
+            self._unchecked = []
 
     def _demote_for_good(self, checkpoint_id: str, reason: str, **details: Any) -> str | None:
         """Rank 0 writes the demotion marker (`CheckpointStore.demote`); returns why it failed, or None."""
