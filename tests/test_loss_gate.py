@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_restore_sanity as nan_run
 import torch
 
 from gpuguard import CheckpointStore, Evacuation, Guard
-from gpuguard.errors import CheckpointCorruptError
+from gpuguard.errors import CheckpointCorruptError, ConfigError
 from gpuguard.fakenvml import FakeNvml
 from gpuguard.guard._loss_window import LossRing, judge, limit, summarize
 
@@ -145,7 +146,9 @@ def test_every_checkpoint_demoted_resume_raises_rather_than_starting_over(tmp_pa
     guard = guard_for(url, make_state())
     with (
         guard,
-        pytest.raises(CheckpointCorruptError, match=r"every committed checkpoint .* was demoted .* earlier run"),
+        pytest.raises(
+            CheckpointCorruptError, match=r"every committed checkpoint .* was demoted after a restore .*delete a marker"
+        ),
     ):
         guard.resume()
 
@@ -248,3 +251,30 @@ def test_the_ring_keeps_the_last_window_and_refuses_what_is_not_one_number() -> 
     assert ring.record(6, 6.5) and not ring.record(7, torch.ones(3)) and not ring.record(8, "x")
     assert ring.floats() == ([3, 4, 5, 6], [3.0, 4.0, 5.0, 6.5])
     assert ring.floats(after=4) == ([5, 6], [5.0, 6.5])
+
+
+def test_load_passes_over_demoted_ones_unless_named_and_never_says_nothing_is_committed(tmp_path: Path) -> None:
+    store = CheckpointStore(f"file://{tmp_path}")
+    w = torch.zeros(2)
+    ids = [store.save({"w": w.fill_(s)}, step=s).wait().id for s in (1, 2)]
+    store.demote(ids[1], "loss")
+    assert store.load({"w": w}) == 1 and w[0] == 1
+    assert store.load({"w": w}, ids[1]) == 2 and w[0] == 2  # named: a person's choice
+    store.demote(ids[0], "non_finite")
+    with pytest.raises(CheckpointCorruptError, match=r"every committed checkpoint .* demoted .*" + ids[0]):
+        store.load({"w": w}, fallback=True)
+    with pytest.raises(ConfigError, match="checkpoint_id"):
+        store.demote("not-an-id", "loss")
+
+
+def test_the_nan_gate_records_its_demotions_for_later_processes(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}"
+    nan_run.train(url, nan_run.make_state(), range(5), poison_at=3)  # step 2: good; step 4: NaN
+    with Guard(checkpoint_dir=url, state=nan_run.make_state(), nvml=FakeNvml.replay(), devices="all") as guard:
+        assert guard.resume() == 3
+    store = CheckpointStore(url)
+    (bad,) = [i for i in store.list() if i.demoted]
+    marker = store.demoted()[bad.id]
+    assert bad.step == 4 and marker["reason"] == "non_finite" and marker["ranks"] == [0]
+    assert "model/0.weight" in marker["tensors"]
+    assert store.latest().step == 2  # type: ignore[union-attr]

@@ -27,7 +27,7 @@ from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
-from gpuguard.errors import ConfigError
+from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 
 __all__ = ["REASONS", "CheckpointInfo", "CheckpointStore", "PendingSave", "Reason", "SaveTimings", "VerifyReport"]
 
@@ -378,7 +378,8 @@ class CheckpointStore:
                 names every entry that does not fit; ``state`` is unchanged.
             CheckpointNotFoundError: nothing committed (or not that id).
             CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
-                every checkpoint is corrupt (on some rank).
+                every checkpoint is corrupt (on some rank). Also when every committed checkpoint not
+                in ``exclude`` is demoted: that is never "nothing committed".
             CheckpointError: another rank failed (its error's kind, naming the rank).
         """
         group = None
@@ -386,17 +387,28 @@ class CheckpointStore:
             group = solo
         elif process_group is not None:
             group = TorchGroup(process_group)
-        return self._loader.load(
-            state,
-            checkpoint_id,
-            rank=rank,
-            fallback=fallback,
-            strict=strict,
-            world_size=world_size,
-            group=group,
-            # an id asked for by name is loaded even when demoted: a person's choice
-            exclude=frozenset(exclude) | (demoted_ids(self.storage) if checkpoint_id is None else frozenset()),
-        )
+        # an id asked for by name is loaded even when demoted: a person's choice
+        demoted = demoted_ids(self.storage) if checkpoint_id is None else set()
+        try:
+            return self._loader.load(
+                state,
+                checkpoint_id,
+                rank=rank,
+                fallback=fallback,
+                strict=strict,
+                world_size=world_size,
+                group=group,
+                exclude=frozenset(exclude) | demoted,
+            )
+        except CheckpointNotFoundError:
+            # Never "nothing committed" (a caller's cue to start from step 0) when all there is was found bad.
+            found_bad = [m.id for m in self._catalog.manifests() if m.id in demoted] if demoted else []
+            if found_bad:
+                raise CheckpointCorruptError(
+                    f"every committed checkpoint under {self.url} was demoted after a restore (demoted/ there says "
+                    f"why; delete a marker to trust its checkpoint again): {', '.join(found_bad)}"
+                ) from None
+            raise
 
     @property
     def last_loaded_id(self) -> str | None:

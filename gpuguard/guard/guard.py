@@ -454,11 +454,17 @@ class Guard:
 
         After the load, every rank checks its parameters and optimizer state for NaN and inf; a
         checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
-        and every rank loads the next older verified one, never the demoted one again in this resume.
+        and every rank loads the next older verified one. Demotions are recorded in storage
+        (`CheckpointStore.demote`): no later run loads a demoted checkpoint either.
+
+        When the checkpoint recorded a loss window (the losses passed to `step`) and ``loss_gate`` is on,
+        the loss check follows: at step ``resumed + loss_check_steps`` the ranks compare their losses since
+        the restore with that window, and a checkpoint far outside it on any rank is demoted and every
+        rank leaves with `Evacuation` (``restart_exit_code``), to resume from the next older one.
 
         Raises:
             CheckpointCorruptError: no committed checkpoint could be loaded on every rank, or every one
-                was demoted.
+                was demoted (now or by an earlier run): never a silent start from step 0.
             CheckpointError: another rank failed (its error's kind, naming the rank).
             StorageError: the storage failed (never read as "no checkpoint").
         """
@@ -471,18 +477,11 @@ class Guard:
             before = dict(view)
             try:
                 step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
-            except CheckpointNotFoundError:
-                # never a silent start from step 0: every checkpoint was found bad, now or by an earlier run
-                earlier = [] if demoted else [i.id for i in self.store.list() if i.demoted]
-                if demoted or earlier:
+            except CheckpointNotFoundError:  # (every one demoted by an earlier run: the load raised CheckpointCorrupt)
+                if demoted:  # never a silent start from step 0: every checkpoint was found bad
                     raise CheckpointCorruptError(
                         f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
-                        + (
-                            f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
-                            if demoted
-                            else f"by an earlier run (see demoted/ there; delete a marker to trust its checkpoint "
-                            f"again): {', '.join(earlier)}"
-                        )
+                        f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
                     ) from None
                 log.warning(
                     "gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir
