@@ -278,3 +278,33 @@ def test_the_nan_gate_records_its_demotions_for_later_processes(tmp_path: Path) 
     assert bad.step == 4 and marker["reason"] == "non_finite" and marker["ranks"] == [0]
     assert "model/0.weight" in marker["tensors"]
     assert store.latest().step == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_steps_with_a_cuda_loss_never_sync_the_device(tmp_path: Path) -> None:
+    """CUDA's sync debug mode raises at any synchronising call: none may come from step(step, loss)."""
+    model = torch.nn.Linear(256, 256).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 256, device="cuda")
+    with guard_for(f"file://{tmp_path}", {"model": model, "optimizer": optimizer}, checkpoint_every_steps=60) as guard:
+
+        def one(step: int) -> None:
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.step(step, loss.detach())
+
+        for step in range(6):  # the staging buffer is planned at the first step
+            one(step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(6, 60):
+                one(step)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        one(60)  # a checkpoint: its window read here, once
+    window = CheckpointStore(f"file://{tmp_path}").latest().extra["loss_window"]  # type: ignore[union-attr]
+    assert window["count"] == 61 and window["last_step"] == 60

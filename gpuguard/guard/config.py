@@ -95,7 +95,7 @@ class GuardConfig:
         loss_gate: after `Guard.resume`, check the losses handed to ``step(step, loss)`` against the window
             the checkpoint recorded; a checkpoint far outside it is demoted for good and the job leaves with
             ``restart_exit_code`` to resume from the next older one (docs/user-guide.md, "sanity gate").
-            Nothing happens without losses.
+            Nothing happens without losses. Off, checkpoints still record their windows.
         loss_check_steps: steps after a resume at which the ranks judge the losses since the restore.
         loss_threshold: how far the median of those losses may rise above the window's median, in the
             window's robust spreads (its median absolute deviation as a standard deviation, never taken

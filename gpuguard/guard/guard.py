@@ -665,7 +665,8 @@ class Guard:
     def _loss_extra(self) -> dict[str, Any]:
         """The loss window for a checkpoint's manifest. Rank 0's alone is committed, so only rank 0 reads its
         losses: one device sync per checkpoint, right before the snapshot, which waits for the same stream."""
-        if self.rank != 0 or not self.config.loss_gate or (not len(self._losses) and self._loss_check is None):
+        # Recorded with loss_gate off too: a later run that checks finds the windows.
+        if self.rank != 0 or (not len(self._losses) and self._loss_check is None):
             return {}
         try:
             return window_extra(self._losses, self._loss_check)
