@@ -477,7 +477,7 @@ class Guard:
             before = dict(view)
             try:
                 step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
-            except CheckpointNotFoundError:  # (every one demoted by an earlier run: the load raised CheckpointCorrupt)
+            except CheckpointNotFoundError:  # (all demoted by earlier runs: load raised CheckpointCorruptError)
                 if demoted:  # never a silent start from step 0: every checkpoint was found bad
                     raise CheckpointCorruptError(
                         f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
@@ -547,7 +547,7 @@ class Guard:
         self._last_step = step
         if loss is not None and not self._losses.record(step, loss):
             self._report_once(
-                "loss", f"step(loss=...) takes a float or a one-element tensor, not {type(loss).__name__}"
+                "loss-type", f"step(loss=...) takes a float or a one-element tensor, not {type(loss).__name__}"
             )
         # This rank's per-rank state of the step, mirrored before step() returns; a lost peer takes the slow path.
         if self._sudden is not None and self._started and self._sudden.completed(step, checkpointable(self.state)):
