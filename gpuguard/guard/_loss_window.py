@@ -12,6 +12,10 @@ marker in storage (`CheckpointStore.demote`) that every later process honours: t
 restart exit and resumes from the next older verified checkpoint, never this one again. When every
 checkpoint is demoted, `Guard.resume` raises: never a silent start from step 0.
 
+The window is rank 0's: the committing rank writes the manifest, and under data parallelism every rank's
+losses come from the same distribution. A rank that passes no losses has no opinion at the check (a pipeline
+stage without a loss); when rank 0 passes none, no window is recorded and no check follows.
+
 The training thread stays free of device syncs and I/O: ``step`` keeps a detached reference to each loss
 in a ring of the last `WINDOW` (a deque append). Losses become floats only where the training thread
 waits for the device anyway: on rank 0 at a checkpoint's save (whose snapshot waits for the same stream

@@ -533,9 +533,9 @@ class Guard:
         Args:
             step: this step's number.
             loss: this step's loss, optional: a float or a one-element tensor (on any device; it is kept
-                detached, never read here: no device sync). Checkpoints record the window of recent
-                losses, and after a resume the loss check compares the first steps' with it
-                (``loss_gate``; docs/user-guide.md, "sanity gate").
+                detached, never read here: no device sync; so do not change it in place afterwards).
+                Checkpoints record the window of recent losses, and after a resume the loss check
+                compares the first steps' with it (``loss_gate``; docs/user-guide.md, "sanity gate").
 
         Raises:
             Evacuation: after the emergency checkpoint is committed (or failed: the job leaves anyway).
