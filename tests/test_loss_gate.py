@@ -308,3 +308,36 @@ def test_on_a_gpu_steps_with_a_cuda_loss_never_sync_the_device(tmp_path: Path) -
         one(60)  # a checkpoint: its window read here, once
     window = CheckpointStore(f"file://{tmp_path}").latest().extra["loss_window"]  # type: ignore[union-attr]
     assert window["count"] == 61 and window["last_step"] == 60
+
+
+def test_an_emergency_checkpoint_before_the_check_is_judged_by_the_same_window_never_a_loop(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}"
+    saved_run(url)  # 10 good, 20 corrupted
+    state = make_state(1)
+    guard = guard_for(url, state)
+    with pytest.raises(Evacuation) as left, guard:
+        assert guard.resume() == 21
+        train(guard, state, range(21, 25))
+        guard.request_evacuation("test: a drain before the loss check")
+        train(guard, state, range(25, 30))
+    assert left.value.code == 75 and left.value.checkpoint is not None
+    emergency = left.value.checkpoint
+    store = CheckpointStore(url)
+    bad = store.list()[1]
+    (info,) = [i for i in store.list() if i.id == emergency.id]
+    assert info.extra["loss_window"] == bad.extra["loss_window"]
+    assert info.extra["loss_window_inherited_from"] == bad.id
+    # Each restart demotes one more, the newest first, and never loads a demoted one again: then 10 passes.
+    for expected in (info.step + 1, 21):
+        state = make_state(1)
+        guard = guard_for(url, state)
+        with pytest.raises(Evacuation), guard:
+            assert guard.resume() == expected
+            train(guard, state, range(expected, expected + 30))
+    # 20, the emergency 25, and the periodic ones each run took from their state before its check
+    assert [i.step for i in store.list() if not i.demoted] == [10]
+    assert {20, info.step} <= {i.step for i in store.list() if i.demoted}
+    state = make_state(1)
+    with guard_for(url, state) as guard:
+        assert guard.resume() == 11
+        train(guard, state, range(11, 35))
