@@ -274,7 +274,7 @@ def render(report: Report, sensitivity: list[dict[str, float]]) -> str:
         local = _duration(t["local_interval_s"]) if t["local_interval_s"] is not None else "-"
         node = f"{t['local_gbps_per_node']:.3g}/node" if t["local_interval_s"] is not None else "-"
         mc = t["monte_carlo"]
-        check = f"{mc['estimate']:.2%} ± {mc['stderr']:.2%} {'agrees' if mc['agrees'] else 'DISAGREES'}" if mc else "-"
+        check = f"{mc['estimate']:.2%} ± {mc['stderr']:.3%} {'agrees' if mc['agrees'] else 'DISAGREES'}" if mc else "-"
         lines.append(
             f"  {_LONG.get(t['policy'], t['policy']):<37}{local:>10}{t['object_store_every']:>4}"
             f"{_duration(t['object_interval_s']):>10}{node:>12}{t['object_gbps']:>13.3g}{t['goodput']:>9.2%}  {check}"

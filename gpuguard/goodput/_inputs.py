@@ -395,6 +395,7 @@ class GoodputInputs:
             "local_capacity_per_node": f"{self.local_capacity:.4g} GiB "
             + ("(given)" if self.local_capacity_gib is not None else "(/dev/shm: half of a DGX H200's 2 TB of RAM)")
             + f": {self.local_keep} checkpoints",
+            "local_checkpoints_per_node": self.local_keep,
             "max_local_share": f"{self.max_local_share:g} (an assumption: the node's memory and cores also feed "
             "the data loader)",
             "node_loss_share": f"{self.node_loss:.4g} "
