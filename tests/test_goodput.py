@@ -388,3 +388,19 @@ def test_the_command_rejects_bad_tier_input_with_exit_2(
     assert main(["goodput", flag, value, "--no-check"]) == 2
     err = capsys.readouterr().err
     assert field in err and value in err
+
+
+def test_a_failure_whose_node_survives_restores_from_the_local_tier() -> None:
+    # Object storage at 10 GB/s: 660 s to read the job back; a node's 48 GiB from a 20 GB/s local tier, 2.6 s
+    # (torch.load's 4.7 s on the H200 is the floor).
+    inputs = GoodputInputs(storage_gbps=10.0, local_gbps=20.0, node_loss_share=0.0, object_store_every=1)
+    assert inputs.local_restore == pytest.approx(4.699)
+    local = inputs.policies()[3]
+    assert local.local_downtime_s == pytest.approx(local.downtime_s - inputs.gpuguard_restore + 4.699)
+    check = monte_carlo(local, failures=40_000, seed=5)
+    assert check.agrees, check
+    # The walk charges the local restore too: a closed form that charged object storage's is far off.
+    assert abs(check.estimate - goodput(dataclasses.replace(local, local_downtime_s=None))) > 10 * check.stderr
+    rows = {(r["policy"], r["kind"]): r for r in compare(inputs).to_dict()["per_failure"]}
+    survived = rows[("gpuguard + local tier", "sudden, no replica")]["downtime_s"]
+    assert survived == pytest.approx(rows[("gpuguard", "sudden, no replica")]["downtime_s"] - 660 + 4.699, abs=0.5)

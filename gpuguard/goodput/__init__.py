@@ -30,7 +30,8 @@ and just-in-time saves go to object storage as before. A rolled-back failure los
 newest local checkpoint when its node survives (a process crash, a restart in place), and since the
 newest object-storage one when the node is gone with its local tier (``node_loss_share`` of them: by
 default the failures a restart in place does not clear). The local tier must hold at least two
-checkpoints (one being written, one complete). Restores are charged from object storage either way.
+checkpoints (one being written, one complete). A failure whose node survives restores from the local
+tier (at most the local bandwidth); every other restore reads object storage.
 
 `closed_form` is exact for this model (renewal-reward: expected kept training per failure cycle over
 its expected wall time, with the geometric sums done in closed form); `monte_carlo` samples failure
@@ -144,7 +145,8 @@ def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
     """Per kind of failure and policy, what one failure costs: the save after it, the training lost
     (about half an interval plus the durable lag on a roll back; with a local tier, that of the local tier
     when the node survives and of object storage when it does not, weighed by their shares), and the
-    downtime (restart, reschedule unless a restart in place clears it, restore)."""
+    downtime (restart, reschedule unless a restart in place clears it, restore; with a local tier a roll back
+    whose node survives restores from it)."""
     rows = []
     for policy in inputs.policies():
         restore = inputs.periodic_restore if policy.name == "periodic only" else inputs.gpuguard_restore
@@ -164,6 +166,9 @@ def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
             ),
         ]
         for kind, share, inplace, saved in kinds:
+            down = inputs.restart_s + (1 - inplace) * inputs.reschedule_s + restore
+            if policy.local_tier and not saved:
+                down += policy.local_share * (inputs.local_restore - restore)
             save = (policy.emergency_s if kind == "detectable" else policy.jit_s) if saved else 0.0
             replay = policy.jit_replay_s if saved and kind != "detectable" else 0.0
             rows.append(
@@ -174,7 +179,7 @@ def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
                     "saved": saved,
                     "save_s": round(save, 3),
                     "training_lost_s": round(replay if saved else _rolled_back_loss(policy), 3),
-                    "downtime_s": round(inputs.restart_s + (1 - inplace) * inputs.reschedule_s + restore, 3),
+                    "downtime_s": round(down, 3),
                 }
             )
     return rows

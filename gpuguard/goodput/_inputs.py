@@ -233,6 +233,12 @@ class GoodputInputs:
         """Of the failures that roll back, the share whose node goes with its local tier."""
         return _or(self.node_loss_share, 1 - self.inplace_share_sudden)
 
+    @property
+    def local_restore(self) -> float:
+        """Reading a node's part back from its local tier: torch.load's H200 time, and no faster than the local
+        write bandwidth (no local read figure is measured)."""
+        return max(H200_TORCH_LOAD_S_PER_GIB * self.state_gib, self.local_write_s)
+
     def _local_floor(self) -> float:
         """The shortest local interval the local bandwidth allows."""
         return max(self.local_write_s, self.local_write_s / self.max_local_share - self.gpuguard_stall, 1.0)
@@ -255,6 +261,8 @@ class GoodputInputs:
             "local_write_s": self.local_write_s,
             "max_local_share": self.max_local_share,
             "local_bytes_per_node": self.node_checkpoint_bytes,
+            # Its node survived: restored from its local tier instead of object storage.
+            "local_downtime_s": base.downtime_s - self.gpuguard_restore + self.local_restore,
         }
 
         def every(m: int) -> Policy:
@@ -396,6 +404,8 @@ class GoodputInputs:
             + ("(given)" if self.local_capacity_gib is not None else "(/dev/shm: half of a DGX H200's 2 TB of RAM)")
             + f": {self.local_keep} checkpoints",
             "local_checkpoints_per_node": self.local_keep,
+            "local_restore_s": f"{self.local_restore:.4g} (torch.load, {h200}, at least the local write: no local "
+            "read figure measured)",
             "max_local_share": f"{self.max_local_share:g} (an assumption: the node's memory and cores also feed "
             "the data loader)",
             "node_loss_share": f"{self.node_loss:.4g} "
@@ -414,8 +424,8 @@ class GoodputInputs:
             "checkpoint; every failure costs restart (+ reschedule unless a restart in place clears it) + restore; "
             "saves and restores are bounded by the aggregate storage bandwidth; with a local tier every checkpoint "
             "lands on node-local storage and every m-th also in object storage, and a roll back loses since the newest "
-            "local checkpoint if the node survives, else since the newest object-storage one; restores from object "
-            "storage; no false alarms, no failures during downtime or during a save",
+            "local checkpoint (and restores from it) if the node survives, else since the newest object-storage one; "
+            "no false alarms, no failures during downtime or during a save",
         }
 
 

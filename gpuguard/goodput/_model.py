@@ -5,7 +5,8 @@ A policy has one or two tiers. Without a local tier every checkpoint goes to obj
 (``local_tier``), every checkpoint lands on node-local storage (durable there ``durable_lag_s`` after its
 snapshot) and every ``object_every``-th also goes to object storage (durable there ``object_lag_s`` after
 its snapshot). A rolled-back failure restores from the local tier when its node survives (``local_share``
-of them) and from object storage when the node is gone, its local tier with it."""
+of them; its downtime ``local_downtime_s``) and from object storage when the node is gone, its local tier
+with it."""
 
 from __future__ import annotations
 
@@ -53,11 +54,14 @@ class Policy:
     local_write_s: float = 0.0  # a node's local storage's time to write its part of one checkpoint
     max_local_share: float = 1.0  # of the local storage's time, the most checkpoints may take
     local_bytes_per_node: float = 0.0  # a node's part of one checkpoint (for the GB/s reported)
+    local_downtime_s: float | None = None  # a rolled-back failure restored from the local tier (None: downtime_s)
 
     def __post_init__(self) -> None:
         if not isinstance(self.object_every, int) or isinstance(self.object_every, bool) or self.object_every < 1:
             raise ConfigError("object_every", self.object_every, "must be a whole number, 1 or greater")
-        if not self.local_tier and (self.object_every != 1 or self.local_share or self.local_write_s):
+        if not self.local_tier and (
+            self.object_every != 1 or self.local_share or self.local_write_s or self.local_downtime_s is not None
+        ):
             raise ConfigError(
                 "local_tier", self.local_tier, "must be True with object_every, local_share or local_write_s"
             )
@@ -67,6 +71,10 @@ class Policy:
             raise ConfigError(
                 "object_lag_s", self.object_lag_s, f"must be at least durable_lag_s ({self.durable_lag_s:g})"
             )
+
+    @property
+    def local_rolled_downtime(self) -> float:
+        return self.downtime_s if self.local_downtime_s is None else self.local_downtime_s
 
     @property
     def object_lag(self) -> float:
@@ -93,7 +101,7 @@ class Policy:
         return 1.0 - self.detectable_share - self.jit_share
 
     def downtimes(self) -> tuple[float, float, float]:
-        """(detectable, just-in-time saved, rolled back)."""
+        """(detectable, just-in-time saved, rolled back from object storage)."""
         detected = self.downtime_s if self.detected_downtime_s is None else self.detected_downtime_s
         jit = self.downtime_s if self.jit_downtime_s is None else self.jit_downtime_s
         return detected, jit, self.downtime_s
@@ -171,6 +179,8 @@ def expected_cycle(policy: Policy) -> tuple[float, float, float]:
     p_d, p_j, p_u = policy.detectable_share, policy.jit_share, policy.rolled_back_share
     kept = p_d * trained + p_j * (trained - policy.jit_replay_s) + p_u * kept_if_missed
     detected, jit, rolled = policy.downtimes()
+    if policy.local_tier:
+        rolled = policy.local_share * policy.local_rolled_downtime + (1 - policy.local_share) * rolled
     wall = 1 / lam + p_d * (detected + policy.emergency_s) + p_j * (jit + policy.jit_s) + p_u * rolled
     return kept, trained - kept, wall
 
@@ -307,10 +317,12 @@ def monte_carlo(policy: Policy, *, failures: int = 200_000, batches: int = 20, s
                 # Drawn only with a local tier, so that one-tier policies walk the same samples as before.
                 if policy.local_tier and rng.random() >= policy.local_share:  # the node and its local tier gone
                     durable = 0 if x < object_lag else m * int((x - object_lag) // (m * period))
+                    down = rolled
                 else:
                     durable = 0 if x < lag else int((x - lag) // period)
+                    down = policy.local_rolled_downtime if policy.local_tier else rolled
                 kept = min(durable, snapshots) * t
-                wall = x + rolled
+                wall = x + down
             kept_sum += kept
             wall_sum += wall
         estimates.append(kept_sum / wall_sum)
