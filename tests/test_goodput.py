@@ -6,7 +6,7 @@ import pytest
 
 from gpuguard.cli import main
 from gpuguard.errors import ConfigError
-from gpuguard.goodput import GoodputInputs, Policy, compare, expected_cycle, goodput, monte_carlo
+from gpuguard.goodput import GoodputInputs, Policy, best_setting, compare, expected_cycle, goodput, monte_carlo
 
 
 def policy(**kw: float) -> Policy:
@@ -404,3 +404,17 @@ def test_a_failure_whose_node_survives_restores_from_the_local_tier() -> None:
     rows = {(r["policy"], r["kind"]): r for r in compare(inputs).to_dict()["per_failure"]}
     survived = rows[("gpuguard + local tier", "sudden, no replica")]["downtime_s"]
     assert survived == pytest.approx(rows[("gpuguard", "sudden, no replica")]["downtime_s"] - 660 + 4.699, abs=0.5)
+
+
+def test_the_search_over_m_finds_what_trying_every_m_finds() -> None:
+    # A fast local tier over slow object storage: m may be anything up to about 1,300; past 128 the search
+    # tries a grid 5% apart and the neighbours of its best.
+    inputs = GoodputInputs(storage_gbps=10.0, local_gbps=1000.0, node_loss_share=0.5, gpuguard_stall_s=2.0)
+    for policy in inputs.policies()[3:]:
+        found, value = best_setting(policy)
+        last = math.ceil(inputs.gpuguard_durable / 0.5 / (1 + 2.0))
+        assert last > 400
+        every = [best_setting(policy, object_every=m)[1] for m in range(1, last + 1)]
+        assert value == pytest.approx(max(every), abs=1e-12)
+        assert found.object_every == every.index(max(every)) + 1
+        assert found.interval_s >= found.min_interval_s - 1e-6

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
 from gpuguard.errors import ConfigError
-from gpuguard.goodput._model import DAY_S, Policy, goodput
+from gpuguard.goodput._model import DAY_S, Policy, expected_cycle
 
 GIB: Final = 1024**3
 
@@ -270,7 +270,13 @@ class GoodputInputs:
 
         if self.object_store_every is not None:
             return every(self.object_store_every)
-        return max((every(m) for m in range(1, self._most_local_per_object() + 1)), key=goodput)
+        one = every(1)
+
+        def value(m: int) -> float:
+            kept, _, wall = expected_cycle(one, interval_s=(self.interval_s + c) / m - c, object_every=m)
+            return kept / wall
+
+        return every(max(range(1, self._most_local_per_object() + 1), key=value))
 
     @property
     def failures_per_day(self) -> float:

@@ -63,7 +63,9 @@ class Policy:
             self.object_every != 1 or self.local_share or self.local_write_s or self.local_downtime_s is not None
         ):
             raise ConfigError(
-                "local_tier", self.local_tier, "must be True with object_every, local_share or local_write_s"
+                "local_tier",
+                self.local_tier,
+                "must be True with object_every, local_share, local_write_s or local_downtime_s",
             )
         if not 0 <= self.local_share <= 1:
             raise ConfigError("local_share", self.local_share, "must be from 0 to 1")
@@ -158,14 +160,18 @@ class Check:
         return {**asdict(self), "agrees": self.agrees}
 
 
-def expected_cycle(policy: Policy) -> tuple[float, float, float]:
+def expected_cycle(
+    policy: Policy, *, interval_s: float | None = None, object_every: int | None = None
+) -> tuple[float, float, float]:
     """Per failure cycle (resume to resume): expected kept training, training lost, and wall time.
 
     With X ~ Exp(λ) the running time to the next failure, P = interval + stall, q = e^(-λP):
     checkpoint j is durable by X when jP + lag <= X, so E[#durable] = e^(-λ·lag)·q/(1-q); the
     stalled time before X is sum_j ∫ over each stall of P(X > t) dt.
     """
-    lam, t, c = policy.failures_per_s, policy.interval_s, policy.stall_s
+    lam, c = policy.failures_per_s, policy.stall_s
+    # The searches vary these without building a Policy each time.
+    t = policy.interval_s if interval_s is None else interval_s
     period = t + c
     q = math.exp(-lam * period)
     stalled = math.exp(-lam * t) * -math.expm1(-lam * c) / (lam * -math.expm1(-lam * period))
@@ -173,7 +179,7 @@ def expected_cycle(policy: Policy) -> tuple[float, float, float]:
     kept_if_missed = t * math.exp(-lam * policy.durable_lag_s) * q / -math.expm1(-lam * period)
     if policy.local_tier:
         # The node lost: only object storage's checkpoints count, one every m periods, each holding m intervals.
-        m = policy.object_every
+        m = policy.object_every if object_every is None else object_every
         kept_object = m * t * math.exp(-lam * policy.object_lag) * q**m / -math.expm1(-lam * m * period)
         kept_if_missed = policy.local_share * kept_if_missed + (1 - policy.local_share) * kept_object
     p_d, p_j, p_u = policy.detectable_share, policy.jit_share, policy.rolled_back_share
@@ -199,23 +205,43 @@ def best_interval(policy: Policy) -> tuple[float, float]:
 
 # Past this many local checkpoints per object one, object storage's bound no longer sets the search.
 _MAX_OBJECT_EVERY: Final = 10_000
+# Every m up to this is tried; past it, a geometric grid (5% apart) and the neighbours of its best, so that a
+# fast local tier over slow object storage (m in the thousands) costs a fraction of a second, not minutes.
+_EVERY_M_UP_TO: Final = 128
 
 
-def best_setting(policy: Policy) -> tuple[Policy, float]:
-    """The policy at its best interval (with a local tier: the best local interval and ``object_every``)
-    and its goodput. Each interval is bounded by its tier's bandwidth (`Policy.min_interval_s`).
+def best_setting(policy: Policy, *, object_every: int | None = None) -> tuple[Policy, float]:
+    """The policy at its best interval (with a local tier: the best local interval and ``object_every``,
+    or the best local interval for the ``object_every`` given) and its goodput. Each interval is bounded by
+    its tier's bandwidth (`Policy.min_interval_s`).
 
     With a local tier, for each ``object_every`` m from 1 up to the first whose object-storage bound no
     longer exceeds the local one, the best local interval for that m; sending fewer checkpoints to object
-    storage than its bound requires only loses more to failures that take a node.
+    storage than its bound allows only loses more to failures that take a node. Every m up to 128, then
+    a grid 5% apart and the neighbours of its best.
     """
+    if object_every is not None:
+        return _best_for(_with(policy, object_every=object_every))
     if not policy.local_tier:
         return _best_for(policy)
     local_floor = _with(policy, object_every=1, write_s=0.0).min_interval_s
     object_period = policy.write_s / policy.max_storage_share
     last = min(_MAX_OBJECT_EVERY, max(1, math.ceil(object_period / (local_floor + policy.stall_s))))
-    candidates = (_best_for(_with(policy, object_every=m)) for m in range(1, last + 1))
-    return max(candidates, key=lambda c: c[1])
+    tried: dict[int, tuple[Policy, float]] = {}
+
+    def at(m: int) -> tuple[Policy, float]:
+        if m not in tried:
+            tried[m] = _best_for(_with(policy, object_every=m))
+        return tried[m]
+
+    grid = list(range(1, min(last, _EVERY_M_UP_TO) + 1))
+    while grid[-1] < last:
+        grid.append(min(last, max(grid[-1] + 1, math.floor(grid[-1] * 1.05))))
+    best_m = max(grid, key=lambda m: at(m)[1])
+    if best_m > _EVERY_M_UP_TO:
+        step = max(1, math.ceil(best_m * 0.05))
+        best_m = max(range(max(1, best_m - step), min(last, best_m + step) + 1), key=lambda m: at(m)[1])
+    return at(best_m)
 
 
 def _best_for(policy: Policy) -> tuple[Policy, float]:
@@ -224,7 +250,8 @@ def _best_for(policy: Policy) -> tuple[Policy, float]:
     hi = math.log(30 * DAY_S)
 
     def value(log_t: float) -> float:
-        return goodput(_with(policy, interval_s=math.exp(log_t)))
+        kept, _, wall = expected_cycle(policy, interval_s=math.exp(log_t))
+        return kept / wall
 
     ratio = (math.sqrt(5) - 1) / 2
     a, b = lo, hi
