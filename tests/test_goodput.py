@@ -185,7 +185,7 @@ def test_the_command_in_json_uses_the_given_costs(capsys: pytest.CaptureFixture[
 
 def test_the_command_rejects_bad_input_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["goodput", "--detectable-share", "2", "--no-check"]) == 2
-    assert "detectable_share" in capsys.readouterr().err
+    assert "--detectable-share: 2.0 is not valid; must be from 0 to 1" in capsys.readouterr().err
 
 
 def test_checkpoints_take_at_most_their_share_of_the_storage() -> None:
@@ -375,19 +375,21 @@ def test_the_command_in_json_has_the_per_tier_fields(capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "field"),
+    ("flag", "value", "shown", "allowed"),
     [
-        ("--node-loss-share", "-0.1", "node_loss_share"),
-        ("--local-capacity-gib", "50", "local_capacity_gib"),
-        ("--object-store-every", "1000", "object_store_every"),
+        ("--node-loss-share", "-0.1", "-0.1", "must be from 0 to 1"),
+        ("--local-capacity-gib", "50", "50.0", "must hold at least 2 local checkpoints"),
+        ("--object-store-every", "1000", "1000", "must be at most 39 with interval_s 1800"),
+        ("--local-gbps", "0", "0.0", "must be greater than 0"),
+        ("--max-local-share", "2", "2.0", "must be greater than 0 and at most 1"),
     ],
 )
-def test_the_command_rejects_bad_tier_input_with_exit_2(
-    flag: str, value: str, field: str, capsys: pytest.CaptureFixture[str]
+def test_the_command_rejects_bad_tier_input_naming_the_flag(
+    flag: str, value: str, shown: str, allowed: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["goodput", flag, value, "--no-check"]) == 2
     err = capsys.readouterr().err
-    assert field in err and value in err
+    assert f"{flag}: {shown} is not valid; {allowed}" in err
 
 
 def test_a_failure_whose_node_survives_restores_from_the_local_tier() -> None:

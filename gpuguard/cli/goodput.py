@@ -170,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.failures < 100:
         raise ConfigError("--failures", args.failures, "must be 100 or more")
-    inputs = inputs_from(args)
+    try:
+        inputs = inputs_from(args)
+    except ConfigError as exc:  # name the flag the user typed, not the field behind it
+        flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise ConfigError(flag, exc.value, exc.allowed) from None
     report = compare(inputs, check=not args.no_check, failures=args.failures, seed=args.seed)
     doc = report.to_dict()
     doc["sensitivity"] = _sensitivity(inputs)
@@ -211,6 +215,9 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.2f} s"
 
+
+# Fields whose flag is not the field's name with dashes.
+_FLAGS = {"failure_source": "--failure-rate"}
 
 # Column labels of the table at the given interval, in `Report.outcomes` order.
 _SHORT = ("periodic only", "gpuguard", "+ just-in-time", "+ local tier", "+ jit + local tier")

@@ -111,6 +111,8 @@ class GoodputInputs:
                 "local_gbps",
                 "local_capacity_gib",
             )
+            if f.name.endswith("_share"):
+                continue  # checked below, with their range
             if (positive and value <= 0) or value < 0:
                 raise ConfigError(f.name, value, "must be greater than 0" if positive else "must be 0 or greater")
         if self.failure_source not in FAILURE_SOURCES:
