@@ -1,0 +1,123 @@
+"""What real gloo ranks do in the local-tier tests: train under a `Guard` with a node-local tier, lose or
+corrupt part of it, resume.
+
+Each rank's model holds ``100 x step + rank`` in every weight after ``step``, so a rank that resumes another
+step, or another rank's part, shows it. Each rank gets its own ``local_dir`` (``<root>/node<rank>``), as if
+every rank ran on its own node: nothing of one rank's local tier is visible to another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import gpuguard
+from gpuguard.fakenvml import FakeNvml
+
+
+def settings(root: str) -> dict[str, Any]:
+    return {
+        "nvml": FakeNvml.from_scenario({"gpus": 1, "events": []}),
+        "devices": "all",
+        "sync_every": 2,
+        "checkpoint_every_steps": 2,
+        "checkpoint_every_s": 0,
+        "keep": 10,
+        "local_dir": f"{root}/node{dist.get_rank()}",
+        "object_store_every": 3,
+        "sudden_loss": False,
+    }
+
+
+def model() -> torch.nn.Linear:
+    return torch.nn.Linear(4, 4)
+
+
+def train(out: Path, root: str, steps: int, tag: str, poison_at: int | None = None) -> None:
+    """Periodic checkpoints at 2, 4, 6, ...: every one in each rank's local tier, 2, 8, 14, ... in object storage."""
+    rank = dist.get_rank()
+    net = model()
+    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root)) as guard:
+        for step in range(guard.resume(), steps):
+            with torch.no_grad():
+                net.weight.fill_(float(100 * step + rank))
+                if step == poison_at and rank == dist.get_world_size() - 1:
+                    net.weight[0, 0] = float("nan")  # a diverged step: perfect checksums, NaN values
+            guard.step(step)
+    _write(out, tag, {})
+
+
+def lose(out: Path, root: str, ranks: list[int], tag: str) -> None:
+    """The pod moved: these ranks' local tiers are gone."""
+    if dist.get_rank() in ranks:
+        shutil.rmtree(f"{root}/node{dist.get_rank()}")
+    _write(out, tag, {})
+
+
+def corrupt(out: Path, root: str, step: int, rank: int, tag: str) -> None:
+    """Flip one byte in the middle of ``rank``'s local copy of ``step`` (its tensor file)."""
+    if dist.get_rank() == rank:
+        shards = list(Path(f"{root}/node{rank}").glob(f"job-*/world-*/rank-{rank}/step-{step:012d}-*/*.safetensors"))
+        assert len(shards) == 1, shards
+        data = bytearray(shards[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shards[0].write_bytes(bytes(data))
+    _write(out, tag, {})
+
+
+def resume(out: Path, root: str, tag: str) -> None:
+    """``Guard.resume()`` on every rank: the step, this rank's weight, the tier it read, what it logged."""
+    captured = _Captured()
+    logging.getLogger("gpuguard").addHandler(captured)
+    net = model()
+    report: dict[str, Any] = {}
+    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root)) as guard:
+        report["next"] = guard.resume()
+        report["tier"] = guard.restored_tier
+    report["w"] = float(net.weight.detach()[0, 1])
+    logging.getLogger("gpuguard").removeHandler(captured)
+    report["log"] = captured.lines
+    _write(out, tag, report)
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _write(out: Path, tag: str, report: dict[str, Any]) -> None:
+    (out / f"{tag}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
+
+
+ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume}
+
+
+def worker(rank: int, world: int, port: int, plan: list[dict[str, Any]], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    folder = Path(out)
+    try:
+        for action in plan:
+            started = time.perf_counter()
+            args = {k: v for k, v in action.items() if k != "action"}
+            ACTIONS[action["action"]](folder, **args)
+            dist.barrier()
+            (folder / f"took-{args['tag']}-rank{rank}.txt").write_text(f"{time.perf_counter() - started:.2f}")
+    except BaseException:
+        (folder / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.destroy_process_group()
