@@ -92,6 +92,21 @@ def restart_rules(spec: JobSpec) -> list[dict[str, Any]]:
     return [{"action": action, "exitCodes": {"operator": "In", "values": [spec.restart_exit_code]}}]
 
 
+LOCAL_TIER_VOLUME = "gpuguard-local"
+
+
+def local_tier_volume(spec: JobSpec) -> dict[str, Any]:
+    """The local tier's emptyDir: in memory under /dev/shm (tmpfs, counted against the container's memory
+    limit), on the node's disk elsewhere; bounded by ``local_size`` when given."""
+    assert spec.local_dir is not None
+    volume: dict[str, Any] = {}
+    if spec.local_dir.startswith("/dev/shm/"):
+        volume["medium"] = "Memory"
+    if spec.local_size:
+        volume["sizeLimit"] = spec.local_size
+    return volume
+
+
 def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     field_env = [
         ("POD_NAME", "metadata.name"),
@@ -105,6 +120,8 @@ def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     env += settings_env(spec.actions)
     if spec.checkpoint_dir:
         env.append({"name": "GPUGUARD_CHECKPOINT_DIR", "value": spec.checkpoint_dir})
+    if spec.local_dir:
+        env.append({"name": "GPUGUARD_LOCAL_DIR", "value": spec.local_dir})
     # SIGTERM -> agreed step -> committed checkpoint within the deadline; then the Kubernetes actions
     # (their own 10 s deadline) and the exit, before the kubelet's SIGKILL at the grace period's end.
     grace = math.ceil(spec.preemption_deadline_s + GRACE_MARGIN_S)
@@ -135,6 +152,11 @@ def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
         "terminationGracePeriodSeconds": grace,
         "containers": [container],
     }
+    if spec.local_dir:
+        # The guard's local tier: an emptyDir lives as long as the pod, so a container restarted in place
+        # (exit 76) finds its checkpoints again; a pod on another node resumes from object storage.
+        container["volumeMounts"] = [{"name": LOCAL_TIER_VOLUME, "mountPath": spec.local_dir}]
+        pod_spec["volumes"] = [{"name": LOCAL_TIER_VOLUME, "emptyDir": local_tier_volume(spec)}]
     affinity: dict[str, Any] = {}
     if spec.kubernetes.mark == "label":
         # A label keeps nothing off a node by itself: the pods ask for nodes without gpuguard's label
