@@ -10,7 +10,8 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
 - one rank's local copy of step 10 corrupt (not in object storage): every rank resumes step 8, and the
   corrupt tier is named (rank, tier, id, why); its copy of step 8 corrupt (in object storage): every rank
   resumes step 8, that rank from object storage;
-- step 10 holds a NaN on one rank: demoted once, every rank resumes step 8.
+- step 10 holds a NaN on one rank: demoted once, every rank resumes step 8;
+- FSDP2 state (DTensors): the local tier is off, said once at start; object storage takes every checkpoint.
 
 Single-process twins check retention by bytes, the configuration errors and the DTensor refusal.
 """
@@ -52,6 +53,7 @@ def plan(root: Path) -> list[dict[str, Any]]:
         {"action": "corrupt", "root": where["corrupt_same_id"], "step": 8, "rank": 1, "tag": "corrupt_same_id-flip"},
     ]
     steps += [{"action": "resume", "root": where[name], "tag": name} for name in SCENARIOS]
+    steps.append({"action": "sharded", "root": str(root / "sharded"), "tag": "sharded"})
     return steps
 
 
@@ -131,6 +133,13 @@ def test_nan_after_restore_is_demoted_once_across_tiers(job: Path) -> None:
         assert (report["next"], report["w"], report["tier"]) == (9, 800 + rank, "local"), report
         demoted = [line for line in report["log"] if "demoted" in line]
         assert len(demoted) == 1 and "(step 10)" in demoted[0] and "rank(s) [1]" in demoted[0], report["log"]
+
+
+def test_dtensor_state_turns_the_local_tier_off_with_one_warning_and_object_storage_as_before(job: Path) -> None:
+    for report in reports(job, "sharded"):
+        assert report["local_on"] is False and report["local_files"] == [], report
+        assert len(report["log"]) == 1 and "the state holds DTensors" in report["log"][0], report["log"]
+        assert report["object"] == [2, 4], report  # object_store_every applies only with a local tier
 
 
 # -- one process ----------------------------------------------------------------------------------------

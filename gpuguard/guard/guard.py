@@ -458,6 +458,12 @@ class Guard:
         why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
         all start from step 0.
 
+        With a local tier (``local_dir``), a rank's candidates are the checkpoints committed in its own
+        local tier and in object storage (the same id names the same save in both); every rank takes the
+        newest id that every rank lists and verified, each from its local copy when that one verifies,
+        else from object storage. A tier whose copy fails is named (rank, tier, id, why); each rank logs
+        the tier it restored from (`restored_tier`).
+
         After the load, every rank checks its parameters and optimizer state for NaN and inf; a
         checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
         and every rank loads the next older verified one, never the demoted one again in this resume.

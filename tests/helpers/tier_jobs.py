@@ -89,6 +89,31 @@ def resume(out: Path, root: str, tag: str) -> None:
     _write(out, tag, report)
 
 
+def sharded(out: Path, root: str, tag: str) -> None:
+    """FSDP2 state (DTensors): the local tier is refused at start with one warning; object storage as before."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    captured = _Captured()
+    logging.getLogger("gpuguard").addHandler(captured)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    fully_shard(net, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    optimizer = torch.optim.AdamW(net.parameters())
+    state = {"model": net, "optimizer": optimizer}
+    with gpuguard.Guard(f"file://{root}/object", state, **settings(root)) as guard:
+        report: dict[str, Any] = {"local_on": guard.local is not None}
+        for step in range(guard.resume(), 5):
+            net(torch.randn(2, 8)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.step(step)
+    logging.getLogger("gpuguard").removeHandler(captured)
+    report["log"] = [line for line in captured.lines if "local_dir" in line]
+    report["object"] = [info.step for info in gpuguard.CheckpointStore(f"file://{root}/object").list()]
+    report["local_files"] = [str(p) for p in Path(root).glob(f"node{dist.get_rank()}/**/MANIFEST.json")]
+    _write(out, tag, report)
+
+
 class _Captured(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -102,7 +127,7 @@ def _write(out: Path, tag: str, report: dict[str, Any]) -> None:
     (out / f"{tag}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
 
-ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume}
+ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume, "sharded": sharded}
 
 
 def worker(rank: int, world: int, port: int, plan: list[dict[str, Any]], out: str) -> None:
