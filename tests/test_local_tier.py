@@ -11,7 +11,8 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
   corrupt tier is named (rank, tier, id, why); its copy of step 8 corrupt (in object storage): every rank
   resumes step 8, that rank from object storage;
 - step 10 holds a NaN on one rank: demoted once, every rank resumes step 8;
-- FSDP2 state (DTensors): the local tier is off, said once at start; object storage takes every checkpoint.
+- FSDP2 state (DTensors): the local tier is off, said once at start; object storage takes every checkpoint;
+- one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone).
 
 Single-process twins check retention by bytes, the configuration errors and the DTensor refusal.
 """
@@ -54,6 +55,7 @@ def plan(root: Path) -> list[dict[str, Any]]:
     ]
     steps += [{"action": "resume", "root": where[name], "tag": name} for name in SCENARIOS]
     steps.append({"action": "sharded", "root": str(root / "sharded"), "tag": "sharded"})
+    steps.append({"action": "unusable", "root": str(root / "unusable"), "tag": "unusable"})
     return steps
 
 
@@ -140,6 +142,14 @@ def test_dtensor_state_turns_the_local_tier_off_with_one_warning_and_object_stor
         assert report["local_on"] is False and report["local_files"] == [], report
         assert len(report["log"]) == 1 and "the state holds DTensors" in report["log"][0], report["log"]
         assert report["object"] == [2, 4], report  # object_store_every applies only with a local tier
+
+
+def test_a_rank_that_cannot_open_its_tier_turns_it_off_on_every_rank(job: Path) -> None:
+    zero, one = reports(job, "unusable")
+    assert zero["local_on"] is False and one["local_on"] is False
+    assert zero["object"] == one["object"] == [2, 4, 6]  # every periodic, on every rank: no rank saved alone
+    assert any("off on every rank: rank(s) [1]" in line for line in zero["log"]), zero["log"]
+    assert any("cannot create" in line for line in one["log"]), one["log"]
 
 
 # -- one process ----------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class Guard:
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
         self._token = self.agreement.run_token()
-        self.local = open_local_tier(c, checkpointable(self.state), self.rank, self.world_size)
+        self._open_local_tier()
         self._connect_kubernetes()
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
@@ -413,6 +413,22 @@ class Guard:
             self.kubernetes = KubernetesPlugin(cluster)
             self.plugins.register(self.kubernetes)
             self.kubernetes.start()
+
+    def _open_local_tier(self) -> None:
+        """The local tier, on every rank or on none: whether a periodic save goes to object storage (a
+        collective) must be the same answer on every rank, so one rank that cannot open its tier turns it
+        off everywhere (one small gather at start)."""
+        if self.config.local_dir is None:
+            return
+        self.local = open_local_tier(self.config, checkpointable(self.state), self.rank, self.world_size)
+        without = ranks_failing(default_group(self.world_size), self.local is None)
+        if without and self.local is not None:
+            log.warning(
+                "gpuguard: the local tier is off on every rank: rank(s) %s could not open theirs (said in their log)",
+                without,
+            )
+            self.local.close()
+            self.local = None
 
     def _prepare(self) -> None:
         """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.

@@ -89,6 +89,27 @@ def resume(out: Path, root: str, tag: str) -> None:
     _write(out, tag, report)
 
 
+def unusable(out: Path, root: str, tag: str) -> None:
+    """The last rank's local_dir cannot be created (a file is in the way): the tier is off on every rank, and
+    every periodic checkpoint goes to object storage on every rank (a rank deciding alone would hang the job)."""
+    rank = dist.get_rank()
+    Path(root).mkdir(parents=True, exist_ok=True)
+    if rank == dist.get_world_size() - 1:
+        Path(f"{root}/node{rank}").write_text("not a folder")
+    dist.barrier()
+    captured = _Captured()
+    logging.getLogger("gpuguard").addHandler(captured)
+    net = model()
+    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root)) as guard:
+        report: dict[str, Any] = {"local_on": guard.local is not None}
+        for step in range(guard.resume(), 7):
+            guard.step(step)
+    logging.getLogger("gpuguard").removeHandler(captured)
+    report["log"] = [line for line in captured.lines if "local tier" in line]
+    report["object"] = [info.step for info in gpuguard.CheckpointStore(f"file://{root}/object").list()]
+    _write(out, tag, report)
+
+
 def sharded(out: Path, root: str, tag: str) -> None:
     """FSDP2 state (DTensors): the local tier is refused at start with one warning; object storage as before."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,7 +148,7 @@ def _write(out: Path, tag: str, report: dict[str, Any]) -> None:
     (out / f"{tag}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
 
-ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume, "sharded": sharded}
+ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume, "sharded": sharded, "unusable": unusable}
 
 
 def worker(rank: int, world: int, port: int, plan: list[dict[str, Any]], out: str) -> None:
