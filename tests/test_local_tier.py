@@ -212,3 +212,43 @@ def test_local_tier_settings_from_the_environment() -> None:
     env = {"GPUGUARD_LOCAL_DIR": "/dev/shm/gg", "GPUGUARD_LOCAL_KEEP_BYTES": "1000", "GPUGUARD_OBJECT_STORE_EVERY": "4"}
     config = GuardConfig.load(env=env, checkpoint_dir="memory://x")
     assert (config.local_dir, config.local_keep_bytes, config.object_store_every) == ("/dev/shm/gg", 1000, 4)
+
+
+def test_overlapped_saves_to_both_tiers_hold_the_same_state_and_resume_bitwise(tmp_path: Path) -> None:
+    """AdamW with overlap on (the default): both tiers' copies of a save are the state after its step, and
+    a resume from either tier puts back exactly that (parameters and optimizer moments)."""
+    url, local = f"file://{tmp_path / 'object'}", tmp_path / "local"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    state = {"model": net, "optimizer": optimizer}
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    options: dict[str, Any] = {"checkpoint_every_steps": 3, "checkpoint_every_s": 0, "object_store_every": 2}
+    with Guard(url, state, nvml=FakeNvml.replay(), devices="all", local_dir=str(local), **options) as guard:
+        for step in range(guard.resume(), 11):
+            net(torch.randn(16, 32)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            kept[step] = flat(state)
+            guard.step(step)
+    assert [i.step for i in CheckpointStore(url).list()] == [3, 9]
+    assert local_steps(local) == [3, 6, 9]
+
+    def resumed(**settings: Any) -> tuple[int, str | None, dict[str, torch.Tensor]]:
+        torch.manual_seed(1)
+        fresh = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+        target = {"model": fresh, "optimizer": torch.optim.AdamW(fresh.parameters(), lr=1e-2)}
+        with Guard(url, target, nvml=FakeNvml.replay(), devices="all", **settings) as guard:
+            return guard.resume(), guard.restored_tier, flat(target)
+
+    for settings, tier in (({"local_dir": str(local)}, "local"), ({}, "object storage")):
+        start, got_tier, got = resumed(**settings)
+        assert (start, got_tier) == (10, tier)
+        assert sorted(got) == sorted(kept[9]) and all(torch.equal(got[k], kept[9][k]) for k in got), tier
+
+
+def flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v.detach().clone() for k, v in state["model"].state_dict().items()}
+    for i, per in state["optimizer"].state_dict()["state"].items():
+        out.update({f"optim.{i}.{k}": v.clone() for k, v in per.items() if isinstance(v, torch.Tensor)})
+    return out
