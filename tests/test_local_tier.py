@@ -9,7 +9,8 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
   one rank's lost: that rank reads step 8 from object storage, the other from its local tier;
 - one rank's local copy of step 10 corrupt (not in object storage): every rank resumes step 8, and the
   corrupt tier is named (rank, tier, id, why); its copy of step 8 corrupt (in object storage): every rank
-  resumes step 8, that rank from object storage;
+  resumes step 8, that rank from object storage; step 8 corrupt in both of that rank's tiers: every rank
+  resumes step 6, and both tiers are named;
 - step 10 holds a NaN on one rank: demoted once, every rank resumes step 8;
 - FSDP2 state (DTensors): the local tier is off, said once at start; object storage takes every checkpoint;
 - one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone).
@@ -35,7 +36,7 @@ from gpuguard.fakenvml import FakeNvml
 from gpuguard.guard.config import GuardConfig
 
 WORLD = 2
-SCENARIOS = ("wins", "lost", "one_lost", "corrupt_newest", "corrupt_same_id", "nan")
+SCENARIOS = ("wins", "lost", "one_lost", "corrupt_newest", "corrupt_same_id", "corrupt_both", "nan")
 
 
 def plan(root: Path) -> list[dict[str, Any]]:
@@ -52,6 +53,11 @@ def plan(root: Path) -> list[dict[str, Any]]:
         {"action": "lose", "root": where["one_lost"], "ranks": [1], "tag": "one_lost-lose"},
         {"action": "corrupt", "root": where["corrupt_newest"], "step": 10, "rank": 1, "tag": "corrupt_newest-flip"},
         {"action": "corrupt", "root": where["corrupt_same_id"], "step": 8, "rank": 1, "tag": "corrupt_same_id-flip"},
+        # step 10 (local only) and step 8 in both tiers corrupt on rank 1: every rank takes step 6
+        *(
+            {"action": "corrupt", "root": where["corrupt_both"], "step": s, "rank": 1, "tier": t, "tag": f"both-{s}{t}"}
+            for s, t in ((10, "local"), (8, "local"), (8, "object"))
+        ),
     ]
     steps += [{"action": "resume", "root": where[name], "tag": name} for name in SCENARIOS]
     steps.append({"action": "sharded", "root": str(root / "sharded"), "tag": "sharded"})
@@ -128,6 +134,15 @@ def test_a_corrupt_local_copy_is_replaced_by_the_same_id_from_object_storage(job
     assert (one["next"], one["w"], one["tier"]) == (9, 801, "object storage"), one
     named = [line for line in one["log"] if "local tier's copy of step-000000000008" in line]
     assert named and "trying object storage" in named[0], one["log"]
+
+
+def test_a_step_corrupt_in_both_tiers_of_one_rank_every_rank_takes_an_older_one(job: Path) -> None:
+    for rank, report in enumerate(reports(job, "corrupt_both")):
+        assert (report["next"], report["w"], report["tier"]) == (7, 600 + rank, "local"), report
+        said = [line for line in report["log"] if "step-000000000008" in line and "cannot be loaded on every" in line]
+        assert said and "rank 1:" in said[0] and "local (" in said[0] and "object storage (" in said[0], said
+    named = [line for line in reports(job, "corrupt_both")[1]["log"] if "tier's copy of step-000000000008" in line]
+    assert len(named) == 2 and "the object storage tier's copy" in named[1], named
 
 
 def test_nan_after_restore_is_demoted_once_across_tiers(job: Path) -> None:

@@ -121,13 +121,15 @@ def load_tiered(
         try:
             part = remote._loader.prepare_one(candidate.remote, state, rank, True, world_size)
         except CheckpointCorruptError as exc:
-            if failures:
-                raise CheckpointCorruptError(
-                    f"{candidate.id}: no verified copy on rank {rank}: {'; '.join(failures)}; {OBJECT} ({exc})",
-                    shard=exc.shard,
-                    tensor=exc.tensor,
-                ) from None
-            raise
+            log.warning(
+                "rank %d: the %s tier's copy of %s fails verification, skipped: %s", rank, OBJECT, candidate.id, exc
+            )
+            failures.append(f"{OBJECT} ({exc})")
+            raise CheckpointCorruptError(
+                f"{candidate.id}: no verified copy on rank {rank}: {'; '.join(failures)}",
+                shard=exc.shard,
+                tensor=exc.tensor,
+            ) from None
         prepared.append(part)
         return part, OBJECT
 

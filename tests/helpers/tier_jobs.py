@@ -63,10 +63,14 @@ def lose(out: Path, root: str, ranks: list[int], tag: str) -> None:
     _write(out, tag, {})
 
 
-def corrupt(out: Path, root: str, step: int, rank: int, tag: str) -> None:
-    """Flip one byte in the middle of ``rank``'s local copy of ``step`` (its tensor file)."""
+def corrupt(out: Path, root: str, step: int, rank: int, tag: str, tier: str = "local") -> None:
+    """Flip one byte in the middle of ``rank``'s copy of ``step`` (its tensor file) in ``tier``."""
     if dist.get_rank() == rank:
-        shards = list(Path(f"{root}/node{rank}").glob(f"job-*/world-*/rank-{rank}/step-{step:012d}-*/*.safetensors"))
+        if tier == "local":
+            pattern = f"node{rank}/job-*/world-*/rank-{rank}/step-{step:012d}-*/*.safetensors"
+        else:
+            pattern = f"object/step-{step:012d}-*/rank-{rank:05d}-of-*.safetensors"
+        shards = list(Path(root).glob(pattern))
         assert len(shards) == 1, shards
         data = bytearray(shards[0].read_bytes())
         data[len(data) // 2] ^= 0xFF
