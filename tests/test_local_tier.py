@@ -12,10 +12,12 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
   resumes step 8, that rank from object storage; step 8 corrupt in both of that rank's tiers: every rank
   resumes step 6, and both tiers are named;
 - step 10 holds a NaN on one rank: demoted once, every rank resumes step 8;
-- FSDP2 state (DTensors): the local tier is off, said once at start; object storage takes every checkpoint;
+- FSDP2 (``fully_shard``, DTensors): each rank restores its own pieces from its local tier bitwise, and
+  trains on bitwise; a state of another layout takes the object-storage copy instead (resharded);
 - one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone).
 
-Single-process twins check retention by bytes, the configuration errors and the DTensor refusal.
+Single-process twins check retention by bytes, every m-th save in object storage, the configuration errors,
+and a bitwise resume from either tier with AdamW and overlap on.
 """
 
 from __future__ import annotations
@@ -152,11 +154,14 @@ def test_nan_after_restore_is_demoted_once_across_tiers(job: Path) -> None:
         assert len(demoted) == 1 and "(step 10)" in demoted[0] and "rank(s) [1]" in demoted[0], report["log"]
 
 
-def test_dtensor_state_turns_the_local_tier_off_with_one_warning_and_object_storage_as_before(job: Path) -> None:
+def test_fsdp2_pieces_restore_exactly_from_each_rank_s_local_tier(job: Path) -> None:
     for report in reports(job, "sharded"):
-        assert report["local_on"] is False and report["local_files"] == [], report
-        assert len(report["log"]) == 1 and "the state holds DTensors" in report["log"][0], report["log"]
-        assert report["object"] == [2, 4], report  # object_store_every applies only with a local tier
+        assert report["local_on"] is True and report["object"] == [2], report
+        assert (report["next"], report["tier"]) == (5, "local"), report
+        assert report["restored_equal"] and report["trained_on_equal"], report  # parameters and AdamW moments
+        # a state of another layout (plain, unsharded) does not take the pieces: object storage, resharded
+        assert (report["plain_next"], report["plain_tier"]) == (3, "object storage"), report["log"]
+        assert any("was saved as this rank's piece of a DTensor" in line for line in report["log"]), report["log"]
 
 
 def test_a_rank_that_cannot_open_its_tier_turns_it_off_on_every_rank(job: Path) -> None:

@@ -7,7 +7,8 @@ job-wide one. A restore is `agree_newest` over ids:
 - a rank's candidates are the ids it holds committed in its local tier, plus the ids committed in
   object storage; the candidates of the job are those every rank lists, newest first;
 - a rank checks a candidate by reading and verifying its local copy (nothing applied), and when that
-  copy is missing or fails its checksums, the object-storage copy of the same id; each tier that fails
+  copy is missing, fails its checksums or does not fit the live state (a DTensor piece of another layout),
+  the object-storage copy of the same id; each tier that fails
   is named in a log line (rank, tier, id, why);
 - a candidate no tier of some rank verifies makes every rank fall back together to an older one.
 
@@ -24,9 +25,10 @@ from typing import Any
 from gpuguard.checkpoint._collective import RankGroup, default_group
 from gpuguard.checkpoint._consensus import agree_newest
 from gpuguard.checkpoint._loading import PreparedLoad
+from gpuguard.checkpoint._local_copy import prepare_copy_load
 from gpuguard.checkpoint._manifest import Manifest
 from gpuguard.checkpoint.store import CheckpointStore
-from gpuguard.errors import CheckpointCorruptError, GpuGuardError
+from gpuguard.errors import CheckpointCorruptError, CheckpointMismatchError, GpuGuardError
 
 log = logging.getLogger("gpuguard.checkpoint")
 
@@ -98,8 +100,8 @@ def load_tiered(
         failures: list[str] = []
         if candidate.local is not None and local is not None:
             try:
-                part = local._loader.prepare_one(candidate.local, state, 0, True, 1)
-            except CheckpointCorruptError as exc:
+                part = prepare_copy_load(local._loader, candidate.local, state)
+            except (CheckpointCorruptError, CheckpointMismatchError) as exc:  # this copy only: not the checkpoint
                 failures.append(f"{LOCAL} ({exc})")
                 log.warning(
                     "rank %d: the %s tier's copy of %s fails verification, skipped: %s%s",

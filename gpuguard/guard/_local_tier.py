@@ -5,6 +5,7 @@ checkpoint (`CheckpointStore` saved as rank 0 of 1, no collective) under the job
 id names the same save in both tiers and a restore can mix them rank by rank (`_tiered`). It needs no file
 system shared between nodes: each rank reads back only what it wrote. The job key is derived from
 ``checkpoint_dir``, so two jobs sharing one node's ``/dev/shm`` never read each other's checkpoints.
+DTensors are kept as this rank's pieces and come back only into the same layout (`_local_copy`).
 
 What it costs: one more snapshot of the same state into this tier's own staging buffer (one buffer, so
 host memory for one more copy of the state; with overlap on, copied while forward and backward run) and
@@ -24,9 +25,8 @@ import torch
 
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
-from gpuguard.checkpoint._sharding import holds_dtensors
-from gpuguard.checkpoint._tree import flatten
-from gpuguard.errors import GpuGuardError, UnsupportedStateError
+from gpuguard.checkpoint._local_copy import prepare_copy, save_copy
+from gpuguard.errors import GpuGuardError
 from gpuguard.guard.config import GuardConfig
 
 log = logging.getLogger("gpuguard")
@@ -43,18 +43,6 @@ def local_path(config: GuardConfig, rank: int, world_size: int) -> str:
 def open_local_tier(config: GuardConfig, state: Mapping[str, Any], rank: int, world_size: int) -> LocalTier | None:
     """The local tier, or None when it is off or cannot hold this state (said once, in one warning)."""
     if config.local_dir is None:
-        return None
-    try:
-        sharded = holds_dtensors(flatten(state, rng=False))
-    except UnsupportedStateError:
-        sharded = False  # `check_state` has already refused such a state; nothing to add here
-    if sharded:
-        log.warning(
-            "gpuguard: local_dir=%s is off for this job: the state holds DTensors (FSDP2 or tensor parallel), whose "
-            "per-rank local copies are not supported yet; checkpoints go to %s as before",
-            config.local_dir,
-            config.checkpoint_dir,
-        )
         return None
     path = local_path(config, rank, world_size)
     try:
@@ -78,7 +66,7 @@ class LocalTier:
         self.pending: list[PendingSave] = []
 
     def prepare(self, state: Mapping[str, Any]) -> None:
-        self.store.prepare(state, background=True, rank=0, world_size=1)
+        prepare_copy(self.store, state)
 
     def save(
         self, state: Mapping[str, Any], step: int, checkpoint_id: str, overlap_with: Sequence[torch.optim.Optimizer]
@@ -86,15 +74,7 @@ class LocalTier:
         """Snapshot ``state`` into this tier (this rank's complete part); None when the save could not start."""
         self.pending = [p for p in self.pending if not p.done()]
         try:
-            pending = self.store.save(
-                state,
-                step,
-                reason="periodic",
-                rank=0,
-                world_size=1,
-                checkpoint_id=checkpoint_id,
-                overlap_with=overlap_with,
-            )
+            pending = save_copy(self.store, state, step, checkpoint_id, overlap_with)
         except GpuGuardError as exc:
             log.error("gpuguard: local checkpoint at step %d not taken: %s", step, exc)
             return None
