@@ -441,8 +441,6 @@ class Guard:
         assert self.store is not None
         try:
             seconds = self.store.prepare(checkpointable(self.state), background=True, replicated=self.config.replicated)
-            if self.local is not None:
-                self.local.prepare(checkpointable(self.state))
             log.info("staging buffer planned in %.3fs on the training thread; allocating in the background", seconds)
         except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:  # the first save allocates instead
             log.warning("could not prepare the staging buffer: %s", exc)
@@ -450,6 +448,11 @@ class Guard:
         except Exception as exc:  # a bug: said with its traceback, and training goes on (the first save plans)
             self.failures.failed("preparing the staging buffer", exc)
             return
+        if self.local is not None:  # its own buffer (no collective); a failure here only costs the first local save
+            try:
+                self.local.prepare(checkpointable(self.state))
+            except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
+                log.warning("could not prepare the local tier's staging buffer: %s", exc)
         if self.rank == 0:  # rank 0 speaks for the job; the probe writes to storage: never on the training thread
             threading.Thread(target=self._estimate_save_time, name="gpuguard-estimate", daemon=True).start()
 
