@@ -8,7 +8,9 @@ the next forward and backward run).
 
     .venv/bin/python benchmarks/local_tier.py --mib 512 --local /dev/shm/gpuguard-bench --object /tmp/gg-obj
 
-``--object`` may be any fsspec URL (``s3://...`` with ``gpuguard[s3]``); a path stands in for it here.
+``--object`` may be any fsspec URL (``s3://...`` with ``gpuguard[s3]``, credentials in the usual AWS
+variables, ``--endpoint`` for another S3 service) or a path; ``--moto`` starts moto's S3 server here (as
+``benchmarks/s3.py`` does: a slow server, about 60 MB/s on a 2-core machine) and uses a fresh bucket.
 Prints one JSON document.
 """
 
@@ -17,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
+import sys
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -34,9 +39,9 @@ def make_state(mib: int) -> dict[str, Any]:
     return {"weights": {f"w{i}": torch.randn(per) for i in range(count)}}
 
 
-def store_times(url: str, state: dict[str, Any], rounds: int) -> dict[str, float]:
+def store_times(url: str, state: dict[str, Any], rounds: int, options: dict[str, Any]) -> dict[str, float]:
     stall, durable, restore = [], [], []
-    with CheckpointStore(url, keep=2) as store:
+    with CheckpointStore(url, options, keep=2) as store:
         store.prepare(state)
         for i in range(rounds):
             started = time.perf_counter()
@@ -56,7 +61,7 @@ def store_times(url: str, state: dict[str, Any], rounds: int) -> dict[str, float
     }
 
 
-def guard_stalls(obj: str, local: str, state: dict[str, Any], steps: int) -> dict[str, float]:
+def guard_stalls(obj: str, local: str, state: dict[str, Any], steps: int, options: dict[str, Any]) -> dict[str, float]:
     """Median guard.step() time at periodic steps: no local tier; local + object storage; local only."""
     out: dict[str, float] = {}
     cases = {
@@ -65,11 +70,14 @@ def guard_stalls(obj: str, local: str, state: dict[str, Any], steps: int) -> dic
         "local_only": {"local_dir": local, "object_store_every": 10**6},
     }
     for name, extra in cases.items():
-        shutil.rmtree(obj.removeprefix("file://"), ignore_errors=True)
+        obj_case = f"{obj}/{name}"
+        if obj.startswith("file://"):
+            shutil.rmtree(obj_case.removeprefix("file://"), ignore_errors=True)
         shutil.rmtree(local, ignore_errors=True)
         times = []
         settings: dict[str, Any] = {"checkpoint_every_steps": 1, "checkpoint_every_s": 0, "overlap_snapshot": False}
-        with Guard(obj, state, nvml=FakeNvml.replay(), devices="all", keep=2, **settings, **extra) as guard:
+        settings["storage_options"] = options
+        with Guard(obj_case, state, nvml=FakeNvml.replay(), devices="all", keep=2, **settings, **extra) as guard:
             guard.step(0)  # plans the staging buffers (allocated in the background)
             time.sleep(2.0)
             for step in range(1, steps + 1):
@@ -91,22 +99,45 @@ def main() -> None:
     parser.add_argument("--local", default="/dev/shm/gpuguard-bench")
     parser.add_argument("--object", default="/tmp/gpuguard-bench-object")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--moto", action="store_true", help="object storage: moto's S3 server, started here")
+    parser.add_argument("--endpoint", help="an S3 endpoint for an s3:// --object")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(2)
     obj = args.object if "://" in args.object else f"file://{args.object}"
+    options: dict[str, Any] = {}
+    server = None
+    if args.moto or args.endpoint:
+        endpoint = args.endpoint
+        if args.moto:
+            sys.path.insert(0, os.path.dirname(__file__))
+            from s3 import start_moto
+
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                os.environ.setdefault(key, "testing")
+            server, endpoint = start_moto()
+        options = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        if args.moto:
+            import s3fs
+
+            bucket = f"gpuguard-tier-{uuid.uuid4().hex[:8]}"
+            s3fs.S3FileSystem(**options, skip_instance_cache=True).call_s3("create_bucket", Bucket=bucket)
+            obj = f"s3://{bucket}/run"
     state = make_state(args.mib)
     try:
         result = {
             "mib": args.mib,
-            "local": {"path": args.local, **store_times(args.local + "/store", state, args.rounds)},
-            "object": {"url": obj, **store_times(obj + "/store", state, args.rounds)},
-            "guard_step_s": guard_stalls(obj + "/guard", args.local + "/guard", state, args.rounds + 1),
+            "local": {"path": args.local, **store_times(args.local + "/store", state, args.rounds, {})},
+            "object": {"url": obj, **store_times(obj + "/store", state, args.rounds, options)},
+            "guard_step_s": guard_stalls(obj + "/guard", args.local + "/guard", state, args.rounds + 1, options),
         }
     finally:
         shutil.rmtree(args.local, ignore_errors=True)
-        if "://" not in args.object:
+        if "://" not in args.object and not args.moto:
             shutil.rmtree(args.object, ignore_errors=True)
+        if server is not None:
+            server.terminate()
+            server.wait(10)
     print(json.dumps(result, indent=2))
 
 
