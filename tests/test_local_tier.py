@@ -14,7 +14,8 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
 - step 10 holds a NaN on one rank: demoted once, every rank resumes step 8;
 - FSDP2 (``fully_shard``, DTensors): each rank restores its own pieces from its local tier bitwise, and
   trains on bitwise; a state of another layout takes the object-storage copy instead (resharded);
-- one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone).
+- one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone);
+- data parallel (``replicated=True``): each rank's tier holds the whole state; object storage the split one.
 
 Single-process twins check retention by bytes, every m-th save in object storage, the configuration errors,
 and a bitwise resume from either tier with AdamW and overlap on.
@@ -63,6 +64,13 @@ def plan(root: Path) -> list[dict[str, Any]]:
     ]
     steps += [{"action": "resume", "root": where[name], "tag": name} for name in SCENARIOS]
     steps.append({"action": "sharded", "root": str(root / "sharded"), "tag": "sharded"})
+    replicated = {"root": str(root / "replicated"), "replicated": True}
+    steps += [
+        {"action": "train", "steps": 12, "tag": "replicated-train", **replicated},
+        {"action": "resume", "tag": "replicated-local", **replicated},
+        {"action": "lose", "root": replicated["root"], "ranks": [0, 1], "tag": "replicated-lose"},
+        {"action": "resume", "tag": "replicated-object", **replicated},
+    ]
     steps.append({"action": "unusable", "root": str(root / "unusable"), "tag": "unusable"})
     return steps
 
@@ -145,6 +153,15 @@ def test_a_step_corrupt_in_both_tiers_of_one_rank_every_rank_takes_an_older_one(
         assert said and "rank 1:" in said[0] and "local (" in said[0] and "object storage (" in said[0], said
     named = [line for line in reports(job, "corrupt_both")[1]["log"] if "tier's copy of step-000000000008" in line]
     assert len(named) == 2 and "the object storage tier's copy" in named[1], named
+
+
+def test_a_replicated_job_keeps_the_whole_state_on_every_rank_s_tier(job: Path) -> None:
+    """Data parallel (``replicated=True``): object storage splits the writing between the ranks, but each
+    rank's local tier holds the whole state, so each node can restore alone."""
+    for report in reports(job, "replicated-local"):
+        assert (report["next"], report["w"], report["tier"]) == (11, 1000, "local"), report
+    for report in reports(job, "replicated-object"):
+        assert (report["next"], report["w"], report["tier"]) == (9, 800, "object storage"), report
 
 
 def test_nan_after_restore_is_demoted_once_across_tiers(job: Path) -> None:

@@ -24,8 +24,9 @@ import gpuguard
 from gpuguard.fakenvml import FakeNvml
 
 
-def settings(root: str) -> dict[str, Any]:
+def settings(root: str, replicated: bool = False) -> dict[str, Any]:
     return {
+        "replicated": replicated,
         "nvml": FakeNvml.from_scenario({"gpus": 1, "events": []}),
         "devices": "all",
         "sync_every": 2,
@@ -42,11 +43,12 @@ def model() -> torch.nn.Linear:
     return torch.nn.Linear(4, 4)
 
 
-def train(out: Path, root: str, steps: int, tag: str, poison_at: int | None = None) -> None:
-    """Periodic checkpoints at 2, 4, 6, ...: every one in each rank's local tier, 2, 8, 14, ... in object storage."""
-    rank = dist.get_rank()
+def train(out: Path, root: str, steps: int, tag: str, poison_at: int | None = None, replicated: bool = False) -> None:
+    """Periodic checkpoints at 2, 4, 6, ...: every one in each rank's local tier, 2, 8, 14, ... in object storage.
+    With ``replicated`` (data parallel: every rank holds the same state) the weights hold ``100 x step``."""
+    rank = 0 if replicated else dist.get_rank()
     net = model()
-    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root)) as guard:
+    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root, replicated)) as guard:
         for step in range(guard.resume(), steps):
             with torch.no_grad():
                 net.weight.fill_(float(100 * step + rank))
@@ -78,13 +80,13 @@ def corrupt(out: Path, root: str, step: int, rank: int, tag: str, tier: str = "l
     _write(out, tag, {})
 
 
-def resume(out: Path, root: str, tag: str) -> None:
+def resume(out: Path, root: str, tag: str, replicated: bool = False) -> None:
     """``Guard.resume()`` on every rank: the step, this rank's weight, the tier it read, what it logged."""
     captured = _Captured()
     logging.getLogger("gpuguard").addHandler(captured)
     net = model()
     report: dict[str, Any] = {}
-    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root)) as guard:
+    with gpuguard.Guard(f"file://{root}/object", {"model": net}, **settings(root, replicated)) as guard:
         report["next"] = guard.resume()
         report["tier"] = guard.restored_tier
     report["w"] = float(net.weight.detach()[0, 1])
