@@ -475,6 +475,9 @@ def test_the_local_tier_is_an_emptydir_mounted_where_the_guard_looks(
     pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert {"name": "GPUGUARD_LOCAL_DIR", "value": path} in container["env"]
+    # each of the 8 ranks keeps at most half its share of the sizeLimit: the kubelet never evicts the pod for it
+    keep = [e["value"] for e in container["env"] if e["name"] == "GPUGUARD_LOCAL_KEEP_BYTES"]
+    assert keep == ([str(64 * 2**30 // 8 // 2)] if "sizeLimit" in volume else [])
     assert container["volumeMounts"] == [{"name": "gpuguard-local", "mountPath": path}]
     assert pod["volumes"] == [{"name": "gpuguard-local", "emptyDir": volume}]
     assert "volumes" not in rendered["one-node"]["Job"]["spec"]["template"]["spec"]  # only when asked

@@ -20,6 +20,7 @@ Exit codes, per workload (the README's table):
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 from gpuguard.k8s._versions import FEATURES, JOBSET_FIELDS, at_least, jobset_has
@@ -93,6 +94,16 @@ def restart_rules(spec: JobSpec) -> list[dict[str, Any]]:
 
 
 LOCAL_TIER_VOLUME = "gpuguard-local"
+_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_SUFFIXES |= {f"{k.upper()}i": 2 ** (10 * n) for n, k in enumerate(("k", "M", "G", "T", "P", "E"), start=1)}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity (``64Gi``, ``500M``, ``1.5Gi``) in bytes, rounded down."""
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", quantity)
+    if match is None or match.group(2) not in _SUFFIXES:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return int(float(match.group(1)) * _SUFFIXES[match.group(2)])
 
 
 def local_tier_volume(spec: JobSpec) -> dict[str, Any]:
@@ -122,6 +133,11 @@ def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
         env.append({"name": "GPUGUARD_CHECKPOINT_DIR", "value": spec.checkpoint_dir})
     if spec.local_dir:
         env.append({"name": "GPUGUARD_LOCAL_DIR", "value": spec.local_dir})
+        if spec.local_size:
+            # The kubelet evicts a pod whose emptyDir outgrows its sizeLimit. Each of the pod's ranks keeps at
+            # most half its share committed, leaving room for the save in flight beside them.
+            share = quantity_bytes(spec.local_size) // spec.gpus // 2
+            env.append({"name": "GPUGUARD_LOCAL_KEEP_BYTES", "value": str(max(1, share))})
     # SIGTERM -> agreed step -> committed checkpoint within the deadline; then the Kubernetes actions
     # (their own 10 s deadline) and the exit, before the kubelet's SIGKILL at the grace period's end.
     grace = math.ceil(spec.preemption_deadline_s + GRACE_MARGIN_S)

@@ -317,7 +317,14 @@ def notes(spec: JobSpec) -> list[str]:
             else "exit 76 is not restarted in place here (--restart-in-place), so a new pod starts without it"
         )
         lines.append(
-            f"Local tier: an emptyDir at {spec.local_dir}, {where}, {spec.local_size or 'with no size limit'}; "
+            f"Local tier: an emptyDir at {spec.local_dir}, {where}, "
+            + (
+                f"{spec.local_size} (each of the {spec.gpus} ranks keeps at most half its share: "
+                "GPUGUARD_LOCAL_KEEP_BYTES)"
+                if spec.local_size
+                else "with no size limit"
+            )
+            + "; "
             f"{survives}; a pod on another node resumes from object storage."
         )
     return lines
