@@ -13,8 +13,9 @@ from gpuguard.checkpoint._storage import Storage
 log = logging.getLogger("gpuguard.checkpoint")
 
 
-def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> list[str]:
-    """Delete committed checkpoints beyond the newest ``keep``, and uncommitted leftovers.
+def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_bytes: int | None = None) -> list[str]:
+    """Delete committed checkpoints beyond the newest ``keep`` (and, with ``keep_bytes``, beyond that many
+    bytes, counted from the newest), and uncommitted leftovers.
 
     Never deletes the newest committed checkpoint, nor a folder any writer holds a live lease on
     (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
@@ -27,7 +28,16 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> lis
     storage = catalog.storage
     manifests = catalog.manifests()
     committed = {m.id for m in manifests}
-    doomed = [m.id for m in manifests[: max(0, len(manifests) - keep)]]
+    kept = min(keep, len(manifests))
+    if keep_bytes is not None:
+        total, fits = 0, 0
+        for manifest in reversed(manifests[len(manifests) - kept :]):
+            total += manifest.total_bytes
+            if fits and total > keep_bytes:  # the newest one is kept whatever its size
+                break
+            fits += 1
+        kept = fits
+    doomed = [m.id for m in manifests[: len(manifests) - kept]]
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))
         storage.delete(storage.path(name), recursive=True)

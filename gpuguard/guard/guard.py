@@ -20,6 +20,7 @@ from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
+from gpuguard.checkpoint._tiered import load_tiered
 from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import (
     check_preemption_bound,
@@ -31,6 +32,7 @@ from gpuguard.guard._checks import (
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
+from gpuguard.guard._local_tier import LocalTier, open_local_tier
 from gpuguard.guard._sanity import non_finite, ranks_failing
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
@@ -99,6 +101,8 @@ class Guard:
         self.plugins = plugin_manager(plugins)
         self._nvml = nvml
         self.store: CheckpointStore | None = None
+        self.local: LocalTier | None = None  # the node-local tier (``local_dir``), when on
+        self.restored_tier: str | None = None  # the tier this rank's last `resume` loaded from
         self.kubernetes: Any = None  # the KubernetesPlugin, when a cluster is reachable
         self.monitor: HealthMonitor | None = None
         self.agreement: Agreement | None = None
@@ -111,6 +115,7 @@ class Guard:
         self.last_evacuation: EvacuationReport | None = None
         self.slowest: tuple[int, float] | None = None  # (rank, step seconds) at the last agreement
         self.periodic: list[PendingSave] = []
+        self._periodic_count = 0  # periodic saves taken: every ``object_store_every``-th goes to object storage
         # Read by the hot path: plain attributes, written by the guard thread.
         self._local_action = 0
         self._urgent = False
@@ -151,6 +156,7 @@ class Guard:
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
         self._token = self.agreement.run_token()
+        self._open_local_tier()
         self._connect_kubernetes()
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
@@ -210,6 +216,9 @@ class Guard:
         if self._sudden is not None:
             self._sudden.stop(goodbye=not self._failed)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+        if self.local is not None:
+            self.local.wait(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+            self.local.close()
         if self.last_evacuation is not None and self.last_evacuation.error is not None:
             settled = False  # an abandoned emergency save's writer may still be in a storage call
         if self.agreement:
@@ -405,6 +414,22 @@ class Guard:
             self.plugins.register(self.kubernetes)
             self.kubernetes.start()
 
+    def _open_local_tier(self) -> None:
+        """The local tier, on every rank or on none: whether a periodic save goes to object storage (a
+        collective) must be the same answer on every rank, so one rank that cannot open its tier turns it
+        off everywhere (one small gather at start)."""
+        if self.config.local_dir is None:
+            return
+        self.local = open_local_tier(self.config, checkpointable(self.state), self.rank, self.world_size)
+        without = ranks_failing(default_group(self.world_size), self.local is None)
+        if without and self.local is not None:
+            log.warning(
+                "gpuguard: the local tier is off on every rank: rank(s) %s could not open theirs (said in their log)",
+                without,
+            )
+            self.local.close()
+            self.local = None
+
     def _prepare(self) -> None:
         """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.
 
@@ -423,6 +448,11 @@ class Guard:
         except Exception as exc:  # a bug: said with its traceback, and training goes on (the first save plans)
             self.failures.failed("preparing the staging buffer", exc)
             return
+        if self.local is not None:  # its own buffer (no collective); a failure here only costs the first local save
+            try:
+                self.local.prepare(checkpointable(self.state))
+            except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
+                log.warning("could not prepare the local tier's staging buffer: %s", exc)
         if self.rank == 0:  # rank 0 speaks for the job; the probe writes to storage: never on the training thread
             threading.Thread(target=self._estimate_save_time, name="gpuguard-estimate", daemon=True).start()
 
@@ -447,6 +477,12 @@ class Guard:
         why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
         all start from step 0.
 
+        With a local tier (``local_dir``), a rank's candidates are the checkpoints committed in its own
+        local tier and in object storage (the same id names the same save in both); every rank takes the
+        newest id that every rank lists and verified, each from its local copy when that one verifies,
+        else from object storage. A tier whose copy fails is named (rank, tier, id, why); each rank logs
+        the tier it restored from (`restored_tier`).
+
         After the load, every rank checks its parameters and optimizer state for NaN and inf; a
         checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
         and every rank loads the next older verified one, never the demoted one again in this resume.
@@ -464,8 +500,16 @@ class Guard:
         while True:
             view = checkpointable(self.state)
             before = dict(view)
+            loaded_id: str | None
             try:
-                step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
+                if self.local is not None:
+                    restored = load_tiered(
+                        self.local.store, self.store, view, rank=self.rank, world_size=self.world_size, exclude=demoted
+                    )
+                    step, loaded_id, self.restored_tier = restored.step, restored.id, restored.tier
+                else:
+                    step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
+                    loaded_id, self.restored_tier = self.store.last_loaded_id, "object storage"
             except CheckpointNotFoundError:
                 if demoted:  # never a silent start from step 0: every checkpoint was found bad
                     raise CheckpointCorruptError(
@@ -481,7 +525,7 @@ class Guard:
             failing = ranks_failing(default_group(self.world_size), bool(bad))
             if not failing:
                 break
-            loaded = self.store.last_loaded_id or f"step {step}"
+            loaded = loaded_id or f"step {step}"
             demoted.append(loaded)
             log.error(
                 "gpuguard: checkpoint %s (step %d) holds non-finite parameters or optimizer state after restore "
@@ -602,6 +646,13 @@ class Guard:
     def _save_periodic(self, step: int) -> None:
         assert self.store is not None
         self.periodic = [p for p in self.periodic if not p.done()]
+        overlap = self._optimizers() if self.config.overlap_snapshot else ()
+        to_object = self.local is None or self._periodic_count % self.config.object_store_every == 0
+        self._periodic_count += 1
+        if self.local is not None:  # the fast save first: this rank's own complete part, on this node
+            self.local.save(checkpointable(self.state), step, self._checkpoint_id(step, "periodic"), overlap)
+        if not to_object:
+            return
         try:
             pending = self.store.save(
                 checkpointable(self.state),
@@ -611,7 +662,7 @@ class Guard:
                 world_size=self.world_size,
                 checkpoint_id=self._checkpoint_id(step, "periodic"),
                 replicated=self.config.replicated,
-                overlap_with=self._optimizers() if self.config.overlap_snapshot else (),
+                overlap_with=overlap,
             )
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
