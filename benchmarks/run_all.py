@@ -195,7 +195,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"| goodput at the best interval | {p['best_goodput']:.2%} | {q['best_goodput']:.2%} "
             f"| {j['best_goodput']:.2%} |",
             "",
+            "At each policy's best interval per tier (the local tier: every checkpoint on node-local storage, every "
+            "m-th also in object storage):",
+            "",
+            "| policy | local interval (min) | m | object interval (min) | local GB/s per node | object GB/s | goodput "
+            "| Monte Carlo |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
+        for t in g.get("tiers", []):
+            local = "-" if t["local_interval_s"] is None else f"{t['local_interval_s'] / 60:.1f}"
+            node = "-" if t["local_interval_s"] is None else f"{t['local_gbps_per_node']:.3g}"
+            mc = t["monte_carlo"]
+            check = f"{mc['estimate']:.2%}, {'agrees' if mc['agrees'] else 'DISAGREES'}" if mc else "-"
+            lines.append(
+                f"| {t['policy']} | {local} | {t['object_store_every']} | {t['object_interval_s'] / 60:.1f} | {node} "
+                f"| {t['object_gbps']:.3g} | {t['goodput']:.2%} | {check} |"
+            )
+        lines.append("")
         for c in g["monte_carlo"]:
             lines.append(
                 f"Monte Carlo, {c['name']}: {c['estimate']:.4%} ± {c['stderr']:.4%} ({c['failures']:,} failures) "

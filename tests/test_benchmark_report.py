@@ -83,7 +83,9 @@ def test_goodput_uses_the_measured_costs(run_all: ModuleType) -> None:
     assert measured["gpuguard_stall_s"] == "0.24 (given)"
     assert "gpuguard + just-in-time" in run_all.markdown(report)
     assert report["goodput"]["h200_costs"]["assumptions"]["failures_per_day"] == pytest.approx(2.432)
-    assert all(c["agrees"] for g in report["goodput"].values() for c in g["monte_carlo"])
+    assert all(c["agrees"] for g in report["goodput"].values() for c in g["monte_carlo"] + g["monte_carlo_best"])
+    tiers = [line for line in run_all.markdown(report).splitlines() if line.startswith("| gpuguard + local tier |")]
+    assert len(tiers) == 2 and all(line.endswith("agrees |") for line in tiers)  # one per set of costs
 
 
 def test_plots_are_png_files(run_all: ModuleType, tmp_path: Path) -> None:

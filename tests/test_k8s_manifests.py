@@ -39,6 +39,8 @@ VARIANTS = {
         "--script",
         "t.py -e 3",
     ],
+    "local-tier-memory": [*BASE, "--local-dir", "/dev/shm/gpuguard", "--local-size", "64Gi"],
+    "local-tier-disk": [*GANG, "--kind", "jobset", "--local-dir", "/local/gpuguard"],
 }
 KUBERNETES = ["1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 
@@ -258,6 +260,10 @@ def test_a_trainjob_uses_a_runtime_that_carries_the_failure_semantics(rendered: 
             "--gpus: 0 is not valid; must be a whole number from 1 to 64",
         ),
         (["--name", "ok", "--image", "i", "--gpus", "1", "--namespace", "ML"], "--namespace: 'ML' is not valid"),
+        ([*BASE, "--local-dir", "dev/shm/g"], "--local-dir: 'dev/shm/g' is not valid; must be an absolute path"),
+        ([*BASE, "--local-dir", "/dev/shm"], "not /dev/shm itself"),
+        ([*BASE, "--local-size", "64Gi"], "--local-size: '64Gi' is not valid; needs --local-dir"),
+        ([*BASE, "--local-dir", "/dev/shm/g", "--local-size", "64 GB"], "must be a Kubernetes quantity"),
     ],
     ids=[
         "pytorchjob",
@@ -272,6 +278,10 @@ def test_a_trainjob_uses_a_runtime_that_carries_the_failure_semantics(rendered: 
         "hostname-length",
         "gpus",
         "namespace",
+        "local-dir-relative",
+        "local-dir-shm",
+        "local-size-alone",
+        "local-size-quantity",
     ],
 )
 def test_refused_with_the_reason_and_the_alternative(args: list[str], message: str) -> None:
@@ -446,3 +456,28 @@ def test_the_kind_demo_validates_and_its_pods_hold_no_node_rights() -> None:
         if d["metadata"]["name"] == "gpuguard-demo"
     ]
     assert trainer_rules and not any("nodes" in r["resources"] for r in trainer_rules)
+
+
+@pytest.mark.parametrize(
+    ("variant", "kind", "path", "volume"),
+    [
+        ("local-tier-memory", "Job", "/dev/shm/gpuguard", {"medium": "Memory", "sizeLimit": "64Gi"}),
+        ("local-tier-disk", "JobSet", "/local/gpuguard", {}),
+    ],
+    ids=["memory", "disk"],
+)
+def test_the_local_tier_is_an_emptydir_mounted_where_the_guard_looks(
+    rendered: Any, variant: str, kind: str, path: str, volume: dict[str, Any]
+) -> None:
+    workload = rendered[variant][kind]
+    if kind == "JobSet":
+        workload = workload["spec"]["replicatedJobs"][0]["template"]
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "GPUGUARD_LOCAL_DIR", "value": path} in container["env"]
+    # each of the 8 ranks keeps at most half its share of the sizeLimit: the kubelet never evicts the pod for it
+    keep = [e["value"] for e in container["env"] if e["name"] == "GPUGUARD_LOCAL_KEEP_BYTES"]
+    assert keep == ([str(64 * 2**30 // 8 // 2)] if "sizeLimit" in volume else [])
+    assert container["volumeMounts"] == [{"name": "gpuguard-local", "mountPath": path}]
+    assert pod["volumes"] == [{"name": "gpuguard-local", "emptyDir": volume}]
+    assert "volumes" not in rendered["one-node"]["Job"]["spec"]["template"]["spec"]  # only when asked

@@ -341,3 +341,25 @@ def test_an_emergency_checkpoint_before_the_check_is_judged_by_the_same_window_n
     with guard_for(url, state) as guard:
         assert guard.resume() == 11
         train(guard, state, range(11, 35))
+
+
+def test_with_a_local_tier_a_local_only_checkpoint_is_checked_and_demoted_in_both_tiers(tmp_path: Path) -> None:
+    url, local = f"file://{tmp_path / 'object'}", str(tmp_path / "local")
+    tiers = {"local_dir": local, "object_store_every": 2}  # 10: both tiers; 20: local only
+    state = make_state()
+    with guard_for(url, state, **tiers) as guard:
+        guard.resume()
+        train(guard, state, range(21), corrupt_at=20)
+    assert [i.step for i in CheckpointStore(url).list()] == [10]
+    state = make_state(1)
+    guard = guard_for(url, state, **tiers)
+    with pytest.raises(Evacuation) as left, guard:
+        assert guard.resume() == 21 and guard.restored_tier == "local"  # its window came with the local copy
+        train(guard, state, range(21, 60))
+    assert left.value.code == 76 and left.value.step == 40
+    demoted = CheckpointStore(url).demoted()
+    assert sorted(int(i.split("-")[1]) for i in demoted) == [20, 30]  # 30: taken from its state before the check
+    state = make_state(2)
+    with guard_for(url, state, **tiers) as guard:  # neither tier offers a demoted one again
+        assert guard.resume() == 11
+        train(guard, state, range(11, 35))

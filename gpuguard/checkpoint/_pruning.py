@@ -14,11 +14,12 @@ from gpuguard.checkpoint._storage import Storage
 log = logging.getLogger("gpuguard.checkpoint")
 
 
-def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> list[str]:
-    """Delete committed checkpoints beyond the newest ``keep``, and uncommitted leftovers.
+def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_bytes: int | None = None) -> list[str]:
+    """Delete committed checkpoints beyond the newest ``keep`` (and, with ``keep_bytes``, beyond that many
+    bytes, counted from the newest), and uncommitted leftovers.
 
-    Never deletes the newest committed checkpoint that is not demoted, nor a folder any writer holds a live lease on
-    (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
+    Never deletes the newest committed checkpoint that is not demoted, nor a folder any writer holds a live
+    lease on (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
     first, so a pruned folder is never mistaken for valid. Incomplete multipart uploads of saves that
     no live lease covers (writers killed mid-upload) are aborted.
 
@@ -32,8 +33,17 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]]) -> lis
     # would push the good ones out), and they go once older than the oldest one kept.
     demoted = demoted_ids(storage)
     good = [m for m in manifests if m.id not in demoted]
-    doomed = [m.id for m in good[: max(0, len(good) - keep)]]
-    oldest_kept = good[max(0, len(good) - keep)].step if good else None
+    kept = min(keep, len(good))
+    if keep_bytes is not None:
+        total, fits = 0, 0
+        for manifest in reversed(good[len(good) - kept :]):
+            total += manifest.total_bytes
+            if fits and total > keep_bytes:  # the newest one is kept whatever its size
+                break
+            fits += 1
+        kept = fits
+    doomed = [m.id for m in good[: len(good) - kept]]
+    oldest_kept = good[len(good) - kept].step if kept else None
     doomed += [m.id for m in manifests if m.id in demoted and oldest_kept is not None and m.step < oldest_kept]
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))

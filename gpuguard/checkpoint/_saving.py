@@ -105,14 +105,20 @@ class Saver:
         replicated: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        as_local: bool = False,
     ) -> float:
         """Allocate the staging buffer for this state now, so that a save later does not.
 
         See `CheckpointStore.prepare`, the documented API. Returns the seconds it took (with
         ``background``, the seconds the calling thread spent: the allocation goes on in a thread).
+        With ``as_local``, DTensors are laid out as this rank's pieces (the local tier's copies, `_local_copy`).
         """
         started = time.perf_counter()
         flat = flatten(state, rng=rng)  # state_dict() runs here, on the calling thread
+        if as_local:
+            for name, tensor in list(flat.tensors.items()):
+                if _sharding.is_dtensor(tensor):
+                    flat.tensors[name] = tensor.to_local()  # type: ignore[attr-defined]
         rank = process_rank() if rank is None else rank
         world_size = process_world_size() if world_size is None else world_size
         # With DTensors, the ranks agree on who writes what (a collective): decided on holding DTensors at

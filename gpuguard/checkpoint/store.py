@@ -39,6 +39,8 @@ class CheckpointStore:
         url: where checkpoints live, e.g. ``s3://bucket/run1``, ``file:///mnt/ckpt``, ``memory://run``.
         storage_options: for the fsspec filesystem (endpoint, credentials, ...).
         keep: committed checkpoints to keep when pruning; the newest valid one is never deleted.
+        keep_bytes: also keep no more than this many bytes of committed checkpoints (counted from the
+            newest; None: no bound); the newest valid one is kept whatever its size.
         io_threads: concurrent writers per shard (threads for local disks, parts for S3).
         staging_buffers: snapshots that may be in flight at once.
         retry: backoff for transient storage errors, and the deadline of every storage operation.
@@ -63,6 +65,7 @@ class CheckpointStore:
         storage_options: dict[str, Any] | None = None,
         *,
         keep: int = 3,
+        keep_bytes: int | None = None,
         io_threads: int = 8,
         staging_buffers: int = 2,
         retry: RetryPolicy | None = None,
@@ -70,6 +73,10 @@ class CheckpointStore:
     ) -> None:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ConfigError("keep", keep, "must be a whole number, 1 or greater")
+        if keep_bytes is not None and (
+            not isinstance(keep_bytes, int) or isinstance(keep_bytes, bool) or keep_bytes < 1
+        ):
+            raise ConfigError("keep_bytes", keep_bytes, "must be a whole number of bytes, 1 or greater, or None")
         if not isinstance(io_threads, int) or io_threads < 1:
             raise ConfigError("io_threads", io_threads, "must be a whole number, 1 or greater")
         if not isinstance(staging_buffers, int) or isinstance(staging_buffers, bool) or staging_buffers < 1:
@@ -78,6 +85,7 @@ class CheckpointStore:
             raise ConfigError("lease_s", lease_s, "must be a finite number of seconds greater than 0")
         self.url = url
         self.keep = keep
+        self.keep_bytes = keep_bytes
         self.storage = Storage(url, storage_options, retry=retry, io_threads=io_threads)
         self._catalog = Catalog(self.storage, url)
         self._committer = Committer(self.storage, self._catalog)
@@ -468,7 +476,8 @@ class CheckpointStore:
     # -- retention ------------------------------------------------------------------------------
 
     def prune(self) -> builtins.list[str]:
-        """Delete committed checkpoints beyond the newest ``keep``, and uncommitted leftovers.
+        """Delete committed checkpoints beyond the newest ``keep`` (and beyond ``keep_bytes``), and
+        uncommitted leftovers.
 
         Never deletes the newest committed checkpoint, nor a folder this store is still writing.
         A checkpoint's manifest is deleted first, so a pruned folder is never mistaken for valid.
@@ -476,7 +485,7 @@ class CheckpointStore:
         Returns:
             The ids deleted.
         """
-        return prune(self._catalog, self.keep, self._saver.in_flight)
+        return prune(self._catalog, self.keep, self._saver.in_flight, self.keep_bytes)
 
     def close(self) -> None:
         """Wait for saves in flight and release the writer threads."""

@@ -95,6 +95,12 @@ def add_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="how long a node's GPUs must stay healthy before the node agent lifts gpuguard's taint",
     )
+    m.add_argument(
+        "--local-dir",
+        help="mount an emptyDir for the guard's node-local tier there and set GPUGUARD_LOCAL_DIR; in memory under "
+        "/dev/shm (e.g. /dev/shm/gpuguard), on the node's disk elsewhere; a container restarted in place finds it",
+    )
+    m.add_argument("--local-size", help="the local tier's sizeLimit, a quantity such as 64Gi (needs --local-dir)")
     m.add_argument("--script", default="train.py", help="the training script and its arguments")
     m.set_defaults(handler=run_manifests)
 
@@ -151,6 +157,8 @@ def run_manifests(args: argparse.Namespace) -> int:
         node_check=not args.no_node_check,
         node_agent_image=args.node_agent_image,
         node_check_quiet_period_s=args.node_check_quiet_period,
+        local_dir=args.local_dir,
+        local_size=args.local_size,
     )
     print(to_yaml(spec), end="")
     return EXIT_OK

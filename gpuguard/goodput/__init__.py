@@ -22,6 +22,17 @@ The costs are charged as the hardware bounds them: each checkpoint, emergency sa
 the whole job's state through one storage system, so none is faster than its bytes over the
 aggregate storage bandwidth — which bounds the best interval from below.
 
+gpuguard with a node-local tier (``Guard(local_dir=..., object_store_every=m)``): every checkpoint lands
+on each node's local storage first (``/dev/shm`` or NVMe: a node's part of the checkpoint over its local
+bandwidth, at most ``max_local_share`` of that storage's time), and every m-th one then also goes to
+object storage (its bandwidth and ``max_storage_share`` now bound m local intervals, not one); emergency
+and just-in-time saves go to object storage as before. A rolled-back failure loses the training since the
+newest local checkpoint when its node survives (a process crash, a restart in place), and since the
+newest object-storage one when the node is gone with its local tier (``node_loss_share`` of them: by
+default the failures a restart in place does not clear). The local tier must hold at least two
+checkpoints (one being written, one complete). A failure whose node survives restores from the local
+tier (at most the local bandwidth); every other restore reads object storage.
+
 `closed_form` is exact for this model (renewal-reward: expected kept training per failure cycle over
 its expected wall time, with the geometric sums done in closed form); `monte_carlo` samples failure
 cycles and walks through the checkpoints to check it. Failure-rate references: NVIDIA reported 19
@@ -33,299 +44,40 @@ Example:
     >>> report = compare(inputs)
     >>> report.gpuguard_jit.goodput > report.gpuguard.goodput > report.periodic.goodput
     True
+    >>> kept_nodes = compare(GoodputInputs(nodes=128, gpus_per_node=8, node_loss_share=0.0))
+    >>> kept_nodes.gpuguard_local.best_goodput > kept_nodes.gpuguard.best_goodput
+    True
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any
 
-from gpuguard.errors import ConfigError
+from gpuguard.goodput._inputs import (
+    DGX_H200_SHM_GIB,
+    FAILURE_SOURCES,
+    H200_PARALLEL_WRITE_S_PER_GIB,
+    H200_PINNED_COPY_S_PER_GIB,
+    H200_SHM_WRITE_S_PER_GIB,
+    H200_TORCH_LOAD_S_PER_GIB,
+    H200_TORCH_SAVE_S_PER_GIB,
+    LLAMA3_INPLACE_SHARE,
+    MIN_LOCAL_CHECKPOINTS,
+    GoodputInputs,
+)
 from gpuguard.goodput._model import (
     DAY_S,
     Check,
     Outcome,
     Policy,
     best_interval,
+    best_setting,
     expected_cycle,
     goodput,
     monte_carlo,
     outcome,
 )
-
-GIB: Final = 1024**3
-
-# NVIDIA, GeForce NOW fleet: 19 remediation requests per 1,000 GPU nodes per day (see DESIGN.md).
-NVIDIA_PER_NODE_DAY: Final = 19 / 1000
-# Meta, "The Llama 3 Herd of Models" (2024), section 3.3.4: 419 unexpected interruptions in 54 days
-# of pre-training on 16,384 H100 GPUs.
-LLAMA3_PER_GPU_DAY: Final = 419 / (54 * 16_384)
-FAILURE_SOURCES: Final = ("nvidia", "llama3")
-
-# Meta, "The Llama 3 Herd of Models" (2024), section 3.3.1: the Tectonic storage fabric behind Llama 3's
-# 16,384 GPUs "supports a sustainable throughput of 2 TB/s and a peak throughput of 7 TB/s". The default
-# aggregate bandwidth is that sustained figure per GPU (122 MB/s), times the job's GPUs.
-TECTONIC_BYTES_PER_S: Final = 2e12
-TECTONIC_GPUS: Final = 16_384
-
-# Meta, Llama 3 report, Table 5: of 419 interruptions, 54 software bugs and 7 NCCL watchdog timeouts
-# (14.6%) need no new hardware: a restart in place clears them. The rest (GPUs, HBM, network, hosts)
-# need another node.
-LLAMA3_INPLACE_SHARE: Final = 61 / 419
-
-# Costs measured on one H200 for a 6 GiB state (fp32 model + AdamW), per GiB
-# (tests/data/h200-checkpoint-baseline.json, in the repository; tests/test_goodput.py checks these against it):
-H200_TORCH_SAVE_S_PER_GIB: Final = 12.55 / 6  # torch.save with fsync: blocks training throughout
-H200_TORCH_LOAD_S_PER_GIB: Final = 4.699 / 6  # torch.load to the GPU
-H200_PINNED_COPY_S_PER_GIB: Final = 0.117 / 6  # gpuguard's stall: copy into pinned buffers on a side stream
-H200_PARALLEL_WRITE_S_PER_GIB: Final = 3.25 / 6  # 8 threads writing the staged bytes with fsync
-
-# gpuguard's default bound on noticing a dead peer: peer_timeout_s + 2 x peer_heartbeat_s (3 + 2 x 0.5 s).
-DEFAULT_JIT_DETECT_S: Final = 4.0
-
-
-@dataclass(frozen=True)
-class GoodputInputs:
-    """A job and its costs. Seconds throughout; ``None`` costs come from the H200 measurements, scaled
-    by ``state_gib`` (the checkpoint size per GPU, written by every rank in parallel), and never below
-    what the aggregate storage bandwidth allows for the whole job's bytes."""
-
-    nodes: int = 128
-    gpus_per_node: int = 8
-    step_time_s: float = 1.0
-    state_gib: float = 6.0
-    interval_s: float = 1800.0
-    restart_s: float = 120.0
-    reschedule_s: float = 300.0
-    failure_source: str = "nvidia"
-    failures_per_node_day: float | None = None  # overrides failure_source
-    detectable_share: float = 0.2
-    sudden_replicated_share: float = 0.6
-    inplace_share_detectable: float = 0.0
-    inplace_share_sudden: float = LLAMA3_INPLACE_SHARE
-    storage_gbps: float | None = None
-    periodic_stall_s: float | None = None
-    periodic_restore_s: float | None = None
-    gpuguard_stall_s: float | None = None
-    gpuguard_durable_s: float | None = None
-    gpuguard_restore_s: float | None = None
-    jit_detect_s: float = DEFAULT_JIT_DETECT_S
-    jit_save_s: float | None = None
-    jit_replay_steps: float = 1.0
-    max_storage_share: float = 0.5
-    notes: dict[str, str] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(name, value, "must be a whole number, 1 or greater")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("nodes", "gpus_per_node", "failure_source", "notes") or value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ConfigError(f.name, value, "must be a finite number")
-            positive = f.name in ("step_time_s", "state_gib", "interval_s", "failures_per_node_day", "storage_gbps")
-            if (positive and value <= 0) or value < 0:
-                raise ConfigError(f.name, value, "must be greater than 0" if positive else "must be 0 or greater")
-        if self.failure_source not in FAILURE_SOURCES:
-            raise ConfigError("failure_source", self.failure_source, "allowed: " + ", ".join(FAILURE_SOURCES))
-        for name in ("detectable_share", "sudden_replicated_share", "inplace_share_detectable", "inplace_share_sudden"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(name, getattr(self, name), "must be from 0 to 1")
-        if not 0 < self.max_storage_share <= 1:
-            raise ConfigError("max_storage_share", self.max_storage_share, "must be greater than 0 and at most 1")
-        if self.detectable_share + self.sudden_replicated_share > 1 + 1e-12:
-            raise ConfigError(
-                "sudden_replicated_share",
-                self.sudden_replicated_share,
-                f"must be at most 1 - detectable_share = {1 - self.detectable_share:g}: the shares are of all failures",
-            )
-        lag = self.gpuguard_durable - self.gpuguard_stall
-        if lag < 0:
-            raise ConfigError("gpuguard_durable_s", self.gpuguard_durable, "must be at least gpuguard_stall_s")
-        if lag > self.interval_s:
-            raise ConfigError(
-                "interval_s",
-                self.interval_s,
-                f"must be at least gpuguard's time to durable after the snapshot ({lag:g} s, bounded by the storage "
-                "bandwidth): checkpoints would queue behind each other",
-            )
-
-    # The storage bound: the whole job's checkpoint bytes through the aggregate bandwidth.
-    @property
-    def storage_bytes_per_s(self) -> float:
-        if self.storage_gbps is not None:
-            return self.storage_gbps * 1e9
-        return TECTONIC_BYTES_PER_S * self.gpus / TECTONIC_GPUS
-
-    @property
-    def checkpoint_bytes(self) -> float:
-        """One checkpoint of the whole job: every GPU's ``state_gib``."""
-        return self.state_gib * GIB * self.gpus
-
-    @property
-    def storage_floor_s(self) -> float:
-        """The least time one checkpoint (or restore) of the whole job can take through the storage."""
-        return self.checkpoint_bytes / self.storage_bytes_per_s
-
-    # Resolved costs: the explicit value or the H200 figure scaled to the state, never below the storage floor.
-    @property
-    def periodic_stall(self) -> float:
-        return max(_or(self.periodic_stall_s, H200_TORCH_SAVE_S_PER_GIB * self.state_gib), self.storage_floor_s)
-
-    @property
-    def periodic_restore(self) -> float:
-        return max(_or(self.periodic_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib), self.storage_floor_s)
-
-    @property
-    def gpuguard_stall(self) -> float:
-        return _or(self.gpuguard_stall_s, H200_PINNED_COPY_S_PER_GIB * self.state_gib)
-
-    @property
-    def gpuguard_durable(self) -> float:
-        return max(_or(self.gpuguard_durable_s, H200_PARALLEL_WRITE_S_PER_GIB * self.state_gib), self.storage_floor_s)
-
-    @property
-    def gpuguard_restore(self) -> float:
-        return max(_or(self.gpuguard_restore_s, H200_TORCH_LOAD_S_PER_GIB * self.state_gib), self.storage_floor_s)
-
-    @property
-    def jit_save(self) -> float:
-        """The survivors write the whole job's state: as long as any gpuguard save, at least."""
-        return max(_or(self.jit_save_s, self.gpuguard_durable), self.storage_floor_s)
-
-    @property
-    def gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def failures_per_day(self) -> float:
-        """For the whole job."""
-        if self.failures_per_node_day is not None:
-            return self.failures_per_node_day * self.nodes
-        if self.failure_source == "llama3":
-            return LLAMA3_PER_GPU_DAY * self.gpus
-        return NVIDIA_PER_NODE_DAY * self.nodes
-
-    def _downtime(self, inplace_share: float, restore_s: float) -> float:
-        return self.restart_s + (1 - inplace_share) * self.reschedule_s + restore_s
-
-    def policies(self) -> tuple[Policy, Policy, Policy]:
-        """Periodic checkpoints alone, gpuguard (emergency saves of detected failures), and gpuguard with
-        just-in-time saves of sudden failures that leave a replica."""
-        rate = self.failures_per_day / DAY_S
-        sudden = self.inplace_share_sudden
-        periodic = Policy(
-            name="periodic only",
-            failures_per_s=rate,
-            interval_s=self.interval_s,
-            stall_s=self.periodic_stall,
-            durable_lag_s=0.0,  # a blocking save is durable when it returns
-            downtime_s=self._downtime(sudden, self.periodic_restore),
-            write_s=self.periodic_stall,
-            max_storage_share=self.max_storage_share,
-            # Detectable failures are failures like any other here; their kind decides where they restart.
-            detectable_share=0.0,
-        )
-        guarded = Policy(
-            name="gpuguard",
-            failures_per_s=rate,
-            interval_s=self.interval_s,
-            stall_s=self.gpuguard_stall,
-            durable_lag_s=self.gpuguard_durable - self.gpuguard_stall,
-            downtime_s=self._downtime(sudden, self.gpuguard_restore),
-            detectable_share=self.detectable_share,
-            # The job stops at the detected step and leaves once the emergency checkpoint is durable.
-            emergency_s=self.gpuguard_durable,
-            detected_downtime_s=self._downtime(self.inplace_share_detectable, self.gpuguard_restore),
-            write_s=self.gpuguard_durable,
-            max_storage_share=self.max_storage_share,
-        )
-        jit = Policy(
-            **{
-                **asdict(guarded),
-                "name": "gpuguard + just-in-time",
-                "jit_share": self.sudden_replicated_share,
-                "jit_s": self.jit_detect_s + self.jit_save,
-                "jit_replay_s": self.jit_replay_steps * self.step_time_s,
-                "jit_downtime_s": self._downtime(sudden, self.gpuguard_restore),
-            }
-        )
-        if self.detectable_share:  # periodic-only restarts detectable failures where their kind says
-            p = self.detectable_share
-            periodic = Policy(
-                **{
-                    **asdict(periodic),
-                    "downtime_s": p * self._downtime(self.inplace_share_detectable, self.periodic_restore)
-                    + (1 - p) * periodic.downtime_s,
-                }
-            )
-        return periodic, guarded, jit
-
-    def assumptions(self) -> dict[str, Any]:
-        """Every figure the result depends on, with where it comes from."""
-        source = (
-            f"{self.failures_per_node_day:g} per node per day (given)"
-            if self.failures_per_node_day is not None
-            else "Meta Llama 3: 419 interruptions in 54 days on 16,384 GPUs"
-            if self.failure_source == "llama3"
-            else "NVIDIA: 19 remediations per 1,000 nodes per day"
-        )
-        h200 = "H200 measurement scaled to the state size"
-        floor = f", at least the storage floor {self.storage_floor_s:.4g} s"
-        bandwidth = (
-            f"{self.storage_gbps:g} GB/s (given)"
-            if self.storage_gbps is not None
-            else f"{self.storage_bytes_per_s / 1e9:.4g} GB/s (Meta's Tectonic for Llama 3: 2 TB/s sustained for "
-            "16,384 GPUs, scaled to this job's GPUs)"
-        )
-        return {
-            "nodes": self.nodes,
-            "gpus_per_node": self.gpus_per_node,
-            "step_time_s": self.step_time_s,
-            "state_gib_per_gpu": self.state_gib,
-            "checkpoint_interval_s": self.interval_s,
-            "failure_rate": source,
-            "failures_per_day": round(self.failures_per_day, 4),
-            "mean_time_between_failures_h": round(24 / self.failures_per_day, 3),
-            "detectable_share": self.detectable_share,
-            "sudden_replicated_share": self.sudden_replicated_share,
-            "sudden_unreplicated_share": round(1 - self.detectable_share - self.sudden_replicated_share, 6),
-            "inplace_share_detectable": self.inplace_share_detectable,
-            "inplace_share_sudden": _share_source(self.inplace_share_sudden),
-            "restart_s": self.restart_s,
-            "reschedule_s": self.reschedule_s,
-            "storage_bandwidth": bandwidth,
-            "checkpoint_bytes_per_job": f"{self.checkpoint_bytes / 1e12:.4g} TB",
-            "storage_floor_s": round(self.storage_floor_s, 4),
-            "max_storage_share": f"{self.max_storage_share:g} (an assumption: the rest of the storage's time is the "
-            "data loader's and other jobs')",
-            "periodic_stall_s": _cost(self.periodic_stall_s, self.periodic_stall, f"torch.save, {h200}{floor}"),
-            "periodic_restore_s": _cost(self.periodic_restore_s, self.periodic_restore, f"torch.load, {h200}{floor}"),
-            "gpuguard_stall_s": _cost(self.gpuguard_stall_s, self.gpuguard_stall, f"pinned copy, {h200}"),
-            "gpuguard_durable_s": _cost(
-                self.gpuguard_durable_s, self.gpuguard_durable, f"8-thread write with fsync, {h200}{floor}"
-            ),
-            "gpuguard_restore_s": _cost(self.gpuguard_restore_s, self.gpuguard_restore, f"torch.load, {h200}{floor}"),
-            "jit_detect_s": _cost(
-                None if self.jit_detect_s == DEFAULT_JIT_DETECT_S else self.jit_detect_s,
-                self.jit_detect_s,
-                "gpuguard's bound: peer_timeout_s + 2 x peer_heartbeat_s",
-            ),
-            "jit_save_s": _cost(
-                self.jit_save_s, self.jit_save, "as gpuguard_durable_s: the survivors write every rank's part"
-            ),
-            "jit_replay_steps": self.jit_replay_steps,
-            "model": "Poisson failures while running; periodic saves every interval; a detected failure costs an "
-            "emergency save and no training; a sudden one with a surviving replica (gpuguard + just-in-time) costs "
-            "detection + the survivors' save + the steps replayed; any other rolls back to the newest durable "
-            "checkpoint; every failure costs restart (+ reschedule unless a restart in place clears it) + restore; "
-            "saves and restores are bounded by the aggregate storage bandwidth; no false alarms, no failures during "
-            "downtime or during a save",
-        }
 
 
 @dataclass(frozen=True)
@@ -334,26 +86,67 @@ class Report:
     periodic: Outcome
     gpuguard: Outcome
     gpuguard_jit: Outcome
-    checks: tuple[Check, ...] = ()
+    gpuguard_local: Outcome
+    gpuguard_jit_local: Outcome
+    checks: tuple[Check, ...] = ()  # each policy at the given interval
+    best_checks: tuple[Check, ...] = ()  # each policy at its best interval(s)
+
+    @property
+    def outcomes(self) -> tuple[Outcome, ...]:
+        return self.periodic, self.gpuguard, self.gpuguard_jit, self.gpuguard_local, self.gpuguard_jit_local
+
+    def tiers(self) -> list[dict[str, Any]]:
+        """One row per policy at its best interval(s): each tier's interval and sustained GB/s, the goodput,
+        and the Monte Carlo check of that setting (when run)."""
+        checks = {c.name: c for c in self.best_checks}
+        rows = []
+        for o in self.outcomes:
+            check = checks.get(o.name)
+            rows.append(
+                {
+                    "policy": o.name,
+                    "local_interval_s": o.best_interval_s if o.local_tier else None,
+                    "object_store_every": o.best_object_every,
+                    "object_interval_s": o.best_object_interval_s,
+                    "local_gbps_per_node": o.best_local_gbps_per_node,
+                    "local_gbps_job": o.best_local_gbps_per_node * self.inputs.nodes,
+                    "object_gbps": o.best_object_gbps,
+                    "goodput": o.best_goodput,
+                    "monte_carlo": check.to_dict() if check else None,
+                }
+            )
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         gpus = self.inputs.gpus
+
+        def saved(o: Outcome) -> float:
+            return round((o.goodput - self.periodic.goodput) * 24 * gpus, 2)
+
         return {
             "assumptions": self.inputs.assumptions(),
             "periodic": self.periodic.to_dict(),
             "gpuguard": self.gpuguard.to_dict(),
             "gpuguard_jit": self.gpuguard_jit.to_dict(),
-            "gpu_hours_saved_per_day": round((self.gpuguard.goodput - self.periodic.goodput) * 24 * gpus, 2),
-            "gpu_hours_saved_per_day_jit": round((self.gpuguard_jit.goodput - self.periodic.goodput) * 24 * gpus, 2),
+            "gpuguard_local": self.gpuguard_local.to_dict(),
+            "gpuguard_jit_local": self.gpuguard_jit_local.to_dict(),
+            "gpu_hours_saved_per_day": saved(self.gpuguard),
+            "gpu_hours_saved_per_day_jit": saved(self.gpuguard_jit),
+            "gpu_hours_saved_per_day_local": saved(self.gpuguard_local),
+            "gpu_hours_saved_per_day_jit_local": saved(self.gpuguard_jit_local),
+            "tiers": self.tiers(),
             "per_failure": per_failure(self.inputs),
             "monte_carlo": [c.to_dict() for c in self.checks],
+            "monte_carlo_best": [c.to_dict() for c in self.best_checks],
         }
 
 
 def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
     """Per kind of failure and policy, what one failure costs: the save after it, the training lost
-    (about half an interval plus the durable lag on a roll back), and the downtime (restart, reschedule
-    unless a restart in place clears it, restore)."""
+    (about half an interval plus the durable lag on a roll back; with a local tier, that of the local tier
+    when the node survives and of object storage when it does not, weighed by their shares), and the
+    downtime (restart, reschedule unless a restart in place clears it, restore; with a local tier a roll back
+    whose node survives restores from it)."""
     rows = []
     for policy in inputs.policies():
         restore = inputs.periodic_restore if policy.name == "periodic only" else inputs.gpuguard_restore
@@ -373,6 +166,9 @@ def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
             ),
         ]
         for kind, share, inplace, saved in kinds:
+            down = inputs.restart_s + (1 - inplace) * inputs.reschedule_s + restore
+            if policy.local_tier and not saved:
+                down += policy.local_share * (inputs.local_restore - restore)
             save = (policy.emergency_s if kind == "detectable" else policy.jit_s) if saved else 0.0
             replay = policy.jit_replay_s if saved and kind != "detectable" else 0.0
             rows.append(
@@ -382,49 +178,53 @@ def per_failure(inputs: GoodputInputs) -> list[dict[str, Any]]:
                     "share": round(share, 6),
                     "saved": saved,
                     "save_s": round(save, 3),
-                    "training_lost_s": round(replay if saved else policy.interval_s / 2 + policy.durable_lag_s, 3),
-                    "downtime_s": round(inputs.restart_s + (1 - inplace) * inputs.reschedule_s + restore, 3),
+                    "training_lost_s": round(replay if saved else _rolled_back_loss(policy), 3),
+                    "downtime_s": round(down, 3),
                 }
             )
     return rows
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def _cost(given: float | None, value: float, default_source: str) -> str:
-    if given is not None and value > given:
-        return f"{value:.4g} (given {given:g}, raised to the storage floor)"
-    return f"{value:.4g} (given)" if given is not None else f"{value:.4g} ({default_source})"
-
-
-def _share_source(share: float) -> str:
-    if share == LLAMA3_INPLACE_SHARE:
-        return f"{share:.4g} (Meta Llama 3, Table 5: software bugs and NCCL watchdog timeouts, 61 of 419)"
-    return f"{share:g} (given)"
+def _rolled_back_loss(policy: Policy) -> float:
+    local = policy.interval_s / 2 + policy.durable_lag_s
+    if not policy.local_tier:
+        return local
+    remote = policy.object_every * (policy.interval_s + policy.stall_s) / 2 + policy.object_lag
+    return policy.local_share * local + (1 - policy.local_share) * remote
 
 
 def compare(inputs: GoodputInputs, *, check: bool = False, failures: int = 200_000, seed: int = 0) -> Report:
-    """Periodic checkpoints alone, gpuguard, and gpuguard with just-in-time saves, for one job; ``check``
-    adds the Monte Carlo runs."""
+    """Periodic checkpoints alone, gpuguard, gpuguard with just-in-time saves, and both with a local tier,
+    for one job; ``check`` adds the Monte Carlo runs, at the given interval and at each policy's best."""
     policies = inputs.policies()
     checks: tuple[Check, ...] = ()
+    best_checks: tuple[Check, ...] = ()
     if check:
         checks = tuple(monte_carlo(p, failures=failures, seed=seed + i) for i, p in enumerate(policies))
-    periodic, guarded, jit = (outcome(p) for p in policies)
-    return Report(inputs, periodic, guarded, jit, checks)
+        best = [best_setting(p)[0] for p in policies]
+        best_checks = tuple(monte_carlo(p, failures=failures, seed=seed + 100 + i) for i, p in enumerate(best))
+    periodic, guarded, jit, local, jit_local = (outcome(p) for p in policies)
+    return Report(inputs, periodic, guarded, jit, local, jit_local, checks=checks, best_checks=best_checks)
 
 
 __all__ = [
     "DAY_S",
+    "DGX_H200_SHM_GIB",
     "FAILURE_SOURCES",
+    "H200_PARALLEL_WRITE_S_PER_GIB",
+    "H200_PINNED_COPY_S_PER_GIB",
+    "H200_SHM_WRITE_S_PER_GIB",
+    "H200_TORCH_LOAD_S_PER_GIB",
+    "H200_TORCH_SAVE_S_PER_GIB",
+    "LLAMA3_INPLACE_SHARE",
+    "MIN_LOCAL_CHECKPOINTS",
     "Check",
     "GoodputInputs",
     "Outcome",
     "Policy",
     "Report",
     "best_interval",
+    "best_setting",
     "compare",
     "expected_cycle",
     "goodput",

@@ -29,7 +29,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,7 +40,6 @@ from gpuguard.guard._evacuation import Evacuation
 from gpuguard.guard.policy import Action, Decision
 
 if TYPE_CHECKING:
-    from gpuguard.checkpoint import CheckpointInfo
     from gpuguard.checkpoint._collective import RankGroup
     from gpuguard.guard.config import GuardConfig
 
@@ -169,15 +168,28 @@ class PendingCheck:
     check_at: int
 
 
-def arm(config: GuardConfig, info: CheckpointInfo | None, step: int) -> PendingCheck | None:
-    """The check after a resume from ``info`` (at ``step``), or None when off or it recorded no window."""
-    if not config.loss_gate or info is None:
+def window_of(extra: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The loss window a checkpoint's ``extra`` holds, or None (none recorded, or not a valid one)."""
+    window = (extra or {}).get(EXTRA_KEY)
+    return window if _valid(window) else None
+
+
+def arm(
+    config: GuardConfig, checkpoint_id: str, step: int, windows: Sequence[dict[str, Any] | None], rank: int
+) -> PendingCheck | None:
+    """The check after a resume from ``checkpoint_id`` at ``step``, or None when off or no window was recorded.
+
+    ``windows`` are every rank's (gathered, the same list on every rank: ranks may have restored the same
+    id from different tiers, and only rank 0's copies hold a window): a rank judges against its own, else
+    the first rank's that has one, and every rank arms alike, for the check is a collective.
+    """
+    if not config.loss_gate:
         return None
-    window = info.extra.get(EXTRA_KEY) if isinstance(info.extra, dict) else None
-    if not _valid(window):
+    mine = windows[rank] if rank < len(windows) else None
+    window = mine or next((w for w in windows if w), None)
+    if window is None:
         return None
-    assert isinstance(window, dict)
-    return PendingCheck(info.id, step, window, step + config.loss_check_steps)
+    return PendingCheck(checkpoint_id, step, window, step + config.loss_check_steps)
 
 
 def _valid(window: Any) -> bool:

@@ -88,6 +88,16 @@ class GuardConfig:
             and turns it off for the run with a warning. Set False when the loop writes parameters through
             ``.data`` or from outside PyTorch, which version counters do not see.
         commit_timeout_s: how long the committing rank waits for the others' shards.
+        local_dir: a node-local path for the local tier (a memory-backed ``emptyDir`` at ``/dev/shm/...``
+            or a node-local NVMe path; None: off). Every periodic checkpoint lands there first, each rank
+            its own complete part (the same manifest and CRC-32C checksums as object storage, under the
+            same checkpoint id); `Guard.resume` takes the newest checkpoint every rank verified in some
+            tier. It survives a container restarted in place, not a pod moved to another node.
+        local_keep_bytes: bytes of local checkpoints each rank keeps (None: only ``keep`` bounds them); the
+            newest committed local checkpoint is always kept, whatever its size.
+        object_store_every: with ``local_dir``, every this-many-th periodic checkpoint (the first one
+            included) also goes to ``checkpoint_dir``; emergency, preemption and survivors' checkpoints
+            always do, and go there only.
         sudden_loss: with several ranks, survive a peer that dies without warning (SIGKILL, its node or
             GPU gone): the survivors save the last step every rank completed from the replicas and exit
             ``reschedule_exit_code``. Needs the launcher's store (torchrun, gpuguard-run); costs each
@@ -133,6 +143,9 @@ class GuardConfig:
     replicated: bool = False
     overlap_snapshot: bool = True
     commit_timeout_s: float = 300.0
+    local_dir: str | None = None
+    local_keep_bytes: int | None = None
+    object_store_every: int = 1
     sudden_loss: bool = True
     loss_gate: bool = True
     loss_check_steps: int = 20
@@ -171,6 +184,7 @@ class GuardConfig:
             )
         if self.checkpoint_every_s is not None:
             _positive(self, "checkpoint_every_s")
+        self._check_local_tier()
         if self.termination_grace_s is not None:
             _positive(self, "termination_grace_s")
         for name in ("reschedule_exit_code", "restart_exit_code"):
@@ -197,6 +211,31 @@ class GuardConfig:
             object.__setattr__(self, "kubernetes", KubernetesConfig.from_mapping(self.kubernetes))
         if not isinstance(self.kubernetes, KubernetesConfig):
             raise ConfigError("kubernetes", self.kubernetes, "must be a KubernetesConfig or a mapping of its fields")
+
+    def _check_local_tier(self) -> None:
+        value: Any = self.local_dir
+        if isinstance(value, os.PathLike):
+            object.__setattr__(self, "local_dir", os.fspath(value))
+        if self.local_dir is not None:
+            if not isinstance(self.local_dir, str) or not self.local_dir.strip():
+                raise ConfigError("local_dir", self.local_dir, "must be a node-local path, e.g. /dev/shm/gpuguard")
+            if "://" in self.local_dir and not self.local_dir.startswith("file://"):
+                raise ConfigError(
+                    "local_dir",
+                    self.local_dir,
+                    "must be a node-local path (a memory-backed emptyDir such as /dev/shm/gpuguard, or a local NVMe "
+                    "path), not a remote URL: remote storage is checkpoint_dir",
+                )
+        if self.local_keep_bytes is not None:
+            _whole(self, "local_keep_bytes", 1)
+        _whole(self, "object_store_every", 1)
+        if self.local_dir is None and self.object_store_every != 1:
+            raise ConfigError(
+                "object_store_every",
+                self.object_store_every,
+                "needs local_dir: without a local tier every checkpoint goes to checkpoint_dir (set local_dir, or "
+                "leave object_store_every at 1)",
+            )
 
     @classmethod
     def load(

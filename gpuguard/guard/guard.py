@@ -20,6 +20,7 @@ from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
+from gpuguard.checkpoint._tiered import load_tiered
 from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import (
     check_preemption_bound,
@@ -31,7 +32,8 @@ from gpuguard.guard._checks import (
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, evacuate
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
-from gpuguard.guard._loss_window import LossRing, PendingCheck, arm, window_extra
+from gpuguard.guard._local_tier import LocalTier, open_local_tier
+from gpuguard.guard._loss_window import LossRing, PendingCheck, arm, window_extra, window_of
 from gpuguard.guard._loss_window import check as check_losses
 from gpuguard.guard._sanity import non_finite, ranks_failing
 from gpuguard.guard._signals import PreemptionSignals, signal_name
@@ -101,6 +103,8 @@ class Guard:
         self.plugins = plugin_manager(plugins)
         self._nvml = nvml
         self.store: CheckpointStore | None = None
+        self.local: LocalTier | None = None  # the node-local tier (``local_dir``), when on
+        self.restored_tier: str | None = None  # the tier this rank's last `resume` loaded from
         self.kubernetes: Any = None  # the KubernetesPlugin, when a cluster is reachable
         self.monitor: HealthMonitor | None = None
         self.agreement: Agreement | None = None
@@ -113,6 +117,7 @@ class Guard:
         self.last_evacuation: EvacuationReport | None = None
         self.slowest: tuple[int, float] | None = None  # (rank, step seconds) at the last agreement
         self.periodic: list[PendingSave] = []
+        self._periodic_count = 0  # periodic saves taken: every ``object_store_every``-th goes to object storage
         # Read by the hot path: plain attributes, written by the guard thread.
         self._local_action = 0
         self._urgent = False
@@ -156,6 +161,7 @@ class Guard:
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
         self._token = self.agreement.run_token()
+        self._open_local_tier()
         self._connect_kubernetes()
         self.monitor = HealthMonitor(self._nvml, c.health, devices=self._devices())
         self.monitor.start()
@@ -215,6 +221,9 @@ class Guard:
         if self._sudden is not None:
             self._sudden.stop(goodbye=not self._failed)
         settled = self._wait_for_periodic(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+        if self.local is not None:
+            self.local.wait(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+            self.local.close()
         if self.last_evacuation is not None and self.last_evacuation.error is not None:
             settled = False  # an abandoned emergency save's writer may still be in a storage call
         if self.agreement:
@@ -410,6 +419,22 @@ class Guard:
             self.plugins.register(self.kubernetes)
             self.kubernetes.start()
 
+    def _open_local_tier(self) -> None:
+        """The local tier, on every rank or on none: whether a periodic save goes to object storage (a
+        collective) must be the same answer on every rank, so one rank that cannot open its tier turns it
+        off everywhere (one small gather at start)."""
+        if self.config.local_dir is None:
+            return
+        self.local = open_local_tier(self.config, checkpointable(self.state), self.rank, self.world_size)
+        without = ranks_failing(default_group(self.world_size), self.local is None)
+        if without and self.local is not None:
+            log.warning(
+                "gpuguard: the local tier is off on every rank: rank(s) %s could not open theirs (said in their log)",
+                without,
+            )
+            self.local.close()
+            self.local = None
+
     def _prepare(self) -> None:
         """Plan the staging buffer here, on the training thread at a step boundary; allocate it in the background.
 
@@ -428,6 +453,11 @@ class Guard:
         except Exception as exc:  # a bug: said with its traceback, and training goes on (the first save plans)
             self.failures.failed("preparing the staging buffer", exc)
             return
+        if self.local is not None:  # its own buffer (no collective); a failure here only costs the first local save
+            try:
+                self.local.prepare(checkpointable(self.state))
+            except (GpuGuardError, MemoryError, torch.cuda.OutOfMemoryError) as exc:
+                log.warning("could not prepare the local tier's staging buffer: %s", exc)
         if self.rank == 0:  # rank 0 speaks for the job; the probe writes to storage: never on the training thread
             threading.Thread(target=self._estimate_save_time, name="gpuguard-estimate", daemon=True).start()
 
@@ -452,6 +482,12 @@ class Guard:
         why. When none can be loaded, every rank raises; only when no rank finds any checkpoint do
         all start from step 0.
 
+        With a local tier (``local_dir``), a rank's candidates are the checkpoints committed in its own
+        local tier and in object storage (the same id names the same save in both); every rank takes the
+        newest id that every rank lists and verified, each from its local copy when that one verifies,
+        else from object storage. A tier whose copy fails is named (rank, tier, id, why); each rank logs
+        the tier it restored from (`restored_tier`).
+
         After the load, every rank checks its parameters and optimizer state for NaN and inf; a
         checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
         and every rank loads the next older verified one. Demotions are recorded in storage
@@ -475,13 +511,27 @@ class Guard:
         while True:
             view = checkpointable(self.state)
             before = dict(view)
+            loaded_id: str | None
             try:
-                step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
-            except CheckpointNotFoundError:  # (all demoted by earlier runs: load raised CheckpointCorruptError)
-                if demoted:  # never a silent start from step 0: every checkpoint was found bad
+                if self.local is not None:
+                    restored = load_tiered(
+                        self.local.store, self.store, view, rank=self.rank, world_size=self.world_size, exclude=demoted
+                    )
+                    step, loaded_id, self.restored_tier = restored.step, restored.id, restored.tier
+                    loaded_extra = restored.extra
+                else:
+                    step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
+                    loaded_id, self.restored_tier = self.store.last_loaded_id, "object storage"
+                    loaded_extra = self.store.last_loaded.extra if self.store.last_loaded is not None else {}
+            except CheckpointNotFoundError:
+                # Never a silent start from step 0 when what there was was found bad (now, or by an earlier run:
+                # a plain load raises CheckpointCorruptError itself; a tiered one may list local copies only).
+                earlier = [] if demoted else sorted(self.store.demoted())
+                if demoted or earlier:
                     raise CheckpointCorruptError(
-                        f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
-                        f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
+                        f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore: "
+                        f"{', '.join(demoted or earlier)} (demoted/ there says why; delete a marker to trust its "
+                        "checkpoint again)"
                     ) from None
                 log.warning(
                     "gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir
@@ -492,7 +542,7 @@ class Guard:
             failing = ranks_failing(default_group(self.world_size), bool(bad))
             if not failing:
                 break
-            loaded = self.store.last_loaded_id or f"step {step}"
+            loaded = loaded_id or f"step {step}"
             demoted.append(loaded)
             self._demote_for_good(loaded, "non_finite", step=step, ranks=failing, tensors=bad[:8])
             log.error(
@@ -505,7 +555,12 @@ class Guard:
             )
         log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
         self._losses.clear()
-        self._loss_check = arm(self.config, self.store.last_loaded, step)
+        self._loss_check = None
+        if self.config.loss_gate:
+            # Ranks may have restored the same id from different tiers, whose manifests hold different windows
+            # (rank 0's, or none): one small gather, so that every rank arms the check alike (it is a collective).
+            windows = default_group(self.world_size).all_gather(window_of(loaded_extra))
+            self._loss_check = arm(self.config, loaded_id or f"step {step}", step, windows, self.rank)
         self._unchecked = []
         self._resumed_step = step
         self._last_step = step
@@ -515,7 +570,7 @@ class Guard:
     def _restored(self, info: CheckpointInfo | None) -> None:
         """An integration that restores on its own (Lightning's) arms the loss check as `resume` does."""
         self._losses.clear()
-        self._loss_check = None if info is None else arm(self.config, info, info.step)
+        self._loss_check = None if info is None else arm(self.config, info.id, info.step, [window_of(info.extra)], 0)
         self._unchecked = []
 
     # -- the hot path ---------------------------------------------------------------------------
@@ -638,6 +693,19 @@ class Guard:
     def _save_periodic(self, step: int) -> None:
         assert self.store is not None
         self.periodic = [p for p in self.periodic if not p.done()]
+        overlap = self._optimizers() if self.config.overlap_snapshot else ()
+        to_object = self.local is None or self._periodic_count % self.config.object_store_every == 0
+        self._periodic_count += 1
+        checkpoint_id = self._checkpoint_id(step, "periodic")
+        extra = self._loss_extra()
+        if self._loss_check is not None:
+            # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
+            # (else it would be the next resume point), and it carries the same window for its own resume.
+            self._unchecked.append(checkpoint_id)
+        if self.local is not None:  # the fast save first: this rank's own complete part, on this node
+            self.local.save(checkpointable(self.state), step, checkpoint_id, overlap, extra)
+        if not to_object:
+            return
         try:
             pending = self.store.save(
                 checkpointable(self.state),
@@ -645,18 +713,14 @@ class Guard:
                 reason="periodic",
                 rank=self.rank,
                 world_size=self.world_size,
-                checkpoint_id=self._checkpoint_id(step, "periodic"),
+                checkpoint_id=checkpoint_id,
                 replicated=self.config.replicated,
-                overlap_with=self._optimizers() if self.config.overlap_snapshot else (),
-                extra=self._loss_extra(),
+                overlap_with=overlap,
+                extra=extra,
             )
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
-        if self._loss_check is not None:
-            # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
-            # (else it would be the next resume point), and it carries the same window for its own resume.
-            self._unchecked.append(pending.id)
         pending.add_done_callback(self._report_periodic)
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)

@@ -20,6 +20,7 @@ Exit codes, per workload (the README's table):
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 from gpuguard.k8s._versions import FEATURES, JOBSET_FIELDS, at_least, jobset_has
@@ -92,6 +93,31 @@ def restart_rules(spec: JobSpec) -> list[dict[str, Any]]:
     return [{"action": action, "exitCodes": {"operator": "In", "values": [spec.restart_exit_code]}}]
 
 
+LOCAL_TIER_VOLUME = "gpuguard-local"
+_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_SUFFIXES |= {f"{k.upper()}i": 2 ** (10 * n) for n, k in enumerate(("k", "M", "G", "T", "P", "E"), start=1)}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity (``64Gi``, ``500M``, ``1.5Gi``) in bytes, rounded down."""
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", quantity)
+    if match is None or match.group(2) not in _SUFFIXES:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return int(float(match.group(1)) * _SUFFIXES[match.group(2)])
+
+
+def local_tier_volume(spec: JobSpec) -> dict[str, Any]:
+    """The local tier's emptyDir: in memory under /dev/shm (tmpfs, counted against the container's memory
+    limit), on the node's disk elsewhere; bounded by ``local_size`` when given."""
+    assert spec.local_dir is not None
+    volume: dict[str, Any] = {}
+    if spec.local_dir.startswith("/dev/shm/"):
+        volume["medium"] = "Memory"
+    if spec.local_size:
+        volume["sizeLimit"] = spec.local_size
+    return volume
+
+
 def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     field_env = [
         ("POD_NAME", "metadata.name"),
@@ -105,6 +131,13 @@ def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
     env += settings_env(spec.actions)
     if spec.checkpoint_dir:
         env.append({"name": "GPUGUARD_CHECKPOINT_DIR", "value": spec.checkpoint_dir})
+    if spec.local_dir:
+        env.append({"name": "GPUGUARD_LOCAL_DIR", "value": spec.local_dir})
+        if spec.local_size:
+            # The kubelet evicts a pod whose emptyDir outgrows its sizeLimit. Each of the pod's ranks keeps at
+            # most half its share committed, leaving room for the save in flight beside them.
+            share = quantity_bytes(spec.local_size) // spec.gpus // 2
+            env.append({"name": "GPUGUARD_LOCAL_KEEP_BYTES", "value": str(max(1, share))})
     # SIGTERM -> agreed step -> committed checkpoint within the deadline; then the Kubernetes actions
     # (their own 10 s deadline) and the exit, before the kubelet's SIGKILL at the grace period's end.
     grace = math.ceil(spec.preemption_deadline_s + GRACE_MARGIN_S)
@@ -135,6 +168,11 @@ def pod_template(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
         "terminationGracePeriodSeconds": grace,
         "containers": [container],
     }
+    if spec.local_dir:
+        # The guard's local tier: an emptyDir lives as long as the pod, so a container restarted in place
+        # (exit 76) finds its checkpoints again; a pod on another node resumes from object storage.
+        container["volumeMounts"] = [{"name": LOCAL_TIER_VOLUME, "mountPath": spec.local_dir}]
+        pod_spec["volumes"] = [{"name": LOCAL_TIER_VOLUME, "emptyDir": local_tier_volume(spec)}]
     affinity: dict[str, Any] = {}
     if spec.kubernetes.mark == "label":
         # A label keeps nothing off a node by itself: the pods ask for nodes without gpuguard's label

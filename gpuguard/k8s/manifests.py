@@ -43,6 +43,9 @@ PYTORCHJOB_REFUSED: Final = (
 RESTART_MODES: Final = ("off", "container", "pod")
 
 
+_QUANTITY: Final = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What to generate.
@@ -75,6 +78,11 @@ class JobSpec:
         runtime_kind: for ``trainjob``, ``TrainingRuntime`` (namespaced) or ``ClusterTrainingRuntime``.
         preemption_deadline_s: the guard's time from SIGTERM to a committed checkpoint; the pod's
             ``terminationGracePeriodSeconds`` covers it plus a margin.
+        local_dir: the guard's node-local tier (``GPUGUARD_LOCAL_DIR``): an ``emptyDir`` mounted there,
+            memory-backed (``medium: Memory``) under ``/dev/shm``, on the node's disk elsewhere. It lives
+            as long as the pod: a container restarted in place (exit 76) finds it again; a new pod does not.
+        local_size: the ``emptyDir``'s ``sizeLimit`` (a quantity such as ``64Gi``); a memory-backed one
+            counts against the container's memory limit.
     """
 
     name: str
@@ -99,6 +107,8 @@ class JobSpec:
     node_check_quiet_period_s: int = 600
     runtime_kind: str = "TrainingRuntime"
     preemption_deadline_s: float = 25.0
+    local_dir: str | None = None
+    local_size: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.restart_in_place, bool):  # True: the container, as before KEP-5532
@@ -146,6 +156,25 @@ class JobSpec:
                 "(the pods patch their own node, kept to it by the generated ValidatingAdmissionPolicy)",
             )
         self._check_restart_in_place()
+        self._check_local_tier()
+
+    def _check_local_tier(self) -> None:
+        if self.local_dir is not None and (
+            not self.local_dir.startswith("/")
+            or self.local_dir.rstrip("/") in ("", "/dev/shm")
+            or ":" in self.local_dir
+        ):
+            raise ConfigError(
+                "--local-dir",
+                self.local_dir,
+                "must be an absolute path in the container below the root, e.g. /dev/shm/gpuguard (memory) or "
+                "/local/gpuguard (the node's disk); not /dev/shm itself, which the runtime mounts",
+            )
+        if self.local_size is not None:
+            if self.local_dir is None:
+                raise ConfigError("--local-size", self.local_size, "needs --local-dir")
+            if not _QUANTITY.match(self.local_size):
+                raise ConfigError("--local-size", self.local_size, "must be a Kubernetes quantity such as 64Gi or 500M")
 
     def _check_kind(self) -> None:
         if self.kind not in KINDS:
@@ -275,6 +304,28 @@ def notes(spec: JobSpec) -> list[str]:
             "The node agent runs on nodes labelled nvidia.com/gpu.present=true (GPU feature discovery), is not "
             "ready while it sees no GPU, and removes gpuguard's mark once the node's GPUs stayed healthy for "
             f"{spec.node_check_quiet_period_s}s."
+        )
+    if spec.local_dir:
+        where = (
+            "in memory (counted against the container's memory limit)"
+            if spec.local_dir.startswith("/dev/shm/")
+            else "on the node's disk"
+        )
+        survives = (
+            "a container restarted in place (exit 76) finds it again"
+            if spec.restart_in_place != "off"
+            else "exit 76 is not restarted in place here (--restart-in-place), so a new pod starts without it"
+        )
+        lines.append(
+            f"Local tier: an emptyDir at {spec.local_dir}, {where}, "
+            + (
+                f"{spec.local_size} (each of the {spec.gpus} ranks keeps at most half its share: "
+                "GPUGUARD_LOCAL_KEEP_BYTES)"
+                if spec.local_size
+                else "with no size limit"
+            )
+            + "; "
+            f"{survives}; a pod on another node resumes from object storage."
         )
     return lines
 
