@@ -7,8 +7,9 @@ restart, a new pod or another tool sees it, and `CheckpointStore.latest`, `Check
 an explicit id) and `Guard.resume` pass over the checkpoint. A person who decides the checkpoint was fine
 after all deletes its marker.
 
-The marker is the last thing of its checkpoint to go: pruning deletes the manifest, then the folder, then
-the marker, so an interrupted prune never leaves a demoted checkpoint looking loadable.
+Markers are never deleted by gpuguard: pruning deletes a demoted checkpoint's folder once it is older than
+those kept, and leaves its marker (a few hundred bytes), for a node-local tier may still hold a copy of the
+same id.
 """
 
 from __future__ import annotations
@@ -52,8 +53,3 @@ def demote(storage: Storage, checkpoint_id: str, reason: str, details: Mapping[s
     """Write ``checkpoint_id``'s marker (replacing one already there). Raises `StorageError` when it fails."""
     record = {"id": checkpoint_id, "reason": reason, "demoted_at": time.time(), **dict(details)}
     storage.put_atomic(storage.path(FOLDER, checkpoint_id + SUFFIX), json.dumps(record, default=str).encode())
-
-
-def forget(storage: Storage, checkpoint_id: str) -> None:
-    """Remove a pruned checkpoint's marker (after its folder is gone)."""
-    storage.delete(storage.path(FOLDER, checkpoint_id + SUFFIX))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog
-from gpuguard.checkpoint._demoted import demoted_ids, forget
+from gpuguard.checkpoint._demoted import demoted_ids
 from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST
 from gpuguard.checkpoint._storage import Storage
 
@@ -30,7 +30,8 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_b
     manifests = catalog.manifests()
     committed = {m.id for m in manifests}
     # Demoted checkpoints are no resume points: they never count among the ``keep`` (or a bad newest one
-    # would push the good ones out), and they go once older than the oldest one kept.
+    # would push the good ones out), and they go once older than the oldest one kept. Their markers stay (a few
+    # hundred bytes each): a node-local tier may still hold a copy of the same id.
     demoted = demoted_ids(storage)
     good = [m for m in manifests if m.id not in demoted]
     kept = min(keep, len(good))
@@ -48,8 +49,6 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_b
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))
         storage.delete(storage.path(name), recursive=True)
-        if name in demoted:
-            forget(storage, name)  # last: a demoted checkpoint never looks loadable, even if this stops halfway
         log.info("pruned %s", name)
     folders = storage.list_dirs()
     uploads = storage.list_uploads()
