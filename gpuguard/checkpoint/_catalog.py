@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST, Manifest
@@ -26,6 +26,8 @@ class CheckpointInfo:
     created_at: str
     total_bytes: int
     url: str
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the saver's ``extra`` (the guard's loss window)
+    demoted: bool = False  # found bad after a restore: never resumed from again (see `CheckpointStore.demote`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,8 @@ class CheckpointInfo:
             "created_at": self.created_at,
             "bytes": self.total_bytes,
             "url": self.url,
+            "extra": dict(self.extra),
+            "demoted": self.demoted,
         }
 
 
@@ -93,7 +97,7 @@ class Catalog:
             raise CheckpointCorruptError(f"{path}: names checkpoint {manifest.id!r}", shard=MANIFEST)
         return manifest
 
-    def info(self, manifest: Manifest) -> CheckpointInfo:
+    def info(self, manifest: Manifest, *, demoted: bool = False) -> CheckpointInfo:
         return CheckpointInfo(
             id=manifest.id,
             step=manifest.step,
@@ -103,4 +107,6 @@ class Catalog:
             created_at=manifest.created_at,
             total_bytes=manifest.total_bytes,
             url=f"{self.url.rstrip('/')}/{manifest.id}",
+            extra=manifest.extra,
+            demoted=demoted,
         )

@@ -62,8 +62,10 @@ def save_copy(
     step: int,
     checkpoint_id: str,
     overlap_with: Sequence[torch.optim.Optimizer],
+    extra: Mapping[str, Any] | None = None,
 ) -> PendingSave:
-    """Snapshot this rank's whole part of ``state`` into ``store`` as one process's checkpoint; no collective."""
+    """Snapshot this rank's whole part of ``state`` into ``store`` as one process's checkpoint; no collective.
+    ``extra`` goes into its manifest beside the DTensor layouts (the guard's loss window)."""
     flat = flatten(state, rng=True)
     layouts = as_local(flat)
     return store._saver.save_flat(
@@ -73,7 +75,7 @@ def save_copy(
         rank=0,
         world_size=1,
         checkpoint_id=checkpoint_id,
-        extra={EXTRA_KEY: layouts} if layouts else None,
+        extra={**(extra or {}), **({EXTRA_KEY: layouts} if layouts else {})},
         # A piece of a DTensor is a view the optimizer does not own by identity: copied now, not overlapped.
         overlap_with=() if layouts else overlap_with,
     )

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from gpuguard.checkpoint import _leases as leases
 from gpuguard.checkpoint._catalog import Catalog
+from gpuguard.checkpoint._demoted import demoted_ids
 from gpuguard.checkpoint._manifest import CHECKPOINT_DIR, MANIFEST
 from gpuguard.checkpoint._storage import Storage
 
@@ -17,8 +18,8 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_b
     """Delete committed checkpoints beyond the newest ``keep`` (and, with ``keep_bytes``, beyond that many
     bytes, counted from the newest), and uncommitted leftovers.
 
-    Never deletes the newest committed checkpoint, nor a folder any writer holds a live lease on
-    (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
+    Never deletes the newest committed checkpoint that is not demoted, nor a folder any writer holds a live
+    lease on (see `_leases`), nor one this process is still writing. A checkpoint's manifest is deleted
     first, so a pruned folder is never mistaken for valid. Incomplete multipart uploads of saves that
     no live lease covers (writers killed mid-upload) are aborted.
 
@@ -28,16 +29,23 @@ def prune(catalog: Catalog, keep: int, in_flight: Callable[[], set[str]], keep_b
     storage = catalog.storage
     manifests = catalog.manifests()
     committed = {m.id for m in manifests}
-    kept = min(keep, len(manifests))
+    # Demoted checkpoints are no resume points: they never count among the ``keep`` (or a bad newest one
+    # would push the good ones out), and they go once older than the oldest one kept. Their markers stay (a few
+    # hundred bytes each): a node-local tier may still hold a copy of the same id.
+    demoted = demoted_ids(storage)
+    good = [m for m in manifests if m.id not in demoted]
+    kept = min(keep, len(good))
     if keep_bytes is not None:
         total, fits = 0, 0
-        for manifest in reversed(manifests[len(manifests) - kept :]):
+        for manifest in reversed(good[len(good) - kept :]):
             total += manifest.total_bytes
             if fits and total > keep_bytes:  # the newest one is kept whatever its size
                 break
             fits += 1
         kept = fits
-    doomed = [m.id for m in manifests[: len(manifests) - kept]]
+    doomed = [m.id for m in good[: len(good) - kept]]
+    oldest_kept = good[len(good) - kept].step if kept else None
+    doomed += [m.id for m in manifests if m.id in demoted and oldest_kept is not None and m.step < oldest_kept]
     for name in doomed:
         storage.delete(storage.path(name, MANIFEST))
         storage.delete(storage.path(name), recursive=True)

@@ -18,12 +18,13 @@ Only manifests are trusted, never a pointer: a "latest" file could name a save w
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpuguard.checkpoint._collective import RankGroup, default_group
 from gpuguard.checkpoint._consensus import agree_newest
+from gpuguard.checkpoint._demoted import demoted_ids
 from gpuguard.checkpoint._loading import PreparedLoad
 from gpuguard.checkpoint._local_copy import prepare_copy_load
 from gpuguard.checkpoint._manifest import Manifest
@@ -53,6 +54,7 @@ class Restored:
     id: str
     step: int
     tier: str
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the restored copy's manifest's (the loss window)
 
 
 def load_tiered(
@@ -70,7 +72,8 @@ def load_tiered(
     Args:
         local: this rank's local tier (a one-process store holding this rank's parts), or None.
         remote: the job's object storage.
-        exclude: ids never to load (demoted after a restore).
+        exclude: ids never to load (demoted after a restore); demoted ones (markers in ``remote``) are never
+            loaded from either tier.
 
     Raises:
         CheckpointNotFoundError: no rank lists any checkpoint in any tier.
@@ -78,6 +81,7 @@ def load_tiered(
         CheckpointError, StorageError: as `CheckpointStore.load`.
     """
     group = default_group(world_size) if group is None else group
+    exclude = set(exclude) | demoted_ids(remote.storage)  # the markers live in object storage, for both tiers
     where = {LOCAL: local.url if local is not None else None, OBJECT: remote.url}
 
     def listing() -> list[TierCandidate]:
@@ -160,4 +164,5 @@ def load_tiered(
         tier,
         where[tier],
     )
-    return Restored(agreed.candidate.id, agreed.candidate.step, tier)
+    manifest = agreed.candidate.local if tier == LOCAL else agreed.candidate.remote
+    return Restored(agreed.candidate.id, agreed.candidate.step, tier, manifest.extra if manifest else {})

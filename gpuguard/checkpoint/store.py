@@ -15,8 +15,10 @@ import torch
 from gpuguard.checkpoint._catalog import Catalog, CheckpointInfo
 from gpuguard.checkpoint._collective import TorchGroup, solo
 from gpuguard.checkpoint._committing import Committer
+from gpuguard.checkpoint._demoted import demote, demoted_ids, read_demoted
 from gpuguard.checkpoint._export import export
 from gpuguard.checkpoint._loading import Loader
+from gpuguard.checkpoint._manifest import CHECKPOINT_DIR
 from gpuguard.checkpoint._pending import PendingSave, SaveTimings
 from gpuguard.checkpoint._probe import measure_write_rate
 from gpuguard.checkpoint._pruning import prune
@@ -25,7 +27,7 @@ from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
-from gpuguard.errors import ConfigError
+from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 
 __all__ = ["REASONS", "CheckpointInfo", "CheckpointStore", "PendingSave", "Reason", "SaveTimings", "VerifyReport"]
 
@@ -290,18 +292,49 @@ class CheckpointStore:
     # -- finding --------------------------------------------------------------------------------
 
     def list(self) -> builtins.list[CheckpointInfo]:
-        """Committed checkpoints with a valid manifest, oldest first. Folders without one are skipped."""
-        return [self._catalog.info(m) for m in self._catalog.manifests()]
+        """Committed checkpoints with a valid manifest, oldest first. Folders without one are skipped.
+
+        Demoted ones are listed too, with ``demoted=True`` (see `demote`).
+        """
+        demoted = demoted_ids(self.storage)
+        return [self._catalog.info(m, demoted=m.id in demoted) for m in self._catalog.manifests()]
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None when the location exists and holds none.
+        """The newest committed checkpoint that is not demoted, or None when the location exists and holds none.
 
         Raises:
             StorageError: the storage failed or did not answer within the deadline, the bucket is
                 missing, or listing is not allowed: never read as "no checkpoint".
         """
-        manifests = self._catalog.manifests()
+        demoted = demoted_ids(self.storage)
+        manifests = [m for m in self._catalog.manifests() if m.id not in demoted]
         return self._catalog.info(manifests[-1]) if manifests else None
+
+    # -- demoting -------------------------------------------------------------------------------
+
+    def demote(self, checkpoint_id: str, reason: str, **details: Any) -> None:
+        """Mark a committed checkpoint as bad for good: `latest`, `load` without an id and `Guard.resume`
+        pass over it from now on, in this process and every later one.
+
+        For a checkpoint whose bytes verify but whose content is not worth training from (found after a
+        restore: NaN parameters, a loss far outside the window it recorded). Writes the small file
+        ``demoted/<id>.json`` under the store's URL (docs/FORMAT.md) with ``reason`` and ``details``
+        (JSON-able), through the storage's deadline and retries. Deleting that file undoes it. Pruning
+        does not count demoted checkpoints among the ``keep`` newest.
+
+        Raises:
+            ConfigError: ``checkpoint_id`` is not a checkpoint's id.
+            StorageError: the marker could not be written.
+        """
+        if not isinstance(checkpoint_id, str) or not CHECKPOINT_DIR.match(checkpoint_id):
+            raise ConfigError(
+                "checkpoint_id", checkpoint_id, "must be a checkpoint's id, e.g. step-000000000100-1a2b3c4d"
+            )
+        demote(self.storage, checkpoint_id, reason, details)
+
+    def demoted(self) -> dict[str, dict[str, Any]]:
+        """The demoted checkpoints' ids with their markers' contents (reason, step, ranks, numbers)."""
+        return read_demoted(self.storage)
 
     # -- loading and verifying -------------------------------------------------------------------
 
@@ -346,13 +379,15 @@ class CheckpointStore:
             process_group: the ``torch.distributed`` group whose ranks agree (default: the default group).
             no_dist: load on this process alone, with no collective (tools; one rank's inspection).
             exclude: checkpoint ids never to load (ones found bad after a restore; see `Guard.resume`).
+                Demoted checkpoints (`demote`) are never chosen either, unless named by ``checkpoint_id``.
 
         Raises:
             CheckpointMismatchError: the checkpoint does not fit ``state`` or this world size;
                 names every entry that does not fit; ``state`` is unchanged.
             CheckpointNotFoundError: nothing committed (or not that id).
             CheckpointCorruptError: names the shard and tensor; only when ``fallback`` is off or
-                every checkpoint is corrupt (on some rank).
+                every checkpoint is corrupt (on some rank). Also when every committed checkpoint not
+                in ``exclude`` is demoted: that is never "nothing committed".
             CheckpointError: another rank failed (its error's kind, naming the rank).
         """
         group = None
@@ -360,16 +395,28 @@ class CheckpointStore:
             group = solo
         elif process_group is not None:
             group = TorchGroup(process_group)
-        return self._loader.load(
-            state,
-            checkpoint_id,
-            rank=rank,
-            fallback=fallback,
-            strict=strict,
-            world_size=world_size,
-            group=group,
-            exclude=frozenset(exclude),
-        )
+        # an id asked for by name is loaded even when demoted: a person's choice
+        demoted = demoted_ids(self.storage) if checkpoint_id is None else set()
+        try:
+            return self._loader.load(
+                state,
+                checkpoint_id,
+                rank=rank,
+                fallback=fallback,
+                strict=strict,
+                world_size=world_size,
+                group=group,
+                exclude=frozenset(exclude) | demoted,
+            )
+        except CheckpointNotFoundError:
+            # Never "nothing committed" (a caller's cue to start from step 0) when all there is was found bad.
+            found_bad = [m.id for m in self._catalog.manifests() if m.id in demoted] if demoted else []
+            if found_bad:
+                raise CheckpointCorruptError(
+                    f"every committed checkpoint under {self.url} was demoted after a restore (demoted/ there says "
+                    f"why; delete a marker to trust its checkpoint again): {', '.join(found_bad)}"
+                ) from None
+            raise
 
     @property
     def last_loaded_id(self) -> str | None:

@@ -98,15 +98,23 @@ def run_list(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         infos = store.list()
+        markers = store.demoted() if any(i.demoted for i in infos) else {}
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"url": args.url, "checkpoints": [i.to_dict() for i in infos]}, indent=2))
+        listed = [i.to_dict() | ({"demotion": markers.get(i.id, {})} if i.demoted else {}) for i in infos]
+        print(json.dumps({"url": args.url, "checkpoints": listed}, indent=2))
         return EXIT_OK
     if not infos:
         print(f"no committed checkpoints under {args.url}")
         return EXIT_OK
-    rows = [[i.id, str(i.step), i.reason, str(i.world_size), _size(i.total_bytes), i.created_at] for i in infos]
+
+    def reason(info: Any) -> str:
+        # A demoted checkpoint is never resumed from (found bad after a restore); its marker says why.
+        why = markers.get(info.id, {}).get("reason", "?")
+        return f"{info.reason} (DEMOTED: {why})" if info.demoted else info.reason
+
+    rows = [[i.id, str(i.step), reason(i), str(i.world_size), _size(i.total_bytes), i.created_at] for i in infos]
     print(render_table(["ID", "STEP", "REASON", "RANKS", "SIZE", "CREATED"], rows))
     return EXIT_OK
 

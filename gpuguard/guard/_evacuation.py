@@ -120,6 +120,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
             checkpoint_id=guard._checkpoint_id(step, "emergency"),
             replicated=guard.config.replicated,
             commit_timeout_s=budget,
+            extra=guard._loss_extra(),  # the loss window (rank 0's): its resume is checked against it
         )
         report.stall_s = pending.timings.stall_s
         report.checkpoint_id = pending.id

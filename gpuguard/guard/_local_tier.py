@@ -69,12 +69,17 @@ class LocalTier:
         prepare_copy(self.store, state)
 
     def save(
-        self, state: Mapping[str, Any], step: int, checkpoint_id: str, overlap_with: Sequence[torch.optim.Optimizer]
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        checkpoint_id: str,
+        overlap_with: Sequence[torch.optim.Optimizer],
+        extra: Mapping[str, Any] | None = None,
     ) -> PendingSave | None:
         """Snapshot ``state`` into this tier (this rank's complete part); None when the save could not start."""
         self.pending = [p for p in self.pending if not p.done()]
         try:
-            pending = save_copy(self.store, state, step, checkpoint_id, overlap_with)
+            pending = save_copy(self.store, state, step, checkpoint_id, overlap_with, extra)
         except GpuGuardError as exc:
             log.error("gpuguard: local checkpoint at step %d not taken: %s", step, exc)
             return None

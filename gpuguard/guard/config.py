@@ -102,6 +102,16 @@ class GuardConfig:
             GPU gone): the survivors save the last step every rank completed from the replicas and exit
             ``reschedule_exit_code``. Needs the launcher's store (torchrun, gpuguard-run); costs each
             step the capture and mirroring of this rank's small per-rank state (RNGs, data position).
+        loss_gate: after `Guard.resume`, check the losses handed to ``step(step, loss)`` against the window
+            the checkpoint recorded; a checkpoint far outside it is demoted for good and the job leaves with
+            ``restart_exit_code`` to resume from the next older one (docs/user-guide.md, "sanity gate").
+            Nothing happens without losses. Off, checkpoints still record their windows.
+        loss_check_steps: steps after a resume at which the ranks judge the losses since the restore.
+        loss_threshold: how far the median of those losses may rise above the window's median, in the
+            window's robust spreads (its median absolute deviation as a standard deviation, never taken
+            below a tenth of the median's magnitude). 10 by default: the two medians' own noise is about
+            a third of a spread, so a normal resume sits some 30 standard errors inside it, and the loss
+            must at least double; a restored model with corrupted weights trains at several times its loss.
         peer_heartbeat_s: seconds between a rank's heartbeats on the side channel.
         peer_timeout_s: a rank whose heartbeat is silent this long is dead; every survivor knows
             within ``peer_timeout_s + 2 x peer_heartbeat_s`` (under a heartbeat on one host).
@@ -137,6 +147,9 @@ class GuardConfig:
     local_keep_bytes: int | None = None
     object_store_every: int = 1
     sudden_loss: bool = True
+    loss_gate: bool = True
+    loss_check_steps: int = 20
+    loss_threshold: float = 10.0
     peer_heartbeat_s: float = 0.5
     peer_timeout_s: float = 3.0
     devices: Literal["job", "all"] | list[int | str] = "job"
@@ -157,10 +170,11 @@ class GuardConfig:
         _whole(self, "step_warmup_steps", 0)
         _whole(self, "step_baseline_steps", 1)
         _whole(self, "step_window_steps", 1)
+        _whole(self, "loss_check_steps", 1)
         if self.checkpoint_every_steps is not None:
             _whole(self, "checkpoint_every_steps", 1)
         positive = ("degraded_grace_s", "retry_window_s", "commit_timeout_s", "step_slowdown", "preemption_deadline_s")
-        for name in (*positive, "peer_heartbeat_s", "peer_timeout_s"):
+        for name in (*positive, "peer_heartbeat_s", "peer_timeout_s", "loss_threshold"):
             _positive(self, name)
         if self.peer_timeout_s < 2 * self.peer_heartbeat_s:
             raise ConfigError(

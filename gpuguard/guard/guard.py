@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from gpuguard.checkpoint import CheckpointStore, PendingSave
+from gpuguard.checkpoint import CheckpointInfo, CheckpointStore, PendingSave
 from gpuguard.checkpoint._collective import default_group
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
@@ -33,6 +33,8 @@ from gpuguard.guard._evacuation import Evacuation, EvacuationReport, describe, e
 from gpuguard.guard._exit import close_at_exit
 from gpuguard.guard._failures import BackgroundFailures
 from gpuguard.guard._local_tier import LocalTier, open_local_tier
+from gpuguard.guard._loss_window import LossRing, PendingCheck, arm, window_extra, window_of
+from gpuguard.guard._loss_window import check as check_losses
 from gpuguard.guard._sanity import non_finite, ranks_failing
 from gpuguard.guard._signals import PreemptionSignals, signal_name
 from gpuguard.guard._state import check_state, checkpointable, write_back
@@ -142,6 +144,9 @@ class Guard:
         self._sudden: SuddenLoss | None = None  # with several ranks: surviving a peer's sudden death
         self._failed = False  # leaving on an error of this rank's own: its peers must see it as lost
         self.failures = BackgroundFailures()  # the guard's background threads: logged once, then counted
+        self._losses = LossRing()  # the losses step() was given: detached references, no sync (_loss_window)
+        self._loss_check: PendingCheck | None = None  # after a resume: the loss check still to come
+        self._unchecked: list[str] = []  # checkpoints taken since the resume, before its loss check
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -485,11 +490,17 @@ class Guard:
 
         After the load, every rank checks its parameters and optimizer state for NaN and inf; a
         checkpoint that fails on any rank is demoted (logged on every rank, with the ranks and tensors)
-        and every rank loads the next older verified one, never the demoted one again in this resume.
+        and every rank loads the next older verified one. Demotions are recorded in storage
+        (`CheckpointStore.demote`): no later run loads a demoted checkpoint either.
+
+        When the checkpoint recorded a loss window (the losses passed to `step`) and ``loss_gate`` is on,
+        the loss check follows: at step ``resumed + loss_check_steps`` the ranks compare their losses since
+        the restore with that window, and a checkpoint far outside it on any rank is demoted and every
+        rank leaves with `Evacuation` (``restart_exit_code``), to resume from the next older one.
 
         Raises:
             CheckpointCorruptError: no committed checkpoint could be loaded on every rank, or every one
-                was demoted.
+                was demoted (now or by an earlier run): never a silent start from step 0.
             CheckpointError: another rank failed (its error's kind, naming the rank).
             StorageError: the storage failed (never read as "no checkpoint").
         """
@@ -507,14 +518,20 @@ class Guard:
                         self.local.store, self.store, view, rank=self.rank, world_size=self.world_size, exclude=demoted
                     )
                     step, loaded_id, self.restored_tier = restored.step, restored.id, restored.tier
+                    loaded_extra = restored.extra
                 else:
                     step = self.store.load(view, rank=self.rank, fallback=True, exclude=demoted)
                     loaded_id, self.restored_tier = self.store.last_loaded_id, "object storage"
+                    loaded_extra = self.store.last_loaded.extra if self.store.last_loaded is not None else {}
             except CheckpointNotFoundError:
-                if demoted:  # never a silent start from step 0: every checkpoint was found bad
+                # Never a silent start from step 0 when what there was was found bad (now, or by an earlier run:
+                # a plain load raises CheckpointCorruptError itself; a tiered one may list local copies only).
+                earlier = [] if demoted else sorted(self.store.demoted())
+                if demoted or earlier:
                     raise CheckpointCorruptError(
-                        f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore "
-                        f"(non-finite parameters or optimizer state): {', '.join(demoted)}"
+                        f"every committed checkpoint under {self.config.checkpoint_dir} was demoted after restore: "
+                        f"{', '.join(demoted or earlier)} (demoted/ there says why; delete a marker to trust its "
+                        "checkpoint again)"
                     ) from None
                 log.warning(
                     "gpuguard: no committed checkpoint under %s: starting from step 0", self.config.checkpoint_dir
@@ -527,6 +544,7 @@ class Guard:
                 break
             loaded = loaded_id or f"step {step}"
             demoted.append(loaded)
+            self._demote_for_good(loaded, "non_finite", step=step, ranks=failing, tensors=bad[:8])
             log.error(
                 "gpuguard: checkpoint %s (step %d) holds non-finite parameters or optimizer state after restore "
                 "(rank(s) %s%s): demoted; every rank loads the next older verified checkpoint instead",
@@ -536,14 +554,28 @@ class Guard:
                 f"; here: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else "",
             )
         log.warning("gpuguard: resumed from the checkpoint at step %d; the next step is %d", step, step + 1)
+        self._losses.clear()
+        self._loss_check = None
+        if self.config.loss_gate:
+            # Ranks may have restored the same id from different tiers, whose manifests hold different windows
+            # (rank 0's, or none): one small gather, so that every rank arms the check alike (it is a collective).
+            windows = default_group(self.world_size).all_gather(window_of(loaded_extra))
+            self._loss_check = arm(self.config, loaded_id or f"step {step}", step, windows, self.rank)
+        self._unchecked = []
         self._resumed_step = step
         self._last_step = step
         self._schedule_next(step)
         return step + 1
 
+    def _restored(self, info: CheckpointInfo | None) -> None:
+        """An integration that restores on its own (Lightning's) arms the loss check as `resume` does."""
+        self._losses.clear()
+        self._loss_check = None if info is None else arm(self.config, info.id, info.step, [window_of(info.extra)], 0)
+        self._unchecked = []
+
     # -- the hot path ---------------------------------------------------------------------------
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, loss: Any = None) -> None:
         """Call once per training step, after the optimizer step, on every rank.
 
         Steady state: records the time and compares two numbers. Every ``sync_every`` steps (or at
@@ -553,6 +585,13 @@ class Guard:
         A step that is not an int, is negative, repeats, goes backwards or lies below the resumed
         step is reported once (checkpoints are named by step, and `resume` returns the one after).
 
+        Args:
+            step: this step's number.
+            loss: this step's loss, optional: a float or a one-element tensor (on any device; it is kept
+                detached, never read here: no device sync; so do not change it in place afterwards).
+                Checkpoints record the window of recent losses, and after a resume the loss check
+                compares the first steps' with it (``loss_gate``; docs/user-guide.md, "sanity gate").
+
         Raises:
             Evacuation: after the emergency checkpoint is committed (or failed: the job leaves anyway).
             GpuGuardError: before `start` (or ``with``) or after `close`: the job would train unwatched.
@@ -561,6 +600,10 @@ class Guard:
         if step.__class__ is not int or step <= self._last_step:
             step = odd_step(step, self._last_step, self._resumed_step, self._report_once)
         self._last_step = step
+        if loss is not None and not self._losses.record(step, loss):
+            self._report_once(
+                "loss-type", f"step(loss=...) takes a float or a one-element tensor, not {type(loss).__name__}"
+            )
         # This rank's per-rank state of the step, mirrored before step() returns; a lost peer takes the slow path.
         if self._sudden is not None and self._started and self._sudden.completed(step, checkpointable(self.state)):
             self._urgent = True
@@ -615,6 +658,8 @@ class Guard:
         self._urgent = False
         if agreed.action:
             self._evacuate(step, agreed)
+        if self._loss_check is not None and step >= self._loss_check.check_at:
+            self._check_losses(step)  # a collective, at a step every rank reaches; may raise Evacuation
         periodic = agreed.periodic_due or bool(
             c.checkpoint_every_steps and step > 0 and step % c.checkpoint_every_steps == 0
         )
@@ -633,6 +678,8 @@ class Guard:
             candidates.append((step // c.sync_every + 1) * c.sync_every)
         if c.checkpoint_every_steps:
             candidates.append((max(step, 0) // c.checkpoint_every_steps + 1) * c.checkpoint_every_steps)
+        if self._loss_check is not None:
+            candidates.append(max(step + 1, self._loss_check.check_at))
         self._next_check = min(candidates) if candidates else 2**62
         if not self._prepared:
             self._next_check = 0
@@ -649,8 +696,14 @@ class Guard:
         overlap = self._optimizers() if self.config.overlap_snapshot else ()
         to_object = self.local is None or self._periodic_count % self.config.object_store_every == 0
         self._periodic_count += 1
+        checkpoint_id = self._checkpoint_id(step, "periodic")
+        extra = self._loss_extra()
+        if self._loss_check is not None:
+            # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
+            # (else it would be the next resume point), and it carries the same window for its own resume.
+            self._unchecked.append(checkpoint_id)
         if self.local is not None:  # the fast save first: this rank's own complete part, on this node
-            self.local.save(checkpointable(self.state), step, self._checkpoint_id(step, "periodic"), overlap)
+            self.local.save(checkpointable(self.state), step, checkpoint_id, overlap, extra)
         if not to_object:
             return
         try:
@@ -660,9 +713,10 @@ class Guard:
                 reason="periodic",
                 rank=self.rank,
                 world_size=self.world_size,
-                checkpoint_id=self._checkpoint_id(step, "periodic"),
+                checkpoint_id=checkpoint_id,
                 replicated=self.config.replicated,
                 overlap_with=overlap,
+                extra=extra,
             )
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
@@ -671,6 +725,51 @@ class Guard:
         if self.rank == 0:
             pending.add_done_callback(self._after_periodic)
         self.periodic.append(pending)
+
+    def _loss_extra(self) -> dict[str, Any]:
+        """The loss window for a checkpoint's manifest. Rank 0's alone is committed, so only rank 0 reads its
+        losses: one device sync per checkpoint, right before the snapshot, which waits for the same stream."""
+        # Recorded with loss_gate off too: a later run that checks finds the windows.
+        if self.rank != 0 or (not len(self._losses) and self._loss_check is None):
+            return {}
+        try:
+            return window_extra(self._losses, self._loss_check)
+        except Exception as exc:  # never fails a checkpoint: it goes without a window
+            self.failures.failed("summarising the loss window", exc)
+            return {}
+
+    def _check_losses(self, step: int) -> None:
+        """The loss check after a resume (every rank, at the same step): passes, or demotes and leaves."""
+        assert self._loss_check is not None and self.store is not None
+        pending, self._loss_check = self._loss_check, None
+        try:
+            check_losses(
+                pending,
+                step,
+                self._losses,
+                default_group(self.world_size),
+                self.config,
+                unchecked=self._unchecked,
+                demote=self._demote_for_good,
+                resume_point=self.resume_point_text,
+            )
+        except Evacuation:  # the check failed: every rank leaves with the restart exit
+            self._evacuating = True
+            raise
+        finally:
+            self._unchecked = []
+
+    def _demote_for_good(self, checkpoint_id: str, reason: str, **details: Any) -> str | None:
+        """Rank 0 writes the demotion marker (`CheckpointStore.demote`); returns why it failed, or None."""
+        if self.rank != 0:
+            return None
+        assert self.store is not None
+        try:
+            self.store.demote(checkpoint_id, reason, **details)
+        except GpuGuardError as exc:
+            log.error("gpuguard: could not record the demotion of %s in storage: %s", checkpoint_id, exc)
+            return str(exc)
+        return None
 
     def _optimizers(self) -> list[Any]:
         import torch

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from gpuguard.checkpoint._tree import capture_rng, flatten, restore_rng
-from gpuguard.errors import CheckpointError, ConfigError
+from gpuguard.errors import CheckpointCorruptError, CheckpointError, ConfigError
 from gpuguard.guard.guard import Evacuation, Guard
 from gpuguard.integrations._leaving import evacuation_behind, keep_exit_code, wait_for_parent_to_leave
 from gpuguard.integrations.lightning import _internals
@@ -75,6 +77,7 @@ class GuardHooks:
         self._fitted = True
         self.evacuation = None
         self._last_step = -1
+        self._last_loss: Any = None  # the epoch's last batch's loss, for the step taken at the epoch's end
         self.guard.state[STATE_KEY] = TrainerState(trainer)
         before = _handlers(self._preemption_signals())
         self.guard.start()  # Lightning has initialised the process group by now
@@ -110,6 +113,7 @@ class GuardHooks:
                 )
                 _internals.restore_before_training(trainer, checkpoint, info.url)
                 self.resumed_from = info
+                self.guard._restored(info)  # the loss check after a resume, as Guard.resume arms it
                 log.info(
                     "resumed from gpuguard checkpoint %s: global step %d", info.id, checkpoint.get("global_step", -1)
                 )
@@ -128,8 +132,17 @@ class GuardHooks:
     def _agreed_latest(self, trainer: Any) -> CheckpointInfo | None:
         """The newest committed checkpoint as rank 0 sees it, the same on every rank."""
         assert self.guard.store is not None
-        latest = self.guard.store.latest() if trainer.global_rank == 0 else None
-        chosen = trainer.strategy.broadcast(latest.id if latest else None, src=0)
+        latest, demoted = None, []
+        if trainer.global_rank == 0:
+            latest = self.guard.store.latest()  # never a demoted one (found bad after a restore)
+            if latest is None:
+                demoted = [i.id for i in self.guard.store.list() if i.demoted]
+        chosen = trainer.strategy.broadcast(latest.id if latest else {"demoted": demoted} if demoted else None, src=0)
+        if isinstance(chosen, dict):  # never a silent start from step 0: every checkpoint was found bad
+            raise CheckpointCorruptError(
+                f"every committed checkpoint under {self.guard.config.checkpoint_dir} was demoted after a restore "
+                f"(see demoted/ there; delete a marker to trust its checkpoint again): {', '.join(chosen['demoted'])}"
+            )
         if chosen is None or latest is not None:
             return latest
         found = next((i for i in self.guard.store.list() if i.id == chosen), None)
@@ -240,13 +253,17 @@ class GuardHooks:
         step = int(trainer.global_step)
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step, nothing to checkpoint at this batch
+        # The loss Lightning already holds (training_step's, detached, divided by accumulate_grad_batches): handed
+        # to the guard as a tensor, never read here (the guard keeps a reference; no device sync per step).
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        self._last_loss = loss if isinstance(loss, torch.Tensor) else None
         if _internals.at_last_batch(trainer):
             # The epoch's last batch: Lightning cannot resume a checkpoint taken here exactly (lightning
             # 2.6 restarts with the epoch counters and the dataloader's position out of step, skipping or
             # repeating an epoch). The step is taken at this epoch's end instead, as ModelCheckpoint's
             # default does; the same on every rank, since every rank has the same number of batches.
             return
-        self._step(trainer, step)
+        self._step(trainer, step, self._last_loss)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._rng_after_batch is not None and not trainer.sanity_checking:
@@ -260,14 +277,14 @@ class GuardHooks:
         holder = self.guard.state[STATE_KEY]
         holder.at_epoch_end = True
         try:
-            self._step(trainer, step)
+            self._step(trainer, step, self._last_loss)
         finally:
             holder.at_epoch_end = False
 
-    def _step(self, trainer: Any, step: int) -> None:
+    def _step(self, trainer: Any, step: int, loss: Any = None) -> None:
         self._last_step = step
         try:
-            self.guard.step(step)
+            self.guard.step(step, loss)
         except Evacuation as evacuation:
             # The checkpoint is handled on every rank at this same batch: leave now. Nothing of the
             # loop runs after it (no validation, no further batch); Lightning calls the callbacks'
