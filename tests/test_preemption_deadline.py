@@ -146,6 +146,7 @@ def test_an_emergency_save_stalled_past_the_deadline_is_abandoned_and_the_rerun_
     gated: type[GatedFileSystem],
 ) -> None:
     gated.hold = "step-000000000004-"  # the emergency save's state file waits until the test opens the gate
+    earlier = set(threading.enumerate())  # other tests' threads (a black-holed store's writer) are not waited for
     evacuation, guard = sigterm_at_step_4(0.5)
     report = guard.last_evacuation
     assert report is not None and evacuation.step == 4 and evacuation.checkpoint is None
@@ -156,7 +157,7 @@ def test_an_emergency_save_stalled_past_the_deadline_is_abandoned_and_the_rerun_
     )
     assert report.resume_from["id"] in evacuation.decision.message  # what the Event says
     gated.gate.set()  # the stalled write goes on now, after the process would have left...
-    for thread in threading.enumerate():
+    for thread in set(threading.enumerate()) - earlier:
         if thread.name.startswith(("gpuguard-store-close", "gpuguard-ckpt")):
             thread.join(60)
     with CheckpointStore("gated://run") as store:
