@@ -1,7 +1,7 @@
 """What the training loop loses to periodic checkpoints: gpuguard (overlap on and off), DCP ``async_save``
 and ``torch.save``, against the same loop without checkpoints, in one run.
 
-    python benchmarks/loop_slowdown.py [--state-gib 1] [--every 10] [--checkpoints 3] [--repeats 2]
+    python benchmarks/loop_slowdown.py [--state-gib 1] [--every 10] [--checkpoints 3] [--repeats 2] [--warmup-runs 1]
                                        [--device cpu|cuda] [--json]
 
 The model is an ``nn.Sequential`` of ``Linear`` layers trained with AdamW, sized so that parameters and
@@ -268,6 +268,13 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="gpuguard-loop-", dir=args.dir))
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
     try:
+        # One untimed run of every mode first: a machine's first minute with a new 1 GiB state (page faults,
+        # allocator growth, each saver's imports and buffers) ran every mode up to 2x slower than the next
+        # (none: 34.7 s, then 15.1 s, on an idle 2-core machine), which no median of two repeats survives.
+        for _ in range(args.warmup_runs):
+            for mode in args.modes:
+                print(f"warm-up: {mode}", file=sys.stderr, flush=True)
+                run_mode(mode, loop, args, root / mode)
         for repeat in range(args.repeats):
             for mode in args.modes:
                 print(f"repeat {repeat + 1}/{args.repeats}: {mode}", file=sys.stderr, flush=True)
@@ -291,6 +298,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "own_interval_s": round(own_interval_s, 2),
         "interval_s": args.interval_s,
         "repeats": args.repeats,
+        "warmup_runs": args.warmup_runs,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -327,6 +335,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=10, help="steps between checkpoints")
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per timed run")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; medians reported")
+    parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs of every mode before the repeats")
     parser.add_argument("--interval-s", type=float, default=60.0, help="the interval the slowdown is stated at")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
