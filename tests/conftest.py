@@ -19,6 +19,17 @@ H200_PROBE = TESTS / "data" / "nvml-h200-probe.json"
 H200_UUID = "GPU-19a36126-98b4-8ad1-96d3-832414cda6ec"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def pod_health_files_removed() -> Iterator[None]:
+    """The pod-health files the Kubernetes tests' pods leave in /dev/shm (gpuguard.k8s.pod_health.shared_file,
+    one per pod by design) are removed after the session: only the ones that were not there before it."""
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    before = set(folder.glob("gpuguard-pod-health-*.json")) if folder else set()
+    yield
+    for leftover in set(folder.glob("gpuguard-pod-health-*.json")) - before if folder else ():
+        leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def torch_determinism_restored() -> Iterator[None]:
     """Lightning's ``deterministic=True`` turns on ``torch.use_deterministic_algorithms`` for the whole process
