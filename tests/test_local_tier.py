@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import tier_jobs
-from helpers.checks import _port
+from helpers.checks import rank_errors, spawn_ranks
 
 from gpuguard import CheckpointStore, Guard
 from gpuguard.errors import ConfigError
@@ -76,23 +76,8 @@ def plan(root: Path) -> list[dict[str, Any]]:
 
 
 def run(plan: list[dict[str, Any]], out: Path) -> None:
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    port = _port()
-    procs = [
-        context.Process(target=tier_jobs.worker, args=(rank, WORLD, port, plan, str(out)), daemon=True)
-        for rank in range(WORLD)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)  # a guard against hangs, not a timing
-    codes = [proc.exitcode for proc in procs]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    errors = "\n".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
+    codes = spawn_ranks(tier_jobs.worker, WORLD, lambda rank, port: (rank, WORLD, port, plan, str(out)), 300)
+    errors = rank_errors(out)
     assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
 
 

@@ -10,7 +10,6 @@ Its fast twin in the main suite runs the same check on two threads that gather l
 from __future__ import annotations
 
 import json
-import multiprocessing
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import loss_gate_worker
-from helpers.checks import _port
+from helpers.checks import spawn_ranks
 
 from gpuguard import CheckpointStore, Evacuation, GuardConfig
 from gpuguard.guard._loss_window import LossRing, PendingCheck, check
@@ -97,20 +96,8 @@ def test_fast_twin_two_ranks_on_threads_agree_and_leave_alike(tmp_path: Path, ma
 @pytest.mark.slow  # two spawned gloo interpreters: 20-30 s on 2 cores; the twin above runs in the main suite
 def test_only_rank_1_is_far_outside_and_both_ranks_demote_the_same_checkpoint_and_leave_alike(tmp_path: Path) -> None:
     url, world = f"file://{tmp_path / 'ckpt'}", 2
-    context = multiprocessing.get_context("spawn")
-    port = _port()
-    procs = [
-        context.Process(target=loss_gate_worker.worker, args=(rank, world, port, url, str(tmp_path)), daemon=True)
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)  # a guard against hangs, not a timing
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    codes = spawn_ranks(loss_gate_worker.worker, world, lambda rank, port: (rank, world, port, url, str(tmp_path)), 300)
+    assert codes == [0, 0]
     reports = [json.loads((tmp_path / f"loss-gate-rank{r}.json").read_text()) for r in range(world)]
     store = CheckpointStore(url)
     infos = store.list()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,34 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(world: int, plan: list[dict[str, Any]], out: Path, *, dying: tuple[int, ...] = ()) -> None:
-    """Run ``plan`` on ``world`` gloo ranks; the ranks in ``dying`` are expected to be killed by it."""
+def spawn_ranks(
+    target: Callable[..., None], world: int, args: Callable[[int, int], tuple[Any, ...]], timeout_s: float
+) -> list[int | None]:
+    """Start ``target(*args(rank, port))`` on ``world`` spawned processes (one per gloo rank), wait up to
+    ``timeout_s`` (a guard against hangs, not a timing), kill what is left; the exit codes, by rank."""
     context = multiprocessing.get_context("spawn")
     port = _port()
-    procs = [
-        context.Process(target=jobs.worker, args=(rank, world, port, plan, str(out)), daemon=True)
-        for rank in range(world)
-    ]
+    procs = [context.Process(target=target, args=args(rank, port), daemon=True) for rank in range(world)]
     for proc in procs:
         proc.start()
     for proc in procs:
-        proc.join(1200)  # a guard against hangs, not a timing
+        proc.join(timeout_s)
     codes = [proc.exitcode for proc in procs]
     for proc in procs:
         if proc.is_alive():
             proc.kill()
-    errors = "\n".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
+    return codes
+
+
+def rank_errors(out: Path) -> str:
+    """The tracebacks the ranks' workers wrote (``error-rank*.txt``), for an assertion's message."""
+    return "\n".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
+
+
+def run(world: int, plan: list[dict[str, Any]], out: Path, *, dying: tuple[int, ...] = ()) -> None:
+    """Run ``plan`` on ``world`` gloo ranks; the ranks in ``dying`` are expected to be killed by it."""
+    codes = spawn_ranks(jobs.worker, world, lambda rank, port: (rank, world, port, plan, str(out)), 1200)
+    errors = rank_errors(out)
     alive = [c for r, c in enumerate(codes) if r not in dying]
     assert alive == [0] * len(alive), f"exit codes {codes}\n{errors}"
     assert all(codes[r] not in (None, 0) for r in dying), f"exit codes {codes}: rank(s) {dying} should have died"
