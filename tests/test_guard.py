@@ -188,6 +188,10 @@ def test_a_failed_emergency_checkpoint_names_the_checkpoint_to_resume_from(tmp_p
     settings: dict[str, Any] = {"checkpoint_every_steps": 10, "checkpoint_every_s": 0}
     with pytest.raises(Evacuation) as caught, guard_for("flaky://run2", state, nvml, **settings) as guard:
         train(guard, state, nvml, steps=25)
+        # the step-20 save runs in the background: storage starts failing only after it committed (on a slow
+        # CI machine it was still writing its manifest when the failures began)
+        for pending in list(guard.periodic):  # the saves not yet done (done ones are dropped at each step)
+            pending.wait(timeout=60)
         FlakyFileSystem.failures[:] = [PermissionError(errno.EACCES, "Access Denied")] * 10
         train(guard, state, nvml, steps=100, start=25)
     assert guard.last_evacuation is not None and guard.last_evacuation.resume_from is not None
