@@ -32,6 +32,14 @@ On a shared machine the load drifts between runs by more than a checkpoint costs
 comes from each run alone (``in_run_*``): the time its steps took above the run's own median step, less
 the same figure of the ``none`` runs (their skew without checkpoints), per checkpoint. It holds while
 the checkpoints disturb fewer than half of the steps (the median stays a clean step).
+
+Two figures do not depend on the load: ``call_s``, the seconds the checkpoint call itself held the
+training thread at a due step (gpuguard's snapshot, DCP's staging, all of ``torch.save``; with overlap on,
+the copy's wait falls in the next ``optimizer.step()`` instead, and only the in-run figures see it), and
+``cpu_s_per_checkpoint``, the CPU seconds the process spent beyond the ``none`` runs', per checkpoint: what
+a checkpoint takes from the host's cores, all of it from training when training uses every core. With
+``--threads 1`` on a 2-core machine the loop leaves a core free for the background work, as a GPU job's
+host does; with every core training, the loop pays for the background's CPU as well as for the stall.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -89,28 +98,43 @@ def run_mode(mode: str, loop: Loop, args: argparse.Namespace, folder: Path) -> d
     saver.begin()
     kept_up: list[bool] = []
     steps: list[float] = []
+    calls: list[float] = []  # the checkpoint calls' own seconds on the training thread, at the due steps
+    cpu_started = _cpu_s()
     started = time.perf_counter()
     for step in range(1, timed + 1):
         begun = time.perf_counter()
         loop.train_step()
+        called = time.perf_counter()
         kept_up.extend(saver.after_step(step))
-        steps.append(time.perf_counter() - begun)
+        ended = time.perf_counter()
+        if saver.due(step):
+            calls.append(ended - called)
+        steps.append(ended - begun)
     seconds = time.perf_counter() - started
     # Time above the run's own median step: what the checkpoints added, measured against the load of the
     # same minutes (a shared machine's load drifts between runs far more than a checkpoint costs).
     excess = sum(steps) - len(steps) * statistics.median(steps)
     durable = saver.finish()
+    cpu_s = _cpu_s() - cpu_started  # the process's CPU over the timed loop and the last save's finish
     restored = saver.restore_check() if mode != "none" else True
     shutil.rmtree(folder, ignore_errors=True)
     gc.collect()
     return {
         "seconds": seconds,
         "excess_s": excess,
+        "call_s": statistics.median(calls) if calls else 0.0,
+        "cpu_s": cpu_s,
         "steps": timed,
         "kept_up": all(kept_up),
         "durable_s": durable,
         "restored": restored,
     }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads (a background write's cost to the host)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class _Saver:
@@ -283,6 +307,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
     base = statistics.median(r["seconds"] for r in runs["none"])
     base_excess = statistics.median(r["excess_s"] for r in runs["none"])
+    base_cpu = statistics.median(r["cpu_s"] for r in runs["none"])
     steps = runs["none"][0]["steps"]
     step_s = base / steps
     own_interval_s = step_s * args.every
@@ -318,6 +343,10 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             "slowdown_at_own_interval": round(extra / own_interval_s, 5),
             "in_run_extra_s_per_checkpoint": round(in_run, 4),
             "in_run_slowdown_at_interval": round(in_run / args.interval_s, 5),
+            "call_s": round(statistics.median(r["call_s"] for r in runs[mode]), 4),
+            "cpu_s_per_checkpoint": round(
+                (statistics.median(r["cpu_s"] for r in runs[mode]) - base_cpu) / args.checkpoints, 3
+            ),
             "durable_s": round(statistics.median(r["durable_s"] for r in runs[mode]), 3),
             "kept_up": all(r["kept_up"] for r in runs[mode]),
             "restored": all(r["restored"] for r in runs[mode]),
@@ -362,13 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {summary['load_average']}"
     )
     at = f"at {args.interval_s:g} s"
-    print(f"{'mode':<18} {'extra s/ckpt':>12} {at:>10} {'at own':>8} {'in-run s/ckpt':>13} {at:>10} {'durable s':>10}")
+    print(
+        f"{'mode':<18} {'extra s/ckpt':>12} {at:>10} {'at own':>8} {'in-run s/ckpt':>13} {at:>10} "
+        f"{'call s':>7} {'cpu s/ckpt':>10} {'durable s':>10}"
+    )
     for mode, m in summary["modes"].items():
         print(
             f"{mode:<18} {m['extra_s_per_checkpoint']:>12.3f} {m['slowdown_at_interval'] * 100:>9.2f}% "
             f"{m['slowdown_at_own_interval'] * 100:>7.2f}% {m['in_run_extra_s_per_checkpoint']:>13.3f} "
             f"{m['in_run_slowdown_at_interval'] * 100:>9.2f}% "
-            f"{m['durable_s']:>10.2f}"
+            f"{m['call_s']:>7.3f} {m['cpu_s_per_checkpoint']:>10.2f} {m['durable_s']:>10.2f}"
             + ("" if m["kept_up"] else "  (a write outlasted the interval)")
             + ("" if m["restored"] else "  (the last checkpoint did NOT load back)")
         )

@@ -43,6 +43,7 @@ def test_every_mode_runs_keeps_up_and_its_last_checkpoint_loads_back(loop_slowdo
     for mode, figures in summary["modes"].items():
         assert figures["restored"] is True, mode  # the last checkpoint (step 4) loads back
         assert figures["durable_s"] > 0, mode
+        assert figures["call_s"] > 0 and math.isfinite(figures["cpu_s_per_checkpoint"]), mode
         assert math.isfinite(figures["extra_s_per_checkpoint"]), mode
         extra = figures["extra_s_per_checkpoint"]
         assert figures["slowdown_at_interval"] == pytest.approx(extra / 60, abs=1e-4), mode
