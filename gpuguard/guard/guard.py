@@ -703,36 +703,29 @@ class Guard:
             # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
             # (else it would be the next resume point), and it carries the same window for its own resume.
             self._unchecked.append(checkpoint_id)
-        started = time.perf_counter()  # what the training thread waits for: state_dict() and one snapshot
-        try:
-            flat = flatten(checkpointable(self.state))  # state_dict() once, for both tiers
-        except GpuGuardError as exc:
-            log.error("periodic checkpoint at step %d not taken: %s", step, exc)
-            return
+        started = time.perf_counter()  # what the training thread waits for: state_dict() and the snapshot
         lent = None
         if self.local is not None:  # the fast save first: this rank's own complete part, on this node
+            try:
+                flat = flatten(checkpointable(self.state))  # state_dict() once, for both tiers
+            except GpuGuardError as exc:
+                log.error("periodic checkpoint at step %d not taken: %s", step, exc)
+                return
             local = self.local.save(flat, step, checkpoint_id, overlap, extra, lend=to_object, started=started)
             if local is not None and not to_object:
                 local.add_done_callback(self._report_local)
             lent = local._lent if local is not None else None
         if not to_object:
             return
+        options: dict[str, Any] = {"reason": "periodic", "rank": self.rank, "world_size": self.world_size}
+        options |= {"checkpoint_id": checkpoint_id, "replicated": self.config.replicated, "extra": extra}
         try:
-            # Object storage's snapshot is copied from the local tier's on a thread (``lent``), not taken again
-            # from the live state; it releases ``lent`` whatever happens.
-            pending = self.store._save_from(
-                flat,
-                step,
-                lent,
-                reason="periodic",
-                rank=self.rank,
-                world_size=self.world_size,
-                checkpoint_id=checkpoint_id,
-                replicated=self.config.replicated,
-                overlap_with=overlap,
-                extra=extra,
-                started=started,
-            )
+            if lent is not None:
+                # One snapshot: object storage's is copied from the local tier's on a thread, not taken again
+                # from the live state (`_save_from` releases ``lent`` whatever happens).
+                pending = self.store._save_from(flat, step, lent, overlap_with=overlap, started=started, **options)
+            else:  # no local tier, or its save did not start
+                pending = self.store.save(checkpointable(self.state), step, overlap_with=overlap, **options)
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
