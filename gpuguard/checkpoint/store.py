@@ -143,7 +143,8 @@ class CheckpointStore:
                 seconds) on a thread; the training thread then pays only for the walk.
             replicated: the saves will pass ``replicated=True``: the buffer holds this rank's part
                 only, as theirs do.
-            rank, world_size: as the saves will pass them (default: torch.distributed's).
+            rank: as the saves will pass it (default: torch.distributed's).
+            world_size: as the saves will pass it (default: torch.distributed's).
 
         Returns:
             The seconds the calling thread spent.
