@@ -201,3 +201,38 @@ def test_local_only_saves_report_checkpoint_finished_with_their_tier(tmp_path: P
     # steps 1, 4, 7 to both tiers (reported once, as object storage), the others to the local tier alone
     tiers = {1: "object storage", 4: "object storage", 7: "object storage"}
     assert sorted(reports.seen) == [(s, tiers.get(s, "local"), True, True) for s in range(1, 8)]
+
+
+# -- the lent buffer (the private seam: what keeps a snapshot from being overwritten while it is copied) --
+
+
+def test_a_lent_staging_buffer_is_free_again_only_after_the_borrower_releases_it(tmp_path: Path) -> None:
+    from gpuguard.checkpoint._tree import flatten
+
+    state = {"w": torch.arange(1024, dtype=torch.float32)}
+    with CheckpointStore(str(tmp_path / "a"), staging_buffers=1) as lender:
+        pending = lender._saver.save_flat(flatten(state), 1, lend=True)
+        lent = pending._lent
+        assert lent is not None
+        pending.wait()  # written and committed: the writer released its use of the buffer, the loan holds it
+        layout = lender._saver.staging._buffers[0].layout
+        with pytest.raises(TimeoutError):
+            lender._saver.staging.acquire(layout, pin=False, timeout_s=0.2)  # the next snapshot would wait
+        lent.release()
+        lent.release()  # once only: a second release frees nothing more
+        buffer = lender._saver.staging.acquire(layout, pin=False, timeout_s=0.2)
+        assert buffer.users == 1
+
+
+def test_a_save_that_does_not_start_releases_the_snapshot_lent_to_it(tmp_path: Path) -> None:
+    from gpuguard.checkpoint._tree import flatten
+    from gpuguard.errors import ConfigError
+
+    state = {"w": torch.arange(1024, dtype=torch.float32)}
+    with CheckpointStore(str(tmp_path / "a"), staging_buffers=1) as lender, CheckpointStore(str(tmp_path / "b")) as b:
+        pending = lender._saver.save_flat(flatten(state), 1, lend=True)
+        pending.wait()
+        with pytest.raises(ConfigError, match="checkpoint_id"):
+            b._save_from(flatten(state), 1, pending._lent, checkpoint_id="not-an-id")
+        layout = lender._saver.staging._buffers[0].layout
+        lender._saver.staging.acquire(layout, pin=False, timeout_s=0.2)  # free: the failed save released it
