@@ -15,7 +15,9 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
 - FSDP2 (``fully_shard``, DTensors): each rank restores its own pieces from its local tier bitwise, and
   trains on bitwise; a state of another layout takes the object-storage copy instead (resharded);
 - one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone);
-- data parallel (``replicated=True``): each rank's tier holds the whole state; object storage the split one.
+- data parallel (``replicated=True``): each rank's tier holds the whole state; object storage the split one;
+- every save to both tiers (per-rank and replicated): each rank reads its live state once, on the training
+  thread, object storage's copy comes from the local tier's staging buffer, and both tiers load it back.
 
 Single-process twins check retention by bytes, every m-th save in object storage, the configuration errors,
 and a bitwise resume from either tier with AdamW and overlap on.
