@@ -232,8 +232,12 @@ class GuardMetrics:
 
     @hookimpl
     def gpuguard_checkpoint_finished(
-        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None
+        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None, tier: str
     ) -> None:
+        if tier != "object storage":
+            # These series describe checkpoints in object storage, as before local-only saves reported here
+            # (an alert on the last checkpoint step must not be fed by a copy that a lost node takes with it).
+            return
         self.checkpoints.labels(reason, "failed" if error is not None else "ok").inc()
         self.stall.labels(reason).observe(timings.stall_s)
         if error is None:

@@ -47,12 +47,16 @@ class GpuGuardSpec:
 
     @hookspec
     def gpuguard_checkpoint_finished(
-        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None
+        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None, tier: str
     ) -> None:
         """Any checkpoint this rank took has ended, periodic or emergency: for metrics and logs.
 
         ``timings`` is a `gpuguard.SaveTimings` (training stall, seconds to durable); ``info`` the
         committed checkpoint (None on ranks that do not commit, or on failure); ``error`` why it failed.
+        ``tier`` is where it went: ``"object storage"`` (``checkpoint_dir``), or ``"local"`` for a periodic
+        checkpoint kept in the node-local tier alone (``local_dir``, at the steps ``object_store_every``
+        skips; every rank commits its own, so ``info`` is that rank's local copy). A save to both tiers
+        reports once, as ``"object storage"``; its stall includes the one snapshot both tiers share.
         Periodic ones report from the writer's thread, emergency ones from the training thread.
         """
 

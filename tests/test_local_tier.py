@@ -15,7 +15,9 @@ node; periodic checkpoints at steps 2, 4, 6, 8, 10, of which 2 and 8 also go to 
 - FSDP2 (``fully_shard``, DTensors): each rank restores its own pieces from its local tier bitwise, and
   trains on bitwise; a state of another layout takes the object-storage copy instead (resharded);
 - one rank cannot create its ``local_dir``: the tier is off on every rank (never a rank saving alone);
-- data parallel (``replicated=True``): each rank's tier holds the whole state; object storage the split one.
+- data parallel (``replicated=True``): each rank's tier holds the whole state; object storage the split one;
+- every save to both tiers (per-rank and replicated): each rank reads its live state once, on the training
+  thread, object storage's copy comes from the local tier's staging buffer, and both tiers load it back.
 
 Single-process twins check retention by bytes, every m-th save in object storage, the configuration errors,
 and a bitwise resume from either tier with AdamW and overlap on.
@@ -72,6 +74,8 @@ def plan(root: Path) -> list[dict[str, Any]]:
         {"action": "resume", "tag": "replicated-object", **replicated},
     ]
     steps.append({"action": "unusable", "root": str(root / "unusable"), "tag": "unusable"})
+    steps.append({"action": "one_snapshot", "root": str(root / "one"), "tag": "one_snapshot"})
+    steps.append({"action": "one_snapshot", "root": str(root / "one-dp"), "tag": "one_snapshot_dp", "replicated": True})
     return steps
 
 
@@ -163,6 +167,7 @@ def test_fsdp2_pieces_restore_exactly_from_each_rank_s_local_tier(job: Path) -> 
         assert report["restored_equal"] and report["trained_on_equal"], report  # parameters and AdamW moments
         # a state of another layout (plain, unsharded) does not take the pieces: object storage, resharded
         assert (report["plain_next"], report["plain_tier"]) == (3, "object storage"), report["log"]
+        assert report["plain_equal"], report  # object storage's copy (from the local pieces) reshards bitwise
         assert any("was saved as this rank's piece of a DTensor" in line for line in report["log"]), report["log"]
 
 
@@ -172,6 +177,18 @@ def test_a_rank_that_cannot_open_its_tier_turns_it_off_on_every_rank(job: Path) 
     assert zero["object"] == one["object"] == [2, 4, 6]  # every periodic, on every rank: no rank saved alone
     assert any("off on every rank: rank(s) [1]" in line for line in zero["log"]), zero["log"]
     assert any("cannot create" in line for line in one["log"]), one["log"]
+
+
+@pytest.mark.parametrize("tag", ["one_snapshot", "one_snapshot_dp"], ids=["per-rank", "replicated"])
+def test_every_rank_snapshots_a_save_to_both_tiers_once_and_both_tiers_load_back(job: Path, tag: str) -> None:
+    """Each rank reads its live state once per save (on the training thread) and object storage's copy comes
+    from the local tier's staging buffer; both tiers then hold each rank's step-6 state (the NaN the loop
+    wrote right after each save reached neither), object storage's committed by every rank together."""
+    for rank, report in enumerate(reports(job, tag)):
+        value = 600.0 + (0 if tag.endswith("dp") else rank)
+        assert (report["calls"], report["reads"], report["tier_copies"]) == (3, [3], 3), report
+        assert report["threads"] == ["MainThread"], report
+        assert report["object"] == report["local"] == [6, value, 6.0], report
 
 
 # -- one process ----------------------------------------------------------------------------------------

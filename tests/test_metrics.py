@@ -103,10 +103,14 @@ def test_last_checkpoint_step_keeps_the_newest_when_saves_finish_out_of_order(tm
     metrics = GuardMetrics().attach(guard)
     timings = gpuguard.SaveTimings(stall_s=0.01, durable_s=0.1)
     for step in (10, 5):
-        metrics.gpuguard_checkpoint_finished(step=step, reason="periodic", info=None, timings=timings, error=None)
+        metrics.gpuguard_checkpoint_finished(
+            step=step, reason="periodic", info=None, timings=timings, error=None, tier="object storage"
+        )
     assert metrics.registry.get_sample_value("gpuguard_last_checkpoint_step") == 10.0
     failed = gpuguard.StorageError("bucket gone")
-    metrics.gpuguard_checkpoint_finished(step=15, reason="periodic", info=None, timings=timings, error=failed)
+    metrics.gpuguard_checkpoint_finished(
+        step=15, reason="periodic", info=None, timings=timings, error=failed, tier="object storage"
+    )
     assert (
         metrics.registry.get_sample_value("gpuguard_last_checkpoint_step") == 10.0
     )  # a failed save is not a checkpoint

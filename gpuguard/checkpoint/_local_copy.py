@@ -12,6 +12,7 @@ No collective anywhere: a rank reads and writes only its own copy.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from gpuguard.checkpoint._manifest import Manifest
 from gpuguard.checkpoint._pending import PendingSave
 from gpuguard.checkpoint._reshard import _optimizer_param
 from gpuguard.checkpoint._sharding import is_dtensor
-from gpuguard.checkpoint._tree import FlatState, flatten
+from gpuguard.checkpoint._tree import FlatState
 from gpuguard.checkpoint.store import CheckpointStore
 from gpuguard.errors import CheckpointCorruptError, CheckpointMismatchError
 
@@ -58,15 +59,19 @@ def prepare_copy(store: CheckpointStore, state: Mapping[str, Any]) -> None:
 
 def save_copy(
     store: CheckpointStore,
-    state: Mapping[str, Any],
+    state: FlatState,
     step: int,
     checkpoint_id: str,
     overlap_with: Sequence[torch.optim.Optimizer],
     extra: Mapping[str, Any] | None = None,
+    *,
+    lend: bool = False,
+    started: float | None = None,
 ) -> PendingSave:
-    """Snapshot this rank's whole part of ``state`` into ``store`` as one process's checkpoint; no collective.
-    ``extra`` goes into its manifest beside the DTensor layouts (the guard's loss window)."""
-    flat = flatten(state, rng=True)
+    """Snapshot this rank's whole part of ``state`` (taken apart by `flatten`, with its RNG states; left as
+    it is) into ``store`` as one process's checkpoint; no collective. ``extra`` goes into its manifest beside
+    the DTensor layouts (the guard's loss window). With ``lend``, the snapshot is lent (`Saver.save_flat`)."""
+    flat = dataclasses.replace(state, tensors=dict(state.tensors))
     layouts = as_local(flat)
     return store._saver.save_flat(
         flat,
@@ -78,6 +83,8 @@ def save_copy(
         extra={**(extra or {}), **({EXTRA_KEY: layouts} if layouts else {})},
         # A piece of a DTensor is a view the optimizer does not own by identity: copied now, not overlapped.
         overlap_with=() if layouts else overlap_with,
+        lend=lend,
+        started=started,
     )
 
 

@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from gpuguard.checkpoint._catalog import CheckpointInfo
+from gpuguard.checkpoint._staging import LentSnapshot
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class PendingSave:
         self._stall_s = stall_s
         self._started = started
         self._durable_at: float | None = None
+        self._lent: LentSnapshot | None = None  # its snapshot, lent to a save into another store (`Saver.save_flat`)
         future.add_done_callback(lambda _: self._mark())
 
     def _mark(self) -> None:

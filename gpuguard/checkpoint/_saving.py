@@ -36,7 +36,7 @@ from gpuguard.checkpoint._overlap import OverlapCheck, Versions
 from gpuguard.checkpoint._owners import owned_by, partition
 from gpuguard.checkpoint._pending import CommitGate, PendingSave
 from gpuguard.checkpoint._pruning import collect_dead
-from gpuguard.checkpoint._staging import Readiness, StagingBuffer, StagingPool
+from gpuguard.checkpoint._staging import LentSnapshot, Readiness, StagingBuffer, StagingPool
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState, flatten
 from gpuguard.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError, ConfigError, StorageError
@@ -247,8 +247,18 @@ class Saver:
         attempt: str | None = None,
         started: float | None = None,
         survivors: bool = False,
+        source: LentSnapshot | None = None,
+        lend: bool = False,
     ) -> PendingSave:
         """`save` of a state already taken apart.
+
+        With ``source``, another save's snapshot of this very state holding every tensor this save writes
+        (the local tier's, which holds this rank's complete part): the snapshot is copied from there on a
+        thread, never from the live tensors, so the training thread pays for one snapshot, not two; the
+        source is released once copied, or at once if this save does not start (a source that does not
+        hold every tensor as it is here is released too, and the live tensors are copied now instead).
+        With ``lend``, the returned save lends its own snapshot as ``pending._lent``, held until the
+        borrower releases it.
 
         With ``survivors`` (the survivors of a sudden loss, `gpuguard.peers`), no collective: a peer in
         the process group is dead, so neither the attempt token nor the DTensor chunk writers can be
@@ -257,6 +267,50 @@ class Saver:
         and ``rank`` may be another rank than this process's: a dead rank whose files this process writes
         from its own replica of that rank's tensors (its DTensor pieces must be that rank's).
         """
+        try:
+            return self._save_flat(
+                flat,
+                step,
+                reason=reason,
+                evidence=evidence,
+                rank=rank,
+                world_size=world_size,
+                checkpoint_id=checkpoint_id,
+                extra=extra,
+                replicated=replicated,
+                commit_timeout_s=commit_timeout_s,
+                overlap_with=overlap_with,
+                attempt=attempt,
+                started=started,
+                survivors=survivors,
+                source=source,
+                lend=lend,
+            )
+        except BaseException:
+            if source is not None:  # never started to copy it: its lender's buffer is free for its next save
+                source.release()
+            raise
+
+    def _save_flat(
+        self,
+        flat: FlatState,
+        step: int,
+        *,
+        reason: Reason,
+        evidence: Mapping[str, Any] | None,
+        rank: int,
+        world_size: int,
+        checkpoint_id: str | None,
+        extra: Mapping[str, Any] | None,
+        replicated: bool,
+        commit_timeout_s: float,
+        overlap_with: Sequence[torch.optim.Optimizer],
+        attempt: str | None,
+        started: float | None,
+        survivors: bool,
+        source: LentSnapshot | None,
+        lend: bool,
+    ) -> PendingSave:
         started = time.perf_counter() if started is None else started
         _check_args(step, reason, rank, world_size, checkpoint_id)
         if survivors and attempt is None:
@@ -282,9 +336,17 @@ class Saver:
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
             metadata={"format": "pt", "gpuguard": __version__},
         )
+        copied = None
+        if source is not None:
+            copied = source.views_for(flat.tensors)
+            if copied is None:  # not this state's snapshot as it is here: the live tensors, as without one
+                log.warning("save %s: the lent snapshot does not hold this save's tensors; copying them again", name)
+                source.release()
+                source = None
         on_gpu = _wants_pinned(flat)
         buffer = self._staging.acquire(layout, pin=on_gpu)
         readiness = Readiness(layout.data_bytes)
+        lent = LentSnapshot(self._staging, buffer, readiness) if lend else None
         with self._lock:
             self._in_flight.add(name)
         meta: dict[str, Any] = {
@@ -296,19 +358,21 @@ class Saver:
             "attempt": attempt,
             "chunks": chunks,
         }
-        overlap_with = self.overlap.usable(overlap_with) if overlap_with else []
+        overlap_with = self.overlap.usable(overlap_with) if overlap_with and source is None else []
         later = owned_by(overlap_with, flat.tensors) if overlap_with else set()
         # A copy from the GPU runs on its DMA engines, so the writer starts first and follows the snapshot
         # as it fills the buffer. A copy between host tensors needs the same cores and memory bandwidth as
         # the writer's pwrite and checksums: there the writer waits for the whole snapshot. On the 2-core
         # CI machine that made the stall of 1 GiB 1.19x a bare memory copy instead of 1.34x (medians of 8
         # alternating saves), with time to durable unchanged: the disk, not the copy, bounds it.
-        meta["after_snapshot"] = not on_gpu
+        meta["after_snapshot"] = not on_gpu or source is not None
         gate = meta["gate"] = CommitGate()
         future = self._saver.submit(self._write, name, step, rank, world_size, buffer, readiness, tree, meta)
         future.add_done_callback(lambda _: self._finish(name))
         try:
-            if later:
+            if source is not None and copied is not None:
+                source.copy_into(buffer, copied, readiness)  # off the training thread; releases the source
+            elif later:
                 versions = Versions(step, {n: flat.tensors[n] for n in later})
                 finish = buffer.snapshot_deferred(flat.tensors, later)
                 self.overlap.watch(versions)
@@ -317,9 +381,13 @@ class Saver:
                 buffer.snapshot(flat.tensors, readiness)
         except BaseException as exc:
             readiness.fail(exc)
+            if lent is not None:
+                lent.release()
             raise
         stall = time.perf_counter() - started
-        return PendingSave(name, step, future, stall, started, gate)
+        pending = PendingSave(name, step, future, stall, started, gate)
+        pending._lent = lent
+        return pending
 
     def _hold_steps(
         self,

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -143,7 +143,13 @@ class StagingBuffer:
             region = self.data[slot.start : slot.end]
             self.views[slot.name] = region.view(slot.dtype).reshape(slot.shape) if slot.nbytes else region
         self.alloc_s = time.perf_counter() - started
-        self.in_use = False
+        # Who uses it: the save writing it, and another save copying its snapshot (`StagingPool.hold`).
+        # Free again for the next snapshot only when both are done.
+        self.users = 0
+
+    @property
+    def in_use(self) -> bool:
+        return self.users > 0
 
     def snapshot(self, tensors: dict[str, torch.Tensor], readiness: Readiness | None = None) -> None:
         """Copy the live tensors in; returns when the copy is complete and training may go on.
@@ -267,14 +273,14 @@ class StagingPool:
                 self._drop_other_layouts(layout)
                 for buffer in self._buffers:
                     if not buffer.in_use and buffer.layout.signature == layout.signature:
-                        buffer.in_use = True
+                        buffer.users = 1
                         return buffer
                 if len(self._buffers) < self.max_buffers:
                     log.warning(
                         "no staging buffer was prepared for this state: allocating one now, which stalls training"
                     )
                     buffer = StagingBuffer(layout, pin=pin)
-                    buffer.in_use = True
+                    buffer.users = 1
                     self._buffers.append(buffer)
                     return buffer
                 left = None if deadline is None else deadline - time.monotonic()
@@ -291,7 +297,7 @@ class StagingPool:
         with self._cond:
             for buffer in sorted(self._buffers, key=lambda b: b.layout.data_bytes):
                 if not buffer.in_use and buffer.layout.data_bytes >= nbytes:
-                    buffer.in_use = True
+                    buffer.users = 1
                     return buffer
         return None
 
@@ -301,11 +307,79 @@ class StagingPool:
             self._buffers = [b for b in self._buffers if b is not buffer]
             self._cond.notify_all()
 
+    def hold(self, buffer: StagingBuffer) -> None:
+        """One more user of a buffer in use: it is free again only after one more `release`."""
+        with self._cond:
+            if not buffer.in_use:
+                raise CheckpointError("a staging buffer not in use cannot be held: its snapshot may be overwritten")
+            buffer.users += 1
+
     def release(self, buffer: StagingBuffer) -> None:
         with self._cond:
-            buffer.in_use = False
+            buffer.users = max(0, buffer.users - 1)
             self._cond.notify_all()
 
     def _drop_other_layouts(self, layout: ShardLayout) -> None:
         # The state changed shape (a new parameter group, say): buffers for the old layout are dead weight.
         self._buffers = [b for b in self._buffers if b.in_use or b.layout.signature == layout.signature]
+
+
+class LentSnapshot:
+    """A save's finished snapshot, lent to a save into another store, which copies it from there instead of
+    reading the live state a second time (the local tier's snapshot feeding object storage's, `Saver.save_flat`).
+
+    Holds the lender's buffer (`StagingPool.hold`) until `release`, so that the lender's next snapshot cannot
+    overwrite it while the borrower copies it out. Released once, by whichever calls first.
+    """
+
+    def __init__(self, pool: StagingPool, buffer: StagingBuffer, readiness: Readiness) -> None:
+        pool.hold(buffer)
+        self._pool = pool
+        self._buffer = buffer
+        self._readiness = readiness
+        self._lock = threading.Lock()
+        self._released = False
+
+    def views_for(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """This snapshot's copy of each of ``tensors`` (by name, empty ones left out), or None when one of
+        them is not in it with the same dtype and shape."""
+        views = self._buffer.views
+        out = {}
+        for name, tensor in tensors.items():
+            view = views.get(name)
+            if view is None:
+                return None
+            if not tensor.numel():  # nothing to copy (an empty slot's view is a bare byte region)
+                continue
+            if view.dtype != tensor.dtype or view.shape != tensor.shape:
+                return None
+            out[name] = view
+        return out
+
+    def wait(self) -> None:
+        """Until the snapshot is complete, its overlapped copies included; raises its failure (a torn overlap)."""
+        self._readiness.wait(self._readiness.total)
+
+    def copy_into(self, buffer: StagingBuffer, views: Mapping[str, torch.Tensor], readiness: Readiness) -> None:
+        """On a thread, once this snapshot is complete: copy ``views`` (from `views_for`) into ``buffer``'s
+        slots of the same names, tell ``readiness`` (done, or why not), then `release`. Reads no live tensor."""
+
+        def run() -> None:
+            try:
+                self.wait()
+                with torch.no_grad():
+                    host_copy([(buffer.views[name], view) for name, view in views.items()])
+                readiness.advance(readiness.total)
+            except BaseException as exc:
+                readiness.fail(exc)
+            finally:
+                self.release()
+
+        threading.Thread(target=run, name="gpuguard-ckpt-tier-copy", daemon=True).start()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._pool.release(self._buffer)

@@ -24,6 +24,7 @@ from gpuguard.checkpoint._probe import measure_write_rate
 from gpuguard.checkpoint._pruning import prune
 from gpuguard.checkpoint._retry import RetryPolicy
 from gpuguard.checkpoint._saving import REASONS, Reason, Saver, default_attempt
+from gpuguard.checkpoint._staging import LentSnapshot
 from gpuguard.checkpoint._storage import Storage
 from gpuguard.checkpoint._tree import FlatState
 from gpuguard.checkpoint._verifying import Progress, VerifyReport, verify
@@ -142,7 +143,8 @@ class CheckpointStore:
                 seconds) on a thread; the training thread then pays only for the walk.
             replicated: the saves will pass ``replicated=True``: the buffer holds this rank's part
                 only, as theirs do.
-            rank, world_size: as the saves will pass them (default: torch.distributed's).
+            rank: as the saves will pass it (default: torch.distributed's).
+            world_size: as the saves will pass it (default: torch.distributed's).
 
         Returns:
             The seconds the calling thread spent.
@@ -252,6 +254,12 @@ class CheckpointStore:
         survivors of a sudden loss (`gpuguard.peers`), who write a dead rank's files from their replica of
         its state under an ``attempt`` they agreed on over the side channel (see `Saver.save_flat`)."""
         return self._saver.save_flat(flat, step, survivors=True, **options)
+
+    def _save_from(self, flat: FlatState, step: int, source: LentSnapshot | None, **options: Any) -> PendingSave:
+        """`save` of a state already taken apart (``flat``, changed by it), its snapshot copied from ``source``
+        off the training thread when given: another store's snapshot of the same state, holding every tensor
+        this save writes (the guard's local tier; see `Saver.save_flat`)."""
+        return self._saver.save_flat(flat, step, source=source, **options)
 
     def abandon_in_flight(self) -> builtins.list[str]:
         """Saves in flight now will never commit (a rank they wait for is gone): their commit waits end at

@@ -177,6 +177,7 @@ def evacuate(guard: Guard, step: int, agreed: Agreed) -> NoReturn:
         info=info,
         timings=SaveTimings(report.stall_s, report.durable_s),
         error=GpuGuardError(report.error) if report.error else None,
+        tier="object storage",
     )
     guard.last_evacuation = report
     guard.plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=info)

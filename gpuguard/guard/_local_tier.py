@@ -7,10 +7,12 @@ system shared between nodes: each rank reads back only what it wrote. The job ke
 ``checkpoint_dir``, so two jobs sharing one node's ``/dev/shm`` never read each other's checkpoints.
 DTensors are kept as this rank's pieces and come back only into the same layout (`_local_copy`).
 
-What it costs: one more snapshot of the same state into this tier's own staging buffer (one buffer, so
-host memory for one more copy of the state; with overlap on, copied while forward and backward run) and
-a write to a local disk or memory. What it survives: a container restarted in place (the volume stays),
-not a pod moved to another node (then object storage has the checkpoint).
+What it costs: its own staging buffer (one buffer, so host memory for one more copy of the state) and a
+write to a local disk or memory. The training thread snapshots the state once per save, into this tier's
+buffer (with overlap on, parameters are copied while forward and backward run); a save that also goes to
+object storage lends that snapshot to object storage's, which copies it into its own buffer on a thread
+(`LentSnapshot`), never from the live state. What it survives: a container restarted in place (the volume
+stays), not a pod moved to another node (then object storage has the checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from gpuguard.checkpoint import CheckpointStore, PendingSave
 from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._local_copy import prepare_copy, save_copy
+from gpuguard.checkpoint._tree import FlatState
 from gpuguard.errors import GpuGuardError
 from gpuguard.guard.config import GuardConfig
 
@@ -64,22 +67,31 @@ class LocalTier:
         # still writes waits for it (a local write is fast; a stall here says the tier is too slow).
         self.store = CheckpointStore(path, keep=config.keep, keep_bytes=config.local_keep_bytes, staging_buffers=1)
         self.pending: list[PendingSave] = []
+        # Whether a save that also goes to object storage lends it this tier's snapshot (one snapshot on the
+        # training thread). Off only to measure what two snapshots cost (benchmarks/local_tier.py).
+        self.lends_snapshot = True
 
     def prepare(self, state: Mapping[str, Any]) -> None:
         prepare_copy(self.store, state)
 
     def save(
         self,
-        state: Mapping[str, Any],
+        flat: FlatState,
         step: int,
         checkpoint_id: str,
         overlap_with: Sequence[torch.optim.Optimizer],
         extra: Mapping[str, Any] | None = None,
+        *,
+        lend: bool = False,
+        started: float | None = None,
     ) -> PendingSave | None:
-        """Snapshot ``state`` into this tier (this rank's complete part); None when the save could not start."""
+        """Snapshot the state ``flat`` into this tier (this rank's complete part); None when the save could not
+        start. With ``lend`` (and `lends_snapshot`), the save lends its snapshot (``pending._lent``), which the
+        caller must hand to a save that releases it (`Saver.save_flat`'s ``source``)."""
         self.pending = [p for p in self.pending if not p.done()]
+        lend = lend and self.lends_snapshot
         try:
-            pending = save_copy(self.store, state, step, checkpoint_id, overlap_with, extra)
+            pending = save_copy(self.store, flat, step, checkpoint_id, overlap_with, extra, lend=lend, started=started)
         except GpuGuardError as exc:
             log.error("gpuguard: local checkpoint at step %d not taken: %s", step, exc)
             return None

@@ -116,6 +116,7 @@ def survive(
         info=outcome.checkpoint,
         timings=SaveTimings(0.0, report.durable_s),
         error=None if saved else GpuGuardError(outcome.message),
+        tier="object storage",
     )
     plugins.hook.gpuguard_on_evacuation(decision=decision, exit_code=code, checkpoint=outcome.checkpoint)
     from gpuguard.integrations.exits import record_exit

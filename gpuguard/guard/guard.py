@@ -21,6 +21,7 @@ from gpuguard.checkpoint._crc import crc32c
 from gpuguard.checkpoint._manifest import checkpoint_name
 from gpuguard.checkpoint._sharding import check_sharding
 from gpuguard.checkpoint._tiered import load_tiered
+from gpuguard.checkpoint._tree import flatten
 from gpuguard.errors import CheckpointCorruptError, CheckpointNotFoundError, GpuGuardError
 from gpuguard.guard._checks import (
     check_preemption_bound,
@@ -702,22 +703,29 @@ class Guard:
             # Taken before the loss check vouched for the state it descends from: demoted with it if it fails
             # (else it would be the next resume point), and it carries the same window for its own resume.
             self._unchecked.append(checkpoint_id)
+        started = time.perf_counter()  # what the training thread waits for: state_dict() and the snapshot
+        lent = None
         if self.local is not None:  # the fast save first: this rank's own complete part, on this node
-            self.local.save(checkpointable(self.state), step, checkpoint_id, overlap, extra)
+            try:
+                flat = flatten(checkpointable(self.state))  # state_dict() once, for both tiers
+            except GpuGuardError as exc:
+                log.error("periodic checkpoint at step %d not taken: %s", step, exc)
+                return
+            local = self.local.save(flat, step, checkpoint_id, overlap, extra, lend=to_object, started=started)
+            if local is not None and not to_object:
+                local.add_done_callback(self._report_local)
+            lent = local._lent if local is not None else None
         if not to_object:
             return
+        options: dict[str, Any] = {"reason": "periodic", "rank": self.rank, "world_size": self.world_size}
+        options |= {"checkpoint_id": checkpoint_id, "replicated": self.config.replicated, "extra": extra}
         try:
-            pending = self.store.save(
-                checkpointable(self.state),
-                step,
-                reason="periodic",
-                rank=self.rank,
-                world_size=self.world_size,
-                checkpoint_id=checkpoint_id,
-                replicated=self.config.replicated,
-                overlap_with=overlap,
-                extra=extra,
-            )
+            if lent is not None:
+                # One snapshot: object storage's is copied from the local tier's on a thread, not taken again
+                # from the live state (`_save_from` releases ``lent`` whatever happens).
+                pending = self.store._save_from(flat, step, lent, overlap_with=overlap, started=started, **options)
+            else:  # no local tier, or its save did not start
+                pending = self.store.save(checkpointable(self.state), step, overlap_with=overlap, **options)
         except GpuGuardError as exc:
             log.error("periodic checkpoint at step %d not taken: %s", step, exc)
             return
@@ -783,7 +791,15 @@ class Guard:
             self._reported.add("deadline")
             check_save_fits_deadline(self.config, pending.timings.durable_s, pending.step)
         self.plugins.hook.gpuguard_checkpoint_finished(
-            step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error
+            step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error, tier="object storage"
+        )
+
+    def _report_local(self, pending: PendingSave) -> None:
+        """A periodic checkpoint kept in the local tier alone (object storage skipped at its step) has ended."""
+        error = pending.exception()
+        info = None if error is not None else pending.wait(0)
+        self.plugins.hook.gpuguard_checkpoint_finished(
+            step=pending.step, reason="periodic", info=info, timings=pending.timings, error=error, tier="local"
         )
 
     def _after_periodic(self, pending: PendingSave) -> None:

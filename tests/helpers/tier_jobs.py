@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import gpuguard
 from gpuguard.fakenvml import FakeNvml
+from helpers.snapshot_reads import Counted, LiveReads, live_pointers
 
 
 def settings(root: str, replicated: bool = False) -> dict[str, Any]:
@@ -116,6 +117,40 @@ def unusable(out: Path, root: str, tag: str) -> None:
     _write(out, tag, report)
 
 
+def one_snapshot(out: Path, root: str, tag: str, replicated: bool = False) -> None:
+    """Every periodic save (2, 4, 6) to both tiers, counted on each rank: ``state_dict()`` calls and the staging
+    copies that read the live state, by thread. The loop writes NaN into the live tensors as soon as each
+    ``guard.step()`` returns; then each rank loads step 6 back from each tier (object storage: a collective)."""
+    rank = 0 if replicated else dist.get_rank()
+    net, counted = model(), Counted()
+    state = {"model": net, "counted": counted}
+    calls = 0
+    with LiveReads(live_pointers(state)) as live:
+        options = settings(root, replicated) | {"object_store_every": 1, "overlap_snapshot": False}
+        with gpuguard.Guard(f"file://{root}/object", state, **options) as guard:
+            for step in range(guard.resume(), 7):
+                with torch.no_grad():
+                    net.weight.fill_(float(100 * step + rank))
+                    counted.value.fill_(float(step))
+                before = counted.calls
+                guard.step(step)
+                calls += counted.calls - before if step in (2, 4, 6) else 0
+                with torch.no_grad():
+                    net.weight.fill_(float("nan"))
+                    counted.value.fill_(float("nan"))
+    report: dict[str, Any] = {"calls": calls, "reads": sorted(set(live.per_tensor().values()))}
+    report |= {"threads": sorted(live.threads()), "tier_copies": live.other["gpuguard-ckpt-tier-copy"]}
+    (local,) = Path(f"{root}/node{dist.get_rank()}").glob(f"job-*/world-{dist.get_world_size()}/rank-{dist.get_rank()}")
+    for tier, store, options in (
+        ("object", gpuguard.CheckpointStore(f"file://{root}/object"), {"rank": dist.get_rank()}),
+        ("local", gpuguard.CheckpointStore(str(local)), {"no_dist": True, "world_size": 1}),
+    ):
+        loaded = {"model": model(), "counted": Counted()}
+        step = store.load(loaded, **options)
+        report[tier] = [step, float(loaded["model"].weight.detach()[0, 1]), float(loaded["counted"].value[3])]
+    _write(out, tag, report)
+
+
 def _fsdp() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -155,6 +190,8 @@ def sharded(out: Path, root: str, tag: str) -> None:
         for step in range(guard.resume(), 6):  # periodic at 2 (both tiers) and 4 (local)
             _fsdp_step(net, optimizer, step)
             kept[step] = _pieces(net, optimizer)
+            if step == 2:  # the whole parameters (a collective), for the object-storage copy read back resharded
+                full = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
             guard.step(step)
     net, optimizer = _fsdp()
     with gpuguard.Guard(f"file://{root}/object", {"model": net, "optimizer": optimizer}, **settings(root)) as guard:
@@ -167,6 +204,7 @@ def sharded(out: Path, root: str, tag: str) -> None:
     plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))  # another layout: no DTensors
     with gpuguard.Guard(f"file://{root}/object", {"model": plain}, **settings(root)) as guard:
         report["plain_next"], report["plain_tier"] = guard.resume(), guard.restored_tier
+    report["plain_equal"] = all(torch.equal(p.detach(), full[n]) for n, p in plain.named_parameters())
     logging.getLogger("gpuguard").removeHandler(captured)
     report["log"] = [line for line in captured.lines if "tier" in line]
     report["object"] = [info.step for info in gpuguard.CheckpointStore(f"file://{root}/object").list()]
@@ -186,7 +224,15 @@ def _write(out: Path, tag: str, report: dict[str, Any]) -> None:
     (out / f"{tag}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
 
-ACTIONS = {"train": train, "lose": lose, "corrupt": corrupt, "resume": resume, "sharded": sharded, "unusable": unusable}
+ACTIONS = {
+    "one_snapshot": one_snapshot,
+    "train": train,
+    "lose": lose,
+    "corrupt": corrupt,
+    "resume": resume,
+    "sharded": sharded,
+    "unusable": unusable,
+}
 
 
 def worker(rank: int, world: int, port: int, plan: list[dict[str, Any]], out: str) -> None:
