@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
-from gpuguard.checkpoint._tree import RNG_KEY
+from gpuguard.checkpoint._tree import RNG_KEY, _escape
 
 
 def owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -20,16 +20,21 @@ def owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, tor
     return {name for name, t in tensors.items() if t.numel() and t.data_ptr() in owned}
 
 
-def partition(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def partition(
+    tensors: dict[str, torch.Tensor], rank: int, world_size: int, per_rank: Collection[str] = (RNG_KEY,)
+) -> dict[str, torch.Tensor]:
     """This rank's share of a replicated state: largest tensors first, each to the least loaded rank.
 
-    Deterministic from names and sizes alone, so every rank computes the same split. RNG states differ
-    between ranks, so each rank keeps its own.
+    Deterministic from names and sizes alone, so every rank computes the same split. The tensors of the
+    ``per_rank`` top-level keys (`FlatState.per_rank`: the RNGs, generators, data loaders, plain tensors)
+    differ between ranks, so each rank keeps its own: split between the ranks, one rank's copy would be
+    loaded into every rank.
     """
+    own = {_escape(key) for key in per_rank}
     loads = [0] * world_size
     mine = {}
     for name in sorted(tensors, key=lambda n: (-tensors[n].numel() * tensors[n].element_size(), n)):
-        if name.startswith(RNG_KEY + "/"):
+        if name.split("/", 1)[0] in own:
             owner = rank
         else:
             owner = min(range(world_size), key=lambda r: (loads[r], r))

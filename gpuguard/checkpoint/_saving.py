@@ -128,7 +128,7 @@ class Saver:
         _, writes = self._agree(specs, rank, world_size, None, sharded=sharded, collective=sharded)
         _sharding.localize(flat, specs, writes)
         if replicated and not sharded and world_size > 1:  # a replicated save stages only this rank's part
-            flat.tensors = partition(flat.tensors, rank, world_size)
+            flat.tensors = partition(flat.tensors, rank, world_size, flat.per_rank)
         # The same metadata as a save's, so that the save finds this very layout.
         layout = _layout.plan(
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
@@ -331,7 +331,7 @@ class Saver:
             attempt, writes = self._agree(specs, rank, world_size, attempt, sharded=sharded)
         chunks = _sharding.localize(flat, specs, writes)
         if replicated and world_size > 1:
-            flat.tensors = partition(flat.tensors, rank, world_size)
+            flat.tensors = partition(flat.tensors, rank, world_size, flat.per_rank)
         layout = _layout.plan(
             [(n, t.dtype, tuple(t.shape)) for n, t in flat.tensors.items()],
             metadata={"format": "pt", "gpuguard": __version__},

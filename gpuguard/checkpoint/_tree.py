@@ -38,9 +38,29 @@ class FlatState:
     # Tensors that are views of one storage, so that a load gives them one storage again: a list of
     # {"bytes": span, "views": {name: {"offset": bytes from the span's start, "stride": [...]}}}.
     storages: list[dict[str, Any]] = field(default_factory=list)
+    # Top-level keys whose tensors are this rank's own even in a replicated save: every entry that is not a
+    # module, optimizer or LR scheduler (a generator, a data loader, a plain tensor: `is_replicated_entry`)
+    # and the RNGs. A replicated save splits only the other entries' tensors between the ranks.
+    per_rank: frozenset[str] = frozenset({RNG_KEY})
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+# The entries that data-parallel replicas hold alike: their values are the same on every replica and change
+# only in ``optimizer.step()`` and ``scheduler.step()`` (buffers also in forward). Everything else (a
+# ``torch.Generator``, a data loader, a plain tensor or value) is each rank's own. One rule for the replicated
+# save (`_owners.partition`) and the survivors' save (`gpuguard.peers._layout`).
+_REPLICATED_TYPES: tuple[type, ...] = (
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler,
+    torch.optim.lr_scheduler.ReduceLROnPlateau,
+)
+
+
+def is_replicated_entry(value: object) -> bool:
+    """Whether a state entry is the same on every data-parallel replica (a module, optimizer or scheduler)."""
+    return isinstance(value, _REPLICATED_TYPES)
 
 
 @functools.lru_cache(maxsize=4096)  # the same keys recur in every save ("model", "state", "0", ...)
@@ -179,10 +199,14 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True, rng_state: Mapping[st
         raise UnsupportedStateError(f"state: a {type(state).__name__}; must be a mapping of names to objects")
     has_optimizer = any(isinstance(v, torch.optim.Optimizer) for v in state.values())
     flattener = _Flattener(parameter_names(state) if has_optimizer else None)
+    per_rank = {RNG_KEY}
     for key, value in state.items():
         if not isinstance(key, str) or key == RNG_KEY:
             raise UnsupportedStateError(f"state key {key!r}: must be a str other than {RNG_KEY!r}")
         flattener.flat.tree[key] = flattener.encode(value, [key])
+        if not is_replicated_entry(value):
+            per_rank.add(key)
+    flattener.flat.per_rank = frozenset(per_rank)
     if rng:
         flattener.flat.tree[RNG_KEY] = flattener.encode(capture_rng() if rng_state is None else rng_state, [RNG_KEY])
     flattener.flat.storages = _shared_storages(flattener.flat.tensors, flattener.plain)

@@ -16,20 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from gpuguard.checkpoint._sharding import is_dtensor
-
-_REPLICATED_TYPES: tuple[type, ...] = (
-    torch.nn.Module,
-    torch.optim.Optimizer,
-    torch.optim.lr_scheduler.LRScheduler,
-    torch.optim.lr_scheduler.ReduceLROnPlateau,
-)
-
-
-def is_replicated_entry(value: object) -> bool:
-    return isinstance(value, _REPLICATED_TYPES)
+from gpuguard.checkpoint._tree import is_replicated_entry
 
 
 def split(view: Mapping[str, Any]) -> tuple[list[str], list[str]]:

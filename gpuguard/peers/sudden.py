@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten
+from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten, is_replicated_entry
 from gpuguard.errors import CheckpointError, GpuGuardError, SideChannelError, UnsupportedStateError
 from gpuguard.peers import _agree
 from gpuguard.peers._abandon import abandon_collectives
 from gpuguard.peers._buffers import BufferKeeper
 from gpuguard.peers._channel import SideChannel, connect
-from gpuguard.peers._layout import is_replicated_entry, replica_groups, split
+from gpuguard.peers._layout import replica_groups, split
 from gpuguard.peers._plan import Cannot, CheckIn, Plan
 from gpuguard.peers._records import StepRecords, capture
 from gpuguard.peers._watch import Alarm, PeerWatch
@@ -368,6 +368,7 @@ class SuddenLoss:
                             tree,
                             {**flat.devices, **part.devices},
                             [*flat.storages, *part.storages],
+                            per_rank=frozenset(part.tree),  # the record's entries: every one is per rank
                         ),
                         plan.step,
                         reason="emergency",

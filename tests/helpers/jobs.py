@@ -16,6 +16,7 @@ another rank's part, shows it. GPT actions (`gpt`) train as users do:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -422,6 +423,93 @@ def load(out: Path, url: str, layout: str, tp: int, tag: str, groups_reversed: b
     _dump(out, f"{tag}-after", state, {})
 
 
+class _Sampler:
+    """A stateful sampler with its own generator (as a data loader's sampler holds one): per rank."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _per_rank_state(rank: int) -> dict[str, Any]:
+    """A data-parallel replica's state: the model and optimizer alike on every rank; a generator, a tensor
+    and a data loader's position that are each rank's own."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    return {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "gen": _Sampler(100 + rank),
+        "ema": torch.full((4096,), float(rank)),  # as large as the model's weight: the split would move it
+        "loader": {"position": 10 * rank},
+    }
+
+
+def _digest(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "gen": hashlib.sha256(state["gen"].generator.get_state().numpy().tobytes()).hexdigest(),
+        "ema": float(state["ema"].sum()),
+        "loader": state["loader"]["position"],
+        "weight": float(state["model"].weight.detach().double().sum()),
+    }
+
+
+def per_rank_entries(out: Path, url: str, tag: str) -> None:
+    """A replicated guard (``replicated=True``) keeps each rank's per-rank entries: after `Guard.resume`,
+    and after a plain `CheckpointStore.load`, every rank has its own sampler's generator, tensor and loader
+    position back, and the model is the replicated one."""
+    rank = dist.get_rank()
+    state = _per_rank_state(rank)
+    nvml = FakeNvml.from_scenario({"gpus": 1, "events": []})
+    settings: dict[str, Any] = {"checkpoint_every_steps": 2, "checkpoint_every_s": 0, "replicated": True}
+    at: dict[int, dict[str, Any]] = {}
+    with gpuguard.Guard(url, state, nvml=nvml, devices="all", **settings) as guard:
+        for step in range(guard.resume(), 5):
+            data = torch.randn(4, 64, generator=state["gen"].generator)  # each rank draws its own batch
+            state["model"](data).sum().backward()
+            for parameter in state["model"].parameters():  # data parallelism: the replicas stay alike (as DDP)
+                dist.all_reduce(parameter.grad)
+            state["optimizer"].step()
+            state["optimizer"].zero_grad()
+            state["ema"].add_(1.0)
+            state["loader"]["position"] += 4
+            at[step] = _digest(state)
+            guard.step(step)
+    with CheckpointStore(url) as store:
+        latest = store.latest()
+    assert latest is not None
+    layout = json.loads((Path(url) / latest.id / "MANIFEST.json").read_text())["layout"]
+
+    def spoil() -> None:
+        torch.randn(64, generator=state["gen"].generator)
+        state["ema"].fill_(-1.0)
+        state["loader"]["position"] = -1
+        with torch.no_grad():
+            state["model"].weight.add_(1.0)
+
+    spoil()
+    with gpuguard.Guard(url, state, nvml=nvml, devices="all", **settings) as guard:
+        resumed_at = guard.resume()
+    resumed = _digest(state)
+    spoil()
+    view = {k: v for k, v in state.items() if k != "loader"}  # a plain dict is the guard's to load in place
+    with CheckpointStore(url) as store:
+        store.load(view, rank=rank, strict=False)
+    loaded = {k: v for k, v in _digest(state).items() if k != "loader"}
+    saved = at[latest.step]
+    _write(
+        out,
+        tag,
+        {"layout": layout, "step": latest.step, "saved": saved, "resumed": resumed, "resumed_at": resumed_at}
+        | {"loaded": loaded, "saved_no_loader": {k: v for k, v in saved.items() if k != "loader"}},
+    )
+
+
 def _write(out: Path, tag: str, report: dict[str, Any]) -> None:
     (out / f"{tag}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
@@ -443,6 +531,7 @@ ACTIONS = {
     "slow_committer": slow_committer,
     "prepare_small": prepare_small,
     "abandon": abandon,
+    "per_rank_entries": per_rank_entries,
 }
 
 
