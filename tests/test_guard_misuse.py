@@ -148,8 +148,11 @@ def test_checkpoint_now_saves_at_the_next_step(tmp_path: Path) -> None:
     with guard_for(url, {"w": torch.ones(1)}, checkpoint_every_s=0) as guard:
         for step in range(5):
             guard.step(step)
-        threading.Thread(target=guard.checkpoint_now).start()
-        time.sleep(0.05)
+        # the request comes from another thread; step 5 is the first step after it returned (a sleep here
+        # let a thread that a loaded machine had not yet run ask after step 5: nothing was saved)
+        asker = threading.Thread(target=guard.checkpoint_now)
+        asker.start()
+        asker.join()
         guard.step(5)
     with CheckpointStore(url) as store:
         assert [(c.step, c.reason) for c in store.list()] == [(5, "periodic")]

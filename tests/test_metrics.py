@@ -64,10 +64,17 @@ def test_endpoint_follows_a_scenario(tmp_path: Path) -> None:
                 train_step(state["model"], state["optimizer"], state["scheduler"])
                 guard.step(step)
             wait_for(lambda: not guard.periodic or all(p.done() for p in guard.periodic), "periodic saves done")
-            # A future is done() before its done-callbacks (which run the hooks) have returned: wait until the
-            # step-10 save's hook has run to its end, rather than racing it.
+            # A future is done() before its done-callbacks (which run the hooks) have returned, and the two saves
+            # report on two writer threads, in either order: wait until both hooks have run to their end (step 5's
+            # too: waiting for step 10's alone raced a step-5 report still on its way on a loaded machine).
             port = metrics.port
-            wait_for(lambda: value(scrape(port), "gpuguard_last_checkpoint_step") == 10.0, "step 10 reported")
+
+            def both_reported() -> bool:
+                now = scrape(port)
+                ok = value(now, "gpuguard_checkpoints_total", reason="periodic", outcome="ok") or 0.0
+                return ok >= 2.0 and value(now, "gpuguard_last_checkpoint_step") == 10.0
+
+            wait_for(both_reported, "steps 5 and 10 reported")
             before = scrape(metrics.port)
             nvml.clock.set(11.0)
             wait_for(lambda: guard.decision.action, "the guard decides")

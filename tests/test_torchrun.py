@@ -137,9 +137,10 @@ def test_a_restart_class_fault_exits_76_and_resumes_identically(tmp_path: Path, 
 
 def test_a_rank_killed_during_the_emergency_checkpoint_commits_nothing(tmp_path: Path, reference: Any) -> None:
     job = tmp_path / "job"
-    # The fault at 4 s of wall time: the periodic checkpoint every 40 steps must have committed before it,
-    # which at 1.5 s a loaded machine (over 37 ms a step) did not reach.
-    first = launch(job, 2, {"at": 4.0, "gpu": 1, "xid": 48}, "--kill-rank", "1")
+    # The periodic checkpoint of step 40 must have committed before the emergency: a fault at a wall-clock time
+    # raced it (at 1.5 s a loaded machine had not reached step 40; at 4 s a quick one may finish its 300 steps
+    # first). So the XID comes early, and every rank holds its decisions until it has seen that commit.
+    first = launch(job, 2, {"at": 0.5, "gpu": 1, "xid": 48}, "--kill-rank", "1", "--act-after-commit")
     assert first.returncode != 0
     with CheckpointStore(f"file://{job / 'checkpoints'}") as store:
         committed = store.list()

@@ -32,6 +32,28 @@ class KillDuringEmergency:
             threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
+class ActAfterTheFirstCommit:
+    """Holds every decision of the guard (CONTINUE) until this rank has seen a periodic checkpoint committed:
+    a fault then always finds one to fall back on, however slow the machine (a fault placed at a wall-clock
+    time came before step 40's commit on a loaded machine, and after the last step on a fast one)."""
+
+    def __init__(self) -> None:
+        self.committed = threading.Event()
+
+    @gpuguard.hookimpl
+    def gpuguard_checkpoint_finished(
+        self, step: int, reason: str, info: Any, timings: Any, error: BaseException | None
+    ) -> None:
+        if reason == "periodic" and info is not None:  # on a rank other than 0: it read the manifest back
+            self.committed.set()
+
+    @gpuguard.hookimpl
+    def gpuguard_decide(self, decision: gpuguard.Decision, snapshot: Any) -> gpuguard.Decision | None:
+        if self.committed.is_set() or not decision.action:
+            return None
+        return gpuguard.Decision(gpuguard.Action.CONTINUE, "observe", "held until a periodic checkpoint commits")
+
+
 def average_gradients(model: torch.nn.Module, world: int) -> None:
     """Data parallelism by hand, one tensor at a time in a fixed order. (DDP re-buckets its gradients
     after the first step of every launch, which changes the order of a ring all-reduce's sums with more
@@ -49,6 +71,7 @@ def main() -> int:
     p.add_argument("--replicated", action="store_true")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--no-periodic", action="store_true", help="no periodic checkpoints at all")
+    p.add_argument("--act-after-commit", action="store_true", help="act on a fault once a periodic save committed")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
 
@@ -60,7 +83,9 @@ def main() -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
     torch.manual_seed(1000 + rank)  # dropout differs between ranks: their RNG states must come back per rank
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    plugins = [KillDuringEmergency()] if rank == args.kill_rank else []
+    plugins: list[object] = [KillDuringEmergency()] if rank == args.kill_rank else []
+    if args.act_after_commit:
+        plugins.append(ActAfterTheFirstCommit())
     report: dict[str, Any] = {"rank": rank, "world_size": world}
     out = args.dir / f"rank-{rank}.json"
     try:
