@@ -348,8 +348,14 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
         return yaml.safe_load(raw)  # lists, mappings, literals
     except ConfigError:
         raise
+    except yaml.YAMLError as exc:
+        # A malformed GPUGUARD_STORAGE_OPTIONS surfaced as yaml's own ParserError, naming no variable.
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be YAML or JSON ({reason})") from None
     except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be a {getattr(kind, '__name__', kind)}") from None
+        kind_name = getattr(kind, "__name__", str(kind))
+        article = "an" if kind_name[:1] in "aeiou" else "a"
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be {article} {kind_name}") from None
 
 
 _SECTIONS: dict[str, Any] = {"health": HealthConfig, "kubernetes": KubernetesConfig}
