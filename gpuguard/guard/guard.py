@@ -469,6 +469,10 @@ class Guard:
             if estimate_save_against_deadline(self.config, self.store):
                 self._reported.add("deadline")
         except Exception as exc:  # a background thread: said with its traceback, never raised into training
+            if self._stop.is_set():
+                # The guard closed (and its store with it) while the probe ran: a short run, not a bug.
+                log.debug("gpuguard: the save-time estimate was cut short by close(): %s", exc)
+                return
             self.failures.failed("estimating a checkpoint's save time", exc)
 
     # -- resume ---------------------------------------------------------------------------------
