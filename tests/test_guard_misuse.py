@@ -222,6 +222,26 @@ def test_a_grace_period_shorter_than_the_deadline_is_warned_about(caplog: pytest
     assert warnings_from(caplog, "preemption_deadline_s=25s does not fit in the pod's grace period of 20s")
 
 
+def test_resume_after_steps_is_refused_instead_of_rolling_the_state_back(tmp_path: Path) -> None:
+    """A second resume() mid-loop loaded the newest checkpoint over the trained state without a word."""
+    w = torch.zeros(1)
+    settings = {"checkpoint_every_steps": 1, "checkpoint_every_s": 0}
+    with guard_for(f"file://{tmp_path}", {"w": w}, **settings) as guard:
+        for step in range(guard.resume(), 2):
+            w += 1
+            guard.step(step)
+    with guard_for(f"file://{tmp_path}", {"w": w}, **settings) as guard:
+        start = guard.resume()
+        assert guard.resume() == start  # again before any step: the same load, harmless
+        for step in range(start, start + 3):
+            w += 1
+            guard.step(step)
+        trained = w.clone()
+        with pytest.raises(GpuGuardError, match=r"guard.resume\(\) called after guard.step\(4\): .* rolling training"):
+            guard.resume()
+        assert torch.equal(w, trained)  # the live state is untouched
+
+
 def test_a_save_time_estimate_cut_short_by_close_is_not_reported_as_a_bug(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
