@@ -48,6 +48,13 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
             {},
             r"fail_mode: 'maybe' is not valid; allowed: 'open', 'closed'",
         ),
+        (
+            {"checkpoint_dir": "x", "health": {"onset_s": -1}},
+            {},
+            r"^health\.onset_s: -1 is not valid; must be a number",
+        ),
+        ({"checkpoint_dir": "x"}, {"GPUGUARD_HEALTH_ONSET_S": "-1"}, r"^health\.onset_s: -1.0 is not valid"),
+        ({"checkpoint_dir": "x", "kubernetes": {"deadline_s": 0}}, {}, r"^kubernetes\.deadline_s: 0 is not valid"),
         ({"checkpoint_dir": "x"}, {"GPUGUARD_KEEP": "three"}, r"GPUGUARD_KEEP: 'three' is not valid; must be an int"),
         ({"checkpoint_dir": "x"}, {"GPUGUARD_REPLICATED": "perhaps"}, r"GPUGUARD_REPLICATED: 'perhaps' is not valid"),
         (
@@ -66,6 +73,9 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         "typo",
         "health-typo",
         "fail-mode",
+        "health-value",
+        "env-health-value",
+        "kubernetes-value",
         "env-int",
         "env-bool",
         "env-mapping-malformed",
