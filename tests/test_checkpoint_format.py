@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,35 @@ def test_the_cli_exports_and_a_corrupt_checkpoint_exits_1(tmp_path: Path, capsys
     shard.write_bytes(bytes(data))
     assert main(["checkpoints", "export", url, str(tmp_path / "bad.pt"), "--to", "torch"]) == 1
     assert "fails its checksum" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "out", "message"),
+    [
+        ("torch", "missing/export.pt", r"out: '.*missing/export.pt' is not valid; a file in an existing folder"),
+        ("safetensors", "a-file/export.safetensors", r"out: '.*a-file/export.safetensors' is not valid; a file in an"),
+        ("torch", ".", r"out: '.*' is not valid; a file to write the torch export to; this is a folder"),
+        ("dcp", "a-file", r"out: '.*a-file' is not valid; an empty or new folder for the DCP checkpoint; this is a"),
+        ("dcp", "a-file/dcp", r"out: '.*a-file/dcp' is not valid; an empty or new folder .*a-file is a file"),
+    ],
+    ids=["torch-no-folder", "safetensors-under-a-file", "torch-onto-a-folder", "dcp-onto-a-file", "dcp-under-a-file"],
+)
+def test_the_cli_refuses_an_output_path_it_cannot_write(
+    fmt: str, out: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A usage error (exit 2, the option named), never a torch or safetensors traceback (which exited 1)."""
+    from gpuguard.cli import main
+
+    url = f"file://{tmp_path}/ckpt"
+    with CheckpointStore(url) as store:
+        store.save(make_state(), step=3).wait()
+    (tmp_path / "a-file").write_text("not a folder")
+    capsys.readouterr()
+    assert main(["checkpoints", "export", url, str(tmp_path / out), "--to", fmt]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert main(["checkpoints", "export", url, str(tmp_path / out), "--to", fmt, "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["kind"] == "ConfigError"
 
 
 def _assert_reloads(fmt: str, out: Path, state: dict[str, Any]) -> None:

@@ -48,8 +48,20 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
             {},
             r"fail_mode: 'maybe' is not valid; allowed: 'open', 'closed'",
         ),
-        ({"checkpoint_dir": "x"}, {"GPUGUARD_KEEP": "three"}, r"GPUGUARD_KEEP: 'three' is not valid; must be a int"),
+        (
+            {"checkpoint_dir": "x", "health": {"onset_s": -1}},
+            {},
+            r"^health\.onset_s: -1 is not valid; must be a number",
+        ),
+        ({"checkpoint_dir": "x"}, {"GPUGUARD_HEALTH_ONSET_S": "-1"}, r"^health\.onset_s: -1.0 is not valid"),
+        ({"checkpoint_dir": "x", "kubernetes": {"deadline_s": 0}}, {}, r"^kubernetes\.deadline_s: 0 is not valid"),
+        ({"checkpoint_dir": "x"}, {"GPUGUARD_KEEP": "three"}, r"GPUGUARD_KEEP: 'three' is not valid; must be an int"),
         ({"checkpoint_dir": "x"}, {"GPUGUARD_REPLICATED": "perhaps"}, r"GPUGUARD_REPLICATED: 'perhaps' is not valid"),
+        (
+            {"checkpoint_dir": "x"},
+            {"GPUGUARD_STORAGE_OPTIONS": "{not json"},
+            r"GPUGUARD_STORAGE_OPTIONS: '\{not json' is not valid; must be YAML or JSON \(",
+        ),
     ],
     ids=[
         "missing-dir",
@@ -61,8 +73,12 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         "typo",
         "health-typo",
         "fail-mode",
+        "health-value",
+        "env-health-value",
+        "kubernetes-value",
         "env-int",
         "env-bool",
+        "env-mapping-malformed",
     ],
 )
 def test_bad_settings_name_the_field(settings: dict[str, object], env: dict[str, str], message: str) -> None:

@@ -225,6 +225,40 @@ def test_a_grace_period_shorter_than_the_deadline_is_warned_about(caplog: pytest
     assert warnings_from(caplog, "preemption_deadline_s=25s does not fit in the pod's grace period of 20s")
 
 
+def test_resume_after_steps_is_refused_instead_of_rolling_the_state_back(tmp_path: Path) -> None:
+    """A second resume() mid-loop loaded the newest checkpoint over the trained state without a word."""
+    w = torch.zeros(1)
+    settings = {"checkpoint_every_steps": 1, "checkpoint_every_s": 0}
+    with guard_for(f"file://{tmp_path}", {"w": w}, **settings) as guard:
+        for step in range(guard.resume(), 2):
+            w += 1
+            guard.step(step)
+    with guard_for(f"file://{tmp_path}", {"w": w}, **settings) as guard:
+        start = guard.resume()
+        assert guard.resume() == start  # again before any step: the same load, harmless
+        for step in range(start, start + 3):
+            w += 1
+            guard.step(step)
+        trained = w.clone()
+        with pytest.raises(GpuGuardError, match=r"guard.resume\(\) called after guard.step\(4\): .* rolling training"):
+            guard.resume()
+        assert torch.equal(w, trained)  # the live state is untouched
+
+
+def test_a_save_time_estimate_cut_short_by_close_is_not_reported_as_a_bug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that ends right after its first step closes the store under the background write-rate probe;
+    that probe failing then is the close, not a bug (it logged "this is a bug" with a traceback)."""
+    caplog.set_level(logging.DEBUG, "gpuguard")
+    guard = guard_for(f"file://{tmp_path}", {"w": torch.ones(1)}, checkpoint_every_s=0).start()
+    guard.step(0)
+    guard.close()
+    guard._estimate_save_time()  # the probe thread's work, finishing after close() as it does in a short run
+    assert not [r for r in caplog.records if "this is a bug" in r.getMessage()]
+    assert [r for r in caplog.records if "cut short by close()" in r.getMessage()]
+
+
 class StuckFileSystem(MemoryFileSystem):
     """Writes block until released: an upload that hangs (a fake, not a mock)."""
 

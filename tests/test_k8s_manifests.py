@@ -264,6 +264,7 @@ def test_a_trainjob_uses_a_runtime_that_carries_the_failure_semantics(rendered: 
         ([*BASE, "--local-dir", "/dev/shm"], "not /dev/shm itself"),
         ([*BASE, "--local-size", "64Gi"], "--local-size: '64Gi' is not valid; needs --local-dir"),
         ([*BASE, "--local-dir", "/dev/shm/g", "--local-size", "64 GB"], "must be a Kubernetes quantity"),
+        ([*BASE, "--evacuation-budget", "-5"], "--evacuation-budget: -5 is not valid; must be a whole number, 0 or"),
     ],
     ids=[
         "pytorchjob",
@@ -282,6 +283,7 @@ def test_a_trainjob_uses_a_runtime_that_carries_the_failure_semantics(rendered: 
         "local-dir-shm",
         "local-size-alone",
         "local-size-quantity",
+        "budget-negative",
     ],
 )
 def test_refused_with_the_reason_and_the_alternative(args: list[str], message: str) -> None:

@@ -55,6 +55,7 @@ def export(
     """
     if to not in FORMATS:
         raise ConfigError("to", to, "allowed: " + ", ".join(FORMATS))
+    _check_out(to, out)
     if checkpoint_id is None:
         manifests = catalog.manifests()
         if not manifests:
@@ -136,6 +137,29 @@ def _save_safetensors(
         "gpuguard_tree": json.dumps(tree if key is None else tree[key]),
     }
     save_file({n: t.contiguous() for n, t in tensors.items()}, out, metadata=metadata)
+
+
+def _check_out(to: str, out: str) -> None:
+    """Refuse an output path that cannot be written before a byte of the checkpoint is read.
+
+    Otherwise torch, safetensors or DCP fail only after the whole checkpoint was read and verified, with a
+    traceback of their own that names no option (and the CLI's exit code then said "corruption").
+    """
+    path = os.path.abspath(out)
+    if to == "dcp":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError("out", out, "an empty or new folder for the DCP checkpoint; this is a file")
+        above = os.path.dirname(path)
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ConfigError("out", out, f"an empty or new folder for the DCP checkpoint; {above} is a file")
+        return
+    if os.path.isdir(path):
+        raise ConfigError("out", out, f"a file to write the {to} export to; this is a folder")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise ConfigError("out", out, f"a file in an existing folder; {folder} is not a folder")
 
 
 def _save_dcp(state: dict[str, Any], out: str) -> None:

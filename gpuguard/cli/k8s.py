@@ -152,7 +152,8 @@ def run_manifests(args: argparse.Namespace) -> int:
         feature_gates=frozenset(args.feature_gate),
         jobset_version=args.jobset_version,
         max_restarts=args.max_restarts,
-        evacuation_budget=None if args.evacuation_budget < 0 else args.evacuation_budget,
+        # -1 alone means "no budget": another negative (a typo for a count) reaches the spec's check.
+        evacuation_budget=None if args.evacuation_budget == -1 else args.evacuation_budget,
         runtime_kind=args.runtime_kind,
         node_check=not args.no_node_check,
         node_agent_image=args.node_agent_image,

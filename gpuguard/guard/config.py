@@ -204,11 +204,11 @@ class GuardConfig:
         if not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options", self.storage_options, "must be a mapping")
         if isinstance(self.health, Mapping):
-            object.__setattr__(self, "health", HealthConfig.from_mapping(self.health))
+            object.__setattr__(self, "health", _section("health", HealthConfig, self.health))
         if not isinstance(self.health, HealthConfig):
             raise ConfigError("health", self.health, "must be a HealthConfig or a mapping of its fields")
         if isinstance(self.kubernetes, Mapping):
-            object.__setattr__(self, "kubernetes", KubernetesConfig.from_mapping(self.kubernetes))
+            object.__setattr__(self, "kubernetes", _section("kubernetes", KubernetesConfig, self.kubernetes))
         if not isinstance(self.kubernetes, KubernetesConfig):
             raise ConfigError("kubernetes", self.kubernetes, "must be a KubernetesConfig or a mapping of its fields")
 
@@ -264,6 +264,17 @@ class GuardConfig:
                 f"required: pass checkpoint_dir=, set {ENV_PREFIX}CHECKPOINT_DIR, or a config file",
             )
         return cls(**values)
+
+
+def _section(name: str, cls: Any, values: Mapping[str, Any]) -> Any:
+    """A section built from a mapping; its errors name the field as ``section.field``, as the unknown-key
+    error does (``onset_s: -1`` alone did not say which section, nor match GPUGUARD_HEALTH_ONSET_S)."""
+    try:
+        return cls.from_mapping(values)
+    except ConfigError as exc:
+        if exc.field.startswith(f"{name}."):
+            raise
+        raise ConfigError(f"{name}.{exc.field}", exc.value, exc.allowed) from None
 
 
 def _whole(config: GuardConfig, name: str, lowest: int) -> None:
@@ -348,8 +359,14 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
         return yaml.safe_load(raw)  # lists, mappings, literals
     except ConfigError:
         raise
+    except yaml.YAMLError as exc:
+        # A malformed GPUGUARD_STORAGE_OPTIONS surfaced as yaml's own ParserError, naming no variable.
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be YAML or JSON ({reason})") from None
     except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be a {getattr(kind, '__name__', kind)}") from None
+        kind_name = getattr(kind, "__name__", str(kind))
+        article = "an" if kind_name[:1] in "aeiou" else "a"
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}", raw, f"must be {article} {kind_name}") from None
 
 
 _SECTIONS: dict[str, Any] = {"health": HealthConfig, "kubernetes": KubernetesConfig}

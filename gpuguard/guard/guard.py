@@ -470,6 +470,10 @@ class Guard:
             if estimate_save_against_deadline(self.config, self.store):
                 self._reported.add("deadline")
         except Exception as exc:  # a background thread: said with its traceback, never raised into training
+            if self._stop.is_set():
+                # The guard closed (and its store with it) while the probe ran: a short run, not a bug.
+                log.debug("gpuguard: the save-time estimate was cut short by close(): %s", exc)
+                return
             self.failures.failed("estimating a checkpoint's save time", exc)
 
     # -- resume ---------------------------------------------------------------------------------
@@ -504,10 +508,18 @@ class Guard:
                 was demoted (now or by an earlier run): never a silent start from step 0.
             CheckpointError: another rank failed (its error's kind, naming the rank).
             StorageError: the storage failed (never read as "no checkpoint").
+            GpuGuardError: called after `step`: the load would roll the trained state back.
         """
         if not self._started:
             self.start()
         assert self.store is not None
+        if self._last_step != (-1 if self._resumed_step is None else self._resumed_step):
+            # Loading now would put the newest checkpoint over the live state: training silently rolled back.
+            raise GpuGuardError(
+                f"guard.resume() called after guard.step({self._last_step}): it would load the newest checkpoint "
+                "over the state the loop has trained since, rolling training back; call resume() once, before "
+                "the loop (`for step in range(guard.resume(), total_steps):`)"
+            )
         demoted: list[str] = []
         while True:
             view = checkpointable(self.state)

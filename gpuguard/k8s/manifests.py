@@ -145,7 +145,7 @@ class JobSpec:
                 raise ConfigError(flag, value, f"must be a whole number, {low} or more")
         budget = self.evacuation_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ConfigError("--evacuation-budget", budget, "must be a whole number, 0 or more")
+            raise ConfigError("--evacuation-budget", budget, "must be a whole number, 0 or more (-1: no budget)")
         if self.runtime_kind not in ("TrainingRuntime", "ClusterTrainingRuntime"):
             raise ConfigError("--runtime-kind", self.runtime_kind, "allowed: TrainingRuntime, ClusterTrainingRuntime")
         if self.kubernetes.marker == "agent" and self.kubernetes.mark != "none" and not self.node_check:
