@@ -137,8 +137,20 @@ def test_the_cli_exports_and_a_corrupt_checkpoint_exits_1(tmp_path: Path, capsys
         ("torch", ".", r"out: '.*' is not valid; a file to write the torch export to; this is a folder"),
         ("dcp", "a-file", r"out: '.*a-file' is not valid; an empty or new folder for the DCP checkpoint; this is a"),
         ("dcp", "a-file/dcp", r"out: '.*a-file/dcp' is not valid; an empty or new folder .*a-file is a file"),
+        ("torch", "a-file", r"out: '.*a-file' is not valid; a new file for the torch export; it exists"),
+        ("safetensors", "a-file", r"out: '.*a-file' is not valid; a new file for the safetensors export; it exists"),
+        ("dcp", "full", r"out: '.*full' is not valid; an empty or new folder for the DCP checkpoint; this one holds"),
     ],
-    ids=["torch-no-folder", "safetensors-under-a-file", "torch-onto-a-folder", "dcp-onto-a-file", "dcp-under-a-file"],
+    ids=[
+        "torch-no-folder",
+        "safetensors-under-a-file",
+        "torch-onto-a-folder",
+        "dcp-onto-a-file",
+        "dcp-under-a-file",
+        "torch-over-a-file",
+        "safetensors-over-a-file",
+        "dcp-into-a-full-folder",
+    ],
 )
 def test_the_cli_refuses_an_output_path_it_cannot_write(
     fmt: str, out: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -150,12 +162,17 @@ def test_the_cli_refuses_an_output_path_it_cannot_write(
     with CheckpointStore(url) as store:
         store.save(make_state(), step=3).wait()
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept").write_text("someone's")
     capsys.readouterr()
     assert main(["checkpoints", "export", url, str(tmp_path / out), "--to", fmt]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert main(["checkpoints", "export", url, str(tmp_path / out), "--to", fmt, "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["kind"] == "ConfigError"
+    # nothing overwritten, nothing left beside
+    assert (tmp_path / "a-file").read_text() == "not a folder" and (tmp_path / "full" / "kept").exists()
+    assert not list(tmp_path.glob("**/*.partial-*"))
 
 
 def _assert_reloads(fmt: str, out: Path, state: dict[str, Any]) -> None:

@@ -67,6 +67,18 @@ def test_verify_without_checkpoints_exits_2(cli_here: Any, tmp_path: Path) -> No
     assert result.stderr.strip() == f"gpuguard: error: no committed checkpoint under file://{tmp_path}/empty"
 
 
+def test_a_local_folder_that_is_not_there_is_named_not_listed_as_empty(cli_here: Any, tmp_path: Path) -> None:
+    # A mistyped path said "no committed checkpoints" and exited 0: it looked like a run that never saved.
+    cli = cli_here
+    for url in (str(tmp_path / "typo"), f"file://{tmp_path}/typo"):
+        result = cli("checkpoints", "list", url)
+        assert result.returncode == 2, url
+        assert f"must name an existing checkpoint folder: {tmp_path}/typo does not exist" in result.stderr
+    (tmp_path / "a-file").write_text("x")
+    listed = cli("checkpoints", "list", str(tmp_path / "a-file"), "--json")
+    assert listed.returncode == 2 and "is a file, not a folder" in json.loads(listed.stdout)["error"]
+
+
 def test_bad_storage_options_exit_2(cli_here: Any, tmp_path: Path) -> None:
     cli = cli_here
     result = cli("checkpoints", "list", str(tmp_path), "--storage-options", "{nope")

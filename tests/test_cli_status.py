@@ -63,8 +63,17 @@ def test_without_nvml_check_follows_the_fail_mode(cli: Any) -> None:
         (["--scenario", "no/such/file.json"], "scenario: 'no/such/file.json' is not valid; no such file"),
         (["--replay", "no/such/probe.json"], "recording: 'no/such/probe.json' is not valid; no such file"),
         (["--at", "3"], "--at: 3.0 is not valid; needs --scenario PATH"),
+        # --count was ignored without --watch (one table, exit 0) and -1 printed nothing, exit 0
+        (
+            ["--replay", "h200", "--count", "3"],
+            "--count: 3 is not valid; goes with --watch SECONDS (refreshes to show)",
+        ),
+        (
+            ["--replay", "h200", "--watch", "0.1", "--count", "-1"],
+            "--count: -1 is not valid; must be 1 or more refreshes",
+        ),
     ],
-    ids=["missing-scenario", "missing-recording", "at-without-scenario"],
+    ids=["missing-scenario", "missing-recording", "at-without-scenario", "count-without-watch", "count-below-1"],
 )
 def test_bad_input_exits_2_with_one_line(cli: Any, args: list[str], message: str) -> None:
     result = cli("status", *args)

@@ -343,3 +343,12 @@ def test_a_sigterm_after_the_last_step_is_not_swallowed(tmp_path: Path) -> None:
     assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
     assert "still running" not in result.stdout
     assert "SIGTERM came after the last step(); delivering it again" in result.stderr
+
+
+def test_a_checkpoint_dir_in_process_memory_is_said_to_end_with_the_process(caplog: pytest.LogCaptureFixture) -> None:
+    # memory:// checkpoints vanish with the process: an evacuation's "the next run resumes from ..." cannot hold
+    caplog.set_level(logging.WARNING, "gpuguard")
+    with guard_for("memory://misuse-ephemeral", {"w": torch.ones(1)}):
+        pass
+    said = [r.getMessage() for r in caplog.records if "in this process's memory" in r.getMessage()]
+    assert len(said) == 1 and "starts from step 0" in said[0]

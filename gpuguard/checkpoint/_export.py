@@ -82,10 +82,19 @@ def export(
         state = state[key]
         prefix = _escape(key) + "/"
         names = [n for n in names if n.startswith(prefix)]
-    if to == "torch":
-        torch.save(_loadable(state), out)
-    elif to == "safetensors":
-        _save_safetensors({n[len(prefix) :]: tensors[n] for n in names}, tree, manifest.id, manifest.step, key, out)
+    if to in ("torch", "safetensors"):
+        # Written beside, then renamed: a crash or a full disk mid-export leaves no file that looks whole.
+        partial = f"{out}.partial-{os.getpid()}"
+        try:
+            if to == "torch":
+                torch.save(_loadable(state), partial)
+            else:
+                chosen = {n[len(prefix) :]: tensors[n] for n in names}
+                _save_safetensors(chosen, tree, manifest.id, manifest.step, key, partial)
+            os.replace(partial, out)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     else:
         _save_dcp(state if isinstance(state, dict) else {"value": state}, out)
     written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs) if to == "dcp" else 0
@@ -149,6 +158,8 @@ def _check_out(to: str, out: str) -> None:
     if to == "dcp":
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError("out", out, "an empty or new folder for the DCP checkpoint; this is a file")
+        if os.path.isdir(path) and os.listdir(path):
+            raise ConfigError("out", out, "an empty or new folder for the DCP checkpoint; this one holds files")
         above = os.path.dirname(path)
         while not os.path.exists(above):
             above = os.path.dirname(above)
@@ -157,6 +168,8 @@ def _check_out(to: str, out: str) -> None:
         return
     if os.path.isdir(path):
         raise ConfigError("out", out, f"a file to write the {to} export to; this is a folder")
+    if os.path.exists(path):  # as the DCP export refuses a folder with files: nothing is overwritten unasked
+        raise ConfigError("out", out, f"a new file for the {to} export; it exists (remove it to export again)")
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise ConfigError("out", out, f"a file in an existing folder; {folder} is not a folder")

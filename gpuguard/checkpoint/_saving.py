@@ -138,12 +138,19 @@ class Saver:
         pin = _wants_pinned(flat)
         if not background:
             return self._staging.prepare(layout, pin=pin).alloc_s
-        threading.Thread(target=self._prepare_quietly, args=(layout, pin), name="gpuguard-prepare", daemon=True).start()
+        self._staging.expect(layout)  # a save before the thread allocates waits for it rather than allocating too
+        try:
+            thread = threading.Thread(target=self._prepare_quietly, args=(layout, pin), name="gpuguard-prepare")
+            thread.daemon = True
+            thread.start()
+        except BaseException:
+            self._staging.unexpect(layout)
+            raise
         return time.perf_counter() - started
 
     def _prepare_quietly(self, layout: _layout.ShardLayout, pin: bool) -> None:
         try:
-            self._staging.prepare(layout, pin=pin)
+            self._staging.prepare(layout, pin=pin, expected=True)
         except Exception as exc:  # the first save allocates instead; training goes on
             log.warning("could not prepare the staging buffer: %s", exc)
 

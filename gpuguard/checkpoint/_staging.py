@@ -250,16 +250,41 @@ class StagingPool:
         self.max_buffers = max_buffers
         self._buffers: list[StagingBuffer] = []
         self._cond = threading.Condition()
+        # Layouts whose buffer a background `prepare` is about to allocate (`expect`): a save that comes
+        # first waits for that allocation instead of making a second one on the training thread.
+        self._expected: dict[tuple[object, ...], int] = {}
 
-    def prepare(self, layout: ShardLayout, *, pin: bool) -> StagingBuffer:
-        """Make sure one buffer for ``layout`` exists (allocating it now, not in an emergency)."""
+    def expect(self, layout: ShardLayout) -> None:
+        """Say, before starting the thread that will call `prepare` for ``layout``, that it is coming."""
         with self._cond:
-            self._drop_other_layouts(layout)
-            for buffer in self._buffers:
-                if buffer.layout.signature == layout.signature:
-                    return buffer
-            buffer = StagingBuffer(layout, pin=pin)
-            self._buffers.append(buffer)
+            self._expected[layout.signature] = self._expected.get(layout.signature, 0) + 1
+
+    def unexpect(self, layout: ShardLayout) -> None:
+        """End one `expect` (its `prepare` ran, or will not): the saves waiting for it look again."""
+        with self._cond:
+            left = self._expected.get(layout.signature, 0) - 1
+            if left > 0:
+                self._expected[layout.signature] = left
+            else:
+                self._expected.pop(layout.signature, None)
+            self._cond.notify_all()
+
+    def prepare(self, layout: ShardLayout, *, pin: bool, expected: bool = False) -> StagingBuffer:
+        """Make sure one buffer for ``layout`` exists (allocating it now, not in an emergency).
+
+        ``expected``: this call was announced by `expect` (it ends the announcement, whatever happens).
+        """
+        try:
+            with self._cond:
+                self._drop_other_layouts(layout)
+                for buffer in self._buffers:
+                    if buffer.layout.signature == layout.signature:
+                        return buffer
+                buffer = StagingBuffer(layout, pin=pin)
+                self._buffers.append(buffer)
+        finally:
+            if expected:
+                self.unexpect(layout)
         log.info(
             "staging buffer of %.1f MiB allocated in %.3f s (pinned=%s)", layout.data_bytes / 2**20, buffer.alloc_s, pin
         )
@@ -275,6 +300,13 @@ class StagingPool:
                     if not buffer.in_use and buffer.layout.signature == layout.signature:
                         buffer.users = 1
                         return buffer
+                left = None if deadline is None else deadline - time.monotonic()
+                coming = layout.signature in self._expected and (left is None or left > 0)
+                if coming and not any(b.layout.signature == layout.signature for b in self._buffers):
+                    # The buffer prepared in the background is on its way: the rest of that allocation is
+                    # never longer than a whole one made here.
+                    self._cond.wait(left)
+                    continue
                 if len(self._buffers) < self.max_buffers:
                     log.warning(
                         "no staging buffer was prepared for this state: allocating one now, which stalls training"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -86,6 +87,29 @@ def _store(args: argparse.Namespace) -> Any:
     return CheckpointStore(args.url, options)
 
 
+def _refuse_a_missing_folder(url: str) -> None:
+    """A local folder that is not there is a typo far more often than an empty store: listing it as "no
+    committed checkpoints" (exit 0) made a mistyped path look like a run that never saved. (A path under a
+    file is the storage's error, exit 3; `verify` and `export` already say there is no checkpoint, exit 2.)"""
+    local = _local_folder(url)
+    if local is None or os.path.isdir(local):
+        return
+    if os.path.exists(local):
+        raise ConfigError("URL", url, f"must name an existing checkpoint folder: {local} is a file, not a folder")
+    above = os.path.dirname(os.path.abspath(local))
+    while above != os.path.dirname(above) and not os.path.exists(above):
+        above = os.path.dirname(above)
+    if os.path.isdir(above):
+        raise ConfigError("URL", url, f"must name an existing checkpoint folder: {local} does not exist")
+
+
+def _local_folder(url: str) -> str | None:
+    """The local path of a ``file://`` URL or a plain path; None for other storage (s3://, memory://, ...)."""
+    if url.startswith("file://"):
+        return url.removeprefix("file://")
+    return None if "://" in url else url
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -95,6 +119,7 @@ def _size(n: int) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    _refuse_a_missing_folder(args.url)
     store = _store(args)
     try:
         infos = store.list()

@@ -136,6 +136,11 @@ def watch(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.count is not None:
+        if args.watch is None:  # it would be ignored: a script asking for N refreshes would get one
+            raise ConfigError("--count", args.count, "goes with --watch SECONDS (refreshes to show)")
+        if args.count < 1:
+            raise ConfigError("--count", args.count, "must be 1 or more refreshes")
     if args.watch is not None:
         return watch(args)
     snapshot = read_snapshot(args)

@@ -159,6 +159,14 @@ class Guard:
         check_state(self.state)  # before anything starts: a state that cannot be saved fails now, not in an emergency
         check_sharding(self.state)  # issue 13: refuse DTensor placements no checkpoint could place, now
         self.store = CheckpointStore(c.checkpoint_dir, c.storage_options, keep=c.keep)
+        if c.checkpoint_dir.startswith("memory://"):
+            # fsspec's memory file system lives in this process: what the guard saves there is gone with it,
+            # so an evacuation's "the next run resumes from ..." would not hold. Fine for tests, said loudly.
+            log.warning(
+                "gpuguard: checkpoint_dir %s is in this process's memory: its checkpoints end with the process, "
+                "and a restarted or rescheduled pod starts from step 0; use object storage or a persistent volume",
+                c.checkpoint_dir,
+            )
         self.agreement = Agreement()
         self._distributed = self.agreement.distributed
         self._token = self.agreement.run_token()

@@ -167,7 +167,10 @@ def main() -> int:
             data=model.data,
             lr=[g["lr"] for g in trainer.optimizers[0].param_groups] if trainer.optimizers else None,
         )
-        (args.dir / f"rank-{rank}.json").write_text(json.dumps(report))
+        # beside, then renamed: the test reads the reports as soon as they appear, maybe while a rank writes
+        partial = args.dir / f"rank-{rank}.json.partial"
+        partial.write_text(json.dumps(report))
+        partial.replace(args.dir / f"rank-{rank}.json")
 
     try:
         trainer.fit(model)
