@@ -252,6 +252,22 @@ def test_a_corrupt_manifest_is_not_a_checkpoint(store: CheckpointStore) -> None:
     assert [i.step for i in store.list()] == [1]
 
 
+def test_a_corrupt_manifest_is_said_once_not_at_every_listing(
+    store: CheckpointStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a guard lists its store at every resume, prune and save-time check: the same bad folder was said each time
+    caplog.set_level(logging.WARNING, "gpuguard")
+    store.save({"w": torch.ones(1)}, step=1).wait()
+    bad = store.save({"w": torch.ones(1)}, step=2).wait()
+    assert bad is not None
+    _rewrite(store, store.storage.path(bad.id, "MANIFEST.json"), lambda d: b"")
+    for _ in range(3):
+        assert [i.step for i in store.list()] == [1]
+        assert store.latest() is not None
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"ignoring {bad.id}")]
+    assert len(said) == 1, said
+
+
 def test_shards_are_standard_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -50,6 +50,12 @@ class Catalog:
     def __init__(self, storage: Storage, url: str) -> None:
         self.storage = storage
         self.url = url
+        self._warned: set[str] = set()  # folders whose bad manifest was said: once per process, not per listing
+
+    def _ignoring(self, folder: str, exc: Exception) -> None:
+        if folder not in self._warned:
+            self._warned.add(folder)
+            log.warning("ignoring %s: %s", folder, exc)
 
     def manifests(self, invalid: list[tuple[str, str]] | None = None) -> list[Manifest]:
         """Every valid manifest, oldest first (by step, then commit time).
@@ -66,7 +72,7 @@ class Catalog:
             except CheckpointNotFoundError:
                 continue  # no manifest: in flight, or a leftover
             except CheckpointCorruptError as exc:
-                log.warning("ignoring %s: %s", folder, exc)
+                self._ignoring(folder, exc)
                 if invalid is not None:
                     invalid.append((folder, str(exc)))
                 continue
@@ -88,7 +94,7 @@ class Catalog:
             manifest = Manifest.from_json(raw, where=path)
         except CheckpointCorruptError as exc:
             if missing_ok:
-                log.warning("ignoring %s: %s", name, exc)
+                self._ignoring(name, exc)
                 return None
             raise
         if manifest.id != name:
