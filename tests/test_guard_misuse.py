@@ -352,3 +352,15 @@ def test_a_checkpoint_dir_in_process_memory_is_said_to_end_with_the_process(capl
         pass
     said = [r.getMessage() for r in caplog.records if "in this process's memory" in r.getMessage()]
     assert len(said) == 1 and "starts from step 0" in said[0]
+
+
+def test_a_gpu_named_by_a_uuid_nvml_does_not_know_is_said_to_be_unmonitored(caplog: pytest.LogCaptureFixture) -> None:
+    # a mistyped UUID: the monitor watched nothing for it and said only "could not be opened" (a warning)
+    caplog.set_level(logging.WARNING, "gpuguard")
+    with Guard(
+        checkpoint_dir="memory://misuse-uuid", state={"w": torch.ones(1)}, nvml=FakeNvml.replay(), devices=["GPU-nope"]
+    ):
+        pass
+    said = [r for r in caplog.records if "is NOT monitored" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in caplog.records]
+    assert "GPU-nope" in said[0].getMessage() and "fail_mode=closed" in said[0].getMessage()

@@ -61,6 +61,17 @@ def say_what_is_watched(snapshot: HealthSnapshot, fail_mode: str) -> None:
             )
         return
     for device in snapshot.devices:
+        if device.state is HealthState.UNKNOWN and fail_mode != "closed":
+            # A GPU the job asked for that NVML could not open or read (a mistyped UUID, a GPU lost before the
+            # start): the job trains on without its health, and must be told as loudly as when NVML is missing.
+            reason = device.reasons[0].message if device.reasons else "its health cannot be read"
+            name = device.uuid or device.pci_bus_id or f"index {device.index}"
+            log.error(
+                "gpuguard: GPU %s is NOT monitored (%s): training continues with it unwatched (fail_mode=open); "
+                "check the devices the job names. Set health.fail_mode=closed to refuse.",
+                name,
+                reason,
+            )
         if device.state.severity >= HealthState.FAILING.severity:
             reason = device.reasons[0].message if device.reasons else ""
             log.error(
