@@ -125,8 +125,18 @@ def test_four_ranks_random_ranks_random_moments_twenty_trials(tmp_path: Path, re
     print(json.dumps({"detect_s": summarize([r["detect_s"] for r in results]), "trials": results}, indent=1))
 
 
+# Known open defect (found 2026-12-04 at the session's end, failing already at d0f067f, before that session's
+# changes): on the 4-rank HSDP/FSDP2 jobs the survivors' checkpoint reports "failed" (or, with the kill in
+# the backward's all-reduce, the kill never fires and the job finishes). Strict: it fails the suite the
+# day it passes again, so the marker cannot outlive the fix.
+_HSDP_SURVIVORS_OPEN = pytest.mark.xfail(
+    strict=True, reason="open defect: the survivors' save on 4-rank HSDP/FSDP2 jobs (docs/changelog.md, Known)"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@_HSDP_SURVIVORS_OPEN
 @pytest.mark.parametrize("phase", ["backward", "between"])
 def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, reference: Any, phase: str) -> None:
     steps, kill = 10, Kill(rank=3, step=5, phase=phase)
@@ -136,6 +146,7 @@ def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, refer
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@_HSDP_SURVIVORS_OPEN
 def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_from_the_periodic(
     tmp_path: Path,
 ) -> None:
