@@ -125,18 +125,8 @@ def test_four_ranks_random_ranks_random_moments_twenty_trials(tmp_path: Path, re
     print(json.dumps({"detect_s": summarize([r["detect_s"] for r in results]), "trials": results}, indent=1))
 
 
-# Known open defect (found 2026-12-04 at the session's end, failing already at d0f067f, before that session's
-# changes): on the 4-rank HSDP/FSDP2 jobs the survivors' checkpoint reports "failed" (or, with the kill in
-# the backward's all-reduce, the kill never fires and the job finishes). Strict: it fails the suite the
-# day it passes again, so the marker cannot outlive the fix.
-_HSDP_SURVIVORS_OPEN = pytest.mark.xfail(
-    strict=True, reason="open defect: the survivors' save on 4-rank HSDP/FSDP2 jobs (docs/changelog.md, Known)"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@_HSDP_SURVIVORS_OPEN
 @pytest.mark.parametrize("phase", ["backward", "between"])
 def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, reference: Any, phase: str) -> None:
     steps, kill = 10, Kill(rank=3, step=5, phase=phase)
@@ -146,13 +136,13 @@ def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, refer
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@_HSDP_SURVIVORS_OPEN
 def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_from_the_periodic(
     tmp_path: Path,
 ) -> None:
     steps, kill = 10, Kill(rank=1, step=7, phase="backward")
-    trial = run_trial(tmp_path, 2, kill, steps=steps, layout="fsdp", periodic_every=4)
+    trial = run_trial(tmp_path, 2, kill, steps=steps, layout="fsdp", periodic_every=4, resume=False)
     assert trial.first.code == 75, trial.first.stderr[-4000:]
+    assert trial.killed["step"] == kill.step, "the kill inside FSDP2's backward did not fire"
     outcome = trial.first.reports[0]["sudden_loss"]
     assert outcome["result"] == "cannot"
     assert outcome["message"].startswith(
@@ -162,8 +152,9 @@ def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_f
     store = CheckpointStore(f"file://{tmp_path / 'checkpoints'}")
     assert [c.step for c in store.list()] == [4]  # the periodic one; nothing half-written was committed
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-000000000006")]
-    assert trial.resume is not None and trial.resume.code == 0
-    assert {r["resumed_at"] for r in trial.resume.reports.values()} == {5}
+    resume = launch(tmp_path, 2, steps=steps, layout="fsdp", periodic_every=4)
+    assert resume.code == 0, resume.stderr[-4000:]
+    assert {r["resumed_at"] for r in resume.reports.values()} == {5}
 
 
 @pytest.mark.slow

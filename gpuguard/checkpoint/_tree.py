@@ -69,7 +69,7 @@ def _escape(key: str) -> str:
 
 
 class _Flattener:
-    def __init__(self, names: dict[int, str] | None = None) -> None:
+    def __init__(self, names: Mapping[int, str] | None = None) -> None:
         self.flat = FlatState()
         self.aliases: dict[tuple[Any, ...], str] = {}
         self.plain: list[str] = []  # plain tensors under "$tensor": the ones whose storage sharing is kept
@@ -187,10 +187,19 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
         numpy.random.set_state(tuple(rng["numpy"]))
 
 
-def flatten(state: Mapping[str, Any], *, rng: bool = True, rng_state: Mapping[str, Any] | None = None) -> FlatState:
+def flatten(
+    state: Mapping[str, Any],
+    *,
+    rng: bool = True,
+    rng_state: Mapping[str, Any] | None = None,
+    names: Mapping[int, str] | None = None,
+) -> FlatState:
     """Take a training state apart. Calls ``state_dict()``; copies no tensor data.
 
     ``rng_state``: RNG states captured earlier (`capture_rng`) to store instead of the current ones.
+    ``names``: the parameters' names (`parameter_names`) when ``state`` holds stand-ins for its modules
+    (a survivor's modules as at the last step): the optimizers' state is keyed by the real modules' names,
+    as every other rank's save keys it.
 
     Raises:
         UnsupportedStateError: naming the path of the first value that cannot be stored.
@@ -198,7 +207,9 @@ def flatten(state: Mapping[str, Any], *, rng: bool = True, rng_state: Mapping[st
     if not isinstance(state, Mapping):
         raise UnsupportedStateError(f"state: a {type(state).__name__}; must be a mapping of names to objects")
     has_optimizer = any(isinstance(v, torch.optim.Optimizer) for v in state.values())
-    flattener = _Flattener(parameter_names(state) if has_optimizer else None)
+    if names is None and has_optimizer:
+        names = parameter_names(state)
+    flattener = _Flattener(names if has_optimizer else None)
     per_rank = {RNG_KEY}
     for key, value in state.items():
         if not isinstance(key, str) or key == RNG_KEY:

@@ -8,8 +8,9 @@ shard) mesh; ``fsdp``: FSDP2 on a 1-D mesh (no replicas). With ``--kill-rank R
 --kill-step S --kill-phase P`` rank R SIGKILLs itself during step S:
 
 - ``forward``: inside the model's forward (a hook on a hidden layer);
-- ``backward``: inside backward, as its first gradient is ready (DDP's all-reduce of the later buckets
-  is running on the other ranks, which wait for this rank's);
+- ``backward``: inside backward: DDP, in its all-reduce of the first bucket (the other ranks wait in
+  theirs); FSDP2, as the first layer's output gradient is ready (the later layers' reduce-scatters done,
+  the next one's peers waiting);
 - ``between``: after ``guard.step(S)`` returned, before the next forward;
 - ``periodic``: a few milliseconds after ``guard.step(S)`` started a periodic checkpoint (S a
   multiple of ``--periodic-every``), while it is being written;
@@ -202,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     if victim and args.kill_phase in ("backward", "stop"):
         if args.layout.startswith("ddp"):  # inside DDP's all-reduce of the first bucket: the others wait in theirs
             KILL_IN_ALLREDUCE["die"] = lambda: die(folder, rank, current["step"], args.kill_phase)
-        else:  # as a gradient is ready: FSDP's reduce-scatter of the later layers is running
-            first = next(iter(model.parameters()))
-            first.register_hook(  # type: ignore[no-untyped-call]
-                lambda g: die(folder, rank, current["step"], "backward") if current["step"] == args.kill_step else None
-            )
+        else:  # as the first layer's output gradient is ready: the later layers' reduce-scatters have run
+            # (A hook on a parameter never fires under FSDP2: autograd flows through the unsharded tensors,
+            # and the sharded parameters' gradients are assigned by the reduce-scatter.)
+            def arm(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                if current["step"] == args.kill_step and output.requires_grad:
+                    output.register_hook(lambda g: die(folder, rank, current["step"], "backward"))  # type: ignore[no-untyped-call]
+
+            layers[0].register_forward_hook(arm)
     if victim and args.kill_phase == "optimizer":  # its parameters updated, its step not yet completed
         optimizer.register_step_post_hook(
             lambda o, a, k: (

@@ -14,16 +14,37 @@ Replica groups: every rank under DDP with ``replicated=True``; the ranks at one 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from gpuguard.checkpoint._optim_names import parameter_names
 from gpuguard.checkpoint._sharding import is_dtensor
-from gpuguard.checkpoint._tree import is_replicated_entry
+from gpuguard.checkpoint._tree import FlatState, flatten, is_replicated_entry
+
+if TYPE_CHECKING:
+    from gpuguard.peers._buffers import BufferKeeper
 
 
 def split(view: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(replicated keys, per-rank keys) of the guard's view of the state, in its order."""
     replicated = [k for k, v in view.items() if is_replicated_entry(v)]
     return replicated, [k for k in view if k not in replicated]
+
+
+def replicated_state(view: Mapping[str, Any], buffers: BufferKeeper | None) -> FlatState:
+    """A survivor's replicated entries as at its last completed step, flattened as every rank flattens them.
+
+    Wherever the lost peer interrupted it, the survivor's files must fit the other survivors': its FSDP2
+    modules get their sharded parameters back (`reshard_interrupted`), its modules' buffers are the
+    copies kept before the forward (`BufferKeeper`), and the optimizers' state is keyed by the live
+    modules' parameter names — the stand-ins that carry the kept buffers have no parameters to name, and
+    a survivor keying by position beside one keying by name would leave every tensor half covered.
+    """
+    replicated = {k: v for k, v in view.items() if is_replicated_entry(v)}
+    reshard_interrupted(replicated)
+    saving = buffers.as_at_last_step(replicated) if buffers is not None else replicated
+    return flatten(saving, rng=False, names=parameter_names(replicated))
 
 
 def replica_groups(tensors: Mapping[str, Any], world_size: int, replicated: bool) -> list[tuple[str, tuple[int, ...]]]:
@@ -69,3 +90,29 @@ def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     for size in shape:
         out = [(*prefix, i) for prefix in out for i in range(size)]
     return out
+
+
+def reshard_interrupted(modules: Mapping[str, Any]) -> int:
+    """Register the sharded parameters again on every FSDP2 module a lost peer interrupted; returns how many.
+
+    FSDP2 registers a module's unsharded parameters from its forward until its backward is done (the
+    root's until the whole backward is). A survivor whose collective was abandoned in between holds
+    modules whose ``named_parameters()`` are those unsharded tensors, not the sharded ones its optimizer
+    steps, so the optimizer's state could not be named by parameter (as every other rank names it) and
+    the survivors' files would not fit together. ``FSDPModule.reshard()`` (public, torch >= 2.6; not
+    recursive; no collective) frees the unsharded parameters and registers the sharded ones; the
+    sharded parameters themselves change only in ``optimizer.step()``, which no survivor is inside.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2: nothing of it in the state either
+        return 0
+    count = 0
+    for module in modules.values():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+                count += 1
+    return count

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from gpuguard.checkpoint._tree import RNG_KEY, FlatState, flatten, is_replicated_entry
+from gpuguard.checkpoint._tree import RNG_KEY, FlatState
 from gpuguard.errors import CheckpointError, GpuGuardError, SideChannelError, UnsupportedStateError
 from gpuguard.peers import _agree
 from gpuguard.peers._abandon import abandon_collectives
 from gpuguard.peers._buffers import BufferKeeper
 from gpuguard.peers._channel import SideChannel, connect
-from gpuguard.peers._layout import replica_groups, split
+from gpuguard.peers._layout import replica_groups, replicated_state, split
 from gpuguard.peers._plan import Cannot, CheckIn, Plan
 from gpuguard.peers._records import StepRecords, capture
 from gpuguard.peers._watch import Alarm, PeerWatch
@@ -287,8 +287,7 @@ class SuddenLoss:
         )
         timings = {"alarm_at": alarm.at, "survive_at": started}
         try:
-            replicated_view = self._replicated_view(view)
-            flat = flatten(replicated_view, rng=False)
+            flat = replicated_state(view, self.buffers)
             groups = replica_groups(flat.tensors, self.world_size, self.replicated)
             decision = _agree.agree(
                 self.channel,
@@ -313,10 +312,6 @@ class SuddenLoss:
             message = f"{_peers(decision.lost)} lost; this rank checked in too late to take part"
             return SurvivorOutcome("excluded", message, alarm, lost=decision.lost, timings=timings)
         return self._write(store, decision, flat, list(view), alarm, timings, deadline, evidence)
-
-    def _replicated_view(self, view: Mapping[str, Any]) -> dict[str, Any]:
-        replicated = {k: v for k, v in view.items() if is_replicated_entry(v)}
-        return self.buffers.as_at_last_step(replicated) if self.buffers is not None else replicated
 
     def _write(
         self,
