@@ -127,10 +127,22 @@ def test_four_ranks_random_ranks_random_moments_twenty_trials(tmp_path: Path, re
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("phase", ["backward", "between"])
-def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, reference: Any, phase: str) -> None:
-    steps, kill = 10, Kill(rank=3, step=5, phase=phase)
-    trial = run_trial(tmp_path, 4, kill, steps=steps, layout="hsdp", reference=reference(4, "hsdp", steps))
+@pytest.mark.parametrize(
+    "kill",
+    [  # every moment, and a rank of each shard and each replica (rank 0 is the committer: its files move)
+        Kill(rank=3, step=5, phase="backward"),
+        Kill(rank=3, step=5, phase="between"),
+        Kill(rank=1, step=5, phase="forward"),
+        Kill(rank=2, step=6, phase="optimizer"),
+        Kill(rank=0, step=4, phase="periodic"),
+    ],
+    ids=lambda kill: f"{kill.phase}-rank{kill.rank}",
+)
+def test_hsdp_2x2_one_rank_lost_its_shard_replica_saves_it(tmp_path: Path, reference: Any, kill: Kill) -> None:
+    steps = 10
+    trial = run_trial(
+        tmp_path, 4, kill, steps=steps, layout="hsdp", periodic_every=4, reference=reference(4, "hsdp", steps)
+    )
     check_trial(trial, tmp_path, 4, steps)
 
 

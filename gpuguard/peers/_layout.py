@@ -93,15 +93,19 @@ def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def reshard_interrupted(modules: Mapping[str, Any]) -> int:
-    """Register the sharded parameters again on every FSDP2 module a lost peer interrupted; returns how many.
+    """Register the sharded parameters again on the FSDP2 modules a lost peer interrupted; returns how many.
 
     FSDP2 registers a module's unsharded parameters from its forward until its backward is done (the
     root's until the whole backward is). A survivor whose collective was abandoned in between holds
     modules whose ``named_parameters()`` are those unsharded tensors, not the sharded ones its optimizer
     steps, so the optimizer's state could not be named by parameter (as every other rank names it) and
-    the survivors' files would not fit together. ``FSDPModule.reshard()`` (public, torch >= 2.6; not
-    recursive; no collective) frees the unsharded parameters and registers the sharded ones; the
-    sharded parameters themselves change only in ``optimizer.step()``, which no survivor is inside.
+    the survivors' files would not fit together. ``FSDPModule.reshard()`` is not enough: it leaves a
+    module interrupted inside its own forward that keeps its parameters for the backward (the root) as
+    it is (torch 2.13, ``FSDPParamGroup.reshard``). FSDP2's pre-save hook is what registers every group's
+    sharded parameters whatever the training state (``_register_state_dict_hooks``: ``_to_sharded``), so
+    ``state_dict()`` is called on each module that holds FSDP2 modules, as any save of it would: no
+    collective, no copy. The sharded parameters themselves change only in ``optimizer.step()``, which
+    no survivor is inside.
     """
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -109,10 +113,7 @@ def reshard_interrupted(modules: Mapping[str, Any]) -> int:
         return 0
     count = 0
     for module in modules.values():
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for sub in module.modules():
-            if isinstance(sub, FSDPModule):
-                sub.reshard()
-                count += 1
+        if isinstance(module, torch.nn.Module) and any(isinstance(sub, FSDPModule) for sub in module.modules()):
+            module.state_dict()
+            count += 1
     return count
