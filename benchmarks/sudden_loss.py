@@ -1,14 +1,15 @@
 """A rank lost without warning: time to detect, to a committed checkpoint, steps replayed — and goodput.
 
-    python benchmarks/sudden_loss.py [--ranks 4] [--trials 5] [--ballast-mib 64] [--json]
+    python benchmarks/sudden_loss.py [--ranks 4] [--trials 5] [--ballast-mib 64] [--layout ddp|hsdp] [--json]
 
-Each trial launches ``--ranks`` gloo processes under gpuguard-run (`gpuguard.demo.sudden_worker`, DDP
-with ``replicated=True``) and SIGKILLs a random rank at a random step and moment (forward, the
-all-reduce in backward, between steps, during a periodic save, inside the optimizer step). From the
-survivors' reports: seconds from the kill to every survivor knowing, to the committed checkpoint, and
-to the survivors' exit; steps the resume computes again. One relaunch measures restart and restore.
-Figures are medians and maxima over the trials. ``--ballast-mib`` adds replicated state that never
-changes, so the survivors' save writes that much more.
+Each trial launches ``--ranks`` gloo processes under gpuguard-run (`gpuguard.demo.sudden_worker`: DDP
+with ``replicated=True``, or FSDP2 on a 2 x N/2 HSDP mesh with ``--layout hsdp``) and SIGKILLs a random
+rank at a random step and moment (forward, the all-reduce in backward, between steps, during a periodic
+save, inside the optimizer step). From the survivors' reports: seconds from the kill to every survivor
+knowing, to the committed checkpoint, and to the survivors' exit; steps the resume computes again. One
+relaunch measures restart and restore. Figures are medians and maxima over the trials. ``--ballast-mib``
+adds replicated state that never changes (sharded like the model under HSDP), so the survivors' save
+writes that much more.
 
 Then the per-step cost of mirroring a rank's small state (RNGs and a progress dict) to the launcher's
 store, in this process against a local TCPStore; and the goodput model's table at 128 x 8 GPUs with
@@ -37,7 +38,7 @@ from gpuguard.demo.sudden import PHASES, Kill, run_trial, summarize  # noqa: E40
 from gpuguard.goodput import GoodputInputs, compare  # noqa: E402
 
 
-def trials(ranks: int, count: int, steps: int, ballast_mib: float, seed: int) -> list[dict[str, Any]]:
+def trials(ranks: int, count: int, steps: int, ballast_mib: float, seed: int, layout: str) -> list[dict[str, Any]]:
     chooser = random.Random(seed)
     results = []
     for number in range(count):
@@ -47,7 +48,14 @@ def trials(ranks: int, count: int, steps: int, ballast_mib: float, seed: int) ->
         folder = Path(tempfile.mkdtemp(prefix="gpuguard-sudden-"))
         try:
             trial = run_trial(
-                folder, ranks, kill, steps=steps, periodic_every=4, resume=number == 0, ballast_mib=ballast_mib
+                folder,
+                ranks,
+                kill,
+                steps=steps,
+                layout=layout,
+                periodic_every=4,
+                resume=number == 0,
+                ballast_mib=ballast_mib,
             )
             results.append(trial.accounting())
             print(f"[sudden_loss] trial {number}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
@@ -169,9 +177,12 @@ def main() -> int:
     p.add_argument("--mirror-calls", type=int, default=2000)
     p.add_argument("--cost-steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=("ddp", "hsdp"), default="ddp", help="hsdp: FSDP2 on a 2 x (ranks/2) mesh")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    runs = trials(args.ranks, args.trials, args.steps, args.ballast_mib, args.seed)
+    if args.layout == "hsdp" and (args.ranks < 4 or args.ranks % 2):
+        p.error(f"--ranks {args.ranks}: an HSDP mesh of 2 replicas needs an even number of ranks, at least 4")
+    runs = trials(args.ranks, args.trials, args.steps, args.ballast_mib, args.seed, args.layout)
     saved = [r for r in runs if r["result"] == "saved"]
     summary = {
         key: summarize([r[key] for r in saved])
@@ -180,6 +191,7 @@ def main() -> int:
     first = runs[0] if runs else {}
     doc = {
         "ranks": args.ranks,
+        "layout": args.layout,
         "trials": len(runs),
         "saved": len(saved),
         "ballast_mib": args.ballast_mib,
@@ -196,7 +208,8 @@ def main() -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(
-        f"sudden loss: {args.ranks} gloo ranks, {len(runs)} trials ({len(saved)} saved), ballast {args.ballast_mib} MiB"
+        f"sudden loss: {args.ranks} gloo ranks ({args.layout}), {len(runs)} trials ({len(saved)} saved), "
+        f"ballast {args.ballast_mib} MiB"
     )
     print(f"{'':<34}{'median':>10}{'max':>10}")
     for key, label in (

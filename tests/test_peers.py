@@ -26,7 +26,7 @@ from gpuguard.errors import CheckpointCorruptError, SideChannelError
 from gpuguard.integrations.exits import ENV, read_exits, record_exit
 from gpuguard.peers._buffers import BufferKeeper
 from gpuguard.peers._channel import SideChannel
-from gpuguard.peers._layout import replica_groups, replicated_state, split
+from gpuguard.peers._layout import plain_tensors, replica_groups, replicated_state, split
 from gpuguard.peers._plan import Cannot, CheckIn, Plan, decide, parse
 from gpuguard.peers._procfs import process_alive, process_start, shut_down_connections
 from gpuguard.peers._records import StepRecord, StepRecords, capture, same_state
@@ -175,12 +175,13 @@ _FSDP2_INTERRUPTED = """
 import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from gpuguard.peers._buffers import BufferKeeper
-from gpuguard.peers._layout import replicated_state
+from gpuguard.peers._layout import plain_tensors, replicated_state
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 torch.manual_seed(0)
 layers = torch.nn.Sequential(
     torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
 )
+layers[2].register_buffer("seen", torch.zeros(3))  # FSDP2 leaves buffers plain tensors, each rank's own
 fully_shard(layers[0])
 fully_shard(layers[2])
 fully_shard(layers)
@@ -215,7 +216,9 @@ except Abandoned:
     pass
 hook.remove()
 found["unsharded_inside_forward"] = unsharded()
-found["inside_forward"] = keys(replicated_state(view, keeper))
+flat = replicated_state(view, keeper)
+found["inside_forward"] = keys(flat)
+found["plain"] = plain_tensors(flat.tensors, ["model"])
 print(json.dumps(found))
 dist.destroy_process_group()
 """
@@ -243,6 +246,11 @@ def test_a_survivor_interrupted_inside_fsdp2s_forward_saves_the_sharded_paramete
     assert "optimizer/state/model.0.weight/exp_avg" in found["between"]
     for where in ("after_forward", "between_again", "inside_forward"):
         assert found[where] == found["between"], where
+    # A lost rank's plain tensors are written from its shard replica's copy: said (SuddenLoss._write).
+    assert found["plain"] == ["model/2.seen"]
+    assert (
+        plain_tensors({"model/w": torch.zeros(2)}, ["model"]) == []
+    )  # a DDP job's tensors are all plain: nothing to say
 
 
 # -- per-rank records ------------------------------------------------------------------------------

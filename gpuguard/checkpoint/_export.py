@@ -19,7 +19,7 @@ import torch
 from gpuguard.checkpoint._catalog import Catalog
 from gpuguard.checkpoint._loading import Loader
 from gpuguard.checkpoint._optim_names import encoded_in_saved_order
-from gpuguard.checkpoint._tree import RNG_KEY, decode
+from gpuguard.checkpoint._tree import RNG_KEY, decode, escape_key
 from gpuguard.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 Format = Literal["torch", "safetensors", "dcp"]
@@ -80,7 +80,7 @@ def export(
         if key not in state:
             raise ConfigError("key", key, "one of " + ", ".join(repr(k) for k in state if k != RNG_KEY))
         state = state[key]
-        prefix = _escape(key) + "/"
+        prefix = escape_key(key) + "/"
         names = [n for n in names if n.startswith(prefix)]
     if to in ("torch", "safetensors"):
         # Written beside, then renamed: a crash or a full disk mid-export leaves no file that looks whole.
@@ -106,10 +106,6 @@ def export(
         "tensors": len(names),
         "bytes": written or os.path.getsize(out),
     }
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _loadable(value: Any) -> Any:

@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from gpuguard.checkpoint._tree import RNG_KEY, _escape
+from gpuguard.checkpoint._tree import RNG_KEY, escape_key
 
 
 def owned_by(optimizers: Sequence[torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -30,7 +30,7 @@ def partition(
     differ between ranks, so each rank keeps its own: split between the ranks, one rank's copy would be
     loaded into every rank.
     """
-    own = {_escape(key) for key in per_rank}
+    own = {escape_key(key) for key in per_rank}
     loads = [0] * world_size
     mine = {}
     for name in sorted(tensors, key=lambda n: (-tensors[n].numel() * tensors[n].element_size(), n)):

@@ -64,7 +64,8 @@ def is_replicated_entry(value: object) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)  # the same keys recur in every save ("model", "state", "0", ...)
-def _escape(key: str) -> str:
+def escape_key(key: str) -> str:
+    """A state key as it begins its tensors' names (``<key>/...``): "~" and "/" escaped."""
     return key.replace("~", "~0").replace("/", "~1")
 
 
@@ -96,7 +97,7 @@ class _Flattener:
             key = (local.device, local.data_ptr(), tuple(value.shape), local.stride(), dtype)
             if key in self.aliases and value.numel():
                 return {marker: self.aliases[key]}
-        name = "/".join(_escape(p) for p in path)
+        name = "/".join(escape_key(p) for p in path)
         if name in self.flat.tensors:
             raise UnsupportedStateError(f"{_where(path)}: two entries map to the tensor name {name!r}")
         if marker == "$tensor":

@@ -189,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = {"batches": 0}
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
     if args.ballast_mib:
-        state["ballast"] = torch.nn.Linear(1, int(args.ballast_mib * 2**18), bias=False)
+        ballast = torch.nn.Linear(1, int(args.ballast_mib * 2**18), bias=False)
+        if not args.layout.startswith("ddp"):  # sharded like the model, as a real FSDP2 job's every module is
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(ballast, mesh=next(iter(layers.parameters())).device_mesh)  # type: ignore[attr-defined]
+        state["ballast"] = ballast
     victim = rank == args.kill_rank
     current = {"step": -1}
     if victim and args.kill_phase == "raise":  # not a loss: the rank's own error, as a bug would raise

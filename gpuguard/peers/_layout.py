@@ -13,14 +13,14 @@ Replica groups: every rank under DDP with ``replicated=True``; the ranks at one 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpuguard.checkpoint._optim_names import parameter_names
 from gpuguard.checkpoint._sharding import is_dtensor
-from gpuguard.checkpoint._tree import FlatState, flatten, is_replicated_entry
+from gpuguard.checkpoint._tree import FlatState, escape_key, flatten, is_replicated_entry
 
 if TYPE_CHECKING:
     from gpuguard.peers._buffers import BufferKeeper
@@ -45,6 +45,20 @@ def replicated_state(view: Mapping[str, Any], buffers: BufferKeeper | None) -> F
     reshard_interrupted(replicated)
     saving = buffers.as_at_last_step(replicated) if buffers is not None else replicated
     return flatten(saving, rng=False, names=parameter_names(replicated))
+
+
+def plain_tensors(tensors: Mapping[str, Any], modules: Collection[str]) -> list[str]:
+    """The modules' tensors that are not DTensors in a state that has DTensors (FSDP2's buffers, a module
+    left unsharded), sorted; empty when there are no DTensors.
+
+    Their replica groups are taken from the DTensors' meshes, as the ranks at one shard coordinate, but
+    nothing keeps them equal across those ranks: a lost rank's are written from its writer's copy. (The
+    optimizers' plain tensors, their step counts, are equal on every rank by construction.)
+    """
+    if not any(is_dtensor(t) for t in tensors.values()):
+        return []
+    prefixes = tuple(escape_key(key) + "/" for key in modules)
+    return sorted(name for name, t in tensors.items() if name.startswith(prefixes) and not is_dtensor(t))
 
 
 def replica_groups(tensors: Mapping[str, Any], world_size: int, replicated: bool) -> list[tuple[str, tuple[int, ...]]]:

@@ -26,7 +26,7 @@ from gpuguard.peers import _agree
 from gpuguard.peers._abandon import abandon_collectives
 from gpuguard.peers._buffers import BufferKeeper
 from gpuguard.peers._channel import SideChannel, connect
-from gpuguard.peers._layout import replica_groups, replicated_state, split
+from gpuguard.peers._layout import plain_tensors, replica_groups, replicated_state, split
 from gpuguard.peers._plan import Cannot, CheckIn, Plan
 from gpuguard.peers._records import StepRecords, capture
 from gpuguard.peers._watch import Alarm, PeerWatch
@@ -311,7 +311,8 @@ class SuddenLoss:
         if self.rank not in decision.members:
             message = f"{_peers(decision.lost)} lost; this rank checked in too late to take part"
             return SurvivorOutcome("excluded", message, alarm, lost=decision.lost, timings=timings)
-        return self._write(store, decision, flat, list(view), alarm, timings, deadline, evidence)
+        modules = [k for k, v in view.items() if isinstance(v, torch.nn.Module)]
+        return self._write(store, decision, flat, list(view), modules, alarm, timings, deadline, evidence)
 
     def _write(
         self,
@@ -319,6 +320,7 @@ class SuddenLoss:
         plan: Plan,
         flat: FlatState,
         order: list[str],
+        modules: list[str],
         alarm: Alarm,
         timings: dict[str, float],
         deadline: float,
@@ -340,6 +342,19 @@ class SuddenLoss:
                 "as that optimizer step began, which on every survivor equalled the state at the step's end",
                 _ranks(plan.provisional),
                 plan.step,
+            )
+        others = [v for v in plan.assigned(self.rank) if v != self.rank]
+        unsharded = plain_tensors(flat.tensors, modules) if others and not self.replicated else []
+        if unsharded:
+            log.warning(
+                "gpuguard: the tensors of rank(s) %s that are not DTensors (%s%s) are written from rank %d's copy: "
+                "FSDP2 keeps buffers such as BatchNorm's statistics per rank, so rank(s) %s resume with rank %d's",
+                _ranks(others),
+                ", ".join(unsharded[:3]),
+                f" and {len(unsharded) - 3} more" if len(unsharded) > 3 else "",
+                self.rank,
+                _ranks(others),
+                self.rank,
             )
         info = None
         try:
