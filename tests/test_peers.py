@@ -564,6 +564,62 @@ def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and
         del server
 
 
+class _BrokenAfterTheLoss(torch.nn.Linear):
+    """A module whose state_dict() fails on the state a loss interrupted (a framework's hook raising)."""
+
+    broken = False
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("unshard state is inconsistent")
+        return super().state_dict(*args, **kwargs)
+
+
+def test_a_survivor_whose_state_cannot_be_taken_apart_says_so_and_leaves_with_the_reschedule_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "Never raises for what the survivors cannot do": an exception out of survive() would end the rank with
+    # exit 1 instead of 75, and say nothing of the loss.
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    from gpuguard import CheckpointStore
+    from gpuguard.guard._state import checkpointable
+    from gpuguard.peers import SuddenLoss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    model = _BrokenAfterTheLoss(4, 4)
+    view = checkpointable({"model": model, "progress": {"batch": 3}})
+    part = SuddenLoss.start(
+        view,
+        rank=0,
+        world_size=2,
+        prefix="t",
+        replicated=True,
+        heartbeat_s=0.5,
+        timeout_s=3.0,
+        checkpoint_id=name,
+    )
+    assert part is not None
+    try:
+        assert not part.completed(0, view)
+        model.broken = True
+        with CheckpointStore(f"file://{tmp_path / 'checkpoints'}") as store:
+            outcome = part.survive(store, view, budget_s=5.0)
+            assert store.list() == []
+        assert outcome.result == "failed"
+        assert "this survivor could not take its state apart" in outcome.message
+        assert "unshard state is inconsistent" in outcome.message
+    finally:
+        part.stop()
+        del server
+
+
 # -- saves in flight when a peer dies -----------------------------------------------------------------
 
 

@@ -289,6 +289,11 @@ class SuddenLoss:
         try:
             flat = replicated_state(view, self.buffers)
             groups = replica_groups(flat.tensors, self.world_size, self.replicated)
+        except Exception as exc:  # a framework's state_dict() on a state the loss interrupted: say it, leave 75
+            log.exception("gpuguard: this survivor could not take its state apart")
+            message = f"{_peers((alarm.lost,))} lost; this survivor could not take its state apart: {exc!r}"
+            return SurvivorOutcome("failed", message, alarm, timings=timings)
+        try:
             decision = _agree.agree(
                 self.channel,
                 self.watch,
