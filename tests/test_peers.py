@@ -77,6 +77,19 @@ def test_a_survivor_inside_its_optimizer_step_holds_no_completed_step() -> None:
     assert none.reason == "every survivor was inside an optimizer step: none holds a completed step's state"
 
 
+def test_a_loss_before_any_step_of_the_launch_says_there_is_nothing_newer_to_save() -> None:
+    # Rank 3 died in the first forward after a resume: no survivor completed a step of this launch (holds
+    # -1). Not "rank 0's per-rank state at step -1 was not mirrored" (rank 0 is alive; step -1 no step).
+    found = plan(
+        [CheckIn(0, -1, -1, ()), CheckIn(1, -1, -1, ()), CheckIn(2, -1, -1, ())], 4, [("all", (0, 1, 2, 3))], {}
+    )
+    assert isinstance(found, Cannot) and found.lost == (3,)
+    assert found.reason.startswith("no rank had completed a step in this launch: nothing newer than the checkpoint")
+    # One survivor ahead: its step is tried first, and its own problem is the one said.
+    ahead = plan([CheckIn(0, 4, 4, (4,)), CheckIn(1, -1, -1, ())], 3, [("all", (0, 1, 2))], {})
+    assert isinstance(ahead, Cannot) and "at step 4" in ahead.reason
+
+
 def test_every_survivor_past_the_dead_ranks_last_mirrored_step_cannot_save_and_says_which_piece() -> None:
     found = plan([CheckIn(0, 12, 12, (11, 12)), CheckIn(2, 12, 12, (11, 12))], 3, ALL3, {1: (10, 11)})
     assert isinstance(found, Cannot)
@@ -477,19 +490,31 @@ def test_a_worker_records_its_exit_for_the_launcher(tmp_path: Path, monkeypatch:
 # -- a rank that died inside its optimizer step ------------------------------------------------------
 
 
-def test_a_provisional_record_is_exact_when_nothing_per_rank_changes_after_the_optimizer_step() -> None:
+def test_a_provisional_record_is_exact_when_nothing_per_rank_changes_after_the_optimizer_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     side = channel()
     progress = {"batch": 7}
+    ema = torch.arange(3.0)
     records = StepRecords(side, 0)
-    records.keep_provisional(capture(0, 8, {"progress": progress}))
-    records.keep(capture(0, 8, {"progress": progress}))
+    records.keep_provisional(capture(0, 8, {"progress": progress, "ema": ema}))
+    records.keep(capture(0, 8, {"progress": progress, "ema": ema}))
     assert records.exact == {8} and records.differed == set()
-    records.keep_provisional(capture(0, 9, {"progress": progress}))
+    records.keep_provisional(capture(0, 9, {"progress": progress, "ema": ema}))
     progress["batch"] = 8  # this loop counts its batches after optimizer.step(): the provisional copy is stale
-    records.keep(capture(0, 9, {"progress": progress}))
+    with caplog.at_level(logging.WARNING, "gpuguard.peers"):
+        records.keep(capture(0, 9, {"progress": progress, "ema": ema}))
     assert records.exact == {8} and records.differed == {9}
+    # Said once, at the first such step, naming the entry (the tensor entry did not change): fixable before a loss.
+    assert "per-rank state changes between optimizer.step() and guard.step() ('progress')" in caplog.text
     pre = StepRecords(side, 1).mirrored_provisional(0)
     assert pre is not None and pre.step == 9 and pre.tree["progress"] == {"batch": 7}
+    caplog.clear()
+    records.keep_provisional(capture(0, 10, {"progress": progress, "ema": ema}))
+    progress["batch"] = 9
+    with caplog.at_level(logging.WARNING, "gpuguard.peers"):
+        records.keep(capture(0, 10, {"progress": progress, "ema": ema}))
+    assert records.differed == {9, 10} and "per-rank state changes" not in caplog.text
 
 
 def test_a_rank_lost_inside_its_optimizer_step_is_saved_from_its_provisional_record_only_when_exact() -> None:
@@ -670,3 +695,24 @@ def test_a_wrapped_optimizer_is_hooked_through_the_one_it_steps_and_an_unhookabl
     assert seen == [1]
     why = _unhookable({"model": model, "optimizer": _Wrapper(None)})
     assert "'optimizer' (_Wrapper) runs no step pre-hooks" in why
+
+
+def test_when_the_survivors_save_nothing_the_message_says_where_the_next_run_resumes(tmp_path: Path) -> None:
+    # "No surprise": a survivor's "no survivor checkpoint" or "failed" line says how much the loss cost.
+    from gpuguard import CheckpointStore
+    from gpuguard.guard._sudden import _resume_point
+
+    with CheckpointStore(f"file://{tmp_path / 'checkpoints'}") as store:
+        assert _resume_point(store) == "no committed checkpoint: the next run starts from step 0"
+        info = store.save({"model": torch.nn.Linear(2, 2)}, step=10, reason="periodic").wait()
+        assert _resume_point(store) == (
+            f"the next run resumes from the newest committed checkpoint, step 10 ({info.id})"
+        )
+
+    class Unreadable:
+        def latest(self) -> None:
+            raise OSError("the bucket is unreachable\ntraceback ...")
+
+    assert _resume_point(Unreadable()) == (
+        "the newest committed checkpoint could not be read (the bucket is unreachable)"
+    )

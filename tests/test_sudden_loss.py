@@ -162,6 +162,11 @@ def test_without_a_replica_the_survivors_say_which_piece_and_the_rerun_resumes_f
         "peer rank 1 lost; no survivor checkpoint: no survivor holds the shard at shard=1"
     )
     assert "rank(s) 1 lost" in outcome["message"]
+    # How much the loss cost, said: the next run resumes from the periodic checkpoint of step 4.
+    assert (
+        "; the next run resumes from the newest committed checkpoint, step 4 (step-000000000004-"
+        in (outcome["message"])
+    )
     store = CheckpointStore(f"file://{tmp_path / 'checkpoints'}")
     assert [c.step for c in store.list()] == [4]  # the periodic one; nothing half-written was committed
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-000000000006")]
@@ -275,14 +280,15 @@ def test_no_copy_of_the_lost_ranks_state_the_survivors_say_which_and_the_rerun_u
     assert trial.first.code == 75, trial.first.stderr[-4000:]
     outcome = trial.first.reports[0]["sudden_loss"]
     assert outcome["result"] == "cannot" and outcome["lost"] == [1]
-    assert outcome["message"] == (
+    assert outcome["message"].startswith(
         "peer rank 1 lost; no survivor checkpoint: no survivor holds rank 1's tensors (the state is per rank: set "
-        "replicated=True for data-parallel replicas) at step 8: rank(s) 1 lost"
+        "replicated=True for data-parallel replicas) at step 8: rank(s) 1 lost; the next run resumes from "
     )
     assert f"gpuguard-run: rank 0: {outcome['message']}" in trial.first.stderr
     committed = CheckpointStore(f"file://{tmp_path / 'checkpoints'}").list()
     assert committed and all(c.reason == "periodic" for c in committed)  # nothing of the survivors' committed
     newest = committed[-1].step  # a periodic save still in flight when rank 1 died never commits: older ones did
     assert newest in (2, 4, 6, 8)
+    assert outcome["message"].endswith(f"the newest committed checkpoint, step {newest} ({committed[-1].id})")
     resume = launch(tmp_path, 2, steps=steps, layout="ddp-per-rank", periodic_every=2)
     assert resume.code == 0 and {r["resumed_at"] for r in resume.reports.values()} == {newest + 1}

@@ -72,6 +72,21 @@ def health_words(monitor: Any) -> str:
     return "; ".join(bad) if bad else f"{len(snapshot.devices)} GPU(s) healthy"
 
 
+def _resume_point(store: Any) -> str:
+    """Where the next run resumes when the survivors saved nothing: how much work the loss cost, said."""
+    try:
+        newest = store.latest()
+    except Exception as exc:  # the storage may be what failed the save
+        return f"the newest committed checkpoint could not be read ({_first_line(exc)})"
+    if newest is None:
+        return "no committed checkpoint: the next run starts from step 0"
+    return f"the next run resumes from the newest committed checkpoint, step {newest.step} ({newest.id})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def survive(
     sudden: SuddenLoss,
     store: Any,
@@ -94,6 +109,8 @@ def survive(
         budget = min(budget, max(1.0, config.preemption_deadline_s - (time.monotonic() - preempted_at)))
     started = time.perf_counter()
     outcome = sudden.survive(store, view, budget_s=budget)
+    if outcome.result != "saved":
+        outcome.message += f"; {_resume_point(store)}"
     code = config.reschedule_exit_code
     level = logging.WARNING if outcome.result == "saved" else logging.ERROR
     log.log(level, "gpuguard: %s -> exit %d", outcome.message, code)

@@ -166,8 +166,16 @@ def decide(
     def usable(rank: int, step: int) -> bool:
         return step in records_of(rank) or (pre_of.get(rank) == step and exact(step))
 
-    candidates = sorted({c.holds for c in checkins.values() if c.holds is not None}, reverse=True)
+    held = {c.holds for c in checkins.values() if c.holds is not None}
+    candidates = sorted((s for s in held if s >= 0), reverse=True)
     if not candidates:
+        if held:  # -1: no survivor has completed a step since this launch began (or resumed)
+            return Cannot(
+                "no rank had completed a step in this launch: nothing newer than the checkpoint it resumed from "
+                "(if any) to save",
+                members,
+                lost,
+            )
         return Cannot("every survivor was inside an optimizer step: none holds a completed step's state", members, lost)
     first_problem = ""
     for step in candidates:

@@ -33,7 +33,7 @@ from typing import Any, Final
 import torch
 
 from gpuguard.checkpoint._layout import DTYPE_CODES, DTYPES_BY_CODE
-from gpuguard.checkpoint._tree import FlatState, capture_rng, flatten
+from gpuguard.checkpoint._tree import FlatState, capture_rng, escape_key, flatten
 from gpuguard.errors import CheckpointCorruptError, SideChannelError
 from gpuguard.peers._channel import SideChannel
 
@@ -163,6 +163,23 @@ def same_state(a: StepRecord, b: StepRecord) -> bool:
     )
 
 
+def changed_entries(before: StepRecord, after: StepRecord) -> list[str]:
+    """The per-rank entries (and ``the RNGs``) that differ between two records of one rank, named."""
+    names = sorted(set(before.tree) | set(after.tree))
+    changed = []
+    for key in names:
+        prefix = escape_key(key) + "/"
+        mine = {n for n in before.tensors if n.startswith(prefix)} | {n for n in after.tensors if n.startswith(prefix)}
+        if before.tree.get(key) != after.tree.get(key) or any(
+            n not in before.tensors or n not in after.tensors or not torch.equal(before.tensors[n], after.tensors[n])
+            for n in mine
+        ):
+            changed.append(repr(key))
+    if not _same_rng(before.rng, after.rng):
+        changed.append("the RNGs")
+    return changed
+
+
 def _same_rng(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     if a.keys() != b.keys() or not torch.equal(a["torch"], b["torch"]) or a["python"] != b["python"]:
         return False
@@ -197,6 +214,7 @@ class StepRecords:
         self.differed: set[int] = set()  # steps whose provisional record did not
         self._mine: dict[int, StepRecord] = {}
         self._provisional: StepRecord | None = None
+        self._said_changed = False
         self._packed: dict[str, Any] = {}  # the last packed RNG words (see StepRecord.to_bytes)
 
     def keep(self, record: StepRecord) -> None:
@@ -206,7 +224,16 @@ class StepRecords:
             del self._mine[old]
         provisional = self._provisional
         if provisional is not None and provisional.step == record.step:
-            (self.exact if same_state(provisional, record) else self.differed).add(record.step)
+            same = same_state(provisional, record)
+            (self.exact if same else self.differed).add(record.step)
+            if not same and not self._said_changed:
+                self._said_changed = True  # said at the first step, before any loss, where it can be fixed
+                log.warning(
+                    "gpuguard: per-rank state changes between optimizer.step() and guard.step() (%s): a rank lost "
+                    "in between cannot be saved from its peers, and the next run resumes from the newest checkpoint; "
+                    "a loop that changes it before optimizer.step() closes that window",
+                    ", ".join(changed_entries(provisional, record)),
+                )
         self.exact.intersection_update(self._mine)
         self.differed.intersection_update(self._mine)
         self._mirror(f"rec/{self.rank}/{record.step % KEEP}", record)

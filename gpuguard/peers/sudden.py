@@ -400,12 +400,13 @@ class SuddenLoss:
                 result = pending.wait(timeout=max(0.1, deadline - time.monotonic()))
                 info = info or result
         except Exception as exc:  # the job leaves all the same; the next run resumes from an older checkpoint
-            log.error("gpuguard: the survivors' checkpoint of step %d failed on rank %d: %s", plan.step, self.rank, exc)
+            why = _reason(exc) + self._also_lost(plan)
+            log.error("gpuguard: the survivors' checkpoint of step %d failed on rank %d: %s", plan.step, self.rank, why)
             if self.rank == plan.committer:
-                _agree.announce(self.channel, {"committed": False, "error": str(exc)})
+                _agree.announce(self.channel, {"committed": False, "error": why})
             return SurvivorOutcome(
                 "failed",
-                f"{_peers(plan.lost)} lost; the survivors' checkpoint of step {plan.step} failed: {exc}",
+                f"{_peers(plan.lost)} lost; the survivors' checkpoint of step {plan.step} failed: {why}",
                 alarm,
                 members=plan.members,
                 lost=plan.lost,
@@ -420,7 +421,8 @@ class SuddenLoss:
             if word and "at" in word:
                 timings["committed_at"] = float(word["at"])
         if not word or not word.get("committed"):
-            why = (word or {}).get("error", "the committing rank did not say it committed in time")
+            why = (word or {}).get("error") or "the committing rank did not say it committed in time"
+            why += "" if "also lost" in why else self._also_lost(plan)
             message = (
                 f"{_peers(plan.lost)} lost; the survivors' checkpoint of step {plan.step} was not committed: {why}"
             )
@@ -442,6 +444,11 @@ class SuddenLoss:
             timings=timings,
         )
 
+    def _also_lost(self, plan: Plan) -> str:
+        """``; peer rank 3 also lost during the save`` when a rank outside the plan's lost ones died since."""
+        also = sorted(set(self.watch.dead) - set(plan.lost))
+        return f"; {_peers(also)} also lost during the save" if also else ""
+
     def _steps_replayed(self, plan: Plan) -> int:
         """Steps a resume computes again: the one the job was in when the peer died, and any step some rank
         completed after the saved one (none, unless a rank died before its state of that step was out)."""
@@ -451,6 +458,12 @@ class SuddenLoss:
             if heard is not None:
                 newest = max(newest, int(heard.get("step", -1)))
         return max(newest, self.last_step) - plan.step + 1
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a reason: its message, or its type when it has none (a bare TimeoutError)."""
+    text = str(exc).strip()
+    return text if text else f"{type(exc).__name__} (no message)"
 
 
 def _ranks(ranks: tuple[int, ...] | list[int]) -> str:
