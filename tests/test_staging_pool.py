@@ -47,3 +47,16 @@ def test_an_announced_preparation_that_never_comes_does_not_hang_a_save() -> Non
     pool.expect(LAYOUT)
     threading.Timer(0.1, pool.unexpect, args=(LAYOUT,)).start()  # the thread could not start: said so
     assert pool.acquire(LAYOUT, pin=False).layout.signature == LAYOUT.signature  # no deadline: no hang either
+
+
+def test_an_unprepared_buffer_is_warned_about_only_where_training_waits(caplog: pytest.LogCaptureFixture) -> None:
+    # The survivors of a lost peer save a layout no periodic save prepared (every rank's files, written by
+    # one), with training stopped: "stalls training" would be wrong there.
+    caplog.set_level(logging.DEBUG, "gpuguard")
+    StagingPool().acquire(LAYOUT, pin=False, training=False)
+    said = [r for r in caplog.records if "no staging buffer was prepared" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    caplog.clear()
+    StagingPool().acquire(LAYOUT, pin=False)
+    said = [r for r in caplog.records if "no staging buffer was prepared" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING]

@@ -351,7 +351,7 @@ class Saver:
                 source.release()
                 source = None
         on_gpu = _wants_pinned(flat)
-        buffer = self._staging.acquire(layout, pin=on_gpu)
+        buffer = self._staging.acquire(layout, pin=on_gpu, training=not survivors)
         readiness = Readiness(layout.data_bytes)
         lent = LentSnapshot(self._staging, buffer, readiness) if lend else None
         with self._lock:

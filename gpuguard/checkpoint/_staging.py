@@ -290,8 +290,14 @@ class StagingPool:
         )
         return buffer
 
-    def acquire(self, layout: ShardLayout, *, pin: bool, timeout_s: float | None = None) -> StagingBuffer:
-        """A free buffer for ``layout``; waits for one to be released when all are busy."""
+    def acquire(
+        self, layout: ShardLayout, *, pin: bool, timeout_s: float | None = None, training: bool = True
+    ) -> StagingBuffer:
+        """A free buffer for ``layout``; waits for one to be released when all are busy.
+
+        ``training``: whether a training loop waits on this save (False for the survivors of a lost peer,
+        whose training has stopped: a buffer allocated here stalls nothing, and is not warned about).
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while True:
@@ -308,8 +314,9 @@ class StagingPool:
                     self._cond.wait(left)
                     continue
                 if len(self._buffers) < self.max_buffers:
-                    log.warning(
-                        "no staging buffer was prepared for this state: allocating one now, which stalls training"
+                    log.log(
+                        logging.WARNING if training else logging.DEBUG,
+                        "no staging buffer was prepared for this state: allocating one now, which stalls training",
                     )
                     buffer = StagingBuffer(layout, pin=pin)
                     buffer.users = 1
