@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -548,13 +549,10 @@ def test_a_rank_lost_inside_its_optimizer_step_is_saved_from_its_provisional_rec
     )
 
 
-def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and_says_why(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def agent_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A launcher's store on a free port, named in the environment as torchrun names it for its workers."""
     from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
-    from gpuguard.guard._state import checkpointable
-    from gpuguard.peers import SuddenLoss
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -563,6 +561,16 @@ def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    yield server
+    del server
+
+
+def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and_says_why(
+    agent_store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gpuguard.guard._state import checkpointable
+    from gpuguard.peers import SuddenLoss
+
     options: dict[str, Any] = {
         "rank": 0,
         "world_size": 2,
@@ -586,7 +594,6 @@ def test_per_rank_state_too_big_to_mirror_each_step_turns_the_protection_off_and
     finally:
         if part is not None:
             part.stop()
-        del server
 
 
 class _BrokenAfterTheLoss(torch.nn.Linear):
@@ -601,23 +608,14 @@ class _BrokenAfterTheLoss(torch.nn.Linear):
 
 
 def test_a_survivor_whose_state_cannot_be_taken_apart_says_so_and_leaves_with_the_reschedule_code(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, agent_store: Any
 ) -> None:
     # "Never raises for what the survivors cannot do": an exception out of survive() would end the rank with
     # exit 1 instead of 75, and say nothing of the loss.
-    from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
     from gpuguard import CheckpointStore
     from gpuguard.guard._state import checkpointable
     from gpuguard.peers import SuddenLoss
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     model = _BrokenAfterTheLoss(4, 4)
     view = checkpointable({"model": model, "progress": {"batch": 3}})
     part = SuddenLoss.start(
@@ -642,7 +640,6 @@ def test_a_survivor_whose_state_cannot_be_taken_apart_says_so_and_leaves_with_th
         assert "unshard state is inconsistent" in outcome.message
     finally:
         part.stop()
-        del server
 
 
 # -- saves in flight when a peer dies -----------------------------------------------------------------
