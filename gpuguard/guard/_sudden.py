@@ -17,7 +17,7 @@ from gpuguard.errors import GpuGuardError
 from gpuguard.guard._evacuation import Evacuation, EvacuationReport
 from gpuguard.guard.config import GuardConfig
 from gpuguard.guard.policy import Action, Decision
-from gpuguard.peers.sudden import SuddenLoss, SurvivorOutcome
+from gpuguard.peers.sudden import SuddenLoss, SurvivorOutcome, reason_of
 
 log = logging.getLogger("gpuguard")
 
@@ -77,14 +77,10 @@ def _resume_point(store: Any) -> str:
     try:
         newest = store.latest()
     except Exception as exc:  # the storage may be what failed the save
-        return f"the newest committed checkpoint could not be read ({_first_line(exc)})"
+        return f"the newest committed checkpoint could not be read ({reason_of(exc).splitlines()[0]})"
     if newest is None:
         return "no committed checkpoint: the next run starts from step 0"
     return f"the next run resumes from the newest committed checkpoint, step {newest.step} ({newest.id})"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def survive(

@@ -106,8 +106,8 @@ def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
-def reshard_interrupted(modules: Mapping[str, Any]) -> int:
-    """Register the sharded parameters again on the FSDP2 modules a lost peer interrupted; returns how many.
+def reshard_interrupted(modules: Mapping[str, Any]) -> None:
+    """Register the sharded parameters again on the FSDP2 modules a lost peer interrupted.
 
     FSDP2 registers a module's unsharded parameters from its forward until its backward is done (the
     root's until the whole backward is). A survivor whose collective was abandoned in between holds
@@ -124,10 +124,7 @@ def reshard_interrupted(modules: Mapping[str, Any]) -> int:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2: nothing of it in the state either
-        return 0
-    count = 0
+        return
     for module in modules.values():
         if isinstance(module, torch.nn.Module) and any(isinstance(sub, FSDPModule) for sub in module.modules()):
             module.state_dict()
-            count += 1
-    return count

@@ -400,7 +400,7 @@ class SuddenLoss:
                 result = pending.wait(timeout=max(0.1, deadline - time.monotonic()))
                 info = info or result
         except Exception as exc:  # the job leaves all the same; the next run resumes from an older checkpoint
-            why = _reason(exc) + self._also_lost(plan)
+            why = reason_of(exc) + self._also_lost(plan)
             log.error("gpuguard: the survivors' checkpoint of step %d failed on rank %d: %s", plan.step, self.rank, why)
             if self.rank == plan.committer:
                 _agree.announce(self.channel, {"committed": False, "error": why})
@@ -460,7 +460,7 @@ class SuddenLoss:
         return max(newest, self.last_step) - plan.step + 1
 
 
-def _reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     """An exception as a reason: its message, or its type when it has none (a bare TimeoutError)."""
     text = str(exc).strip()
     return text if text else f"{type(exc).__name__} (no message)"
